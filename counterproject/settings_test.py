@@ -1,0 +1,16 @@
+"""Test settings: the same services as development, in databases of their own.
+
+``TEST_REDIS_URL`` / ``TEST_BROKER_URL`` let two test runs on one machine stay apart
+(with ``DJANGO_TEST_DATABASE_NAME``).
+"""
+
+from .settings import *  # noqa: F403
+from .settings import CACHES, env
+
+REDIS_URL = env("TEST_REDIS_URL", default="redis://127.0.0.1:6379/15")
+CACHES["default"]["LOCATION"] = REDIS_URL
+CELERY_BROKER_URL = env("TEST_BROKER_URL", default="redis://127.0.0.1:6379/14")
+COUNTER_CONFIG_CACHE_SECONDS = 30.0
+COUNTER_CONFIG_CHECK_SECONDS = 0.0
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

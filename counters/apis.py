@@ -1,0 +1,163 @@
+"""REST v1: the exact request and response shapes of the original spec (see SPEC.md)."""
+
+import re
+from datetime import UTC, datetime
+
+from django.db import connection
+from django.http import JsonResponse
+from rest_framework import viewsets
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from . import selectors, services
+from .config import KeyConfig
+from .errors import AuthenticationRequired, CounterNotFound, InvalidParameter
+from .models import NAME_PATTERN
+from .permissions import check_manage, check_read, check_write
+from .redis_store import StoreUnavailable, breaker, redis_call
+from .serializers import SUBJECT_PATTERN, ResetInputSerializer, UpdateInputSerializer
+
+_NAME = re.compile(NAME_PATTERN)
+
+
+def iso_utc(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def request_key(request, *, body_token: str | None = None) -> KeyConfig | None:
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    raw = header[7:].strip() if header[:7].lower() == "bearer " else request.META.get("HTTP_X_API_KEY", "")
+    raw = raw or body_token or ""
+    if not raw:
+        return None
+    key = selectors.api_key_get(raw)
+    if key is None:
+        raise AuthenticationRequired("The API key is not valid.")
+    return key
+
+
+def request_app_id(request, key: KeyConfig | None) -> int | None:
+    if key is not None:
+        return key.app_id
+    slug = request.query_params.get("app")
+    if slug:
+        app_id = selectors.app_id_get(slug)
+        if app_id is None:
+            raise CounterNotFound(f"App {slug!r} not found.")
+        return app_id
+    return selectors.default_app_id()
+
+
+def checked_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidParameter("Counter names are 1-64 letters, digits, '_', '.', ':' or '-'.")
+    return name
+
+
+def checked_user_id(raw: str | None) -> str:
+    if raw is None:
+        return ""
+    if not SUBJECT_PATTERN.match(raw):
+        raise InvalidParameter("user_id: use 1-64 letters, digits, '_', '.', ':', '@' or '-'.")
+    return raw
+
+
+def value_body(view: selectors.ValueView) -> dict:
+    body = {"name": view.counter.name, "value": view.value, "last_updated": iso_utc(view.last_updated)}
+    if view.window.start is not None:
+        body["last_reset"] = iso_utc(view.window.start)
+        body["next_reset"] = iso_utc(view.window.end)
+    return body
+
+
+class CounterViewSet(viewsets.ViewSet):
+    """One counter: read it, increment, decrement, reset."""
+
+    error_shape = "rest"
+
+    def _counter(self, request, name: str, key: KeyConfig | None):
+        return selectors.counter_get(app_id=request_app_id(request, key), name=checked_name(name))
+
+    def retrieve(self, request, name: str) -> Response:
+        key = request_key(request)
+        counter = self._counter(request, name, key)
+        check_read(key, counter)
+        subject = checked_user_id(request.query_params.get("user_id")) if counter.is_user_scoped else ""
+        return Response(value_body(selectors.counter_value_get(counter=counter, subject=subject)))
+
+    def _update(self, request, name: str, sign: int) -> Response:
+        key = request_key(request)
+        counter = self._counter(request, checked_name(name), key)
+        check_write(key, counter)
+        data = UpdateInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        user_id = data.validated_data.get("user_id", "")
+        result = services.counter_update(
+            counter=counter,
+            amount=sign * data.validated_data["value"],
+            subject=user_id if counter.is_user_scoped else "",
+            user_id=user_id,
+            actor=key.prefix,
+            metadata=data.validated_data.get("metadata"),
+        )
+        return Response({"success": True, "current_value": result.new_value})
+
+    def increment(self, request, name: str) -> Response:
+        return self._update(request, name, 1)
+
+    def decrement(self, request, name: str) -> Response:
+        return self._update(request, name, -1)
+
+    def reset(self, request, name: str) -> Response:
+        data = ResetInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        key = request_key(request, body_token=data.validated_data.get("admin_token"))
+        counter = self._counter(request, name, key)
+        check_manage(key, counter)
+        user_id = data.validated_data.get("user_id", "")
+        result = services.counter_reset(
+            counter=counter,
+            subject=user_id if counter.is_user_scoped else "",
+            value=data.validated_data.get("reset_value"),
+            reason=data.validated_data["reason"],
+            operator=f"api-key:{key.prefix}",
+        )
+        return Response({"success": True, "current_value": result.new_value, "previous_value": result.old_value})
+
+
+class CounterBatchView(APIView):
+    """GET /api/v1/counters?names=a,b (1 to 10 names)."""
+
+    error_shape = "rest"
+
+    def get(self, request) -> Response:
+        key = request_key(request)
+        app_id = request_app_id(request, key)
+        names = [checked_name(n) for n in selectors.parse_names(request.query_params.get("names", ""))]
+        counters = [selectors.counter_get(app_id=app_id, name=n) for n in names]
+        for counter in counters:
+            check_read(key, counter)
+            if counter.is_user_scoped:
+                raise InvalidParameter(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
+        views = selectors.counter_values_get(items=[(c, "") for c in counters])
+        return Response({"counters": [{"name": v.counter.name, "value": v.value} for v in views]})
+
+
+def healthz(request) -> JsonResponse:
+    """Liveness and dependencies: 200 while PostgreSQL answers (Redis down means degraded)."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        postgres = "ok"
+    except Exception:
+        postgres = "down"
+    try:
+        redis_call(lambda r: r.ping())
+        redis = "ok"
+    except StoreUnavailable:
+        redis = "down"
+    status = "ok" if postgres == redis == "ok" else ("degraded" if postgres == "ok" else "down")
+    body = {"status": status, "postgres": postgres, "redis": redis, "circuit_open": breaker.is_open}
+    return JsonResponse(body, status=200 if postgres == "ok" else 503)

@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class CountersConfig(AppConfig):
+    default_auto_field = "django.db.models.BigAutoField"
+    name = "counters"
+
+    def ready(self) -> None:
+        from . import signals  # noqa: F401

@@ -1,0 +1,182 @@
+"""In-process snapshot of counter configuration and API keys.
+
+The request path never queries the database for config: the snapshot is reloaded when it is
+older than ``COUNTER_CONFIG_CACHE_SECONDS`` or when another process bumped the config generation
+in Redis (checked at most every ``COUNTER_CONFIG_CHECK_SECONDS``). Saving config in this process
+drops the snapshot at once (see ``counters.signals``).
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+
+from . import keyspace
+from .models import ApiKey, App, Counter, Threshold
+
+logger = logging.getLogger(__name__)
+
+GLOBAL_APP_SLUG = "global"
+DEFAULT_APP_SLUG = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class ThresholdConfig:
+    id: int
+    value: int
+    direction: str
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
+class CounterConfig:
+    id: int
+    app_id: int
+    app_slug: str
+    name: str
+    display_name: str
+    description: str
+    unit: str
+    scope: str
+    period: str
+    time_zone: str
+    reset_strategy: str
+    reset_value: int
+    reset_ratio: float
+    reset_difference: int
+    min_value: int
+    max_value: int | None
+    allow_negative: bool
+    saturate: bool
+    unique_members: bool
+    public: bool
+    log_operations: bool
+    expires_at: datetime | None
+    thresholds: tuple[ThresholdConfig, ...]
+
+    @property
+    def is_user_scoped(self) -> bool:
+        return self.scope == Counter.Scope.USER
+
+    @property
+    def is_global(self) -> bool:
+        return self.scope == Counter.Scope.GLOBAL
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    id: int
+    app_id: int
+    app_slug: str
+    prefix: str
+    roles: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    apps_by_slug: dict[str, int]
+    counters: dict[tuple[int, str], CounterConfig]
+    counters_by_id: dict[int, CounterConfig]
+    keys_by_hash: dict[str, KeyConfig]
+    time_zones: dict[int, str]
+
+
+def _load() -> Snapshot:
+    apps = {app.id: app for app in App.objects.all()}
+    thresholds: dict[int, list[ThresholdConfig]] = {}
+    for t in Threshold.objects.filter(enabled=True).order_by("value"):
+        thresholds.setdefault(t.counter_id, []).append(ThresholdConfig(t.id, t.value, t.direction, t.level))
+    counters = {}
+    for c in Counter.objects.all():
+        app = apps[c.app_id]
+        counters[(c.app_id, c.name)] = CounterConfig(
+            id=c.id,
+            app_id=c.app_id,
+            app_slug=app.slug,
+            name=c.name,
+            display_name=c.display_name,
+            description=c.description,
+            unit=c.unit,
+            scope=c.scope,
+            period=c.period,
+            time_zone=c.time_zone or app.effective_time_zone,
+            reset_strategy=c.reset_strategy,
+            reset_value=c.reset_value,
+            reset_ratio=float(c.reset_ratio),
+            reset_difference=c.reset_difference,
+            min_value=c.min_value,
+            max_value=c.max_value,
+            allow_negative=c.allow_negative,
+            saturate=c.saturate,
+            unique_members=c.unique_members,
+            public=c.public,
+            log_operations=c.log_operations,
+            expires_at=c.expires_at,
+            thresholds=tuple(thresholds.get(c.id, ())),
+        )
+    keys = {
+        k.key_hash: KeyConfig(k.id, k.app_id, apps[k.app_id].slug, k.prefix, frozenset(k.roles))
+        for k in ApiKey.objects.filter(active=True)
+    }
+    return Snapshot(
+        apps_by_slug={app.slug: app.id for app in apps.values()},
+        counters=counters,
+        counters_by_id={c.id: c for c in counters.values()},
+        keys_by_hash=keys,
+        time_zones={app.id: app.effective_time_zone for app in apps.values()},
+    )
+
+
+class ConfigCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._loaded_at = 0.0
+        self._checked_at = 0.0
+        self._generation: bytes | None = None
+
+    def invalidate(self) -> None:
+        self._snapshot = None
+
+    def _remote_generation(self) -> bytes | None:
+        from .redis_store import redis_call
+
+        try:
+            return redis_call(lambda r: r.get(keyspace.CONFIG_GENERATION_KEY))
+        except Exception:  # Redis down: the TTL alone bounds staleness.
+            return self._generation
+
+    def get(self) -> Snapshot:
+        monotonic = time.monotonic()
+        snapshot = self._snapshot
+        if snapshot is not None and monotonic - self._loaded_at < settings.COUNTER_CONFIG_CACHE_SECONDS:
+            if monotonic - self._checked_at < settings.COUNTER_CONFIG_CHECK_SECONDS:
+                return snapshot
+            self._checked_at = monotonic
+            if self._remote_generation() == self._generation:
+                return snapshot
+        with self._lock:
+            if self._snapshot is not None and self._snapshot is not snapshot:
+                return self._snapshot
+            generation = self._remote_generation()
+            self._snapshot = _load()
+            self._generation = generation
+            self._loaded_at = self._checked_at = time.monotonic()
+            return self._snapshot
+
+
+cache = ConfigCache()
+
+
+def bump_generation() -> None:
+    """Tell every process that config changed (and drop this process's snapshot now)."""
+    from .redis_store import redis_call
+
+    cache.invalidate()
+    try:
+        redis_call(lambda r: r.incr(keyspace.CONFIG_GENERATION_KEY))
+    except Exception:
+        logger.warning("could not publish a config change to Redis; other processes see it within the cache TTL")

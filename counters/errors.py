@@ -1,0 +1,58 @@
+"""Typed domain errors. Each carries the service's error code and an HTTP status; one exception
+handler (``counters.api_errors``) renders them in the shape of the surface that was called."""
+
+
+class CounterError(Exception):
+    code = 5001
+    status = 500
+    default_message = "Internal error."
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
+        self.message = message or self.default_message
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+
+class InvalidParameter(CounterError):
+    code = 4001
+    status = 400
+    default_message = "Invalid parameter."
+
+
+class AuthenticationRequired(CounterError):
+    code = 4003
+    status = 401
+    default_message = "A valid API key is required (Authorization: Bearer <key> or X-API-Key)."
+
+
+class Forbidden(CounterError):
+    code = 4003
+    status = 403
+    default_message = "This API key is not allowed to do that."
+
+
+class CounterNotFound(CounterError):
+    code = 4004
+    status = 404
+    default_message = "Counter not found."
+
+
+class OutOfLimits(CounterError):
+    code = 4005
+    status = 409
+    default_message = "The value would leave the counter's limits; nothing was changed."
+
+
+class MethodNotAllowed(CounterError):
+    code = 4001
+    status = 405
+
+
+class ServiceReadOnly(CounterError):
+    code = 5003
+    status = 503
+    default_message = "The counter store is unavailable: the service is read-only for now. Retry later."
+
+
+class InternalError(CounterError):
+    pass

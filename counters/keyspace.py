@@ -1,0 +1,178 @@
+"""Every Redis key name of the counter store and the Lua scripts that touch them.
+
+Nothing else in the project spells a key. All keys of one counter share the hash tag
+``{c<id>}`` so that a script only ever touches one Redis Cluster slot.
+
+Per counter ``c``:
+
+- ``cs:{c}:v:<period>:<subject>`` hash: ``v`` value, ``peak``, ``ops``, ``upd`` (ms). Its existence
+  means "hydrated from PostgreSQL"; the update script refuses to run on a missing one.
+- ``cs:{c}:m:<period>`` set: members already counted in the period (unique counters).
+- ``cs:{c}:t:<period>:<subject>`` hash: threshold id -> first crossing time (ms) in the period.
+- ``cs:{c}:pend`` hash: what the flusher still has to write to PostgreSQL, fields
+  ``d|<period>|<subject>`` delta, ``o|…`` operations, ``p|…`` peak, ``t|…`` last update (ms),
+  ``u|<period>||<member>`` new unique member, ``e|<period>|<subject>|<threshold id>`` crossing,
+  ``bo|<minute>`` / ``bd|<minute>`` / ``bv|<minute>`` / ``bm|<minute>`` per-minute stats.
+- ``cs:{c}:log`` list: operation-log entries (JSON) for counters that log operations.
+- ``cs:{c}:batches`` set of batch ids moved out of ``pend``/``log`` and not yet deleted;
+  ``cs:{c}:b:<id>`` / ``cs:{c}:bl:<id>`` hold one batch.
+
+Global: ``cs:cfg:gen`` (config generation, bumped on every config change) and ``cs:lock:<name>``.
+"""
+
+PREFIX = "cs"
+
+# Values are exact integers in JavaScript's safe range; Lua (doubles) compares them exactly too.
+MAX_SAFE_VALUE = 2**53 - 1
+
+
+def _tag(counter_id: int) -> str:
+    return f"{PREFIX}:{{c{counter_id}}}"
+
+
+def value_key(counter_id: int, period: str, subject: str) -> str:
+    return f"{_tag(counter_id)}:v:{period}:{subject}"
+
+
+def members_key(counter_id: int, period: str) -> str:
+    return f"{_tag(counter_id)}:m:{period}"
+
+
+def threshold_marks_key(counter_id: int, period: str, subject: str) -> str:
+    return f"{_tag(counter_id)}:t:{period}:{subject}"
+
+
+def pending_key(counter_id: int) -> str:
+    return f"{_tag(counter_id)}:pend"
+
+
+def oplog_key(counter_id: int) -> str:
+    return f"{_tag(counter_id)}:log"
+
+
+def batches_key(counter_id: int) -> str:
+    return f"{_tag(counter_id)}:batches"
+
+
+def batch_key(counter_id: int, batch_id: str) -> str:
+    return f"{_tag(counter_id)}:b:{batch_id}"
+
+
+def batch_log_key(counter_id: int, batch_id: str) -> str:
+    return f"{_tag(counter_id)}:bl:{batch_id}"
+
+
+def counter_keys_pattern(counter_id: int) -> str:
+    return f"{_tag(counter_id)}:*"
+
+
+def period_keys_patterns(counter_id: int, period: str) -> list[str]:
+    """Patterns of the keys that belong to one period of a counter (for trimming closed periods)."""
+    tag = _tag(counter_id)
+    return [f"{tag}:v:{period}:*", f"{tag}:m:{period}", f"{tag}:t:{period}:*"]
+
+
+CONFIG_GENERATION_KEY = f"{PREFIX}:cfg:gen"
+
+
+def lock_key(name: str) -> str:
+    return f"{PREFIX}:lock:{name}"
+
+
+def update_keys(counter_id: int, period: str, subject: str) -> list[str]:
+    return [
+        value_key(counter_id, period, subject),
+        pending_key(counter_id),
+        members_key(counter_id, period),
+        threshold_marks_key(counter_id, period, subject),
+        oplog_key(counter_id),
+    ]
+
+
+# One round trip per update. Returns {status, old, new, crossed threshold ids, threshold marks}.
+# status: OK, DUP (member already counted: nothing changes), MIN / MAX (bounds: nothing changes),
+# HYDRATE (value not loaded from PostgreSQL yet: the caller hydrates and retries).
+UPDATE_SCRIPT = """
+local vkey, pkey, mkey, tkey, lkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local mode, amount, f, member = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local ms, minute = ARGV[8], ARGV[9]
+local function s(n) return string.format('%d', n) end
+
+if redis.call('EXISTS', vkey) == 0 then return {'HYDRATE'} end
+local old = tonumber(redis.call('HGET', vkey, 'v'))
+if member ~= '' and redis.call('SISMEMBER', mkey, member) == 1 then return {'DUP', old, old} end
+
+local delta = amount
+if mode == 'set' then delta = amount - old end
+local new = old + delta
+if mode == 'add' then
+  if ARGV[5] ~= '' and delta < 0 and new < tonumber(ARGV[5]) then return {'MIN', old, old} end
+  if ARGV[6] ~= '' and delta > 0 and new > tonumber(ARGV[6]) then
+    if ARGV[7] ~= '1' or old >= tonumber(ARGV[6]) then return {'MAX', old, old} end
+    new = tonumber(ARGV[6])
+    delta = new - old
+  end
+end
+
+if member ~= '' then
+  redis.call('SADD', mkey, member)
+  redis.call('HSET', pkey, 'u|' .. f .. '|' .. member, '1')
+end
+new = redis.call('HINCRBY', vkey, 'v', s(delta))
+redis.call('HINCRBY', vkey, 'ops', 1)
+local peak = tonumber(redis.call('HGET', vkey, 'peak'))
+if new > peak then peak = new; redis.call('HSET', vkey, 'peak', s(peak)) end
+redis.call('HSET', vkey, 'upd', ms)
+
+redis.call('HINCRBY', pkey, 'd|' .. f, s(delta))
+redis.call('HINCRBY', pkey, 'o|' .. f, 1)
+redis.call('HSET', pkey, 'p|' .. f, s(peak), 't|' .. f, ms)
+redis.call('HINCRBY', pkey, 'bo|' .. minute, 1)
+redis.call('HINCRBY', pkey, 'bd|' .. minute, s(delta))
+if ARGV[10] == '1' then
+  redis.call('HSET', pkey, 'bv|' .. minute, s(new))
+  local bm = redis.call('HGET', pkey, 'bm|' .. minute)
+  if not bm or tonumber(bm) < new then redis.call('HSET', pkey, 'bm|' .. minute, s(new)) end
+end
+if ARGV[11] ~= '' then
+  redis.call('RPUSH', lkey, ARGV[11] .. ',"old":' .. s(old) .. ',"new":' .. s(new) .. '}')
+end
+
+local crossed = {}
+local i = 12
+while i + 2 <= #ARGV do
+  local tid, tv, dir = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  if (dir == 'up' and old < tv and new >= tv) or (dir == 'down' and old > tv and new <= tv) then
+    if redis.call('HSETNX', tkey, tid, ms) == 1 then
+      crossed[#crossed + 1] = tid
+      redis.call('HSET', pkey, 'e|' .. f .. '|' .. tid, ms)
+    end
+  end
+  i = i + 3
+end
+local marks = {}
+if #ARGV >= 12 then marks = redis.call('HGETALL', tkey) end
+return {'OK', old, new, crossed, marks}
+"""
+
+# Load a value from PostgreSQL into Redis unless it is already there (a concurrent hydration won).
+HYDRATE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'peak', ARGV[2], 'ops', ARGV[3], 'upd', ARGV[4])
+return 1
+"""
+
+# Move what is pending into a batch with an id (flusher). KEYS: pend, log, batches, batch, batch log.
+MOVE_PENDING_SCRIPT = """
+local moved = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('RENAME', KEYS[1], KEYS[4]); moved = 1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('RENAME', KEYS[2], KEYS[5]); moved = 1 end
+if moved == 1 then redis.call('SADD', KEYS[3], ARGV[1]) end
+return moved
+"""
+
+# Forget a batch once PostgreSQL has it. KEYS: batches, batch, batch log.
+DROP_BATCH_SCRIPT = """
+redis.call('DEL', KEYS[2], KEYS[3])
+return redis.call('SREM', KEYS[1], ARGV[1])
+"""

@@ -1,0 +1,24 @@
+import time
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from counters.services import counters_flush
+
+
+class Command(BaseCommand):
+    help = "Write pending counter deltas from Redis to PostgreSQL (once, or in a loop)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--loop", action="store_true", help="Keep flushing every COUNTER_FLUSH_INTERVAL_SECONDS.")
+
+    def handle(self, *args, loop: bool, **options):
+        while True:
+            stats = counters_flush()
+            if not loop:
+                self.stdout.write(
+                    f"flushed {stats.batches} batches ({stats.values} values, {stats.operations} operations, "
+                    f"{stats.members} members); skipped {stats.skipped} already applied"
+                )
+                return
+            time.sleep(settings.COUNTER_FLUSH_INTERVAL_SECONDS)

@@ -1,0 +1,254 @@
+import hashlib
+import secrets
+import zoneinfo
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
+from django.db import models
+
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+name_validator = RegexValidator(NAME_PATTERN, "Use 1-64 letters, digits, '_', '.', ':' or '-'.")
+
+
+def validate_time_zone(value: str) -> None:
+    if value and value not in zoneinfo.available_timezones():
+        raise ValidationError(f"Unknown time zone {value!r}.")
+
+
+class App(models.Model):
+    """A tenant: a game (or any client) whose counters are isolated from every other app's."""
+
+    slug = models.CharField(max_length=64, unique=True, validators=[name_validator])
+    name = models.CharField(max_length=200, blank=True)
+    time_zone = models.CharField(
+        max_length=64,
+        blank=True,
+        validators=[validate_time_zone],
+        help_text="Time zone of this app's periodic counters; empty means the service default.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+    @property
+    def effective_time_zone(self) -> str:
+        return self.time_zone or settings.COUNTER_DEFAULT_TIME_ZONE
+
+
+class Counter(models.Model):
+    class Scope(models.TextChoices):
+        GLOBAL = "global", "Global (shared by all apps)"
+        APP = "app", "App"
+        USER = "user", "User (one value per player)"
+
+    class Period(models.TextChoices):
+        NONE = "none", "Never resets"
+        DAILY = "daily", "Daily (00:00)"
+        WEEKLY = "weekly", "Weekly (Monday 00:00)"
+        MONTHLY = "monthly", "Monthly (1st 00:00)"
+
+    class ResetStrategy(models.TextChoices):
+        VALUE = "value", "Reset to a value"
+        KEEP = "keep", "Keep the value"
+        RATIO = "ratio", "Relative: multiply by a ratio"
+        DIFFERENCE = "difference", "Relative: subtract a difference"
+
+    app = models.ForeignKey(App, on_delete=models.PROTECT, related_name="counters")
+    name = models.CharField(max_length=64, validators=[name_validator])
+    display_name = models.CharField(max_length=200, blank=True)
+    description = models.TextField(blank=True)
+    unit = models.CharField(max_length=32, blank=True)
+    scope = models.CharField(max_length=8, choices=Scope.choices, default=Scope.APP)
+    period = models.CharField(max_length=8, choices=Period.choices, default=Period.NONE)
+    time_zone = models.CharField(
+        max_length=64,
+        blank=True,
+        validators=[validate_time_zone],
+        help_text="Overrides the app's time zone for this counter's periods.",
+    )
+    reset_strategy = models.CharField(max_length=12, choices=ResetStrategy.choices, default=ResetStrategy.VALUE)
+    reset_value = models.BigIntegerField(default=0, help_text="Opening value of a period (strategy 'value').")
+    reset_ratio = models.DecimalField(
+        max_digits=8, decimal_places=4, default=1, help_text="Strategy 'ratio': opening = floor(previous * ratio)."
+    )
+    reset_difference = models.BigIntegerField(default=0, help_text="Strategy 'difference': opening = previous - this.")
+    min_value = models.BigIntegerField(default=0, help_text="Lowest value unless negatives are allowed.")
+    max_value = models.BigIntegerField(null=True, blank=True)
+    allow_negative = models.BooleanField(default=False)
+    saturate = models.BooleanField(default=False, help_text="Clamp at max_value instead of refusing the update.")
+    unique_members = models.BooleanField(
+        default=False, help_text="Count each user_id once per period (e.g. daily active users)."
+    )
+    public = models.BooleanField(default=False, help_text="Readable without an API key.")
+    log_operations = models.BooleanField(default=False, help_text="Keep every update in the operation log.")
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Temporary counters stop accepting updates.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["app__slug", "name"]
+        constraints = [models.UniqueConstraint(fields=["app", "name"], name="counter_unique_name_per_app")]
+
+    def __str__(self) -> str:
+        return f"{self.app.slug}/{self.name}"
+
+    def clean(self) -> None:
+        if self.unique_members and self.scope == self.Scope.USER:
+            raise ValidationError("Unique-member counting applies to app and global counters, not user counters.")
+        if self.max_value is not None and not self.allow_negative and self.max_value < self.min_value:
+            raise ValidationError("max_value must not be below min_value.")
+
+    @property
+    def effective_time_zone(self) -> str:
+        return self.time_zone or self.app.effective_time_zone
+
+
+class CounterValue(models.Model):
+    """The durable value of (counter, subject, period); Redis holds it hot, the flusher writes it here."""
+
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="values")
+    subject = models.CharField(max_length=64, blank=True, help_text="Player id for user counters, else empty.")
+    period = models.CharField(max_length=10, blank=True, help_text="Period start (YYYY-MM-DD), empty if none.")
+    value = models.BigIntegerField(default=0)
+    peak = models.BigIntegerField(default=0)
+    operations = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["counter", "subject", "period"], name="countervalue_identity"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.counter_id}:{self.subject}:{self.period}={self.value}"
+
+
+class UniqueMember(models.Model):
+    """A user already counted in a period of a unique-member counter."""
+
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+")
+    period = models.CharField(max_length=10, blank=True)
+    member = models.CharField(max_length=64)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["counter", "period", "member"], name="uniquemember_identity"),
+        ]
+
+
+class StatBucket(models.Model):
+    """Per-minute activity of a counter, recorded on the hot path and flushed with the deltas."""
+
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+")
+    minute = models.DateTimeField()
+    operations = models.BigIntegerField(default=0)
+    delta = models.BigIntegerField(default=0)
+    last_value = models.BigIntegerField(null=True)
+    max_value = models.BigIntegerField(null=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["counter", "minute"], name="statbucket_identity")]
+
+
+class OperationLog(models.Model):
+    """One update of a counter whose config asks for an operation log; written in batches by the flusher."""
+
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+")
+    subject = models.CharField(max_length=64, blank=True)
+    period = models.CharField(max_length=10, blank=True)
+    actor = models.CharField(max_length=100, blank=True)
+    user_id = models.CharField(max_length=64, blank=True)
+    old_value = models.BigIntegerField()
+    new_value = models.BigIntegerField()
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+
+class FlushedBatch(models.Model):
+    """A batch of deltas already applied: recorded in the same transaction, so a re-run skips it."""
+
+    id = models.CharField(max_length=40, primary_key=True, help_text="Time-ordered: <ns>-<random>.")
+    counter_id = models.BigIntegerField()
+    applied_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+
+class Threshold(models.Model):
+    class Direction(models.TextChoices):
+        UP = "up", "Rising to or above"
+        DOWN = "down", "Falling to or below"
+
+    class Level(models.TextChoices):
+        INFO = "info", "Info"
+        WARNING = "warning", "Warning"
+        CRITICAL = "critical", "Critical"
+
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="thresholds")
+    value = models.BigIntegerField()
+    direction = models.CharField(max_length=4, choices=Direction.choices, default=Direction.UP)
+    level = models.CharField(max_length=8, choices=Level.choices, default=Level.INFO)
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["counter_id", "value"]
+
+    def __str__(self) -> str:
+        return f"{self.counter} {self.direction} {self.value}"
+
+
+def hash_api_key(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+class ApiKey(models.Model):
+    class Role(models.TextChoices):
+        WRITE = "write", "Write (increment / decrement)"
+        COUNTER_MANAGE = "counter_manage", "Manage (reset, configure)"
+        DATA_VIEW = "data_view", "View (read private counters, statistics)"
+        GLOBAL_ADMIN = "global_admin", "Global admin (write global counters)"
+
+    ROLE_ALIASES = {"manage": Role.COUNTER_MANAGE, "view": Role.DATA_VIEW, "global": Role.GLOBAL_ADMIN}
+
+    app = models.ForeignKey(App, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=12, db_index=True, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    roles = models.JSONField(default=list)
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["app__slug", "prefix"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.app.slug}:{self.prefix}… ({self.name or ', '.join(self.roles)})"
+
+    @classmethod
+    def generate(cls, *, app: App, roles: list[str], name: str = "") -> tuple["ApiKey", str]:
+        raw = "ck_" + secrets.token_urlsafe(32)
+        key = cls.objects.create(app=app, name=name, prefix=raw[:11], key_hash=hash_api_key(raw), roles=roles)
+        return key, raw
+
+
+class ThresholdEvent(models.Model):
+    """A threshold crossed in a period: recorded once per (threshold, subject, period)."""
+
+    threshold = models.ForeignKey(Threshold, on_delete=models.CASCADE, related_name="events")
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+")
+    subject = models.CharField(max_length=64, blank=True)
+    period = models.CharField(max_length=10, blank=True)
+    triggered_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-triggered_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["threshold", "subject", "period"], name="thresholdevent_once_per_period"),
+        ]

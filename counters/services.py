@@ -1,0 +1,485 @@
+"""Every write of the counter service: updates, resets, hydration and the write-behind flush."""
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+from django.db import connection, transaction
+
+from archive.models import ResetLog
+
+from . import clock, keyspace, periods
+from .config import CounterConfig
+from .config import cache as config_cache
+from .errors import CounterNotFound, InvalidParameter, OutOfLimits
+from .models import CounterValue, FlushedBatch, UniqueMember
+from .redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
+
+logger = logging.getLogger(__name__)
+
+MEMBER_CHUNK = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateResult:
+    counter: CounterConfig
+    subject: str
+    window: periods.PeriodWindow
+    old_value: int
+    new_value: int
+    duplicate: bool
+    crossed: tuple[int, ...]
+    threshold_marks: dict[int, datetime]
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ResetResult:
+    counter: CounterConfig
+    subject: str
+    old_value: int
+    new_value: int
+    reset_at: datetime
+    reason: str
+    operator: str
+
+
+def _decode(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def counter_check_subject(*, counter: CounterConfig, subject: str) -> None:
+    if counter.is_user_scoped and not subject:
+        raise InvalidParameter(f"Counter {counter.name!r} is per player: a player id is required.")
+    if subject and not counter.is_user_scoped:
+        raise InvalidParameter(f"Counter {counter.name!r} is not per player: do not send a player id.")
+
+
+def _check_live(counter: CounterConfig, now: datetime) -> None:
+    if counter.expires_at is not None and now >= counter.expires_at:
+        raise CounterNotFound(f"Counter {counter.name!r} expired at {counter.expires_at.isoformat()}.")
+
+
+def _bounds(counter: CounterConfig, allow_negative: bool) -> tuple[int, int]:
+    low = -keyspace.MAX_SAFE_VALUE if (counter.allow_negative or allow_negative) else counter.min_value
+    high = keyspace.MAX_SAFE_VALUE if counter.max_value is None else min(counter.max_value, keyspace.MAX_SAFE_VALUE)
+    return low, high
+
+
+def _apply_strategy(counter: CounterConfig, previous: int) -> int:
+    strategy = counter.reset_strategy
+    if strategy == "keep":
+        value = previous
+    elif strategy == "ratio":
+        value = math.floor(previous * counter.reset_ratio)
+    elif strategy == "difference":
+        value = previous - counter.reset_difference
+    else:
+        value = counter.reset_value
+    low, high = _bounds(counter, False)
+    return max(low, min(high, value))
+
+
+def counter_opening_value(*, counter: CounterConfig, subject: str, period_key: str) -> int:
+    """The value a period opens with, following the counter's reset strategy."""
+    if counter.period == periods.NONE:
+        return 0
+    if counter.reset_strategy == "value":
+        return _apply_strategy(counter, 0)
+    previous_key = periods.previous_key(counter.period, period_key)
+    hot = redis_call(lambda r: r.hget(keyspace.value_key(counter.id, previous_key, subject), "v"))
+    if hot is not None:
+        return _apply_strategy(counter, int(hot))
+    last = (
+        CounterValue.objects.filter(counter_id=counter.id, subject=subject, period__lt=period_key)
+        .order_by("-period")
+        .values_list("period", "value")
+        .first()
+    )
+    if last is None:
+        return _apply_strategy(counter, 0)
+    key, value = last
+    # Idle periods in between each opened by the strategy too (bounded walk).
+    for _ in range(1000):
+        key = periods.next_key(counter.period, key)
+        if key > previous_key:
+            break
+        value = _apply_strategy(counter, value)
+    return _apply_strategy(counter, value)
+
+
+def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow) -> None:
+    """Load a value (and the period's unique members) from PostgreSQL into Redis."""
+    row = (
+        CounterValue.objects.filter(counter_id=counter.id, subject=subject, period=window.key)
+        .values("value", "peak", "operations", "updated_at")
+        .first()
+    )
+    if row is None:
+        opening = counter_opening_value(counter=counter, subject=subject, period_key=window.key)
+        if opening != 0:
+            obj, _ = CounterValue.objects.get_or_create(
+                counter_id=counter.id,
+                subject=subject,
+                period=window.key,
+                defaults={"value": opening, "peak": opening, "updated_at": clock.now()},
+            )
+            row = {"value": obj.value, "peak": obj.peak, "operations": obj.operations, "updated_at": obj.updated_at}
+        else:
+            row = {"value": 0, "peak": 0, "operations": 0, "updated_at": None}
+    if counter.unique_members:
+        members_key = keyspace.members_key(counter.id, window.key)
+        members = UniqueMember.objects.filter(counter_id=counter.id, period=window.key).values_list("member", flat=True)
+        chunk: list[str] = []
+        for member in members.iterator(chunk_size=MEMBER_CHUNK):
+            chunk.append(member)
+            if len(chunk) >= MEMBER_CHUNK:
+                redis_call(lambda r, c=chunk: r.sadd(members_key, *c))
+                chunk = []
+        if chunk:
+            redis_call(lambda r: r.sadd(members_key, *chunk))
+    updated_ms = clock.to_ms(row["updated_at"]) if row["updated_at"] else 0
+    redis_call(
+        lambda r: scripts.hydrate(
+            keys=[keyspace.value_key(counter.id, window.key, subject)],
+            args=[row["value"], max(row["peak"], row["value"]), row["operations"], updated_ms],
+            client=r,
+        )
+    )
+
+
+def _run_update(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow, args: list) -> list:
+    keys = keyspace.update_keys(counter.id, window.key, subject)
+    for _ in range(3):
+        result = redis_call(lambda r: scripts.update(keys=keys, args=args, client=r))
+        if result[0] != b"HYDRATE":
+            return result
+        value_hydrate(counter=counter, subject=subject, window=window)
+    raise StoreUnavailable("value could not be hydrated")
+
+
+def _log_prefix(*, actor: str, user_id: str, subject: str, period: str, ms: int, metadata: dict | None) -> str:
+    entry = {"ts": ms, "actor": actor, "user_id": user_id, "subject": subject, "period": period}
+    entry["metadata"] = metadata or {}
+    return orjson.dumps(entry).decode()[:-1]
+
+
+def counter_update(
+    *,
+    counter: CounterConfig,
+    amount: int,
+    subject: str = "",
+    user_id: str = "",
+    actor: str = "",
+    metadata: dict | None = None,
+    allow_negative: bool = False,
+) -> UpdateResult:
+    """Add ``amount`` (negative to decrement) to a counter in one Redis round trip.
+
+    For unique-member counters ``user_id`` is counted once per period; a repeat changes nothing
+    and reports the current value. Bounds are checked atomically: an update that would leave
+    them changes nothing and raises ``OutOfLimits``.
+    """
+    if amount == 0 or abs(amount) > keyspace.MAX_SAFE_VALUE:
+        raise InvalidParameter(f"The amount must be a non-zero integer of at most {keyspace.MAX_SAFE_VALUE}.")
+    counter_check_subject(counter=counter, subject=subject)
+    now = clock.now()
+    _check_live(counter, now)
+    member = user_id if counter.unique_members else ""
+    if member and amount < 0:
+        raise InvalidParameter(f"Counter {counter.name!r} counts unique users: it cannot be decremented per user.")
+    window = periods.window_at(counter.period, counter.time_zone, now)
+    ms = clock.to_ms(now)
+    low, high = _bounds(counter, allow_negative)
+    log = (
+        _log_prefix(actor=actor, user_id=user_id, subject=subject, period=window.key, ms=ms, metadata=metadata)
+        if counter.log_operations
+        else ""
+    )
+    args = ["add", amount, f"{window.key}|{subject}", member, low, high, int(counter.saturate), ms, ms // 60000]
+    args += [int(not counter.is_user_scoped), log]
+    for t in counter.thresholds:
+        args += [t.id, t.value, t.direction]
+    result = _run_update(counter=counter, subject=subject, window=window, args=args)
+    status = result[0]
+    old, new = int(result[1]), int(result[2])
+    if status == b"MIN":
+        raise OutOfLimits(f"Counter {counter.name!r} is at {old}: going below {low} is not allowed.")
+    if status == b"MAX":
+        raise OutOfLimits(f"Counter {counter.name!r} is at {old}: going above {high} is not allowed.")
+    crossed: tuple[int, ...] = ()
+    marks: dict[int, datetime] = {}
+    if status == b"OK" and len(result) > 3:
+        crossed = tuple(int(t) for t in result[3])
+        flat = result[4]
+        marks = {int(flat[i]): clock.from_ms(int(flat[i + 1])) for i in range(0, len(flat), 2)}
+    return UpdateResult(
+        counter=counter,
+        subject=subject,
+        window=window,
+        old_value=old,
+        new_value=new,
+        duplicate=status == b"DUP",
+        crossed=crossed,
+        threshold_marks=marks,
+        updated_at=now,
+    )
+
+
+def counter_reset(
+    *, counter: CounterConfig, subject: str = "", value: int | None = None, reason: str = "", operator: str = ""
+) -> ResetResult:
+    """Set the current period's value (default: the counter's reset value), keeping an audit record.
+
+    The period's unique members stay counted, so a reset never lets a player count twice.
+    """
+    counter_check_subject(counter=counter, subject=subject)
+    now = clock.now()
+    target = counter.reset_value if value is None else value
+    low, high = _bounds(counter, False)
+    if not low <= target <= high:
+        raise OutOfLimits(f"A reset value must lie between {low} and {high}.")
+    window = periods.window_at(counter.period, counter.time_zone, now)
+    ms = clock.to_ms(now)
+    args = ["set", target, f"{window.key}|{subject}", "", "", "", 0, ms, ms // 60000]
+    args += [int(not counter.is_user_scoped), ""]
+    result = _run_update(counter=counter, subject=subject, window=window, args=args)
+    old = int(result[1])
+    ResetLog.objects.create(
+        counter_id=counter.id,
+        subject=subject,
+        period=window.key,
+        kind=ResetLog.Kind.MANUAL,
+        operator=operator,
+        reason=reason,
+        value_before=old,
+        value_after=target,
+    )
+    return ResetResult(counter, subject, old, target, now, reason, operator)
+
+
+# --- write-behind flush -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FlushStats:
+    batches: int = 0
+    skipped: int = 0
+    values: int = 0
+    members: int = 0
+    operations: int = 0
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the crash tests: die here, as a kill -9 would, when asked to."""
+    if os.environ.get("COUNTER_TEST_CRASH_POINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _new_batch_id() -> str:
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+
+
+_VALUES_SQL = """
+INSERT INTO counters_countervalue (counter_id, subject, period, value, peak, operations, updated_at)
+SELECT %s, x.s, x.p, x.d, x.pk, x.o, to_timestamp(x.t / 1000.0)
+FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) AS x(s, p, d, pk, o, t)
+ON CONFLICT (counter_id, subject, period) DO UPDATE SET
+    value = counters_countervalue.value + EXCLUDED.value,
+    peak = GREATEST(counters_countervalue.peak, EXCLUDED.peak),
+    operations = counters_countervalue.operations + EXCLUDED.operations,
+    updated_at = GREATEST(counters_countervalue.updated_at, EXCLUDED.updated_at)
+"""
+
+_MEMBERS_SQL = """
+INSERT INTO counters_uniquemember (counter_id, period, member)
+SELECT %s, x.p, x.m FROM unnest(%s::text[], %s::text[]) AS x(p, m)
+ON CONFLICT DO NOTHING
+"""
+
+_BUCKETS_SQL = """
+INSERT INTO counters_statbucket (counter_id, minute, operations, delta, last_value, max_value)
+SELECT %s, to_timestamp(x.m * 60), x.o, x.d, x.v, x.mx
+FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) AS x(m, o, d, v, mx)
+ON CONFLICT (counter_id, minute) DO UPDATE SET
+    operations = counters_statbucket.operations + EXCLUDED.operations,
+    delta = counters_statbucket.delta + EXCLUDED.delta,
+    last_value = COALESCE(EXCLUDED.last_value, counters_statbucket.last_value),
+    max_value = GREATEST(counters_statbucket.max_value, EXCLUDED.max_value)
+"""
+
+_EVENTS_SQL = """
+INSERT INTO counters_thresholdevent (threshold_id, counter_id, subject, period, triggered_at)
+SELECT x.t, %s, x.s, x.p, to_timestamp(x.ms / 1000.0)
+FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[]) AS x(t, s, p, ms)
+WHERE EXISTS (SELECT 1 FROM counters_threshold th WHERE th.id = x.t)
+ON CONFLICT DO NOTHING
+RETURNING id
+"""
+
+
+@dataclass(slots=True)
+class _Batch:
+    values: dict[tuple[str, str], list[int]]
+    members: list[tuple[str, str]]
+    buckets: dict[int, list]
+    events: list[tuple[int, str, str, int]]
+    log: list[bytes]
+
+
+def _parse_batch(fields: dict[bytes, bytes], log: list[bytes]) -> _Batch:
+    values: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    buckets: dict[int, list] = defaultdict(lambda: [0, 0, None, None])
+    members: list[tuple[str, str]] = []
+    events: list[tuple[int, str, str, int]] = []
+    slots = {"d": 0, "o": 1, "p": 2, "t": 3}
+    bucket_slots = {"bo": 0, "bd": 1, "bv": 2, "bm": 3}
+    for raw_field, raw_value in fields.items():
+        kind, rest = raw_field.decode().split("|", 1)
+        if kind in slots:
+            period, subject = rest.split("|", 1)
+            values[(period, subject)][slots[kind]] = int(raw_value)
+        elif kind in bucket_slots:
+            buckets[int(rest)][bucket_slots[kind]] = int(raw_value)
+        elif kind == "u":
+            period, _subject, member = rest.split("|", 2)
+            members.append((period, member))
+        elif kind == "e":
+            period, subject, threshold_id = rest.split("|", 2)
+            events.append((int(threshold_id), subject, period, int(raw_value)))
+    return _Batch(values, members, buckets, events, log)
+
+
+def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStats) -> list[int]:
+    """Apply one batch in one transaction; returns the new threshold event ids (empty if skipped)."""
+    event_ids: list[int] = []
+    with transaction.atomic():
+        _, created = FlushedBatch.objects.get_or_create(id=batch_id, defaults={"counter_id": counter_id})
+        if not created:
+            stats.skipped += 1
+            return event_ids
+        with connection.cursor() as cursor:
+            if batch.values:
+                keys = list(batch.values)
+                rows = [batch.values[k] for k in keys]
+                cursor.execute(
+                    _VALUES_SQL,
+                    [
+                        counter_id,
+                        [k[1] for k in keys],
+                        [k[0] for k in keys],
+                        [r[0] for r in rows],
+                        [r[2] for r in rows],
+                        [r[1] for r in rows],
+                        [r[3] for r in rows],
+                    ],
+                )
+            if batch.members:
+                cursor.execute(_MEMBERS_SQL, [counter_id, [m[0] for m in batch.members], [m[1] for m in batch.members]])
+            if batch.buckets:
+                minutes = sorted(batch.buckets)
+                cols = list(zip(*(batch.buckets[m] for m in minutes), strict=True))
+                cursor.execute(_BUCKETS_SQL, [counter_id, minutes, *map(list, cols)])
+            if batch.events:
+                cursor.execute(_EVENTS_SQL, [counter_id, *map(list, zip(*batch.events, strict=True))])
+                event_ids = [row[0] for row in cursor.fetchall()]
+        if batch.log:
+            _insert_operation_log(counter_id, batch.log)
+        _crash_point("before_commit")
+    stats.batches += 1
+    stats.values += len(batch.values)
+    stats.members += len(batch.members)
+    stats.operations += sum(v[1] for v in batch.values.values())
+    return event_ids
+
+
+def _insert_operation_log(counter_id: int, lines: list[bytes]) -> None:
+    from .models import OperationLog
+
+    entries = []
+    for line in lines:
+        item = orjson.loads(line)
+        entries.append(
+            OperationLog(
+                counter_id=counter_id,
+                subject=item["subject"],
+                period=item["period"],
+                actor=item["actor"],
+                user_id=item["user_id"],
+                old_value=item["old"],
+                new_value=item["new"],
+                metadata=item["metadata"],
+                created_at=clock.from_ms(item["ts"]),
+            )
+        )
+    OperationLog.objects.bulk_create(entries, batch_size=2000)
+
+
+def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
+    """Move every counter's pending deltas to PostgreSQL, each exactly once.
+
+    Pending data is first renamed into a batch with an id (atomically, in Redis); the batch is
+    applied in one transaction that also records its id; only then is it deleted. A batch left
+    behind by a crash is picked up on the next run and applied only if its id is not recorded.
+    """
+    stats = FlushStats()
+    token = uuid.uuid4().hex
+    if not acquire_lock("flush", ttl_seconds=60, token=token):
+        return stats
+    try:
+        ids = counter_ids if counter_ids is not None else sorted(config_cache.get().counters_by_id)
+
+        def move_and_list(r):
+            pipe = r.pipeline(transaction=False)
+            for cid in ids:
+                batch_id = _new_batch_id()
+                keys = [
+                    keyspace.pending_key(cid),
+                    keyspace.oplog_key(cid),
+                    keyspace.batches_key(cid),
+                    keyspace.batch_key(cid, batch_id),
+                    keyspace.batch_log_key(cid, batch_id),
+                ]
+                scripts.move_pending(keys=keys, args=[batch_id], client=pipe)
+            for cid in ids:
+                pipe.smembers(keyspace.batches_key(cid))
+            return pipe.execute()[len(ids) :]
+
+        outstanding = [
+            (cid, _decode(b)) for cid, members in zip(ids, redis_call(move_and_list), strict=True) for b in members
+        ]
+        outstanding.sort(key=lambda item: item[1])
+        for cid, batch_id in outstanding:
+            fields, log = redis_call(
+                lambda r, c=cid, b=batch_id: (
+                    r.pipeline(transaction=False)
+                    .hgetall(keyspace.batch_key(c, b))
+                    .lrange(keyspace.batch_log_key(c, b), 0, -1)
+                    .execute()
+                )
+            )
+            event_ids = _apply_batch(cid, batch_id, _parse_batch(fields, log), stats)
+            _crash_point("after_commit")
+            redis_call(
+                lambda r, c=cid, b=batch_id: scripts.drop_batch(
+                    keys=[keyspace.batches_key(c), keyspace.batch_key(c, b), keyspace.batch_log_key(c, b)],
+                    args=[b],
+                    client=r,
+                )
+            )
+            if event_ids:
+                from .signals import threshold_crossed
+
+                threshold_crossed.send(sender=counters_flush, event_ids=event_ids)
+    finally:
+        with contextlib.suppress(StoreUnavailable):
+            release_lock("flush", token=token)
+    return stats

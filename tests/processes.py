@@ -1,0 +1,112 @@
+"""Real processes for tests: gunicorn, Celery, private redis-servers, on free loopback ports."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import requests
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_database_url() -> str:
+    db = settings.DATABASES["default"]
+    user = db.get("USER") or ""
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    return f"postgres://{user}@{host}:{port}/{db['NAME']}"
+
+
+def service_env(**overrides: str) -> dict[str, str]:
+    """Environment for a child process that uses the same test database and Redis as the tests."""
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="counterproject.settings_test",
+        DATABASE_URL=test_database_url(),
+        TEST_REDIS_URL=settings.REDIS_URL,
+        TEST_BROKER_URL=settings.CELERY_BROKER_URL,
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(overrides)
+    return env
+
+
+def wait_until(predicate, *, timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Gunicorn:
+    """A gunicorn serving the project from the production config, on a free port."""
+
+    def __init__(self, *, workers: int = 2, env: dict[str, str] | None = None, extra_args: list[str] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="gunicorn-", suffix=".log", delete=False)  # noqa: SIM115
+        args = [str(BIN / "gunicorn"), "counterproject.wsgi", "-c", str(ROOT / "gunicorn.conf.py")]
+        args += ["--bind", f"127.0.0.1:{self.port}", "--workers", str(workers), *extra_args]
+        self.process = subprocess.Popen(
+            args, cwd=ROOT, env=service_env(**(env or {})), stdout=self.log, stderr=self.log
+        )
+        wait_until(lambda: requests.get(f"{self.url}/healthz", timeout=1).status_code == 200, what="gunicorn")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            Path(self.log.name).unlink(missing_ok=True)
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, on a free port, that the test may kill and restart."""
+
+    def __init__(self, *, appendonly: bool = False):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="redis-")
+        self.appendonly = appendonly
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self.dir]
+        args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: redis.Redis(port=self.port).ping(), what="private redis-server")
+
+    def kill(self) -> None:
+        """kill -9: no shutdown save, connections drop."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
