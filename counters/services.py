@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import orjson
+from django.conf import settings
 from django.db import connection, transaction
 
 from archive.models import ResetLog
@@ -271,6 +272,7 @@ def counter_reset(
 
 @dataclass(slots=True)
 class FlushStats:
+    locked_out: bool = False
     batches: int = 0
     skipped: int = 0
     values: int = 0
@@ -432,7 +434,10 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
     """
     stats = FlushStats()
     token = uuid.uuid4().hex
-    if not acquire_lock("flush", ttl_seconds=60, token=token):
+    # The lock only saves duplicate work: exactly-once comes from the batch ids. A short TTL lets
+    # a restarted flusher take over soon after one that was killed while holding it.
+    if not acquire_lock("flush", ttl_seconds=settings.COUNTER_FLUSH_LOCK_SECONDS, token=token):
+        stats.locked_out = True
         return stats
     try:
         ids = counter_ids if counter_ids is not None else sorted(config_cache.get().counters_by_id)

@@ -16,6 +16,9 @@ class Command(BaseCommand):
         while True:
             stats = counters_flush()
             if not loop:
+                if stats.locked_out:
+                    self.stdout.write("another flusher holds the lock; nothing done")
+                    return
                 self.stdout.write(
                     f"flushed {stats.batches} batches ({stats.values} values, {stats.operations} operations, "
                     f"{stats.members} members); skipped {stats.skipped} already applied"

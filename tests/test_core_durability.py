@@ -1,0 +1,163 @@
+"""Exactness under concurrency, restarts, a wiped Redis and crashes in the flusher (real processes)."""
+
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+import requests
+from django.conf import settings
+
+from counters import keyspace
+from counters.models import Counter, CounterValue, UniqueMember
+from counters.services import counters_flush
+
+from .processes import ROOT, Gunicorn, service_env, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def flush_in_subprocess(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", "flush_counters"],
+        cwd=ROOT,
+        env=service_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def hammer(url: str, key: str, *, total: int, threads: int, body: dict | None = None) -> list[int]:
+    """POST ``total`` requests from ``threads`` threads at once; returns the status codes."""
+    per_thread = total // threads
+
+    def worker(_: int) -> list[int]:
+        with requests.Session() as session:
+            session.headers["Authorization"] = f"Bearer {key}"
+            return [session.post(url, json=body or {}, timeout=30).status_code for _ in range(per_thread)]
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return [code for codes in pool.map(worker, range(threads)) for code in codes]
+
+
+def test_1000_concurrent_increments_end_exactly_right(live_server, builtins, make_key, store):
+    key = make_key(("write",))
+    codes = hammer(f"{live_server.url}/api/v1/counter/online_players/increment", key, total=1000, threads=50)
+    assert codes == [200] * 1000
+    assert requests.get(f"{live_server.url}/api/v1/counter/online_players").json()["value"] == 1000
+    counter = Counter.objects.get(name="online_players")
+    assert int(store.hget(keyspace.value_key(counter.id, "", ""), "v")) == 1000
+    counters_flush()
+    assert CounterValue.objects.get(counter=counter).value == 1000
+
+
+def test_concurrent_logins_and_logouts_never_go_below_zero(live_server, builtins, make_key):
+    key = make_key(("write",))
+    base = f"{live_server.url}/api/v1/counter/online_players"
+    hammer(f"{base}/increment", key, total=300, threads=30)
+    codes = hammer(f"{base}/decrement", key, total=400, threads=40)
+    assert codes.count(200) == 300 and codes.count(409) == 100
+    assert requests.get(base).json()["value"] == 0
+    counters_flush()
+    assert CounterValue.objects.get(counter__name="online_players").value == 0
+
+
+def test_values_survive_a_web_restart(builtins, make_key):
+    key = make_key(("write",))
+    headers = {"Authorization": f"Bearer {key}"}
+    web = Gunicorn()
+    try:
+        for _ in range(25):
+            requests.post(f"{web.url}/api/v1/counter/total_games_played/increment", json={}, headers=headers)
+        requests.post(f"{web.url}/api/v1/counter/online_players/increment", json={"value": 7}, headers=headers)
+    finally:
+        assert web.stop() == 0
+    web = Gunicorn()
+    try:
+        assert requests.get(f"{web.url}/api/v1/counter/total_games_played").json()["value"] == 25
+        assert requests.get(f"{web.url}/api/v1/counter/online_players").json()["value"] == 7
+    finally:
+        web.stop()
+
+
+def test_a_wiped_redis_rehydrates_from_postgresql(builtins, make_key, private_redis):
+    key = make_key(("write",))
+    headers = {"Authorization": f"Bearer {key}"}
+    web = Gunicorn(env={"TEST_REDIS_URL": private_redis.url})
+    try:
+        inc = f"{web.url}/api/v1/counter/online_players/increment"
+        dau = f"{web.url}/api/v1/counter/daily_active_users/increment"
+        for _ in range(40):
+            assert requests.post(inc, json={}, headers=headers).status_code == 200
+        for user in ("a", "b", "c"):
+            requests.post(dau, json={"user_id": user}, headers=headers)
+        assert flush_in_subprocess(TEST_REDIS_URL=private_redis.url).returncode == 0
+        # Acknowledged but not yet flushed: what a Redis data loss can take (see docs).
+        requests.post(inc, json={"value": 5}, headers=headers)
+
+        redis.Redis.from_url(private_redis.url).flushall()
+
+        assert requests.get(f"{web.url}/api/v1/counter/online_players").json()["value"] == 40
+        assert requests.get(f"{web.url}/api/v1/counter/daily_active_users").json()["value"] == 3
+        # Members came back from PostgreSQL: "a" is not counted twice, "d" is new.
+        assert requests.post(dau, json={"user_id": "a"}, headers=headers).json()["current_value"] == 3
+        assert requests.post(dau, json={"user_id": "d"}, headers=headers).json()["current_value"] == 4
+        assert requests.post(inc, json={}, headers=headers).json()["current_value"] == 41
+        assert flush_in_subprocess(TEST_REDIS_URL=private_redis.url).returncode == 0
+    finally:
+        web.stop()
+    assert CounterValue.objects.get(counter__name="online_players").value == 41
+    assert CounterValue.objects.get(counter__name="daily_active_users").value == 4
+    assert sorted(UniqueMember.objects.values_list("member", flat=True)) == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("crash_point", ["after_commit", "before_commit"])
+def test_a_flusher_killed_mid_flush_applies_each_delta_exactly_once(client, writer, store, crash_point):
+    for _ in range(12):
+        client.post("/api/v1/counter/online_players/increment", "{}", content_type="application/json", **writer)
+    client.post(
+        "/api/v1/counter/daily_active_users/increment", '{"user_id": "u1"}', content_type="application/json", **writer
+    )
+
+    crashed = flush_in_subprocess(COUNTER_TEST_CRASH_POINT=crash_point, COUNTER_FLUSH_LOCK_SECONDS="1")
+    assert crashed.returncode == -signal.SIGKILL
+    counter = Counter.objects.get(name="online_players")
+    leftover = store.smembers(keyspace.batches_key(counter.id))
+    assert len(leftover) == 1  # the batch is still in Redis
+    applied = CounterValue.objects.filter(counter=counter).values_list("value", flat=True).first()
+    assert applied == (12 if crash_point == "after_commit" else None)
+
+    # More traffic arrives before the flusher comes back.
+    client.post("/api/v1/counter/online_players/increment", '{"value": 3}', content_type="application/json", **writer)
+    # The dead flusher's lock expires by itself; a restarted flusher then takes over.
+    wait_until(lambda: "flushed" in flush_in_subprocess().stdout, timeout=10, what="a flush after the lock expired")
+    assert CounterValue.objects.get(counter=counter).value == 15
+    assert CounterValue.objects.get(counter__name="daily_active_users").value == 1
+    assert store.smembers(keyspace.batches_key(counter.id)) == set()
+    assert client.get("/api/v1/counter/online_players").json()["value"] == 15
+
+
+def test_a_config_change_reaches_other_processes(builtins, make_key):
+    key = make_key(("write",))
+    headers = {"Authorization": f"Bearer {key}"}
+    web = Gunicorn(workers=1)
+    try:
+        url = f"{web.url}/api/v1/counter/total_games_played/increment"
+        assert requests.post(url, json={"value": 5}, headers=headers).status_code == 200
+        Counter.objects.filter(name="total_games_played").update(max_value=6)
+        Counter.objects.get(name="total_games_played").save()  # signals bump the config generation
+
+        def refused() -> bool:
+            return requests.post(url, json={"value": 2}, headers=headers).status_code == 409
+
+        wait_until(refused, timeout=10, what="the new max_value to apply in gunicorn")
+        assert requests.get(f"{web.url}/api/v1/counter/total_games_played").json()["value"] == 5
+    finally:
+        web.stop()
+
+
+def test_settings_point_tests_at_their_own_redis_database():
+    assert settings.REDIS_URL != "redis://127.0.0.1:6379/0"
