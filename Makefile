@@ -22,7 +22,7 @@ migrate: $(BIN)/.installed services
 	$(BIN)/python manage.py setup_schedules
 
 run: migrate
-	$(BIN)/honcho start -f Procfile
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start -f Procfile
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -16,5 +16,9 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "100000"))
 max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "10000"))
 
+# gunicorn's runtime control socket sits at one fixed path per user: several servers on one
+# host (tests, benchmarks) would fight over it, and nothing here uses it.
+control_socket_disable = True
+
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 errorlog = "-"
