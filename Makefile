@@ -20,6 +20,7 @@ services:
 migrate: $(BIN)/.installed services
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py setup_schedules
+	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 
 run: migrate
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start -f Procfile

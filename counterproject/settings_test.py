@@ -14,3 +14,5 @@ COUNTER_CONFIG_CACHE_SECONDS = 30.0
 COUNTER_CONFIG_CHECK_SECONDS = 0.0
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# Static files come from the app directories (WHITENOISE_USE_FINDERS); nothing is collected in tests.
+STATIC_ROOT = None
