@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PORT ?= 8080
 export PORT
 
-.PHONY: run test lint format services migrate bench soak clean
+.PHONY: run test lint format services browser migrate bench soak clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,11 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: $(BIN)/.installed services lint
+# The console's browser tests drive Debian's Chromium (never a browser downloaded by Playwright).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: $(BIN)/.installed services browser lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 clean:

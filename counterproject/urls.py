@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from counters.apis import CounterBatchView, CounterViewSet, healthz
 
@@ -16,6 +16,7 @@ urlpatterns = [
     path("api/v1/counters", CounterBatchView.as_view(), name="counter-batch"),
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
+    path("board/", include("board.urls")),
 ]
 
 handler404 = "counters.api_errors.not_found"

@@ -93,6 +93,8 @@ class Counter(models.Model):
     class Meta:
         ordering = ["app__slug", "name"]
         constraints = [models.UniqueConstraint(fields=["app", "name"], name="counter_unique_name_per_app")]
+        # Apart from change_counter: editing config and resetting values are different jobs.
+        permissions = [("reset_counter", "Can reset counter values")]
 
     def __str__(self) -> str:
         return f"{self.app.slug}/{self.name}"

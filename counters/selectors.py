@@ -1,13 +1,20 @@
 """Reads of counters, their values and API keys. Nothing here writes PostgreSQL."""
 
 import hashlib
+import zoneinfo
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+
+from django.db.models import Max, Sum
+from django.db.models.functions import TruncHour
+
+from archive.models import PeriodArchive
 
 from . import clock, keyspace, periods
 from .config import DEFAULT_APP_SLUG, GLOBAL_APP_SLUG, CounterConfig, KeyConfig
 from .config import cache as config_cache
 from .errors import CounterNotFound, InvalidParameter
+from .models import StatBucket
 from .redis_store import redis_call
 from .services import counter_check_subject, value_hydrate
 
@@ -97,3 +104,69 @@ def parse_names(raw: str, *, limit: int = 10) -> list[str]:
     if len(names) > limit:
         raise InvalidParameter(f"At most {limit} names per request ({len(names)} given).")
     return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPoint:
+    label: str
+    value: int
+    peak: int
+    operations: int
+
+
+def counter_config_get(*, counter_id: int) -> CounterConfig | None:
+    """The config of a counter by id, reloading the snapshot once if it does not know the id yet."""
+    counter = config_cache.get().counters_by_id.get(counter_id)
+    if counter is None:
+        config_cache.invalidate()
+        counter = config_cache.get().counters_by_id.get(counter_id)
+    return counter
+
+
+def public_counters_get(*, app_id: int) -> list[CounterConfig]:
+    """An app's public, live, not per-player counters, in name order (what a board shows)."""
+    now = clock.now()
+    return sorted(
+        (
+            c
+            for c in config_cache.get().counters_by_id.values()
+            if c.app_id == app_id and c.public and not c.is_user_scoped and (c.expires_at is None or now < c.expires_at)
+        ),
+        key=lambda c: c.name,
+    )
+
+
+def counter_history_get(*, counter_id: int, limit: int) -> list[HistoryPoint]:
+    """The last ``limit`` closed periods of a counter (not per player), oldest first."""
+    rows = (
+        PeriodArchive.objects.filter(counter_id=counter_id, subject="")
+        .order_by("-period_start")
+        .values_list("period", "final_value", "peak", "operations")[:limit]
+    )
+    return [HistoryPoint(*row) for row in reversed(rows)]
+
+
+def counter_hourly_series_get(*, counter: CounterConfig, hours_without_period: int = 24) -> list[HistoryPoint]:
+    """Per-hour activity of the current period (the last ``hours_without_period`` hours for counters
+    without a period), from the per-minute stats the flusher writes: value at the end of each hour
+    with activity, the hour's highest value and its number of operations. Labels are local hours."""
+    now = clock.now()
+    window = periods.window_at(counter.period, counter.time_zone, now)
+    start = window.start if window.start is not None else now - timedelta(hours=hours_without_period)
+    zone = zoneinfo.ZoneInfo(counter.time_zone)
+    buckets = StatBucket.objects.filter(counter_id=counter.id, minute__gte=start, minute__lte=now)
+    hourly = (
+        buckets.annotate(hour=TruncHour("minute", tzinfo=zone))
+        .values("hour")
+        .annotate(operations=Sum("operations"), peak=Max("max_value"), last_minute=Max("minute"))
+        .order_by("hour")
+    )
+    rows = list(hourly)
+    last_values = dict(buckets.filter(minute__in=[r["last_minute"] for r in rows]).values_list("minute", "last_value"))
+    points = []
+    for row in rows:
+        last = last_values.get(row["last_minute"])
+        label = row["hour"].astimezone(zone).strftime("%m-%d %H:00")
+        value = last if last is not None else (row["peak"] or 0)
+        points.append(HistoryPoint(label, value, row["peak"] or value, row["operations"]))
+    return points
