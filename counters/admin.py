@@ -94,7 +94,10 @@ class AppAdmin(admin.ModelAdmin):
 
 class CounterResetForm(forms.Form):
     reason = forms.CharField(
-        max_length=500, widget=forms.Textarea(attrs={"rows": 3, "cols": 60}), help_text="Kept in the reset log."
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Required; kept in the reset log.",
+        error_messages={"required": "Say why the counter is reset."},
     )
     value = forms.IntegerField(
         required=False,
@@ -110,12 +113,6 @@ class CounterResetForm(forms.Form):
         self.needs_player = needs_player
         if not needs_player:
             del self.fields["player_id"]
-
-    def clean_reason(self) -> str:
-        reason = self.cleaned_data["reason"].strip()
-        if not reason:
-            raise forms.ValidationError("Say why the counter is reset.")
-        return reason
 
     def clean_player_id(self) -> str:
         player_id = self.cleaned_data.get("player_id", "").strip()
