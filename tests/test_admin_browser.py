@@ -68,7 +68,7 @@ def test_operator_sees_live_value_and_chart_then_resets_with_a_reason(live_serve
         hourly = page.locator(".chart-hourly svg rect.bar")
         expect(hourly.last).to_have_attribute("data-value", "5")
         screenshot(page, "admin-counter-change")
-        page.click("text=30")
+        page.click("#counter-history a:text-is('30')")
         expect(page.locator(".chart-history svg rect.bar")).to_have_count(10)
 
         page.goto(f"{live_server.url}/admin/counters/counter/?q=total_games_played")

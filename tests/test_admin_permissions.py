@@ -144,9 +144,7 @@ def test_api_key_is_shown_once_and_stored_hashed(client, builtins):
     assert raw.encode() not in superuser.get(f"/admin/counters/apikey/{key.pk}/change/").content
     assert raw.encode() not in superuser.get("/admin/counters/apikey/").content
 
-    r = client.post(
-        "/api/v1/counter/online_players/increment", {}, content_type="application/json", HTTP_X_API_KEY=raw
-    )
+    r = client.post("/api/v1/counter/online_players/increment", {}, content_type="application/json", HTTP_X_API_KEY=raw)
     assert r.json() == {"success": True, "current_value": 1}
 
 
