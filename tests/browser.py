@@ -22,9 +22,12 @@ CHROMIUM_ARGS = [
 
 
 @contextmanager
-def chromium_page(monkeypatch):
-    # Playwright's sync API keeps an event loop in this thread; the test's own ORM calls are still sync.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+def chromium_page():
+    """A page in a fresh headless Chromium.
+
+    Keep ORM calls outside the ``with`` block: inside it Playwright runs the test in a greenlet
+    with an event loop, where Django refuses (or, if forced, opens a second) database connection.
+    """
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

@@ -38,7 +38,7 @@ def archive_past_days(counter: Counter, days: int) -> list[int]:
     return values
 
 
-def test_operator_sees_live_value_and_chart_then_resets_with_a_reason(live_server, builtins, make_key, monkeypatch):
+def test_operator_sees_live_value_and_chart_then_resets_with_a_reason(live_server, builtins, make_key):
     User.objects.create_superuser("alice", "alice@example.com", "s3cret-pass")
     counter = Counter.objects.get(app__slug="default", name="total_games_played")
     archived = archive_past_days(counter, 10)
@@ -53,7 +53,7 @@ def test_operator_sees_live_value_and_chart_then_resets_with_a_reason(live_serve
         assert r.status_code == 200
     counters_flush()  # the per-hour chart reads the stats the flusher writes
 
-    with chromium_page(monkeypatch) as page:
+    with chromium_page() as page:
         admin_login(page, live_server.url, "alice", "s3cret-pass")
         page.goto(f"{live_server.url}/admin/counters/counter/?q=total_games_played")
         row = page.locator("#result_list tbody tr", has_text="total_games_played")
@@ -79,7 +79,6 @@ def test_operator_sees_live_value_and_chart_then_resets_with_a_reason(live_serve
         page.click("input[name=confirm]")  # no reason: the browser refuses to send the form
         expect(page.locator("#id_reason")).to_have_js_property("validity.valueMissing", True)
         expect(page.locator("#reset-targets")).to_be_visible()
-        assert ResetLog.objects.count() == 0
         page.fill("#id_reason", "tournament replay: games counted twice")
         page.fill("#id_value", "0")
         screenshot(page, "admin-reset-confirm")
@@ -98,5 +97,5 @@ def test_operator_sees_live_value_and_chart_then_resets_with_a_reason(live_serve
         screenshot(page, "admin-reset-log")
 
     assert requests.get(f"{live_server.url}/api/v1/counter/total_games_played", timeout=5).json()["value"] == 0
-    log = ResetLog.objects.get()
+    log = ResetLog.objects.get()  # one reset: the form without a reason was never sent
     assert (log.operator, log.kind, log.value_before, log.value_after) == ("alice", "manual", 5, 0)

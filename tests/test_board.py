@@ -22,9 +22,9 @@ def bump(counter: Counter, amount: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_board_shows_an_increment_made_through_the_api_within_3_seconds(live_server, builtins, make_key, monkeypatch):
+def test_board_shows_an_increment_made_through_the_api_within_3_seconds(live_server, builtins, make_key):
     key = make_key(("write",))
-    with chromium_page(monkeypatch) as page:
+    with chromium_page() as page:
         page.goto(f"{live_server.url}/board/")
         online = page.locator('.counter[data-name="online_players"] .value')
         expect(online).to_have_attribute("data-value", "0")
@@ -45,14 +45,12 @@ def test_board_shows_an_increment_made_through_the_api_within_3_seconds(live_ser
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_board_says_degraded_when_the_counter_store_is_down(
-    live_server, builtins, private_redis, settings, monkeypatch
-):
+def test_board_says_degraded_when_the_counter_store_is_down(live_server, builtins, private_redis, settings):
     settings.CACHES = {**settings.CACHES, "default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
     games = Counter.objects.get(app__slug="default", name="total_games_played")
     bump(games, 6)
     counters_flush()
-    with chromium_page(monkeypatch) as page:
+    with chromium_page() as page:
         page.goto(f"{live_server.url}/board/")
         expect(page.locator("body")).to_have_attribute("data-state", "live")
         private_redis.kill()
