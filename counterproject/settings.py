@@ -147,3 +147,6 @@ LOGGING = {
 # Circuit breaker around Redis: open after this many consecutive failures, probe again after.
 REDIS_BREAKER_THRESHOLD = env.int("REDIS_BREAKER_THRESHOLD", default=3)
 REDIS_BREAKER_RESET_SECONDS = env.float("REDIS_BREAKER_RESET_SECONDS", default=2.0)
+# Updates while Redis is down: "reject" (503, read-only, the spec's choice) or "write_through"
+# (straight to PostgreSQL; see docs/operations.md for the trade-off).
+COUNTER_REDIS_DOWN_WRITES = env("COUNTER_REDIS_DOWN_WRITES", default="reject")

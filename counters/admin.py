@@ -48,9 +48,8 @@ def live_values(counters: list[Counter]) -> dict[int, int] | None:
     items = [(config, "") for config in configs if config is not None]
     if not items:
         return {}
-    try:
-        views = selectors.counter_values_get(items=items)
-    except StoreUnavailable:
+    views = selectors.counter_values_get(items=items)
+    if any(view.degraded for view in views):
         return None
     return {view.counter.id: view.value for view in views}
 

@@ -64,6 +64,13 @@ def checked_user_id(raw: str | None) -> str:
     return raw
 
 
+def read_response(body: dict, views: list[selectors.ValueView]) -> Response:
+    """A read reply; when Redis was down, it says the values came from PostgreSQL."""
+    if any(view.degraded for view in views):
+        return Response({**body, "degraded": True}, headers={"X-Counter-Source": "database"})
+    return Response(body)
+
+
 def value_body(view: selectors.ValueView) -> dict:
     body = {"name": view.counter.name, "value": view.value, "last_updated": iso_utc(view.last_updated)}
     if view.window.start is not None:
@@ -85,7 +92,8 @@ class CounterViewSet(viewsets.ViewSet):
         counter = self._counter(request, name, key)
         check_read(key, counter)
         subject = checked_user_id(request.query_params.get("user_id")) if counter.is_user_scoped else ""
-        return Response(value_body(selectors.counter_value_get(counter=counter, subject=subject)))
+        view = selectors.counter_value_get(counter=counter, subject=subject)
+        return read_response(value_body(view), [view])
 
     def _update(self, request, name: str, sign: int) -> Response:
         key = request_key(request)
@@ -142,7 +150,7 @@ class CounterBatchView(APIView):
             if counter.is_user_scoped:
                 raise InvalidParameter(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
         views = selectors.counter_values_get(items=[(c, "") for c in counters])
-        return Response({"counters": [{"name": v.counter.name, "value": v.value} for v in views]})
+        return read_response({"counters": [{"name": v.counter.name, "value": v.value} for v in views]}, views)
 
 
 def healthz(request) -> JsonResponse:

@@ -79,6 +79,10 @@ def lock_key(name: str) -> str:
     return f"{PREFIX}:lock:{name}"
 
 
+def pending_delta_field(period: str, subject: str) -> str:
+    return f"d|{period}|{subject}"
+
+
 def update_keys(counter_id: int, period: str, subject: str) -> list[str]:
     return [
         value_key(counter_id, period, subject),
@@ -175,4 +179,20 @@ return moved
 DROP_BATCH_SCRIPT = """
 redis.call('DEL', KEYS[2], KEYS[3])
 return redis.call('SREM', KEYS[1], ARGV[1])
+"""
+
+# Correct a value Redis kept through an outage during which PostgreSQL was written directly:
+# Redis value := PostgreSQL value + what Redis has not flushed yet. Refused (0) while a flush
+# batch is in flight, because PostgreSQL may or may not contain it yet. The caller holds the
+# PostgreSQL row lock, so no flush can change the row meanwhile.
+# KEYS: value, pend, batches. ARGV: PostgreSQL value, pending delta field.
+RECONCILE_SCRIPT = """
+if redis.call('SCARD', KEYS[3]) > 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
+local v = tonumber(ARGV[1]) + tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
+redis.call('HSET', KEYS[1], 'v', string.format('%d', v))
+if v > tonumber(redis.call('HGET', KEYS[1], 'peak') or '0') then
+  redis.call('HSET', KEYS[1], 'peak', string.format('%d', v))
+end
+return 1
 """

@@ -254,3 +254,22 @@ class ThresholdEvent(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["threshold", "subject", "period"], name="thresholdevent_once_per_period"),
         ]
+
+
+class WrittenThroughValue(models.Model):
+    """A value updated straight in PostgreSQL while Redis was down (write-through mode).
+
+    A Redis that comes back with its old data is stale for these values until
+    ``counters.services.store_reconcile`` has corrected it; ``writes`` lets it forget a mark only
+    if no write-through came in meanwhile.
+    """
+
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+")
+    subject = models.CharField(max_length=64, blank=True)
+    period = models.CharField(max_length=10, blank=True)
+    writes = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["counter", "subject", "period"], name="writtenthrough_identity"),
+        ]

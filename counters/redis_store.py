@@ -26,7 +26,20 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 class StoreUnavailable(Exception):
-    """Redis cannot be used right now (down, timing out, or the breaker is open)."""
+    """Redis cannot be used right now (down, timing out, or the breaker is open).
+
+    ``maybe_applied`` is False when the command certainly never reached Redis (the breaker was
+    open, or connecting failed); after a failure while sending or reading it may have run there.
+    """
+
+    def __init__(self, message: str, *, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
+
+
+def _failed_while_connecting(exc: Exception) -> bool:
+    # redis-py words every connect-phase failure "... connecting to ..." (refused, timeout, DNS).
+    return isinstance(exc, ConnectionRefusedError) or "connecting to" in str(exc).lower()
 
 
 class CircuitBreaker:
@@ -93,7 +106,7 @@ def redis_call(fn: Callable[[redis.Redis], T]) -> T:
         result = fn(client())
     except CONNECTION_ERRORS as exc:
         breaker.record_failure()
-        raise StoreUnavailable(str(exc)) from exc
+        raise StoreUnavailable(str(exc), maybe_applied=not _failed_while_connecting(exc)) from exc
     breaker.record_success()
     return result
 
@@ -121,6 +134,10 @@ class _Scripts:
     @property
     def move_pending(self):
         return self._get("move_pending", keyspace.MOVE_PENDING_SCRIPT)
+
+    @property
+    def reconcile(self):
+        return self._get("reconcile", keyspace.RECONCILE_SCRIPT)
 
     @property
     def drop_batch(self):

@@ -5,7 +5,7 @@ import zoneinfo
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db.models import Max, Sum
+from django.db.models import Max, Q, Sum
 from django.db.models.functions import TruncHour
 
 from archive.models import PeriodArchive
@@ -14,9 +14,9 @@ from . import clock, keyspace, periods
 from .config import DEFAULT_APP_SLUG, GLOBAL_APP_SLUG, CounterConfig, KeyConfig
 from .config import cache as config_cache
 from .errors import CounterNotFound, InvalidParameter
-from .models import StatBucket
-from .redis_store import redis_call
-from .services import counter_check_subject, value_hydrate
+from .models import CounterValue, StatBucket
+from .redis_store import StoreUnavailable, redis_call
+from .services import counter_check_subject, counter_opening_value, store_reconcile_if_due, value_hydrate
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,8 @@ class ValueView:
     value: int
     last_updated: datetime | None
     window: periods.PeriodWindow
+    # True when Redis was unavailable and the value was read from PostgreSQL.
+    degraded: bool = False
 
 
 def api_key_get(raw_key: str) -> KeyConfig | None:
@@ -70,11 +72,49 @@ def _to_view(counter: CounterConfig, subject: str, window: periods.PeriodWindow,
 
 
 def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[ValueView]:
-    """Current values of several (counter, subject) pairs in one Redis round trip (hydrating misses)."""
+    """Current values of several (counter, subject) pairs in one Redis round trip (hydrating misses).
+
+    While Redis is unavailable the values come from PostgreSQL, marked ``degraded``.
+    """
     for counter, subject in items:
         counter_check_subject(counter=counter, subject=subject)
     now = clock.now()
     windows = [periods.window_at(c.period, c.time_zone, now) for c, _ in items]
+    try:
+        store_reconcile_if_due()
+        return _values_from_store(items, windows)
+    except StoreUnavailable:
+        return counter_values_from_database(items=items, windows=windows)
+
+
+def counter_values_from_database(
+    *, items: list[tuple[CounterConfig, str]], windows: list[periods.PeriodWindow]
+) -> list[ValueView]:
+    """Values as PostgreSQL has them, without touching Redis (one query).
+
+    In reject mode this lags Redis by the deltas not flushed yet when Redis went away (about one
+    flush interval); in write-through mode it also includes every update made during the outage.
+    """
+    wanted = Q()
+    for (counter, subject), window in zip(items, windows, strict=True):
+        wanted |= Q(counter_id=counter.id, subject=subject, period=window.key)
+    rows = {
+        (r["counter_id"], r["subject"], r["period"]): r
+        for r in CounterValue.objects.filter(wanted).values("counter_id", "subject", "period", "value", "updated_at")
+    }
+    views = []
+    for (counter, subject), window in zip(items, windows, strict=True):
+        row = rows.get((counter.id, subject, window.key))
+        if row is None:
+            value = counter_opening_value(counter=counter, subject=subject, period_key=window.key, use_store=False)
+            updated = None
+        else:
+            value, updated = row["value"], row["updated_at"]
+        views.append(ValueView(counter, subject, value, updated, window, degraded=True))
+    return views
+
+
+def _values_from_store(items: list[tuple[CounterConfig, str]], windows: list[periods.PeriodWindow]) -> list[ValueView]:
     keys = [keyspace.value_key(c.id, w.key, s) for (c, s), w in zip(items, windows, strict=True)]
 
     def read(r):

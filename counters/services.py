@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -14,6 +15,8 @@ from datetime import datetime
 import orjson
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import F
+from django.db.models.functions import Greatest
 
 from archive.models import ResetLog
 
@@ -21,7 +24,7 @@ from . import clock, keyspace, periods
 from .config import CounterConfig
 from .config import cache as config_cache
 from .errors import CounterNotFound, InvalidParameter, OutOfLimits
-from .models import CounterValue, FlushedBatch, UniqueMember
+from .models import CounterValue, FlushedBatch, UniqueMember, WrittenThroughValue
 from .redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
 
 logger = logging.getLogger(__name__)
@@ -89,16 +92,20 @@ def _apply_strategy(counter: CounterConfig, previous: int) -> int:
     return max(low, min(high, value))
 
 
-def counter_opening_value(*, counter: CounterConfig, subject: str, period_key: str) -> int:
-    """The value a period opens with, following the counter's reset strategy."""
+def counter_opening_value(*, counter: CounterConfig, subject: str, period_key: str, use_store: bool = True) -> int:
+    """The value a period opens with, following the counter's reset strategy.
+
+    With ``use_store=False`` (Redis down) the previous period is read from PostgreSQL only.
+    """
     if counter.period == periods.NONE:
         return 0
     if counter.reset_strategy == "value":
         return _apply_strategy(counter, 0)
     previous_key = periods.previous_key(counter.period, period_key)
-    hot = redis_call(lambda r: r.hget(keyspace.value_key(counter.id, previous_key, subject), "v"))
-    if hot is not None:
-        return _apply_strategy(counter, int(hot))
+    if use_store:
+        hot = redis_call(lambda r: r.hget(keyspace.value_key(counter.id, previous_key, subject), "v"))
+        if hot is not None:
+            return _apply_strategy(counter, int(hot))
     last = (
         CounterValue.objects.filter(counter_id=counter.id, subject=subject, period__lt=period_key)
         .order_by("-period")
@@ -115,6 +122,20 @@ def counter_opening_value(*, counter: CounterConfig, subject: str, period_key: s
             break
         value = _apply_strategy(counter, value)
     return _apply_strategy(counter, value)
+
+
+def _members_to_store(counter: CounterConfig, window: periods.PeriodWindow) -> None:
+    """Add the period's unique members from PostgreSQL to the Redis set (a union; safe to repeat)."""
+    members_key = keyspace.members_key(counter.id, window.key)
+    members = UniqueMember.objects.filter(counter_id=counter.id, period=window.key).values_list("member", flat=True)
+    chunk: list[str] = []
+    for member in members.iterator(chunk_size=MEMBER_CHUNK):
+        chunk.append(member)
+        if len(chunk) >= MEMBER_CHUNK:
+            redis_call(lambda r, c=chunk: r.sadd(members_key, *c))
+            chunk = []
+    if chunk:
+        redis_call(lambda r: r.sadd(members_key, *chunk))
 
 
 def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow) -> None:
@@ -137,16 +158,7 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
         else:
             row = {"value": 0, "peak": 0, "operations": 0, "updated_at": None}
     if counter.unique_members:
-        members_key = keyspace.members_key(counter.id, window.key)
-        members = UniqueMember.objects.filter(counter_id=counter.id, period=window.key).values_list("member", flat=True)
-        chunk: list[str] = []
-        for member in members.iterator(chunk_size=MEMBER_CHUNK):
-            chunk.append(member)
-            if len(chunk) >= MEMBER_CHUNK:
-                redis_call(lambda r, c=chunk: r.sadd(members_key, *c))
-                chunk = []
-        if chunk:
-            redis_call(lambda r: r.sadd(members_key, *chunk))
+        _members_to_store(counter, window)
     updated_ms = clock.to_ms(row["updated_at"]) if row["updated_at"] else 0
     redis_call(
         lambda r: scripts.hydrate(
@@ -209,7 +221,23 @@ def counter_update(
     args += [int(not counter.is_user_scoped), log]
     for t in counter.thresholds:
         args += [t.id, t.value, t.direction]
-    result = _run_update(counter=counter, subject=subject, window=window, args=args)
+    try:
+        store_reconcile_if_due()
+        result = _run_update(counter=counter, subject=subject, window=window, args=args)
+    except StoreUnavailable as exc:
+        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied:
+            raise
+        _reconcile_due.set()
+        return _update_write_through(
+            counter=counter,
+            amount=amount,
+            subject=subject,
+            member=member,
+            window=window,
+            now=now,
+            bounds=(low, high),
+            log=log,
+        )
     status = result[0]
     old, new = int(result[1]), int(result[2])
     if status == b"MIN":
@@ -250,6 +278,7 @@ def counter_reset(
         raise OutOfLimits(f"A reset value must lie between {low} and {high}.")
     window = periods.window_at(counter.period, counter.time_zone, now)
     ms = clock.to_ms(now)
+    store_reconcile_if_due()
     args = ["set", target, f"{window.key}|{subject}", "", "", "", 0, ms, ms // 60000]
     args += [int(not counter.is_user_scoped), ""]
     result = _run_update(counter=counter, subject=subject, window=window, args=args)
@@ -265,6 +294,190 @@ def counter_reset(
         value_after=target,
     )
     return ResetResult(counter, subject, old, target, now, reason, operator)
+
+
+# --- Redis down: write-through and reconciliation -------------------------------------------------
+
+# Set in a process that saw Redis fail in write-through mode: before it uses Redis again it
+# corrects the values written straight to PostgreSQL meanwhile (see store_reconcile).
+_reconcile_due = threading.Event()
+RECONCILE_BATCH = 500
+
+_MARK_SQL = """
+INSERT INTO counters_writtenthroughvalue (counter_id, subject, period, writes) VALUES (%s, %s, %s, 1)
+ON CONFLICT (counter_id, subject, period) DO UPDATE SET writes = counters_writtenthroughvalue.writes + 1
+"""
+
+_MEMBER_INSERT_SQL = """
+INSERT INTO counters_uniquemember (counter_id, period, member) VALUES (%s, %s, %s)
+ON CONFLICT DO NOTHING RETURNING id
+"""
+
+
+def _locked_value_row(counter: CounterConfig, subject: str, window: periods.PeriodWindow) -> CounterValue:
+    """The PostgreSQL row of a value, created with its opening value if missing, locked FOR UPDATE."""
+    rows = CounterValue.objects.select_for_update().filter(counter_id=counter.id, subject=subject, period=window.key)
+    row = rows.first()
+    if row is None:
+        opening = counter_opening_value(counter=counter, subject=subject, period_key=window.key, use_store=False)
+        CounterValue.objects.bulk_create(
+            [CounterValue(counter_id=counter.id, subject=subject, period=window.key, value=opening, peak=opening)],
+            ignore_conflicts=True,
+        )
+        row = rows.get()
+    return row
+
+
+def _update_write_through(
+    *,
+    counter: CounterConfig,
+    amount: int,
+    subject: str,
+    member: str,
+    window: periods.PeriodWindow,
+    now: datetime,
+    bounds: tuple[int, int],
+    log: str,
+) -> UpdateResult:
+    """The update of ``counter_update`` done in PostgreSQL, for when Redis is down.
+
+    The value's row is locked for the transaction, so concurrent updates apply one after the
+    other: exact, with the same dedup, bounds and threshold rules as the Lua script.
+    """
+    low, high = bounds
+    ms = clock.to_ms(now)
+    crossed: list[int] = []
+    with transaction.atomic():
+        row = _locked_value_row(counter, subject, window)
+        old = row.value
+        with connection.cursor() as cursor:
+            if member:
+                cursor.execute(_MEMBER_INSERT_SQL, [counter.id, window.key, member])
+                if cursor.fetchone() is None:
+                    return _write_through_result(counter, subject, window, old, old, True, (), now)
+            new = old + amount
+            if amount < 0 and new < low:
+                raise OutOfLimits(f"Counter {counter.name!r} is at {old}: going below {low} is not allowed.")
+            if amount > 0 and new > high:
+                if not counter.saturate or old >= high:
+                    raise OutOfLimits(f"Counter {counter.name!r} is at {old}: going above {high} is not allowed.")
+                new = high
+            CounterValue.objects.filter(pk=row.pk).update(
+                value=F("value") + (new - old),
+                peak=Greatest(F("peak"), new),
+                operations=F("operations") + 1,
+                updated_at=now,
+            )
+            cursor.execute(_MARK_SQL, [counter.id, subject, window.key])
+            last = None if counter.is_user_scoped else new
+            cursor.execute(_BUCKETS_SQL, [counter.id, [ms // 60000], [1], [new - old], [last], [last]])
+            hits = [
+                t.id
+                for t in counter.thresholds
+                if (t.direction == "up" and old < t.value <= new) or (t.direction == "down" and old > t.value >= new)
+            ]
+            if hits:
+                n = len(hits)
+                cursor.execute(_EVENTS_SQL, [counter.id, hits, [subject] * n, [window.key] * n, [ms] * n])
+                event_ids = [r[0] for r in cursor.fetchall()]
+                if event_ids:
+                    crossed = hits
+                    transaction.on_commit(lambda: _announce_events(event_ids))
+        if log:
+            entry = f'{log},"old":{old},"new":{new}}}'.encode()
+            _insert_operation_log(counter.id, [entry])
+    return _write_through_result(counter, subject, window, old, new, False, tuple(crossed), now)
+
+
+def _announce_events(event_ids: list[int]) -> None:
+    from .signals import threshold_crossed
+
+    threshold_crossed.send(sender=counter_update, event_ids=event_ids)
+
+
+def _write_through_result(
+    counter: CounterConfig,
+    subject: str,
+    window: periods.PeriodWindow,
+    old: int,
+    new: int,
+    duplicate: bool,
+    crossed: tuple[int, ...],
+    now: datetime,
+) -> UpdateResult:
+    from .models import ThresholdEvent
+
+    marks = {}
+    if counter.thresholds:
+        events = ThresholdEvent.objects.filter(counter_id=counter.id, subject=subject, period=window.key)
+        marks = dict(events.values_list("threshold_id", "triggered_at"))
+    return UpdateResult(counter, subject, window, old, new, duplicate, crossed, marks, now)
+
+
+@dataclass(slots=True)
+class ReconcileStats:
+    corrected: int = 0
+    remaining: int = 0
+
+
+def store_reconcile(*, rounds: int = 20, pause_seconds: float = 0.05) -> ReconcileStats:
+    """Make Redis agree with PostgreSQL for every value written through while Redis was down.
+
+    For each marked value, with its PostgreSQL row locked (no flush or write-through can change
+    it meanwhile): add the period's members from PostgreSQL to the Redis set (a union: members
+    only ever join), then set the Redis value to the PostgreSQL value plus its unflushed delta.
+    Idempotent; a value with a flush batch in flight is retried after a pause. The mark is
+    dropped only if no write-through came in since it was read.
+    """
+    stats = ReconcileStats()
+    snapshot = config_cache.get()
+    marks = list(WrittenThroughValue.objects.order_by("id")[:RECONCILE_BATCH])
+    if not marks:
+        return stats
+    for _ in range(rounds):
+        if not marks:
+            break
+        busy = []
+        for mark in marks:
+            counter = snapshot.counters_by_id.get(mark.counter_id)
+            if counter is None or _reconcile_one(counter, mark):
+                WrittenThroughValue.objects.filter(pk=mark.pk, writes=mark.writes).delete()
+                stats.corrected += 1
+            else:
+                busy.append(mark)
+        marks = busy
+        if marks:
+            time.sleep(pause_seconds)
+    stats.remaining = WrittenThroughValue.objects.count()
+    return stats
+
+
+def _reconcile_one(counter: CounterConfig, mark: WrittenThroughValue) -> bool:
+    if counter.unique_members:
+        window = periods.PeriodWindow(mark.period, None, None)
+        _members_to_store(counter, window)
+    with transaction.atomic():
+        row = (
+            CounterValue.objects.select_for_update()
+            .filter(counter_id=counter.id, subject=mark.subject, period=mark.period)
+            .values_list("value", flat=True)
+            .first()
+        )
+        if row is None:
+            return True
+        keys = [
+            keyspace.value_key(counter.id, mark.period, mark.subject),
+            keyspace.pending_key(counter.id),
+            keyspace.batches_key(counter.id),
+        ]
+        field = keyspace.pending_delta_field(mark.period, mark.subject)
+        return bool(redis_call(lambda r: scripts.reconcile(keys=keys, args=[row, field], client=r)))
+
+
+def store_reconcile_if_due() -> None:
+    """In a process that saw Redis fail in write-through mode: reconcile before using Redis again."""
+    if _reconcile_due.is_set() and store_reconcile().remaining == 0:
+        _reconcile_due.clear()
 
 
 # --- write-behind flush -------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 from celery import shared_task
 
-from .services import counters_flush
+from .services import counters_flush, store_reconcile
 
 
 @shared_task(name="counters.flush", ignore_result=True)
 def flush() -> dict:
     stats = counters_flush()
-    return {"batches": stats.batches, "skipped": stats.skipped, "values": stats.values}
+    # Values written through to PostgreSQL during a Redis outage: correct Redis once it is back.
+    reconciled = store_reconcile().corrected
+    return {"batches": stats.batches, "skipped": stats.skipped, "values": stats.values, "reconciled": reconciled}

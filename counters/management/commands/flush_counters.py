@@ -3,7 +3,7 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from counters.services import counters_flush
+from counters.services import counters_flush, store_reconcile
 
 
 class Command(BaseCommand):
@@ -15,13 +15,15 @@ class Command(BaseCommand):
     def handle(self, *args, loop: bool, **options):
         while True:
             stats = counters_flush()
+            reconciled = store_reconcile()
             if not loop:
                 if stats.locked_out:
                     self.stdout.write("another flusher holds the lock; nothing done")
                     return
                 self.stdout.write(
                     f"flushed {stats.batches} batches ({stats.values} values, {stats.operations} operations, "
-                    f"{stats.members} members); skipped {stats.skipped} already applied"
+                    f"{stats.members} members); skipped {stats.skipped} already applied; "
+                    f"reconciled {reconciled.corrected} written-through values"
                 )
                 return
             time.sleep(settings.COUNTER_FLUSH_INTERVAL_SECONDS)

@@ -1,0 +1,256 @@
+"""Memory soak: mixed traffic against gunicorn + a Celery worker + beat, RSS sampled per process.
+
+Starts the web, worker and beat processes itself (from ``gunicorn.conf.py`` and the Procfile's
+commands, with ``max_requests`` switched off so a leak cannot hide behind worker recycling), drives
+increments with and without user ids, single and batch reads, and a rolling set of temporary
+counters created and deleted through the ORM, for ``--duration`` seconds. Every
+``--sample-every`` seconds it reads the RSS of each process from ``/proc``; at the end it prints,
+per process, the RSS after warm-up, at the end, and the least-squares slope after warm-up.
+
+Uses the database and Redis named by the environment (``DATABASE_URL``, ``REDIS_URL``,
+``CELERY_BROKER_URL``, ``DJANGO_SETTINGS_MODULE``); run ``manage.py migrate`` there first.
+
+    python bench/soak.py --duration 600 --warmup 60
+"""
+
+import argparse
+import itertools
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import orjson
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def slope_kib_per_min(points: list[tuple[float, int]]) -> float:
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var == 0:
+        return 0.0
+    return sum((t - mean_t) * (v - mean_v) for t, v in points) / var * 60
+
+
+class Services:
+    """web, worker and beat, started like the Procfile does, stopped with SIGTERM."""
+
+    def __init__(self, *, web_workers: int, worker_concurrency: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, GUNICORN_MAX_REQUESTS="0", PYTHONUNBUFFERED="1")
+        self.log = open(os.environ.get("SOAK_LOG", os.devnull), "ab")  # noqa: SIM115
+        subprocess.run(
+            [str(BIN / "python"), "manage.py", "setup_schedules"], cwd=ROOT, env=env, check=True, stdout=self.log
+        )
+        celery = str(BIN / "celery")
+        web = ["counterproject.wsgi", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"]
+        worker = ["-A", "counterproject", "worker", "--loglevel=WARNING", f"--concurrency={worker_concurrency}"]
+        beat = ["-A", "counterproject", "beat", "--loglevel=WARNING", "--scheduler", SCHEDULER]
+        commands = {
+            "web": [str(BIN / "gunicorn"), *web, "--workers", str(web_workers)],
+            "worker": [celery, *worker, "--without-heartbeat", "--without-gossip", "--without-mingle"],
+            "beat": [celery, *beat],
+        }
+        self.processes = {
+            name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
+            for name, cmd in commands.items()
+        }
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise SystemExit("gunicorn did not come up")
+
+    def pids(self) -> dict[str, int]:
+        found = {}
+        for name, process in self.processes.items():
+            found[f"{name}-main"] = process.pid
+            for i, child in enumerate(sorted(children(process.pid))):
+                found[f"{name}-{i}"] = child
+        return found
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.log.close()
+
+
+def setup_data(temp_counters: int) -> tuple[str, list[str]]:
+    import django
+
+    django.setup()
+    from counters.builtins import ensure_builtins
+    from counters.models import ApiKey, App, Counter
+
+    ensure_builtins(App, Counter)
+    app = App.objects.get(slug="default")
+    _, key = ApiKey.generate(app=app, roles=["write", "data_view"], name="soak")
+    return key, [rotate_temp_counter(app) for _ in range(temp_counters)]
+
+
+_temp_ids = itertools.count()
+
+
+def rotate_temp_counter(app, drop: str | None = None) -> str:
+    """Create a new temporary event counter (and delete an old one, so config stays bounded)."""
+    from counters import clock
+    from counters.models import Counter
+
+    if drop is not None:
+        Counter.objects.filter(app=app, name=drop).delete()
+    name = f"soak_event_{os.getpid()}_{next(_temp_ids)}"
+    Counter.objects.create(app=app, name=name, period="daily", expires_at=clock.now() + timedelta(hours=1))
+    return name
+
+
+def drive(url: str, key: str, temp: list[str], temp_lock: threading.Lock, stop: threading.Event, stats: dict) -> None:
+    rng = random.Random()
+    api = f"{url}/api/v1"
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {key}"
+        while not stop.is_set():
+            roll = rng.random()
+            with temp_lock:
+                event = rng.choice(temp)
+            try:
+                if roll < 0.35:
+                    reply = session.post(f"{api}/counter/total_games_played/increment", json={}, timeout=10)
+                elif roll < 0.55:
+                    body = {"user_id": f"u{rng.randrange(1_000_000)}"}
+                    reply = session.post(f"{api}/counter/daily_active_users/increment", json=body, timeout=10)
+                elif roll < 0.65:
+                    body = {"value": 1, "metadata": {"stage": rng.randrange(100)}}
+                    reply = session.post(f"{api}/counter/{event}/increment", json=body, timeout=10)
+                elif roll < 0.85:
+                    reply = session.get(f"{api}/counter/online_players", timeout=10)
+                else:
+                    names = f"online_players,daily_active_users,total_games_played,{event}"
+                    reply = session.get(f"{api}/counters", params={"names": names}, timeout=10)
+                status = reply.status_code
+            except requests.RequestException:
+                status = 0
+            # A temporary counter deleted mid-request answers 404: expected with the rotation.
+            stats[status] = stats.get(status, 0) + 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=600, help="seconds of traffic")
+    parser.add_argument("--warmup", type=float, default=60, help="seconds excluded from the slope")
+    parser.add_argument("--sample-every", type=float, default=5)
+    parser.add_argument("--clients", type=int, default=8, help="client threads")
+    parser.add_argument("--web-workers", type=int, default=2)
+    parser.add_argument("--worker-concurrency", type=int, default=1)
+    parser.add_argument("--temp-counters", type=int, default=5, help="live temporary counters at any time")
+    parser.add_argument("--rotate-every", type=float, default=10, help="seconds between temporary counter rotations")
+    args = parser.parse_args()
+
+    key, temp = setup_data(args.temp_counters)
+    from counters.models import App
+
+    app = App.objects.get(slug="default")
+    services = Services(web_workers=args.web_workers, worker_concurrency=args.worker_concurrency)
+    stop, temp_lock, per_client = threading.Event(), threading.Lock(), [{} for _ in range(args.clients)]
+    clients = [
+        threading.Thread(target=drive, args=(services.url, key, temp, temp_lock, stop, s), daemon=True)
+        for s in per_client
+    ]
+    samples: dict[str, list[tuple[float, int]]] = {}
+    rotations = 0
+    try:
+        for thread in clients:
+            thread.start()
+        start = last_rotation = time.monotonic()
+        while (elapsed := time.monotonic() - start) < args.duration:
+            for name, pid in services.pids().items():
+                rss = rss_kib(pid)
+                if rss is not None:
+                    samples.setdefault(f"{name}:{pid}", []).append((elapsed, rss))
+            if time.monotonic() - last_rotation >= args.rotate_every:
+                with temp_lock:
+                    temp.append(rotate_temp_counter(app, drop=temp.pop(0)))
+                rotations += 1
+                last_rotation = time.monotonic()
+            time.sleep(min(args.sample_every, max(0.0, args.duration - elapsed)))
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=15)
+        services.stop()
+
+    statuses: dict[int, int] = {}
+    for s in per_client:
+        for status, count in s.items():
+            statuses[status] = statuses.get(status, 0) + count
+    processes = {}
+    print(f"{'process':<24}{'rss after warm-up KiB':>24}{'rss at end KiB':>18}{'slope KiB/min':>16}")
+    for name, points in sorted(samples.items()):
+        after = [p for p in points if p[0] >= args.warmup] or points[-1:]
+        slope = slope_kib_per_min(after)
+        processes[name] = {"rss_after_warmup_kib": after[0][1], "rss_end_kib": after[-1][1], "slope_kib_per_min": slope}
+        print(f"{name:<24}{after[0][1]:>24}{after[-1][1]:>18}{slope:>16.1f}")
+    total = sum(statuses.values())
+    print(f"requests: {total} ({total / args.duration:.0f}/s), statuses: {dict(sorted(statuses.items()))}")
+    print(f"temporary counters rotated: {rotations}")
+    summary = {"duration": args.duration, "warmup": args.warmup, "requests": total, "statuses": statuses}
+    summary["processes"] = processes
+    print("SUMMARY " + orjson.dumps(summary, option=orjson.OPT_NON_STR_KEYS).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
