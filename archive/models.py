@@ -41,3 +41,12 @@ class ResetLog(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        constraints = [
+            # A period closes once: its automatic reset is logged once per subject, however often
+            # (or concurrently) the archive task runs.
+            models.UniqueConstraint(
+                fields=["counter", "subject", "period"],
+                condition=models.Q(kind="automatic"),
+                name="resetlog_automatic_once_per_period",
+            ),
+        ]

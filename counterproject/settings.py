@@ -6,6 +6,7 @@ Production differs from development by environment variables only (see README).
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -150,3 +151,13 @@ REDIS_BREAKER_RESET_SECONDS = env.float("REDIS_BREAKER_RESET_SECONDS", default=2
 # Updates while Redis is down: "reject" (503, read-only, the spec's choice) or "write_through"
 # (straight to PostgreSQL; see docs/operations.md for the trade-off).
 COUNTER_REDIS_DOWN_WRITES = env("COUNTER_REDIS_DOWN_WRITES", default="reject")
+
+# Archive of closed periods: kept this many days (never fewer than 7, so a week is always there).
+COUNTER_ARCHIVE_RETENTION_DAYS = env.int("COUNTER_ARCHIVE_RETENTION_DAYS", default=90)
+COUNTER_ARCHIVE_MIN_RETENTION_DAYS = 7
+if COUNTER_ARCHIVE_RETENTION_DAYS < COUNTER_ARCHIVE_MIN_RETENTION_DAYS:
+    raise ImproperlyConfigured(
+        f"COUNTER_ARCHIVE_RETENTION_DAYS={COUNTER_ARCHIVE_RETENTION_DAYS}: "
+        f"the archive keeps at least {COUNTER_ARCHIVE_MIN_RETENTION_DAYS} days."
+    )
+COUNTER_ARCHIVE_LOCK_SECONDS = env.float("COUNTER_ARCHIVE_LOCK_SECONDS", default=600.0)

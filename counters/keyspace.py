@@ -72,6 +72,21 @@ def period_keys_patterns(counter_id: int, period: str) -> list[str]:
     return [f"{tag}:v:{period}:*", f"{tag}:m:{period}", f"{tag}:t:{period}:*"]
 
 
+# Matches every period-scoped key (value hashes, member sets, threshold marks) of every counter.
+PERIOD_SCOPED_KEYS_PATTERN = f"{PREFIX}:{{c*}}:[vmt]:*"
+
+
+def period_scoped_key_parts(key: str) -> tuple[int, str] | None:
+    """``(counter id, period)`` of a key matched by ``PERIOD_SCOPED_KEYS_PATTERN``, else None."""
+    parts = key.split(":", 3)
+    if len(parts) != 4 or parts[0] != PREFIX or parts[2] not in ("v", "m", "t"):
+        return None
+    tag = parts[1]
+    if not (tag.startswith("{c") and tag.endswith("}") and tag[2:-1].isdigit()):
+        return None
+    return int(tag[2:-1]), parts[3].split(":", 1)[0]
+
+
 CONFIG_GENERATION_KEY = f"{PREFIX}:cfg:gen"
 
 
@@ -195,4 +210,18 @@ if v > tonumber(redis.call('HGET', KEYS[1], 'peak') or '0') then
   redis.call('HSET', KEYS[1], 'peak', string.format('%d', v))
 end
 return 1
+"""
+
+# Delete the keys of a closed period (KEYS[3..]) only if nothing of that period waits for the
+# flusher: no field of ARGV[1] (the period) in the pending hash (KEYS[1]) and no batch in flight
+# (KEYS[2]). Atomic with updates, so a delta can never be left behind; -1 means "not yet".
+TRIM_PERIOD_SCRIPT = """
+if redis.call('SCARD', KEYS[2]) > 0 then return -1 end
+local needle = '|' .. ARGV[1] .. '|'
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.find(field, needle, 1, true) then return -1 end
+end
+local deleted = 0
+for i = 3, #KEYS do deleted = deleted + redis.call('DEL', KEYS[i]) end
+return deleted
 """

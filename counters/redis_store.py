@@ -143,6 +143,10 @@ class _Scripts:
     def drop_batch(self):
         return self._get("drop_batch", keyspace.DROP_BATCH_SCRIPT)
 
+    @property
+    def trim_period(self):
+        return self._get("trim_period", keyspace.TRIM_PERIOD_SCRIPT)
+
 
 scripts = _Scripts()
 

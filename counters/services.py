@@ -23,7 +23,7 @@ from archive.models import ResetLog
 from . import clock, keyspace, periods
 from .config import CounterConfig
 from .config import cache as config_cache
-from .errors import CounterNotFound, InvalidParameter, OutOfLimits
+from .errors import CounterError, CounterNotFound, InvalidParameter, OutOfLimits, ServiceReadOnly
 from .models import CounterValue, FlushedBatch, UniqueMember, WrittenThroughValue
 from .redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
 
@@ -92,33 +92,76 @@ def _apply_strategy(counter: CounterConfig, previous: int) -> int:
     return max(low, min(high, value))
 
 
+# How many closed periods back the opening value looks for a value still in Redis (not yet trimmed).
+OPENING_LOOKBACK_PERIODS = 400
+
+
+def _latest_closed_value(
+    counter: CounterConfig, subject: str, period_key: str, use_store: bool
+) -> tuple[str, int] | None:
+    """The most recent period before ``period_key`` that has a value, and that value.
+
+    Redis holds the exact value (PostgreSQL plus pending deltas) of every period the archive task
+    has not trimmed yet, so it wins over PostgreSQL for any period at least as recent as
+    PostgreSQL's latest row. Without the store (Redis down) PostgreSQL alone answers.
+    """
+    previous = periods.previous_key(counter.period, period_key)
+    if use_store:
+        hot = redis_call(lambda r: r.hget(keyspace.value_key(counter.id, previous, subject), "v"))
+        if hot is not None:
+            return previous, int(hot)
+    durable = (
+        CounterValue.objects.filter(counter_id=counter.id, subject=subject, period__lt=period_key)
+        .exclude(period="")
+        .order_by("-period")
+        .values_list("period", "value")
+        .first()
+    )
+    if not use_store:
+        return durable
+    # Without a durable row, a value can only be in Redis if the flusher has been down: look back less.
+    limit = OPENING_LOOKBACK_PERIODS if durable is not None else OPENING_LOOKBACK_PERIODS // 8
+    candidates = []
+    key = periods.previous_key(counter.period, previous)
+    while len(candidates) < limit and (durable is None or key >= durable[0]):
+        candidates.append(key)
+        key = periods.previous_key(counter.period, key)
+
+    def read(r):
+        pipe = r.pipeline(transaction=False)
+        for candidate in candidates:
+            pipe.hget(keyspace.value_key(counter.id, candidate, subject), "v")
+        return pipe.execute()
+
+    for candidate, raw in zip(candidates, redis_call(read) if candidates else [], strict=True):
+        if raw is not None:
+            return candidate, int(raw)
+    return durable
+
+
+def counter_next_opening_value(*, counter: CounterConfig, closed_value: int) -> int:
+    """The opening value of the period that follows one that closed at ``closed_value``."""
+    return _apply_strategy(counter, closed_value)
+
+
 def counter_opening_value(*, counter: CounterConfig, subject: str, period_key: str, use_store: bool = True) -> int:
     """The value a period opens with, following the counter's reset strategy.
 
-    With ``use_store=False`` (Redis down) the previous period is read from PostgreSQL only.
+    It depends only on the values of earlier periods, never on whether the archive task has
+    run: an idle period in between opened by the strategy too. With ``use_store=False`` (Redis
+    down) earlier periods are read from PostgreSQL only.
     """
     if counter.period == periods.NONE:
         return 0
     if counter.reset_strategy == "value":
         return _apply_strategy(counter, 0)
-    previous_key = periods.previous_key(counter.period, period_key)
-    if use_store:
-        hot = redis_call(lambda r: r.hget(keyspace.value_key(counter.id, previous_key, subject), "v"))
-        if hot is not None:
-            return _apply_strategy(counter, int(hot))
-    last = (
-        CounterValue.objects.filter(counter_id=counter.id, subject=subject, period__lt=period_key)
-        .order_by("-period")
-        .values_list("period", "value")
-        .first()
-    )
-    if last is None:
+    latest = _latest_closed_value(counter, subject, period_key, use_store)
+    if latest is None:
         return _apply_strategy(counter, 0)
-    key, value = last
-    # Idle periods in between each opened by the strategy too (bounded walk).
-    for _ in range(1000):
+    key, value = latest
+    for _ in range(10_000):
         key = periods.next_key(counter.period, key)
-        if key > previous_key:
+        if key >= period_key:
             break
         value = _apply_strategy(counter, value)
     return _apply_strategy(counter, value)
@@ -263,6 +306,16 @@ def counter_update(
     )
 
 
+def counter_reset_check(*, counter: CounterConfig, subject: str = "", value: int | None = None) -> int:
+    """Validate a reset without changing anything; returns the value the counter would be set to."""
+    counter_check_subject(counter=counter, subject=subject)
+    target = counter.reset_value if value is None else value
+    low, high = _bounds(counter, False)
+    if not low <= target <= high:
+        raise OutOfLimits(f"Counter {counter.name!r}: a reset value must lie between {low} and {high}.")
+    return target
+
+
 def counter_reset(
     *, counter: CounterConfig, subject: str = "", value: int | None = None, reason: str = "", operator: str = ""
 ) -> ResetResult:
@@ -270,12 +323,8 @@ def counter_reset(
 
     The period's unique members stay counted, so a reset never lets a player count twice.
     """
-    counter_check_subject(counter=counter, subject=subject)
+    target = counter_reset_check(counter=counter, subject=subject, value=value)
     now = clock.now()
-    target = counter.reset_value if value is None else value
-    low, high = _bounds(counter, False)
-    if not low <= target <= high:
-        raise OutOfLimits(f"A reset value must lie between {low} and {high}.")
     window = periods.window_at(counter.period, counter.time_zone, now)
     ms = clock.to_ms(now)
     store_reconcile_if_due()
@@ -294,6 +343,50 @@ def counter_reset(
         value_after=target,
     )
     return ResetResult(counter, subject, old, target, now, reason, operator)
+
+
+@dataclass(frozen=True, slots=True)
+class ResetRequest:
+    counter: CounterConfig
+    subject: str = ""
+    value: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResetOutcome:
+    request: ResetRequest
+    result: ResetResult | None
+    error: CounterError | None
+
+
+def counters_reset_batch(*, requests: list[ResetRequest], reason: str, operator: str) -> list[BatchResetOutcome]:
+    """Reset several counters with one reason. Every request is validated before any is applied.
+
+    Once validated, each reset stands alone: if the store fails midway, the outcome says which
+    counters were reset and which were not.
+    """
+    if not reason.strip():
+        raise InvalidParameter("A batch reset needs a reason.")
+    seen = set()
+    for request in requests:
+        identity = (request.counter.id, request.subject)
+        if identity in seen:
+            raise InvalidParameter(f"Counter {request.counter.name!r} appears twice in the batch.")
+        seen.add(identity)
+        counter_reset_check(counter=request.counter, subject=request.subject, value=request.value)
+    outcomes = []
+    for item in requests:
+        try:
+            result = counter_reset(
+                counter=item.counter, subject=item.subject, value=item.value, reason=reason, operator=operator
+            )
+        except StoreUnavailable:
+            outcomes.append(BatchResetOutcome(item, None, ServiceReadOnly()))
+        except CounterError as error:
+            outcomes.append(BatchResetOutcome(item, None, error))
+        else:
+            outcomes.append(BatchResetOutcome(item, result, None))
+    return outcomes
 
 
 # --- Redis down: write-through and reconciliation -------------------------------------------------

@@ -1,0 +1,308 @@
+"""Closing periods: archive them, log their automatic resets, trim Redis, enforce retention.
+
+Periods roll over by themselves (the period is computed from the request time); this module
+only records what closed. Every function is safe to run twice or concurrently: a Redis lock
+avoids duplicate work, and unique constraints with upserts make a re-run overwrite, never double.
+"""
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection, transaction
+from django.db.models import Max, QuerySet
+
+from counters import clock, keyspace, periods
+from counters.config import CounterConfig
+from counters.config import cache as config_cache
+from counters.models import CounterValue, FlushedBatch, StatBucket, UniqueMember
+from counters.redis_store import acquire_lock, redis_call, release_lock, scripts
+from counters.services import counter_next_opening_value, counters_flush
+
+from .models import PeriodArchive, ResetLog
+
+logger = logging.getLogger(__name__)
+
+ROW_CHUNK = 5000
+TRIM_KEYS_PER_CALL = 500
+SCAN_COUNT = 1000
+# The flusher may be mid-run when the archive starts; wait this long for it at most.
+FLUSH_ATTEMPTS = 100
+FLUSH_RETRY_SECONDS = 0.05
+# A recorded batch id only matters while its batch could still be in Redis (seconds, after a crash).
+FLUSHED_BATCH_KEEP = timedelta(days=2)
+AUTOMATIC_OPERATOR = "system:period-rollover"
+
+
+@dataclass(slots=True)
+class ArchiveStats:
+    locked_out: bool = False
+    flushed: bool = False
+    periods: int = 0
+    rows: int = 0
+    resets_logged: int = 0
+    keys_trimmed: int = 0
+    trims_deferred: int = 0
+
+
+@dataclass(slots=True)
+class RetentionStats:
+    retention_days: int = 0
+    archives: int = 0
+    values: int = 0
+    members: int = 0
+    buckets: int = 0
+    batches: int = 0
+
+
+def retention_days() -> int:
+    days = settings.COUNTER_ARCHIVE_RETENTION_DAYS
+    if days < settings.COUNTER_ARCHIVE_MIN_RETENTION_DAYS:
+        raise ImproperlyConfigured(
+            f"COUNTER_ARCHIVE_RETENTION_DAYS={days}: the archive keeps at least "
+            f"{settings.COUNTER_ARCHIVE_MIN_RETENTION_DAYS} days."
+        )
+    return days
+
+
+def _periodic(counters: dict[int, CounterConfig]) -> list[CounterConfig]:
+    return [c for _, c in sorted(counters.items()) if c.period != periods.NONE]
+
+
+def _flush_all() -> bool:
+    """Flush every pending delta; False if the flusher stayed busy (the next run catches up)."""
+    for _ in range(FLUSH_ATTEMPTS):
+        if not counters_flush().locked_out:
+            return True
+        time.sleep(FLUSH_RETRY_SECONDS)
+    return False
+
+
+def _archive_period(counter: CounterConfig, key: str, stats: ArchiveStats) -> None:
+    """Archive one closed period of a counter (every subject) and log its automatic resets."""
+    window = periods.window_of_key(counter.period, counter.time_zone, key)
+    reason = f"{counter.period} period {key} closed at {window.end.isoformat()}"
+    rows = (
+        CounterValue.objects.filter(counter_id=counter.id, period=key)
+        .order_by("subject")
+        .values_list("subject", "value", "peak", "operations")
+    )
+    logs = ResetLog.objects.filter(counter_id=counter.id, period=key, kind=ResetLog.Kind.AUTOMATIC)
+    with transaction.atomic():
+        logged_before = logs.count()
+        chunk: list[tuple[str, int, int, int]] = []
+        for row in rows.iterator(chunk_size=ROW_CHUNK):
+            chunk.append(row)
+            if len(chunk) >= ROW_CHUNK:
+                _archive_rows(counter, window, reason, chunk, stats)
+                chunk = []
+        if chunk:
+            _archive_rows(counter, window, reason, chunk, stats)
+        stats.resets_logged += logs.count() - logged_before
+    stats.periods += 1
+
+
+def _archive_rows(counter: CounterConfig, window: periods.PeriodWindow, reason: str, rows, stats) -> None:
+    PeriodArchive.objects.bulk_create(
+        [
+            PeriodArchive(
+                counter_id=counter.id,
+                subject=subject,
+                period=window.key,
+                period_start=window.start,
+                period_end=window.end,
+                time_zone=counter.time_zone,
+                final_value=value,
+                peak=max(peak, value),
+                operations=operations,
+            )
+            for subject, value, peak, operations in rows
+        ],
+        update_conflicts=True,
+        unique_fields=["counter", "subject", "period"],
+        update_fields=["period_start", "period_end", "time_zone", "final_value", "peak", "operations"],
+    )
+    # The partial unique constraint on automatic resets makes this insert-once.
+    ResetLog.objects.bulk_create(
+        [
+            ResetLog(
+                counter_id=counter.id,
+                subject=subject,
+                period=window.key,
+                kind=ResetLog.Kind.AUTOMATIC,
+                operator=AUTOMATIC_OPERATOR,
+                reason=reason,
+                value_before=value,
+                value_after=counter_next_opening_value(counter=counter, closed_value=value),
+            )
+            for subject, value, _, _ in rows
+        ],
+        ignore_conflicts=True,
+    )
+    stats.rows += len(rows)
+
+
+def _archive_counter(counter: CounterConfig, now: datetime, stats: ArchiveStats) -> None:
+    current = periods.window_at(counter.period, counter.time_zone, now).key
+    oldest_kept = periods.window_at(counter.period, counter.time_zone, now - timedelta(days=retention_days())).key
+    archived = PeriodArchive.objects.filter(counter_id=counter.id).aggregate(last=Max("period"))["last"]
+    closed = CounterValue.objects.filter(counter_id=counter.id, period__lt=current, period__gte=oldest_kept)
+    if archived:
+        closed = closed.filter(period__gt=archived)
+    # Oldest first: a run cut short leaves a watermark from which the next run continues.
+    for key in sorted(set(closed.exclude(period="").values_list("period", flat=True).distinct())):
+        _archive_period(counter, key, stats)
+
+
+def _closed_key_groups(counters: dict[int, CounterConfig], now: datetime, cursor: int) -> tuple[int, dict]:
+    """One SCAN page of period-scoped keys, grouped by (counter id, closed period)."""
+    next_cursor, raw_keys = redis_call(
+        lambda r: r.scan(cursor, match=keyspace.PERIOD_SCOPED_KEYS_PATTERN, count=SCAN_COUNT)
+    )
+    current: dict[int, str] = {}
+    groups: dict[tuple[int, str], list[str]] = {}
+    for raw in raw_keys:
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        parts = keyspace.period_scoped_key_parts(key)
+        if parts is None:
+            continue
+        counter_id, period = parts
+        counter = counters.get(counter_id)
+        if counter is None or period == "":
+            continue
+        if counter.period != periods.NONE:
+            if counter_id not in current:
+                current[counter_id] = periods.window_at(counter.period, counter.time_zone, now).key
+            if period >= current[counter_id]:
+                continue
+        groups.setdefault((counter_id, period), []).append(key)
+    return int(next_cursor), groups
+
+
+def period_keys_trim(*, now: datetime | None = None) -> tuple[int, int]:
+    """Delete the Redis keys of closed periods whose deltas are all in PostgreSQL.
+
+    A period with deltas still pending (or a flush in flight) is left for the next run, decided
+    atomically in Redis, so no delta is ever dropped. A late update of a trimmed period simply
+    hydrates it again from PostgreSQL. Returns (keys deleted, periods deferred).
+    """
+    now = now or clock.now()
+    counters = config_cache.get().counters_by_id
+    deleted = deferred = 0
+    cursor = 0
+    while True:
+        cursor, groups = _closed_key_groups(counters, now, cursor)
+        for (counter_id, period), keys in groups.items():
+            guard = [keyspace.pending_key(counter_id), keyspace.batches_key(counter_id)]
+            for start in range(0, len(keys), TRIM_KEYS_PER_CALL):
+                chunk = keys[start : start + TRIM_KEYS_PER_CALL]
+                result = redis_call(lambda r, c=chunk, g=guard, p=period: scripts.trim_period(keys=g + c, args=[p]))
+                if result < 0:
+                    deferred += 1
+                    break
+                deleted += result
+        if cursor == 0:
+            return deleted, deferred
+
+
+def period_archive_closed() -> ArchiveStats:
+    """Flush, archive every closed period not archived yet (catching up missed runs), trim Redis."""
+    stats = ArchiveStats()
+    token = uuid.uuid4().hex
+    if not acquire_lock("archive", ttl_seconds=settings.COUNTER_ARCHIVE_LOCK_SECONDS, token=token):
+        stats.locked_out = True
+        return stats
+    try:
+        stats.flushed = _flush_all()
+        if not stats.flushed:
+            logger.warning("archive: the flusher stayed busy; closed periods are archived on the next run")
+            return stats
+        now = clock.now()
+        for counter in _periodic(config_cache.get().counters_by_id):
+            _archive_counter(counter, now, stats)
+        stats.keys_trimmed, stats.trims_deferred = period_keys_trim(now=now)
+        logger.info(
+            "archive: %d periods (%d values) archived, %d automatic resets logged, %d redis keys trimmed, %d deferred",
+            stats.periods,
+            stats.rows,
+            stats.resets_logged,
+            stats.keys_trimmed,
+            stats.trims_deferred,
+        )
+        return stats
+    finally:
+        release_lock("archive", token=token)
+
+
+def _delete_in_chunks(queryset: QuerySet, what: str) -> int:
+    total = 0
+    while True:
+        ids = list(queryset.order_by().values_list("pk", flat=True)[:ROW_CHUNK])
+        if not ids:
+            return total
+        deleted, _ = queryset.model.objects.filter(pk__in=ids).delete()
+        total += deleted
+        logger.info("retention: %d %s deleted so far", total, what)
+
+
+_CLOSED_VALUES_SQL = """
+DELETE FROM counters_countervalue cv
+WHERE cv.id IN (
+    SELECT old.id FROM counters_countervalue old
+    WHERE old.counter_id = %s AND old.period <> '' AND old.period < %s
+      AND (%s OR EXISTS (
+          SELECT 1 FROM counters_countervalue newer
+          WHERE newer.counter_id = old.counter_id AND newer.subject = old.subject AND newer.period > old.period
+      ))
+    LIMIT %s
+)
+"""
+
+
+def _delete_closed_values(counter: CounterConfig, before_key: str) -> int:
+    # A strategy that carries the value over (keep, ratio, difference) needs each subject's
+    # latest row, however old, to open its next period: that row stays.
+    drop_latest = counter.reset_strategy == "value"
+    total = 0
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute(_CLOSED_VALUES_SQL, [counter.id, before_key, drop_latest, ROW_CHUNK])
+            deleted = cursor.rowcount
+        if not deleted:
+            return total
+        total += deleted
+        logger.info("retention: %s: %d closed-period values deleted so far", counter.name, total)
+
+
+def archive_retention_enforce() -> RetentionStats:
+    """Delete archives and closed-period rows older than the retention (at least 7 days)."""
+    stats = RetentionStats(retention_days=retention_days())
+    now = clock.now()
+    cutoff = now - timedelta(days=stats.retention_days)
+    logger.info("retention: deleting what ended before %s (%d days)", cutoff.isoformat(), stats.retention_days)
+    stats.archives = _delete_in_chunks(PeriodArchive.objects.filter(period_end__lte=cutoff), "archived periods")
+    for counter in _periodic(config_cache.get().counters_by_id):
+        # Periods that started before the one holding the cutoff ended at or before it.
+        before_key = periods.window_at(counter.period, counter.time_zone, cutoff).key
+        stats.values += _delete_closed_values(counter, before_key)
+        stats.members += _delete_in_chunks(
+            UniqueMember.objects.filter(counter_id=counter.id, period__lt=before_key).exclude(period=""),
+            f"{counter.name} unique members",
+        )
+    stats.buckets = _delete_in_chunks(StatBucket.objects.filter(minute__lt=cutoff), "per-minute stats buckets")
+    stats.batches = _delete_in_chunks(
+        FlushedBatch.objects.filter(applied_at__lt=now - FLUSHED_BATCH_KEEP), "flushed batch ids"
+    )
+    logger.info(
+        "retention: done: %d archives, %d values, %d members, %d buckets, %d batch ids deleted",
+        stats.archives,
+        stats.values,
+        stats.members,
+        stats.buckets,
+        stats.batches,
+    )
+    return stats
