@@ -5,6 +5,7 @@ only records what closed. Every function is safe to run twice or concurrently: a
 avoids duplicate work, and unique constraints with upserts make a re-run overwrite, never double.
 """
 
+import contextlib
 import logging
 import time
 import uuid
@@ -20,7 +21,7 @@ from counters import clock, keyspace, periods
 from counters.config import CounterConfig
 from counters.config import cache as config_cache
 from counters.models import CounterValue, FlushedBatch, StatBucket, UniqueMember
-from counters.redis_store import acquire_lock, redis_call, release_lock, scripts
+from counters.redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
 from counters.services import counter_next_opening_value, counters_flush
 
 from .models import PeriodArchive, ResetLog
@@ -235,7 +236,8 @@ def period_archive_closed() -> ArchiveStats:
         )
         return stats
     finally:
-        release_lock("archive", token=token)
+        with contextlib.suppress(StoreUnavailable):
+            release_lock("archive", token=token)
 
 
 def _delete_in_chunks(queryset: QuerySet, what: str) -> int:
