@@ -22,7 +22,7 @@ from counters.config import CounterConfig
 from counters.config import cache as config_cache
 from counters.models import CounterValue, FlushedBatch, StatBucket, UniqueMember
 from counters.redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
-from counters.services import counter_next_opening_value, counters_flush
+from counters.services import counter_value_bounds, counters_flush
 
 from .models import PeriodArchive, ResetLog
 
@@ -83,68 +83,64 @@ def _flush_all() -> bool:
     return False
 
 
+_ARCHIVE_SQL = """
+INSERT INTO archive_periodarchive
+    (counter_id, subject, period, period_start, period_end, time_zone, final_value, peak, operations, archived_at)
+SELECT cv.counter_id, cv.subject, cv.period, %(start)s, %(end)s, %(time_zone)s,
+       cv.value, GREATEST(cv.peak, cv.value), cv.operations, %(now)s
+FROM counters_countervalue cv WHERE cv.counter_id = %(counter)s AND cv.period = %(period)s
+ON CONFLICT (counter_id, subject, period) DO UPDATE SET
+    period_start = EXCLUDED.period_start, period_end = EXCLUDED.period_end, time_zone = EXCLUDED.time_zone,
+    final_value = EXCLUDED.final_value, peak = EXCLUDED.peak, operations = EXCLUDED.operations
+"""
+
+# The partial unique constraint on automatic resets makes this insert-once.
+_RESET_LOG_SQL = """
+INSERT INTO archive_resetlog
+    (counter_id, subject, period, kind, operator, reason, value_before, value_after, created_at)
+SELECT cv.counter_id, cv.subject, cv.period, %(kind)s, %(operator)s, %(reason)s,
+       cv.value, GREATEST(%(low)s, LEAST(%(high)s, {opening})), %(now)s
+FROM counters_countervalue cv WHERE cv.counter_id = %(counter)s AND cv.period = %(period)s
+ON CONFLICT DO NOTHING
+"""
+
+# The reset strategies of ``counters.services.counter_next_opening_value``, applied in SQL to
+# every subject at once (float8 multiplies exactly as Python's float does).
+_OPENING_SQL = {
+    "value": "%(reset_value)s::bigint",
+    "keep": "cv.value",
+    "ratio": "floor(cv.value::float8 * %(ratio)s::float8)::bigint",
+    "difference": "cv.value - %(difference)s::bigint",
+}
+
+
 def _archive_period(counter: CounterConfig, key: str, stats: ArchiveStats) -> None:
     """Archive one closed period of a counter (every subject) and log its automatic resets."""
     window = periods.window_of_key(counter.period, counter.time_zone, key)
-    reason = f"{counter.period} period {key} closed at {window.end.isoformat()}"
-    rows = (
-        CounterValue.objects.filter(counter_id=counter.id, period=key)
-        .order_by("subject")
-        .values_list("subject", "value", "peak", "operations")
-    )
-    logs = ResetLog.objects.filter(counter_id=counter.id, period=key, kind=ResetLog.Kind.AUTOMATIC)
-    with transaction.atomic():
-        logged_before = logs.count()
-        chunk: list[tuple[str, int, int, int]] = []
-        for row in rows.iterator(chunk_size=ROW_CHUNK):
-            chunk.append(row)
-            if len(chunk) >= ROW_CHUNK:
-                _archive_rows(counter, window, reason, chunk, stats)
-                chunk = []
-        if chunk:
-            _archive_rows(counter, window, reason, chunk, stats)
-        stats.resets_logged += logs.count() - logged_before
+    low, high = counter_value_bounds(counter=counter)
+    params = {
+        "counter": counter.id,
+        "period": key,
+        "start": window.start,
+        "end": window.end,
+        "time_zone": counter.time_zone,
+        "now": clock.now(),
+        "kind": ResetLog.Kind.AUTOMATIC.value,
+        "operator": AUTOMATIC_OPERATOR,
+        "reason": f"{counter.period} period {key} closed at {window.end.isoformat()}",
+        "low": low,
+        "high": high,
+        "reset_value": counter.reset_value,
+        "ratio": counter.reset_ratio,
+        "difference": counter.reset_difference,
+    }
+    opening = _OPENING_SQL.get(counter.reset_strategy, _OPENING_SQL["value"])
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_ARCHIVE_SQL, params)
+        stats.rows += cursor.rowcount
+        cursor.execute(_RESET_LOG_SQL.format(opening=opening), params)
+        stats.resets_logged += cursor.rowcount
     stats.periods += 1
-
-
-def _archive_rows(counter: CounterConfig, window: periods.PeriodWindow, reason: str, rows, stats) -> None:
-    PeriodArchive.objects.bulk_create(
-        [
-            PeriodArchive(
-                counter_id=counter.id,
-                subject=subject,
-                period=window.key,
-                period_start=window.start,
-                period_end=window.end,
-                time_zone=counter.time_zone,
-                final_value=value,
-                peak=max(peak, value),
-                operations=operations,
-            )
-            for subject, value, peak, operations in rows
-        ],
-        update_conflicts=True,
-        unique_fields=["counter", "subject", "period"],
-        update_fields=["period_start", "period_end", "time_zone", "final_value", "peak", "operations"],
-    )
-    # The partial unique constraint on automatic resets makes this insert-once.
-    ResetLog.objects.bulk_create(
-        [
-            ResetLog(
-                counter_id=counter.id,
-                subject=subject,
-                period=window.key,
-                kind=ResetLog.Kind.AUTOMATIC,
-                operator=AUTOMATIC_OPERATOR,
-                reason=reason,
-                value_before=value,
-                value_after=counter_next_opening_value(counter=counter, closed_value=value),
-            )
-            for subject, value, _, _ in rows
-        ],
-        ignore_conflicts=True,
-    )
-    stats.rows += len(rows)
 
 
 def _archive_counter(counter: CounterConfig, now: datetime, stats: ArchiveStats) -> None:

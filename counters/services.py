@@ -139,9 +139,9 @@ def _latest_closed_value(
     return durable
 
 
-def counter_next_opening_value(*, counter: CounterConfig, closed_value: int) -> int:
-    """The opening value of the period that follows one that closed at ``closed_value``."""
-    return _apply_strategy(counter, closed_value)
+def counter_value_bounds(*, counter: CounterConfig) -> tuple[int, int]:
+    """The lowest and highest value the counter may hold (what opening values are clamped to)."""
+    return _bounds(counter, False)
 
 
 def counter_opening_value(*, counter: CounterConfig, subject: str, period_key: str, use_store: bool = True) -> int:
