@@ -60,7 +60,7 @@ class RetentionStats:
     batches: int = 0
 
 
-def retention_days() -> int:
+def _retention_days() -> int:
     days = settings.COUNTER_ARCHIVE_RETENTION_DAYS
     if days < settings.COUNTER_ARCHIVE_MIN_RETENTION_DAYS:
         raise ImproperlyConfigured(
@@ -145,7 +145,7 @@ def _archive_period(counter: CounterConfig, key: str, stats: ArchiveStats) -> No
 
 def _archive_counter(counter: CounterConfig, now: datetime, stats: ArchiveStats) -> None:
     current = periods.window_at(counter.period, counter.time_zone, now).key
-    oldest_kept = periods.window_at(counter.period, counter.time_zone, now - timedelta(days=retention_days())).key
+    oldest_kept = periods.window_at(counter.period, counter.time_zone, now - timedelta(days=_retention_days())).key
     archived = PeriodArchive.objects.filter(counter_id=counter.id).aggregate(last=Max("period"))["last"]
     closed = CounterValue.objects.filter(counter_id=counter.id, period__lt=current, period__gte=oldest_kept)
     if archived:
@@ -278,7 +278,7 @@ def _delete_closed_values(counter: CounterConfig, before_key: str) -> int:
 
 def archive_retention_enforce() -> RetentionStats:
     """Delete archives and closed-period rows older than the retention (at least 7 days)."""
-    stats = RetentionStats(retention_days=retention_days())
+    stats = RetentionStats(retention_days=_retention_days())
     now = clock.now()
     cutoff = now - timedelta(days=stats.retention_days)
     logger.info("retention: deleting what ended before %s (%d days)", cutoff.isoformat(), stats.retention_days)

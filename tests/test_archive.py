@@ -4,8 +4,10 @@ history and resets over REST, Beat schedules, and one end-to-end run by a real C
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import redis
@@ -315,21 +317,13 @@ def test_a_real_celery_worker_archives_yesterday(builtins):
         bump(counter, 3)
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     broker.flushdb()
+    log = tempfile.NamedTemporaryFile(prefix="celery-", suffix=".log", delete=False)  # noqa: SIM115
     worker = subprocess.Popen(
-        [
-            str(BIN / "celery"),
-            "-A",
-            "counterproject",
-            "worker",
-            "--pool=solo",
-            "--loglevel=INFO",
-            "--without-heartbeat",
-        ],
+        [str(BIN / "celery"), "-A", "counterproject", "worker", "--pool=solo", "--loglevel=INFO"],
         cwd=ROOT,
         env=service_env(),
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         from counterproject.celery import app
@@ -338,7 +332,13 @@ def test_a_real_celery_worker_archives_yesterday(builtins):
         wait_until(lambda: PeriodArchive.objects.filter(counter_id=counter.id).exists(), timeout=60, what="archive")
     finally:
         worker.send_signal(signal.SIGTERM)
-        output = worker.communicate(timeout=60)[0]
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        output = Path(log.name).read_text()
+        Path(log.name).unlink()
     archived = PeriodArchive.objects.get(counter_id=counter.id)
     assert (archived.period, archived.final_value, archived.operations) == (yesterday.date().isoformat(), 7, 2)
     assert ResetLog.objects.get(counter_id=counter.id, kind="automatic").value_before == 7
