@@ -343,3 +343,18 @@ def test_a_real_celery_worker_archives_yesterday(builtins):
     assert (archived.period, archived.final_value, archived.operations) == (yesterday.date().isoformat(), 7, 2)
     assert ResetLog.objects.get(counter_id=counter.id, kind="automatic").value_before == 7
     assert "archive.close_periods" in output and "succeeded" in output
+
+
+@pytest.mark.django_db
+def test_history_of_a_user_counter_is_per_player(client, writer, time_machine):
+    counter = make_counter("player_wins", scope="user")
+    time_machine.move_to(datetime(2026, 4, 1, 12, tzinfo=TAIPEI), tick=False)
+    bump(counter, 3, subject="p1")
+    bump(counter, 5, subject="p2")
+    time_machine.move_to(datetime(2026, 4, 2, 12, tzinfo=TAIPEI), tick=False)
+    period_archive_closed()
+    url = "/api/v1/counter/player_wins/history"
+    assert [h["value"] for h in client.get(f"{url}?user_id=p2", **writer).json()["history"]] == [5]
+    assert client.get(f"{url}?user_id=p3", **writer).json()["history"] == []
+    r = client.get(url, **writer)
+    assert r.status_code == 400 and r.json()["error"]["code"] == 4001

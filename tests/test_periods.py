@@ -197,3 +197,15 @@ def test_a_changed_config_is_seen_by_the_strategy(time_machine, builtins):
     counter = fresh(counter)
     time_machine.move_to(datetime(2026, 7, 2, 12, tzinfo=TAIPEI), tick=False)
     assert read(counter) == 3
+
+
+def test_a_counter_that_starts_resetting_opens_its_first_period_cleanly(time_machine, builtins):
+    """Its value from before (period "") is not a period: the first daily period opens by the strategy."""
+    counter = make_counter("became_daily", period="none", reset_strategy="keep")
+    time_machine.move_to(datetime(2026, 7, 1, 12, tzinfo=TAIPEI), tick=False)
+    bump(counter, 8)
+    counters_flush()
+    Counter.objects.filter(id=counter.id).update(period="daily")
+    counter = fresh(counter)
+    assert read(counter) == 0
+    assert bump(counter, 2) == 2
