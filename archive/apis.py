@@ -7,7 +7,7 @@ from counters import selectors, services
 from counters.apis import checked_name, iso_utc, request_app_id, request_key
 from counters.permissions import check_manage, check_read
 
-from .selectors import counter_history_get
+from .selectors import period_history_get
 from .serializers import BatchResetInputSerializer, HistoryQuerySerializer
 
 
@@ -24,7 +24,7 @@ class CounterHistoryView(APIView):
         query.is_valid(raise_exception=True)
         days = query.validated_data["days"]
         subject = query.validated_data.get("user_id", "") if counter.is_user_scoped else ""
-        history = counter_history_get(counter=counter, subject=subject, days=days)
+        history = period_history_get(counter=counter, subject=subject, days=days)
         current = history.current
         return Response(
             {

@@ -27,7 +27,7 @@ class CounterHistory:
     closed: list[ClosedPeriod]
 
 
-def counter_history_get(*, counter: CounterConfig, subject: str = "", days: int = 7) -> CounterHistory:
+def period_history_get(*, counter: CounterConfig, subject: str = "", days: int = 7) -> CounterHistory:
     """The live period and the archived periods that ended within the last ``days`` days, newest first."""
     if counter.period == periods.NONE:
         raise InvalidParameter(f"Counter {counter.name!r} never resets: it has no period history.")
