@@ -312,7 +312,7 @@ def counter_reset_check(*, counter: CounterConfig, subject: str = "", value: int
     target = counter.reset_value if value is None else value
     low, high = _bounds(counter, False)
     if not low <= target <= high:
-        raise OutOfLimits(f"Counter {counter.name!r}: a reset value must lie between {low} and {high}.")
+        raise OutOfLimits(f"A reset value must lie between {low} and {high} (counter {counter.name!r}).")
     return target
 
 
