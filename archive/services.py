@@ -104,8 +104,8 @@ FROM counters_countervalue cv WHERE cv.counter_id = %(counter)s AND cv.period = 
 ON CONFLICT DO NOTHING
 """
 
-# The reset strategies of ``counters.services.counter_next_opening_value``, applied in SQL to
-# every subject at once (float8 multiplies exactly as Python's float does).
+# The reset strategies of ``counters.services.counter_opening_value``, applied in SQL to every
+# subject at once (float8 multiplies exactly as Python's float does; the strategy tests compare).
 _OPENING_SQL = {
     "value": "%(reset_value)s::bigint",
     "keep": "cv.value",

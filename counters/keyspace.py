@@ -17,6 +17,9 @@ Per counter ``c``:
 - ``cs:{c}:batches`` set of batch ids moved out of ``pend``/``log`` and not yet deleted;
   ``cs:{c}:b:<id>`` / ``cs:{c}:bl:<id>`` hold one batch.
 
+The value hashes, member sets and threshold marks of a closed period are deleted by the archive
+task (``TRIM_PERIOD_SCRIPT``) once nothing of that period is pending.
+
 Global: ``cs:cfg:gen`` (config generation, bumped on every config change) and ``cs:lock:<name>``.
 """
 
