@@ -43,24 +43,32 @@ def hammer(url: str, key: str, *, total: int, threads: int, body: dict | None = 
         return [code for codes in pool.map(worker, range(threads)) for code in codes]
 
 
-def test_1000_concurrent_increments_end_exactly_right(live_server, builtins, make_key, store):
+def test_1000_concurrent_increments_end_exactly_right(builtins, make_key, store):
     key = make_key(("write",))
-    codes = hammer(f"{live_server.url}/api/v1/counter/online_players/increment", key, total=1000, threads=50)
-    assert codes == [200] * 1000
-    assert requests.get(f"{live_server.url}/api/v1/counter/online_players").json()["value"] == 1000
+    web = Gunicorn()
+    try:
+        codes = hammer(f"{web.url}/api/v1/counter/online_players/increment", key, total=1000, threads=50)
+        assert codes == [200] * 1000
+        assert requests.get(f"{web.url}/api/v1/counter/online_players").json()["value"] == 1000
+    finally:
+        web.stop()
     counter = Counter.objects.get(name="online_players")
     assert int(store.hget(keyspace.value_key(counter.id, "", ""), "v")) == 1000
     counters_flush()
     assert CounterValue.objects.get(counter=counter).value == 1000
 
 
-def test_concurrent_logins_and_logouts_never_go_below_zero(live_server, builtins, make_key):
+def test_concurrent_logins_and_logouts_never_go_below_zero(builtins, make_key):
     key = make_key(("write",))
-    base = f"{live_server.url}/api/v1/counter/online_players"
-    hammer(f"{base}/increment", key, total=300, threads=30)
-    codes = hammer(f"{base}/decrement", key, total=400, threads=40)
-    assert codes.count(200) == 300 and codes.count(409) == 100
-    assert requests.get(base).json()["value"] == 0
+    web = Gunicorn()
+    try:
+        base = f"{web.url}/api/v1/counter/online_players"
+        hammer(f"{base}/increment", key, total=300, threads=30)
+        codes = hammer(f"{base}/decrement", key, total=400, threads=40)
+        assert codes.count(200) == 300 and codes.count(409) == 100
+        assert requests.get(base).json()["value"] == 0
+    finally:
+        web.stop()
     counters_flush()
     assert CounterValue.objects.get(counter__name="online_players").value == 0
 
