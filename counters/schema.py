@@ -119,7 +119,13 @@ extend_schema_view(
         tags=["REST v1"],
         summary="Read up to 10 counters",
         parameters=[
-            OpenApiParameter("names", str, required=True, description="Comma-separated, 1 to 10 names."),
+            OpenApiParameter(
+                "names",
+                str,
+                required=True,
+                description="Comma-separated, 1 to 10 names.",
+                pattern=r"^[A-Za-z0-9_.:-]{1,64}(,[A-Za-z0-9_.:-]{1,64}){0,9}$",
+            ),
             APP,
         ],
         responses={200: BatchReply, **REST_ERRORS},
