@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import orjson
 from django.conf import settings
@@ -720,3 +720,18 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
         with contextlib.suppress(StoreUnavailable):
             release_lock("flush", token=token)
     return stats
+
+
+def operation_log_trim(*, batch_size: int = 10_000) -> int:
+    """Delete operation-log entries older than COUNTER_OPERATION_LOG_RETENTION_DAYS, in bounded batches."""
+    from .models import OperationLog
+
+    cutoff = clock.now() - timedelta(days=settings.COUNTER_OPERATION_LOG_RETENTION_DAYS)
+    deleted = 0
+    while True:
+        ids = list(OperationLog.objects.filter(created_at__lt=cutoff).values_list("id", flat=True)[:batch_size])
+        if not ids:
+            break
+        deleted += OperationLog.objects.filter(id__in=ids).delete()[0]
+        logger.info("operation log: %d entries older than %s deleted so far", deleted, cutoff.isoformat())
+    return deleted

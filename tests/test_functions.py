@@ -399,3 +399,18 @@ def test_error_messages_are_translated(client, game):
     assert body["code"] == 4005 and "不允许" in body["msg"]
     body = call(client, "increaseCounter", target("gold"), None, **zh).json()
     assert body["code"] == 4003 and "API" in body["msg"] and "需要" in body["msg"]
+
+
+def test_the_operation_log_keeps_its_retention(client, game, settings):
+    settings.COUNTER_OPERATION_LOG_RETENTION_DAYS = 30
+    for day in ["2024-01-01", "2024-01-20", "2024-02-15"]:
+        with time_machine.travel(f"{day} 12:00:00+00:00", tick=False):
+            call(client, "increaseCounter", target("gold"), game["write"])
+            counters_flush()
+    with time_machine.travel("2024-02-16 12:00:00+00:00", tick=False):  # keeps 30 days: from 2024-01-17
+        from counters.tasks import trim_operation_log
+
+        assert trim_operation_log() == 1
+        assert trim_operation_log() == 0
+    kept = sorted(entry.created_at.date().isoformat() for entry in OperationLog.objects.all())
+    assert kept == ["2024-01-20", "2024-02-15"]

@@ -11,6 +11,11 @@ def schedules() -> list[dict]:
             "task": "counters.flush",
             "every_seconds": settings.COUNTER_FLUSH_INTERVAL_SECONDS,
         },
+        {
+            "name": "Trim the operation log (COUNTER_OPERATION_LOG_RETENTION_DAYS)",
+            "task": "counters.trim_operation_log",
+            "every_seconds": 3600,
+        },
     ]
 
 
