@@ -25,6 +25,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "django_celery_beat",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "counters",
     "archive",
 ]
@@ -116,6 +118,31 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "counters.api_errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# OpenAPI 3 of both surfaces at /api/schema/, docs at /api/docs/ (Swagger UI served locally: works offline).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Counter service",
+    "DESCRIPTION": "REST v1 (seed 000) and the cloud functions (seed 001). See docs/cloud-functions.md.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "APPEND_COMPONENTS": {
+        "securitySchemes": {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
+            "playerToken": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "Authorization",
+                "description": "Player <token> (getCounter only: a player's own values)",
+            },
+        }
+    },
+    "SECURITY": [{"apiKey": []}, {}],
 }
 
 # Celery: the broker lives in its own Redis database, apart from the counter store.
@@ -136,6 +163,10 @@ COUNTER_CONFIG_CHECK_SECONDS = env.float("COUNTER_CONFIG_CHECK_SECONDS", default
 COUNTER_METADATA_MAX_BYTES = env.int("COUNTER_METADATA_MAX_BYTES", default=4096)
 # How often the live board (/board/) asks for new values.
 BOARD_POLL_MILLISECONDS = env.int("BOARD_POLL_MILLISECONDS", default=1000)
+# Player tokens (Authorization: Player <token>) expire after this many seconds.
+COUNTER_PLAYER_TOKEN_SECONDS = env.int("COUNTER_PLAYER_TOKEN_SECONDS", default=24 * 3600)
+# Operation-log entries older than this are deleted by the hourly trim task.
+COUNTER_OPERATION_LOG_RETENTION_DAYS = env.int("COUNTER_OPERATION_LOG_RETENTION_DAYS", default=30)
 
 LOGGING = {
     "version": 1,

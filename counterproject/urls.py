@@ -1,7 +1,9 @@
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from archive.apis import CounterBatchResetView, CounterHistoryView
+from counters import functions, schema  # noqa: F401 (schema: the OpenAPI descriptions register on import)
 from counters.apis import CounterBatchView, CounterViewSet, healthz
 
 counter_read = CounterViewSet.as_view({"get": "retrieve"})
@@ -17,6 +19,16 @@ urlpatterns = [
     path("api/v1/counter/<str:name>/history", CounterHistoryView.as_view(), name="counter-history"),
     path("api/v1/counters", CounterBatchView.as_view(), name="counter-batch"),
     path("api/v1/counters/reset", CounterBatchResetView.as_view(), name="counter-batch-reset"),
+    path("api/v1/functions/getCounter", functions.GetCounterView.as_view(), name="fn-getCounter"),
+    path("api/v1/functions/increaseCounter", functions.IncreaseCounterView.as_view(), name="fn-increaseCounter"),
+    path("api/v1/functions/decreaseCounter", functions.DecreaseCounterView.as_view(), name="fn-decreaseCounter"),
+    path("api/v1/functions/resetCounter", functions.ResetCounterView.as_view(), name="fn-resetCounter"),
+    path("api/v1/functions/getCounterStats", functions.GetCounterStatsView.as_view(), name="fn-getCounterStats"),
+    path("api/v1/functions/<str:name>", functions.UnknownFunctionView.as_view(), name="fn-unknown"),
+    path("api/v1/stats", functions.StatsView.as_view(), name="stats"),
+    path("api/v1/player-tokens", functions.PlayerTokenView.as_view(), name="player-tokens"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
     path("board/", include("board.urls")),

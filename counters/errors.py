@@ -1,14 +1,19 @@
 """Typed domain errors. Each carries the service's error code and an HTTP status; one exception
-handler (``counters.api_errors``) renders them in the shape of the surface that was called."""
+handler (``counters.api_errors``) renders them in the shape of the surface that was called.
+
+Messages are translated when the error is raised, in the language the view activated (the cloud
+functions follow Accept-Language; REST v1 answers in the default language)."""
+
+from django.utils.translation import gettext_lazy as _
 
 
 class CounterError(Exception):
     code = 5001
     status = 500
-    default_message = "Internal error."
+    default_message = _("Internal error.")
 
     def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
-        self.message = message or self.default_message
+        self.message = str(message or self.default_message)
         self.headers = headers or {}
         super().__init__(self.message)
 
@@ -16,31 +21,31 @@ class CounterError(Exception):
 class InvalidParameter(CounterError):
     code = 4001
     status = 400
-    default_message = "Invalid parameter."
+    default_message = _("Invalid parameter.")
 
 
 class AuthenticationRequired(CounterError):
     code = 4003
     status = 401
-    default_message = "A valid API key is required (Authorization: Bearer <key> or X-API-Key)."
+    default_message = _("A valid API key is required (Authorization: Bearer <key> or X-API-Key).")
 
 
 class Forbidden(CounterError):
     code = 4003
     status = 403
-    default_message = "This API key is not allowed to do that."
+    default_message = _("This API key is not allowed to do that.")
 
 
 class CounterNotFound(CounterError):
     code = 4004
     status = 404
-    default_message = "Counter not found."
+    default_message = _("Counter not found.")
 
 
 class OutOfLimits(CounterError):
     code = 4005
     status = 409
-    default_message = "The value would leave the counter's limits; nothing was changed."
+    default_message = _("The value would leave the counter's limits; nothing was changed.")
 
 
 class MethodNotAllowed(CounterError):
@@ -51,7 +56,7 @@ class MethodNotAllowed(CounterError):
 class ServiceReadOnly(CounterError):
     code = 5003
     status = 503
-    default_message = "The counter store is unavailable: the service is read-only for now. Retry later."
+    default_message = _("The counter store is unavailable: the service is read-only for now. Retry later.")
 
 
 class InternalError(CounterError):

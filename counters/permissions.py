@@ -1,5 +1,7 @@
 """Who may do what with a counter. API keys belong to one app and carry roles."""
 
+from django.utils.translation import gettext as _
+
 from .config import CounterConfig, KeyConfig
 from .errors import AuthenticationRequired, CounterNotFound, Forbidden
 from .models import ApiKey
@@ -10,7 +12,7 @@ Role = ApiKey.Role
 def _same_app_or_global(key: KeyConfig, counter: CounterConfig) -> None:
     if not counter.is_global and key.app_id != counter.app_id:
         # Never confirm that another app's counter exists.
-        raise CounterNotFound(f"Counter {counter.name!r} not found.")
+        raise CounterNotFound(_("Counter '%(name)s' not found.") % {"name": counter.name})
 
 
 def _require(key: KeyConfig | None, counter: CounterConfig, role: str) -> KeyConfig:
@@ -18,9 +20,11 @@ def _require(key: KeyConfig | None, counter: CounterConfig, role: str) -> KeyCon
         raise AuthenticationRequired()
     _same_app_or_global(key, counter)
     if role not in key.roles:
-        raise Forbidden(f"This API key lacks the '{role}' role.")
+        raise Forbidden(_("This API key lacks the '%(role)s' role.") % {"role": role})
     if counter.is_global and Role.GLOBAL_ADMIN not in key.roles:
-        raise Forbidden(f"Counter {counter.name!r} is global: changing it needs the 'global_admin' role.")
+        raise Forbidden(
+            _("Counter '%(name)s' is global: changing it needs the 'global_admin' role.") % {"name": counter.name}
+        )
     return key
 
 
@@ -36,5 +40,16 @@ def check_read(key: KeyConfig | None, counter: CounterConfig) -> None:
     if counter.public:
         return
     if key is None:
-        raise AuthenticationRequired(f"Counter {counter.name!r} is not public: an API key is required.")
+        raise AuthenticationRequired(
+            _("Counter '%(name)s' is not public: an API key is required.") % {"name": counter.name}
+        )
     _same_app_or_global(key, counter)
+
+
+def check_data_view(key: KeyConfig | None) -> KeyConfig:
+    """Statistics of the key's own app (the caller resolves the app; other apps are never visible)."""
+    if key is None:
+        raise AuthenticationRequired()
+    if Role.DATA_VIEW not in key.roles:
+        raise Forbidden(_("This API key lacks the '%(role)s' role.") % {"role": Role.DATA_VIEW})
+    return key

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 from django.db.models import Max, Q, Sum
 from django.db.models.functions import TruncHour
+from django.utils.translation import gettext as _
 
 from archive.models import PeriodArchive
 
@@ -210,3 +211,43 @@ def counter_hourly_series_get(*, counter: CounterConfig, hours_without_period: i
         value = last if last is not None else (row["peak"] or 0)
         points.append(HistoryPoint(label, value, row["peak"] or value, row["operations"]))
     return points
+
+
+def counter_type_of(counter: CounterConfig) -> str:
+    """The cloud functions' ``counterType`` of a counter: its scope, or its period for periodic app counters."""
+    if counter.scope != "app":
+        return counter.scope
+    return counter.period if counter.period in (periods.DAILY, periods.WEEKLY) else "app"
+
+
+def counter_get_typed(*, app_id: int, counter_type: str, name: str) -> CounterConfig:
+    """A counter by the cloud functions' ``(counterType, counterId)``.
+
+    ``global`` names a counter of the global app; every other type a counter of the caller's app.
+    ``app`` matches any app counter, ``daily`` / ``weekly`` only an app counter with that period,
+    ``user`` a per-player counter. A type that does not match is "not found" (4004), like an
+    unknown name: a (type, id) pair names a counter or nothing.
+    """
+    snapshot = config_cache.get()
+    if counter_type == "global":
+        counter = snapshot.counters.get((snapshot.apps_by_slug.get(GLOBAL_APP_SLUG), name))
+        found = counter is not None and counter.is_global
+    else:
+        counter = snapshot.counters.get((app_id, name))
+        found = counter is not None and (
+            counter_type == counter.scope or (counter.scope == "app" and counter_type_of(counter) == counter_type)
+        )
+    if not found or (counter.expires_at is not None and clock.now() >= counter.expires_at):
+        message = _("Counter '%(name)s' of type %(type)s not found.") % {"name": name, "type": counter_type}
+        raise CounterNotFound(message)
+    return counter
+
+
+def threshold_marks_get(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow) -> dict[int, datetime]:
+    """When each threshold of the counter was first crossed in the period (threshold id -> time)."""
+    raw = redis_call(lambda r: r.hgetall(keyspace.threshold_marks_key(counter.id, window.key, subject)))
+    return {int(k): clock.from_ms(int(v)) for k, v in raw.items()}
+
+
+def app_time_zone_get(app_id: int) -> str:
+    return config_cache.get().time_zones[app_id]

@@ -2,6 +2,7 @@ import re
 
 import orjson
 from django.conf import settings
+from django.utils.translation import gettext, gettext_lazy
 from rest_framework import serializers
 
 from . import keyspace
@@ -21,32 +22,35 @@ class StrictIntegerField(serializers.Field):
         if isinstance(data, bool) or not isinstance(data, int):
             self.fail("invalid")
         if not self.min_value <= data <= self.max_value:
-            raise serializers.ValidationError(f"Must be an integer from {self.min_value} to {self.max_value}.")
+            raise serializers.ValidationError(
+                gettext("Must be an integer from %(min)d to %(max)d.") % {"min": self.min_value, "max": self.max_value}
+            )
         return data
 
     def to_representation(self, value) -> int:
         return value
 
-    default_error_messages = {"invalid": "Must be an integer."}
+    default_error_messages = {"invalid": gettext_lazy("Must be an integer.")}
 
 
 class SubjectField(serializers.CharField):
     def to_internal_value(self, data) -> str:
         if not isinstance(data, str):
-            raise serializers.ValidationError(f"Must be a string of {SUBJECT_HELP}.")
+            raise serializers.ValidationError(gettext("Must be a string of %(help)s.") % {"help": SUBJECT_HELP})
         if not SUBJECT_PATTERN.match(data):
-            raise serializers.ValidationError(f"Use {SUBJECT_HELP}.")
+            raise serializers.ValidationError(gettext("Use %(help)s.") % {"help": SUBJECT_HELP})
         return data
 
 
 class MetadataField(serializers.Field):
     def to_internal_value(self, data) -> dict:
         if not isinstance(data, dict):
-            raise serializers.ValidationError("Must be a JSON object.")
+            raise serializers.ValidationError(gettext("Must be a JSON object."))
         size = len(orjson.dumps(data))
         if size > settings.COUNTER_METADATA_MAX_BYTES:
             raise serializers.ValidationError(
-                f"Is {size} bytes as JSON; at most {settings.COUNTER_METADATA_MAX_BYTES} are kept."
+                gettext("Is %(size)d bytes as JSON; at most %(max)d are kept.")
+                % {"size": size, "max": settings.COUNTER_METADATA_MAX_BYTES}
             )
         return data
 

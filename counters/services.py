@@ -10,13 +10,14 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import orjson
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
+from django.utils.translation import gettext
 
 from archive.models import ResetLog
 
@@ -62,14 +63,21 @@ def _decode(value) -> str:
 
 def counter_check_subject(*, counter: CounterConfig, subject: str) -> None:
     if counter.is_user_scoped and not subject:
-        raise InvalidParameter(f"Counter {counter.name!r} is per player: a player id is required.")
+        raise InvalidParameter(
+            gettext("Counter '%(name)s' is per player: a player id is required.") % {"name": counter.name}
+        )
     if subject and not counter.is_user_scoped:
-        raise InvalidParameter(f"Counter {counter.name!r} is not per player: do not send a player id.")
+        raise InvalidParameter(
+            gettext("Counter '%(name)s' is not per player: do not send a player id.") % {"name": counter.name}
+        )
 
 
 def _check_live(counter: CounterConfig, now: datetime) -> None:
     if counter.expires_at is not None and now >= counter.expires_at:
-        raise CounterNotFound(f"Counter {counter.name!r} expired at {counter.expires_at.isoformat()}.")
+        raise CounterNotFound(
+            gettext("Counter '%(name)s' expired at %(time)s.")
+            % {"name": counter.name, "time": counter.expires_at.isoformat()}
+        )
 
 
 def _bounds(counter: CounterConfig, allow_negative: bool) -> tuple[int, int]:
@@ -245,13 +253,18 @@ def counter_update(
     them changes nothing and raises ``OutOfLimits``.
     """
     if amount == 0 or abs(amount) > keyspace.MAX_SAFE_VALUE:
-        raise InvalidParameter(f"The amount must be a non-zero integer of at most {keyspace.MAX_SAFE_VALUE}.")
+        raise InvalidParameter(
+            gettext("The amount must be a non-zero integer of at most %(max)d.") % {"max": keyspace.MAX_SAFE_VALUE}
+        )
     counter_check_subject(counter=counter, subject=subject)
     now = clock.now()
     _check_live(counter, now)
     member = user_id if counter.unique_members else ""
     if member and amount < 0:
-        raise InvalidParameter(f"Counter {counter.name!r} counts unique users: it cannot be decremented per user.")
+        raise InvalidParameter(
+            gettext("Counter '%(name)s' counts unique users: it cannot be decremented per user.")
+            % {"name": counter.name}
+        )
     window = periods.window_at(counter.period, counter.time_zone, now)
     ms = clock.to_ms(now)
     low, high = _bounds(counter, allow_negative)
@@ -284,9 +297,15 @@ def counter_update(
     status = result[0]
     old, new = int(result[1]), int(result[2])
     if status == b"MIN":
-        raise OutOfLimits(f"Counter {counter.name!r} is at {old}: going below {low} is not allowed.")
+        raise OutOfLimits(
+            gettext("Counter '%(name)s' is at %(old)d: going below %(low)d is not allowed.")
+            % {"name": counter.name, "old": old, "low": low}
+        )
     if status == b"MAX":
-        raise OutOfLimits(f"Counter {counter.name!r} is at {old}: going above {high} is not allowed.")
+        raise OutOfLimits(
+            gettext("Counter '%(name)s' is at %(old)d: going above %(high)d is not allowed.")
+            % {"name": counter.name, "old": old, "high": high}
+        )
     crossed: tuple[int, ...] = ()
     marks: dict[int, datetime] = {}
     if status == b"OK" and len(result) > 3:
@@ -312,7 +331,8 @@ def counter_reset_check(*, counter: CounterConfig, subject: str = "", value: int
     target = counter.reset_value if value is None else value
     low, high = _bounds(counter, False)
     if not low <= target <= high:
-        raise OutOfLimits(f"A reset value must lie between {low} and {high} (counter {counter.name!r}).")
+        message = gettext("A reset value must lie between %(low)d and %(high)d.") % {"low": low, "high": high}
+        raise OutOfLimits(f"{message} (counter {counter.name!r})")
     return target
 
 
@@ -794,3 +814,18 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
         with contextlib.suppress(StoreUnavailable):
             release_lock("flush", token=token)
     return stats
+
+
+def operation_log_trim(*, batch_size: int = 10_000) -> int:
+    """Delete operation-log entries older than COUNTER_OPERATION_LOG_RETENTION_DAYS, in bounded batches."""
+    from .models import OperationLog
+
+    cutoff = clock.now() - timedelta(days=settings.COUNTER_OPERATION_LOG_RETENTION_DAYS)
+    deleted = 0
+    while True:
+        ids = list(OperationLog.objects.filter(created_at__lt=cutoff).values_list("id", flat=True)[:batch_size])
+        if not ids:
+            break
+        deleted += OperationLog.objects.filter(id__in=ids).delete()[0]
+        logger.info("operation log: %d entries older than %s deleted so far", deleted, cutoff.isoformat())
+    return deleted

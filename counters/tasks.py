@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from .services import counters_flush, store_reconcile
+from .services import counters_flush, operation_log_trim, store_reconcile
 
 
 @shared_task(name="counters.flush", ignore_result=True)
@@ -9,3 +9,8 @@ def flush() -> dict:
     # Values written through to PostgreSQL during a Redis outage: correct Redis once it is back.
     reconciled = store_reconcile().corrected
     return {"batches": stats.batches, "skipped": stats.skipped, "values": stats.values, "reconciled": reconciled}
+
+
+@shared_task(name="counters.trim_operation_log", ignore_result=True)
+def trim_operation_log() -> int:
+    return operation_log_trim()

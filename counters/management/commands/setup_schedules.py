@@ -24,6 +24,11 @@ def schedules() -> list[dict]:
             "task": "archive.enforce_retention",
             "crontab": {"minute": "40", "hour": "3", "timezone": "UTC"},
         },
+        {
+            "name": "Trim the operation log (COUNTER_OPERATION_LOG_RETENTION_DAYS)",
+            "task": "counters.trim_operation_log",
+            "every_seconds": 3600,
+        },
     ]
 
 

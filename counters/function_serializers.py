@@ -1,0 +1,207 @@
+"""Input and output shapes of the cloud functions (seed 001): parsing here, documented in the schema."""
+
+from django.utils.translation import gettext_lazy as _
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework import serializers
+
+from . import keyspace
+from .models import NAME_PATTERN
+from .serializers import MetadataField, StrictIntegerField, SubjectField
+
+COUNTER_TYPES = ["global", "app", "user", "daily", "weekly"]
+GROUP_BY = ["hour", "day", "week"]
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON true/false only: "yes", 1 or "false" are refused rather than guessed."""
+
+    def to_internal_value(self, data) -> bool:
+        if not isinstance(data, bool):
+            raise serializers.ValidationError(_("Must be true or false."))
+        return data
+
+
+class TargetSerializer(serializers.Serializer):
+    appId = serializers.RegexField(NAME_PATTERN, help_text="The app of the API key (its slug).")
+    counterType = serializers.ChoiceField(COUNTER_TYPES)
+    counterId = serializers.RegexField(NAME_PATTERN, help_text="The counter's name.")
+    playerId = SubjectField(required=False, help_text="Required for user counters, refused for the others.")
+
+
+class IncreaseSerializer(TargetSerializer):
+    increment = StrictIntegerField(min_value=1, default=1)
+    metadata = MetadataField(required=False, help_text="Kept with the operation (operation log); never executed.")
+
+
+class DecreaseSerializer(TargetSerializer):
+    decrement = StrictIntegerField(min_value=1, default=1)
+    allowNegative = StrictBooleanField(
+        default=False,
+        help_text="Let this decrement go below the counter's minimum: honoured for keys with counter_manage "
+        "(a counter configured to allow negatives allows them anyway).",
+    )
+    metadata = MetadataField(required=False)
+
+
+class ResetSerializer(TargetSerializer):
+    resetValue = StrictIntegerField(min_value=-keyspace.MAX_SAFE_VALUE, required=False)
+    reason = serializers.CharField(max_length=500, trim_whitespace=True)
+    operatorId = serializers.CharField(
+        max_length=100, required=False, help_text="Who asked for the reset (kept in the reset log with the key)."
+    )
+
+
+class StatsSerializer(serializers.Serializer):
+    appId = serializers.RegexField(NAME_PATTERN)
+    counterType = serializers.ChoiceField(COUNTER_TYPES, required=False)
+    startDate = serializers.CharField(
+        required=False, max_length=40, help_text="YYYY-MM-DD (app's time zone) or ISO 8601; default: 7 days ago."
+    )
+    endDate = serializers.CharField(
+        required=False, max_length=40, help_text="YYYY-MM-DD (inclusive) or ISO 8601; default: now."
+    )
+    groupBy = serializers.ChoiceField(GROUP_BY, default="day")
+
+
+class StatsQuerySerializer(StatsSerializer):
+    appId = serializers.RegexField(NAME_PATTERN, required=False, help_text="Default: the API key's app.")
+
+
+# --- replies (schema and examples only: the views build plain dicts) ---------------------------
+
+
+class CounterMetadataOut(serializers.Serializer):
+    description = serializers.CharField()
+    unit = serializers.CharField()
+
+
+class GetCounterData(serializers.Serializer):
+    counterId = serializers.CharField()
+    counterType = serializers.ChoiceField(COUNTER_TYPES)
+    counterName = serializers.CharField()
+    currentValue = serializers.IntegerField()
+    maxValue = serializers.IntegerField(allow_null=True)
+    resetPeriod = serializers.ChoiceField(["none", "daily", "weekly", "monthly"])
+    lastResetTime = serializers.DateTimeField(allow_null=True)
+    nextResetTime = serializers.DateTimeField(allow_null=True)
+    updateTime = serializers.DateTimeField(allow_null=True)
+    metadata = CounterMetadataOut()
+
+
+class ThresholdOut(serializers.Serializer):
+    value = serializers.IntegerField()
+    triggered = serializers.BooleanField()
+    triggerTime = serializers.DateTimeField(allow_null=True)
+
+
+class IncreaseData(serializers.Serializer):
+    counterId = serializers.CharField()
+    oldValue = serializers.IntegerField()
+    newValue = serializers.IntegerField()
+    increment = serializers.IntegerField()
+    updateTime = serializers.DateTimeField()
+    hitThreshold = serializers.BooleanField()
+    thresholds = ThresholdOut(many=True)
+
+
+class DecreaseData(serializers.Serializer):
+    counterId = serializers.CharField()
+    oldValue = serializers.IntegerField()
+    newValue = serializers.IntegerField()
+    decrement = serializers.IntegerField()
+    updateTime = serializers.DateTimeField()
+    reachedMinimum = serializers.BooleanField()
+
+
+class ResetData(serializers.Serializer):
+    counterId = serializers.CharField()
+    oldValue = serializers.IntegerField()
+    newValue = serializers.IntegerField()
+    resetTime = serializers.DateTimeField()
+    reason = serializers.CharField()
+    operatorId = serializers.CharField()
+
+
+class StatsSummaryOut(serializers.Serializer):
+    totalCounters = serializers.IntegerField()
+    activeCounters = serializers.IntegerField()
+    totalOperations = serializers.IntegerField()
+    avgValue = serializers.FloatField()
+
+
+class StatsCounterOut(serializers.Serializer):
+    counterId = serializers.CharField()
+    counterName = serializers.CharField()
+    currentValue = serializers.IntegerField()
+    peakValue = serializers.IntegerField()
+    operationCount = serializers.IntegerField()
+    lastUpdateTime = serializers.DateTimeField(allow_null=True)
+
+
+class StatsPointOut(serializers.Serializer):
+    time = serializers.DateTimeField()
+    value = serializers.IntegerField(help_text="Net change of the selected counters in this slot.")
+    operations = serializers.IntegerField()
+
+
+class StatsTopOut(serializers.Serializer):
+    counterId = serializers.CharField()
+    value = serializers.IntegerField()
+    ranking = serializers.IntegerField()
+
+
+class StatsData(serializers.Serializer):
+    summary = StatsSummaryOut()
+    counterList = StatsCounterOut(many=True)
+    timeSeries = StatsPointOut(many=True)
+    topCounters = StatsTopOut(many=True)
+
+
+def envelope(name: str, data: type[serializers.Serializer]) -> type[serializers.Serializer]:
+    """The ``{code, msg, timestamp, data}`` reply around one function's data, for the schema."""
+    fields = {
+        "code": serializers.IntegerField(help_text="0 on success."),
+        "msg": serializers.CharField(help_text="Translated by Accept-Language (zh-Hans, zh-Hant, en)."),
+        "timestamp": serializers.IntegerField(help_text="Server time, ms since the epoch."),
+        "data": data(),
+    }
+    return type(name, (serializers.Serializer,), fields)
+
+
+class FunctionError(serializers.Serializer):
+    code = serializers.ChoiceField([4001, 4003, 4004, 4005, 5001, 5003])
+    msg = serializers.CharField()
+    timestamp = serializers.IntegerField()
+    data = serializers.JSONField(allow_null=True, help_text="Always null on errors.")
+
+
+class RestErrorDetail(serializers.Serializer):
+    code = serializers.IntegerField()
+    message = serializers.CharField()
+
+
+class RestError(serializers.Serializer):
+    """REST v1's error shape."""
+
+    success = serializers.BooleanField()
+    error = RestErrorDetail()
+
+
+REST_ERRORS = {
+    400: OpenApiResponse(RestError, description="4001: bad parameter."),
+    401: OpenApiResponse(RestError, description="4003: no valid API key."),
+    403: OpenApiResponse(RestError, description="4003: the key lacks a role for this."),
+    404: OpenApiResponse(RestError, description="4004: not found (or another app's)."),
+    405: OpenApiResponse(RestError, description="4001: wrong method."),
+    503: OpenApiResponse(RestError, description="5003: the counter store is down: read-only."),
+}
+
+
+class PlayerTokenSerializer(serializers.Serializer):
+    player_id = SubjectField()
+
+
+class PlayerTokenOut(serializers.Serializer):
+    token = serializers.CharField()
+    player_id = serializers.CharField()
+    expires_at = serializers.DateTimeField()

@@ -1,0 +1,145 @@
+"""OpenAPI (drf-spectacular) descriptions of what the views cannot say themselves: the project's own
+serializer fields and the REST v1 views (documented here so that their module stays about behaviour)."""
+
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import serializers
+
+from .apis import CounterBatchView, CounterViewSet
+from .function_serializers import REST_ERRORS, RestError
+from .serializers import SUBJECT_PATTERN, ResetInputSerializer, UpdateInputSerializer
+
+
+class StrictIntegerFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "counters.serializers.StrictIntegerField"
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {"type": "integer", "minimum": self.target.min_value, "maximum": self.target.max_value}
+
+
+class MetadataFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "counters.serializers.MetadataField"
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {"type": "object", "additionalProperties": True}
+
+
+class SubjectFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "counters.serializers.SubjectField"
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {"type": "string", "pattern": SUBJECT_PATTERN.pattern}
+
+
+class UpdateReply(serializers.Serializer):
+    success = serializers.BooleanField()
+    current_value = serializers.IntegerField()
+
+
+class ResetReply(UpdateReply):
+    previous_value = serializers.IntegerField()
+
+
+class ValueReply(serializers.Serializer):
+    name = serializers.CharField()
+    value = serializers.IntegerField()
+    last_updated = serializers.DateTimeField(allow_null=True)
+    last_reset = serializers.DateTimeField(required=False, help_text="Periodic counters only.")
+    next_reset = serializers.DateTimeField(required=False, help_text="Periodic counters only.")
+
+
+class BatchItem(serializers.Serializer):
+    name = serializers.CharField()
+    value = serializers.IntegerField()
+
+
+class BatchReply(serializers.Serializer):
+    counters = BatchItem(many=True)
+
+
+NAME = OpenApiParameter("name", str, OpenApiParameter.PATH, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+USER_ID = OpenApiParameter("user_id", str, description="The player (user counters).", pattern=SUBJECT_PATTERN.pattern)
+APP = OpenApiParameter("app", str, description="App slug for anonymous reads of public counters (default app).")
+CONFLICT = {409: OpenApiResponse(RestError, description="4005: out of limits; nothing changed.")}
+AUTH = "Authenticate with `Authorization: Bearer <API key>` or `X-API-Key`."
+
+
+def _update(verb: str, example_value: int):
+    return extend_schema(
+        tags=["REST v1"],
+        summary=f"{verb.capitalize()} a counter",
+        description=f"Needs the `write` role (global counters: also `global_admin`). {AUTH}",
+        parameters=[NAME],
+        request=UpdateInputSerializer,
+        responses={200: UpdateReply, **REST_ERRORS, **CONFLICT},
+        examples=[
+            OpenApiExample(verb, value={"value": 1, "user_id": "u123456", "metadata": {}}, request_only=True),
+            OpenApiExample(verb, value={"success": True, "current_value": example_value}, response_only=True),
+        ],
+    )
+
+
+# The viewset's custom actions are routed by hand, so each method is annotated in place.
+for method, annotation in dict(
+    retrieve=extend_schema(
+        tags=["REST v1"],
+        summary="Read a counter",
+        description=f"Public counters need no key; private ones a key of their app. {AUTH}",
+        parameters=[NAME, USER_ID, APP],
+        responses={200: ValueReply, **REST_ERRORS},
+        examples=[
+            OpenApiExample(
+                "online_players",
+                value={"name": "online_players", "value": 12344, "last_updated": "2024-01-15T10:30:00Z"},
+                response_only=True,
+            )
+        ],
+    ),
+    increment=_update("increment", 12345),
+    decrement=_update("decrement", 12344),
+    reset=extend_schema(
+        tags=["REST v1"],
+        summary="Reset a counter (administrator only)",
+        description="Needs `counter_manage`; the key may also be given as `admin_token` in the body.",
+        parameters=[NAME],
+        request=ResetInputSerializer,
+        responses={200: ResetReply, **REST_ERRORS, **CONFLICT},
+        examples=[
+            OpenApiExample("reset", value={"admin_token": "secret_token", "reason": "event over"}, request_only=True),
+            OpenApiExample(
+                "reset", value={"success": True, "current_value": 0, "previous_value": 7}, response_only=True
+            ),
+        ],
+    ),
+).items():
+    annotation(getattr(CounterViewSet, method))
+
+extend_schema_view(
+    get=extend_schema(
+        tags=["REST v1"],
+        summary="Read up to 10 counters",
+        parameters=[
+            OpenApiParameter(
+                "names",
+                str,
+                required=True,
+                description="Comma-separated, 1 to 10 names.",
+                pattern=r"^[A-Za-z0-9_.:-]{1,64}(,[A-Za-z0-9_.:-]{1,64}){0,9}$",
+            ),
+            APP,
+        ],
+        responses={200: BatchReply, **REST_ERRORS},
+        examples=[
+            OpenApiExample(
+                "two counters",
+                value={
+                    "counters": [
+                        {"name": "online_players", "value": 12344},
+                        {"name": "daily_active_users", "value": 45678},
+                    ]
+                },
+                response_only=True,
+            )
+        ],
+    )
+)(CounterBatchView)
