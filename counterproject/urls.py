@@ -4,7 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from archive.apis import CounterBatchResetView, CounterHistoryView
 from counters import functions, schema  # noqa: F401 (schema: the OpenAPI descriptions register on import)
-from counters.apis import CounterBatchView, CounterViewSet, healthz
+from counters.apis import CounterBatchUpdateView, CounterBatchView, CounterViewSet, healthz
 
 counter_read = CounterViewSet.as_view({"get": "retrieve"})
 counter_increment = CounterViewSet.as_view({"post": "increment"})
@@ -29,6 +29,7 @@ urlpatterns = [
     path("api/v1/player-tokens", functions.PlayerTokenView.as_view(), name="player-tokens"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("api/v1/counters/batch", CounterBatchUpdateView.as_view(), name="counter-batch-update"),
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
     path("board/", include("board.urls")),

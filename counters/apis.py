@@ -11,11 +11,11 @@ from rest_framework.views import APIView
 
 from . import selectors, services
 from .config import KeyConfig
-from .errors import AuthenticationRequired, CounterNotFound, InvalidParameter
+from .errors import AuthenticationRequired, CounterError, CounterNotFound, InvalidParameter
 from .models import NAME_PATTERN
 from .permissions import check_manage, check_read, check_write
 from .redis_store import StoreUnavailable, breaker, redis_call
-from .serializers import SUBJECT_PATTERN, ResetInputSerializer, UpdateInputSerializer
+from .serializers import SUBJECT_PATTERN, ResetInputSerializer, UpdateInputSerializer, batch_updates_parse
 
 _NAME = re.compile(NAME_PATTERN)
 
@@ -151,6 +151,45 @@ class CounterBatchView(APIView):
                 raise InvalidParameter(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
         views = selectors.counter_values_get(items=[(c, "") for c in counters])
         return read_response({"counters": [{"name": v.counter.name, "value": v.value} for v in views]}, views)
+
+
+class CounterBatchUpdateView(APIView):
+    """POST /api/v1/counters/batch: many increments/decrements, of several counters, in one request.
+
+    The whole request is checked first (shape, names, permissions: any error refuses it all and
+    changes nothing); then every item applies in order in one Redis round trip. A bounds refusal
+    (4005) is per item: the item changes nothing, the others apply.
+    """
+
+    error_shape = "rest"
+
+    def post(self, request) -> Response:
+        key = request_key(request)
+        if key is None:
+            raise AuthenticationRequired()
+        app_id = request_app_id(request, key)
+        items = batch_updates_parse(request.data)
+        counters = {}
+        updates = []
+        for index, item in enumerate(items):
+            counter = counters.get(item.name)
+            if counter is None:
+                try:
+                    counter = counters[item.name] = selectors.counter_get(app_id=app_id, name=item.name)
+                    check_write(key, counter)
+                except CounterError as exc:
+                    raise type(exc)(f"updates[{index}]: {exc.message}") from exc
+            subject = item.user_id if counter.is_user_scoped else ""
+            updates.append(services.UpdateRequest(counter, item.amount, subject, item.user_id, item.metadata))
+        results = services.counter_update_many(updates=updates, actor=key.prefix)
+        bodies = [batch_result_body(u.counter.name, r) for u, r in zip(updates, results, strict=True)]
+        return Response({"success": True, "results": bodies})
+
+
+def batch_result_body(name: str, result: services.UpdateResult | CounterError) -> dict:
+    if isinstance(result, CounterError):
+        return {"name": name, "success": False, "error": {"code": result.code, "message": result.message}}
+    return {"name": name, "success": True, "current_value": result.new_value}
 
 
 def healthz(request) -> JsonResponse:

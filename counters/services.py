@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import orjson
+import redis
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
@@ -236,28 +237,47 @@ def _log_prefix(*, actor: str, user_id: str, subject: str, period: str, ms: int,
     return orjson.dumps(entry).decode()[:-1]
 
 
-def counter_update(
+@dataclass(frozen=True, slots=True)
+class UpdateRequest:
+    """One update of a batch: ``amount`` is negative for a decrement."""
+
+    counter: CounterConfig
+    amount: int
+    subject: str = ""
+    user_id: str = ""
+    metadata: dict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _PreparedUpdate:
+    counter: CounterConfig
+    subject: str
+    window: periods.PeriodWindow
+    keys: list[str]
+    args: list
+    low: int
+    high: int
+    member: str
+    log: str
+
+
+def _prepare_update(
     *,
     counter: CounterConfig,
     amount: int,
-    subject: str = "",
-    user_id: str = "",
-    actor: str = "",
-    metadata: dict | None = None,
-    allow_negative: bool = False,
-) -> UpdateResult:
-    """Add ``amount`` (negative to decrement) to a counter in one Redis round trip.
-
-    For unique-member counters ``user_id`` is counted once per period; a repeat changes nothing
-    and reports the current value. Bounds are checked atomically: an update that would leave
-    them changes nothing and raises ``OutOfLimits``.
-    """
+    subject: str,
+    user_id: str,
+    actor: str,
+    metadata: dict | None,
+    allow_negative: bool,
+    now: datetime,
+) -> _PreparedUpdate:
+    """Check an update and build the update script's keys and arguments (no I/O)."""
     if amount == 0 or abs(amount) > keyspace.MAX_SAFE_VALUE:
         raise InvalidParameter(
             gettext("The amount must be a non-zero integer of at most %(max)d.") % {"max": keyspace.MAX_SAFE_VALUE}
         )
     counter_check_subject(counter=counter, subject=subject)
-    now = clock.now()
     _check_live(counter, now)
     member = user_id if counter.unique_members else ""
     if member and amount < 0:
@@ -277,34 +297,24 @@ def counter_update(
     args += [int(not counter.is_user_scoped), log]
     for t in counter.thresholds:
         args += [t.id, t.value, t.direction]
-    try:
-        store_reconcile_if_due()
-        result = _run_update(counter=counter, subject=subject, window=window, args=args)
-    except StoreUnavailable as exc:
-        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied:
-            raise
-        _reconcile_due.set()
-        return _update_write_through(
-            counter=counter,
-            amount=amount,
-            subject=subject,
-            member=member,
-            window=window,
-            now=now,
-            bounds=(low, high),
-            log=log,
-        )
+    keys = keyspace.update_keys(counter.id, window.key, subject)
+    return _PreparedUpdate(counter, subject, window, keys, args, low, high, member, log)
+
+
+def _update_result(prepared: _PreparedUpdate, result: list, now: datetime) -> UpdateResult:
+    """Read the update script's reply; a bounds refusal raises ``OutOfLimits``."""
+    counter = prepared.counter
     status = result[0]
     old, new = int(result[1]), int(result[2])
     if status == b"MIN":
         raise OutOfLimits(
             gettext("Counter '%(name)s' is at %(old)d: going below %(low)d is not allowed.")
-            % {"name": counter.name, "old": old, "low": low}
+            % {"name": counter.name, "old": old, "low": prepared.low}
         )
     if status == b"MAX":
         raise OutOfLimits(
             gettext("Counter '%(name)s' is at %(old)d: going above %(high)d is not allowed.")
-            % {"name": counter.name, "old": old, "high": high}
+            % {"name": counter.name, "old": old, "high": prepared.high}
         )
     crossed: tuple[int, ...] = ()
     marks: dict[int, datetime] = {}
@@ -314,8 +324,8 @@ def counter_update(
         marks = {int(flat[i]): clock.from_ms(int(flat[i + 1])) for i in range(0, len(flat), 2)}
     return UpdateResult(
         counter=counter,
-        subject=subject,
-        window=window,
+        subject=prepared.subject,
+        window=prepared.window,
         old_value=old,
         new_value=new,
         duplicate=status == b"DUP",
@@ -334,6 +344,133 @@ def counter_reset_check(*, counter: CounterConfig, subject: str = "", value: int
         message = gettext("A reset value must lie between %(low)d and %(high)d.") % {"low": low, "high": high}
         raise OutOfLimits(f"{message} (counter {counter.name!r})")
     return target
+
+
+def counter_update(
+    *,
+    counter: CounterConfig,
+    amount: int,
+    subject: str = "",
+    user_id: str = "",
+    actor: str = "",
+    metadata: dict | None = None,
+    allow_negative: bool = False,
+) -> UpdateResult:
+    """Add ``amount`` (negative to decrement) to a counter in one Redis round trip.
+
+    For unique-member counters ``user_id`` is counted once per period; a repeat changes nothing
+    and reports the current value. Bounds are checked atomically: an update that would leave
+    them changes nothing and raises ``OutOfLimits``.
+    """
+    now = clock.now()
+    prepared = _prepare_update(
+        counter=counter,
+        amount=amount,
+        subject=subject,
+        user_id=user_id,
+        actor=actor,
+        metadata=metadata,
+        allow_negative=allow_negative,
+        now=now,
+    )
+    try:
+        store_reconcile_if_due()
+        result = _run_update(counter=counter, subject=subject, window=prepared.window, args=prepared.args)
+    except StoreUnavailable as exc:
+        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied:
+            raise
+        _reconcile_due.set()
+        return _update_write_through(
+            counter=counter,
+            amount=amount,
+            subject=subject,
+            member=prepared.member,
+            window=prepared.window,
+            now=now,
+            bounds=(prepared.low, prepared.high),
+            log=prepared.log,
+        )
+    return _update_result(prepared, result, now)
+
+
+def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
+    """Run the update script for every item, in order, in one pipelined round trip.
+
+    Only a value not yet hydrated (or a Redis that lost the script) costs another round trip:
+    those items, which the script left untouched, run again in their order after hydration.
+    """
+    results: list = [None] * len(prepared)
+    todo = list(range(len(prepared)))
+    sha = scripts.update.sha
+
+    def run(r, indexes: list[int]) -> list:
+        pipe = r.pipeline(transaction=False)
+        for i in indexes:
+            item = prepared[i]
+            pipe.execute_command("EVALSHA", sha, len(item.keys), *item.keys, *item.args)
+        return pipe.execute(raise_on_error=False)
+
+    for _ in range(3):
+        replies = redis_call(lambda r, t=todo: run(r, t))
+        retry, cold, noscript = [], {}, False
+        for i, reply in zip(todo, replies, strict=True):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                retry.append(i)
+                noscript = True
+            elif isinstance(reply, Exception):
+                raise reply
+            elif reply[0] == b"HYDRATE":
+                retry.append(i)
+                cold[prepared[i].keys[0]] = prepared[i]
+            else:
+                results[i] = reply
+        if not retry:
+            return results
+        if noscript:
+            redis_call(lambda r: r.script_load(keyspace.UPDATE_SCRIPT))
+        for item in cold.values():
+            value_hydrate(counter=item.counter, subject=item.subject, window=item.window)
+        todo = retry
+    raise StoreUnavailable("values could not be hydrated")
+
+
+def counter_update_many(
+    *, updates: list[UpdateRequest], actor: str = "", allow_negative: bool = False
+) -> list[UpdateResult | OutOfLimits]:
+    """Apply many updates, in order, in one Redis round trip (game servers that aggregate events).
+
+    Every item is checked before anything is applied: an invalid item raises and nothing
+    changes. Bounds are per item, as for ``counter_update``: an item that would leave them
+    changes nothing and comes back as an ``OutOfLimits`` in its place; the others apply.
+    With Redis down a batch is refused (503) even in write-through mode: a partly written batch
+    could not be told apart from an applied one.
+    """
+    now = clock.now()
+    prepared = []
+    for index, update in enumerate(updates):
+        try:
+            prepared.append(
+                _prepare_update(
+                    counter=update.counter,
+                    amount=update.amount,
+                    subject=update.subject,
+                    user_id=update.user_id,
+                    actor=actor,
+                    metadata=update.metadata,
+                    allow_negative=allow_negative,
+                    now=now,
+                )
+            )
+        except CounterError as exc:
+            raise type(exc)(f"updates[{index}]: {exc.message}") from exc
+    store_reconcile_if_due()
+    results: list[UpdateResult | OutOfLimits] = []
+    for item, reply in zip(prepared, _run_update_pipeline(prepared), strict=True):
+        try:
+            results.append(_update_result(item, reply, now))
+        except OutOfLimits as exc:
+            results.append(exc)
+    return results
 
 
 def counter_reset(
