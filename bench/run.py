@@ -1,0 +1,347 @@
+"""make bench: the service's hot endpoints next to a minimal DRF baseline, measured in the same run.
+
+Starts a private redis-server and the service under the production ``gunicorn.conf.py`` (with the
+bench-only URL conf, which adds the baseline) on loopback, pins the server and the load generator
+to different cores, runs wrk (``bench/scenario.lua``) and prints one table. Then checks exactness:
+every value the API shows equals what the load generators were told was applied, and equals
+PostgreSQL after a flush.
+
+Environment: ``BENCH_DATABASE_URL`` (a database of its own; created and migrated if missing),
+``BENCH_SECONDS`` (per run, default 10), ``BENCH_SERVER_CPUS`` / ``BENCH_CLIENT_CPUS`` (default 0 / 1),
+and gunicorn's own knobs (``WEB_CONCURRENCY``, ``GUNICORN_THREADS``, ...) to compare settings.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+SERVER_CPUS = os.environ.get("BENCH_SERVER_CPUS", "0")
+CLIENT_CPUS = os.environ.get("BENCH_CLIENT_CPUS", "1")
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgres://root@127.0.0.1:5432/counters_bench")
+CONCURRENCIES = (16, 64, 400)
+FIXED_RATE_SHARE = 0.7
+FIXED_RATE_DELAY_MS = 10
+BATCH_SIZE = 100
+EXTRA_COUNTERS = [f"bench_{i}" for i in range(7)]
+WEB_PID = [0]
+GET_BATCH_NAMES = ["online_players", "daily_active_users", "total_games_played", *EXTRA_COUNTERS]
+
+
+@dataclass
+class Scenario:
+    name: str
+    label: str
+    method: str
+    path: str
+    body: str
+    counter: str = ""  # the counter a POST adds to, and how much per 2xx response
+    per_request: int = 0
+    compare_to: str = "baseline"
+    runs: dict = field(default_factory=dict)
+
+
+SCENARIOS = [
+    Scenario("baseline", "baseline: DRF view, one INCRBY", "POST", "/bench/baseline/increment", "increment"),
+    Scenario("increment", "(a) increment", "POST", "/api/v1/counter/online_players/increment", "increment"),
+    Scenario("dau", "(b) increment, distinct user_id", "POST", "/api/v1/counter/daily_active_users/increment", "dau"),
+    Scenario("get", "(c) GET one counter", "GET", "/api/v1/counter/online_players", "none"),
+    Scenario("get10", "(d) GET 10 counters", "GET", "/api/v1/counters?names=" + ",".join(GET_BATCH_NAMES), "none"),
+    Scenario("batch", f"(e) batch update of {BATCH_SIZE}", "POST", "/api/v1/counters/batch", "batch"),
+]
+SCENARIOS[1].counter, SCENARIOS[1].per_request = "online_players", 1
+SCENARIOS[2].counter, SCENARIOS[2].per_request = "daily_active_users", 1
+SCENARIOS[5].counter, SCENARIOS[5].per_request = "total_games_played", BATCH_SIZE // 2
+SCENARIOS[4].compare_to = "get"
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+if ONLY:  # a quicker run of some scenarios (and what they are compared to), e.g. to try gunicorn settings
+    SCENARIOS = [
+        s for s in SCENARIOS if s.name in ONLY | {"baseline"} | {t.compare_to for t in SCENARIOS if t.name in ONLY}
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"bench: {what} did not come up")
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_seconds(master_pid: int) -> float:
+    """CPU time of gunicorn: the master, its live workers and the workers it has reaped.
+
+    On a machine shared with other work, CPU per request is steadier than requests/s: it is what
+    sets the capacity of a core.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+        except OSError:
+            continue
+        fields = rest.rsplit(") ", 1)[1].split()
+        if int(pid) == master_pid:
+            total += sum(int(f) for f in fields[11:15])
+        elif int(fields[1]) == master_pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def ensure_database(url: str) -> None:
+    import psycopg
+
+    parts = urlparse(url)
+    name = parts.path.lstrip("/")
+    admin = parts._replace(path="/postgres").geturl()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+class Processes:
+    """A private redis-server (on the client cores) and gunicorn (on the server cores)."""
+
+    def __init__(self) -> None:
+        self.redis_port = free_port()
+        self.redis_dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-gunicorn-", suffix=".log", delete=False)  # noqa: SIM115
+        self.redis = self.web = None
+
+    def start_redis(self) -> None:
+        args = ["taskset", "-c", CLIENT_CPUS, "redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", self.redis_dir]
+        self.redis = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        wait_until(lambda: redis.Redis(port=self.redis_port).ping(), "redis-server")
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, DATABASE_URL=DATABASE_URL, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
+        env["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+        return env
+
+    def start_web(self) -> None:
+        args = ["taskset", "-c", SERVER_CPUS, str(BIN / "gunicorn"), "counterproject.wsgi"]
+        args += ["-c", str(ROOT / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{self.port}"]
+        self.web = subprocess.Popen(args, cwd=ROOT, env=self.env(), stdout=self.log, stderr=self.log)
+        wait_until(lambda: requests.get(f"{self.url}/healthz", timeout=1).ok, "gunicorn")
+        WEB_PID[0] = self.web.pid
+
+    def stop(self) -> None:
+        for process in (self.web, self.redis):
+            if process and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        shutil.rmtree(self.redis_dir, ignore_errors=True)
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def django_setup(redis_url: str) -> str:
+    """Migrate the bench database, make sure the bench counters exist, return a fresh write key."""
+    os.environ.update(DATABASE_URL=DATABASE_URL, REDIS_URL=redis_url, DJANGO_SETTINGS_MODULE="counterproject.settings")
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from counters.models import ApiKey, App, Counter
+
+    call_command("migrate", "--noinput", verbosity=0)
+    app = App.objects.get(slug="default")
+    for name in EXTRA_COUNTERS:
+        Counter.objects.get_or_create(app=app, name=name, defaults={"public": True})
+    _, raw = ApiKey.generate(app=app, roles=["write", "data_view"], name="bench")
+    return raw
+
+
+def wrk(url: str, scenario: Scenario, key: str, *, connections: int, seconds: int, delay_ms: int = 0) -> dict:
+    cpu_before = cpu_seconds(WEB_PID[0])
+    env = dict(os.environ, BENCH_BODY=scenario.body, BENCH_METHOD=scenario.method, BENCH_KEY=key)
+    env.update(BENCH_RUN=f"r{time.time_ns()}", BENCH_DELAY_MS=str(delay_ms), BENCH_BATCH_SIZE=str(BATCH_SIZE))
+    args = ["taskset", "-c", CLIENT_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
+    args += ["-s", str(ROOT / "bench" / "scenario.lua"), url + scenario.path]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("BENCH "))
+    result = json.loads(line[6:])
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["cpu_ms"] = (cpu_seconds(WEB_PID[0]) - cpu_before) * 1000 / max(1, result["requests"])
+    result["connections"] = connections
+    return result
+
+
+def hey(url: str, key: str, *, path: str, body: str, count: int, concurrency: int = 32) -> dict[int, int]:
+    """Exactly ``count`` requests (hey waits for every answer); returns {status: responses}."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as body_file:
+        body_file.write(body)
+    args = ["taskset", "-c", CLIENT_CPUS, "hey", "-n", str(count), "-c", str(concurrency), "-m", "POST"]
+    args += ["-H", f"Authorization: Bearer {key}", "-T", "application/json", "-D", body_file.name, url + path]
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=600, check=True).stdout
+    finally:
+        os.unlink(body_file.name)
+    return {int(code): int(n) for code, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
+
+
+def value(url: str, name: str) -> int:
+    """The counter's value once the server has drained what wrk left queued when it stopped."""
+    current = None
+    for _ in range(120):
+        latest = requests.get(f"{url}/api/v1/counter/{name}", timeout=60).json()["value"]
+        if latest == current:
+            return latest
+        current = latest
+        time.sleep(0.5)
+    raise SystemExit(f"bench: {name} never settled")
+
+
+def check_window(scenario: Scenario, before: int, after: int, run: dict, problems: list[str]) -> None:
+    """wrk stops with requests in flight: the server may have applied them, wrk never saw the answer."""
+    low, high = run["ok"] * scenario.per_request, run["sent"] * scenario.per_request
+    if run["non2xx"] or not low <= after - before <= high:
+        problems.append(
+            f"{scenario.name}: {after - before} applied, wrk saw {low} (sent {high}), {run['non2xx']} non-2xx"
+        )
+
+
+def ms(us: float) -> str:
+    return f"{us / 1000:.2f}"
+
+
+def main() -> int:
+    for tool in ("wrk", "hey", "taskset", "redis-server"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} is missing (make bench installs wrk and hey)")
+    ensure_database(DATABASE_URL)
+    processes = Processes()
+    problems: list[str] = []
+    try:
+        processes.start_redis()
+        key = django_setup(processes.redis_url)
+        processes.start_web()
+        url = processes.url
+        print(f"bench: server cores {SERVER_CPUS}, load generator and redis cores {CLIENT_CPUS}, {SECONDS}s a run")
+        print(f"bench: load average before {load()}")
+        for scenario in SCENARIOS:  # warm every worker: config snapshot, hydration, connections
+            wrk(url, scenario, key, connections=16, seconds=2)
+        for scenario in SCENARIOS:
+            for connections in CONCURRENCIES:
+                before = value(url, scenario.counter) if scenario.counter else 0
+                run = wrk(url, scenario, key, connections=connections, seconds=SECONDS)
+                if scenario.counter:
+                    check_window(scenario, before, value(url, scenario.counter), run, problems)
+                scenario.runs[connections] = run
+            peak = max(scenario.runs.values(), key=lambda r: r["rps"])
+            target = peak["rps"] * FIXED_RATE_SHARE
+            connections = max(1, round(target * FIXED_RATE_DELAY_MS / 1000))
+            before = value(url, scenario.counter) if scenario.counter else 0
+            run = wrk(url, scenario, key, connections=connections, seconds=SECONDS, delay_ms=FIXED_RATE_DELAY_MS)
+            if scenario.counter:
+                check_window(scenario, before, value(url, scenario.counter), run, problems)
+            run["share"] = run["rps"] / peak["rps"]
+            scenario.runs["fixed"] = run
+            print(f"bench: {scenario.name} done, peak {peak['rps']:.0f} req/s, load {load()}", flush=True)
+
+        # Exactness with every answer awaited: what hey saw as 200 is exactly what was applied.
+        before = value(url, "online_players")
+        statuses = hey(url, key, path="/api/v1/counter/online_players/increment", body='{"value": 1}', count=5000)
+        if value(url, "online_players") - before != statuses.get(200, 0) or set(statuses) != {200}:
+            problems.append(f"hey increment: {statuses}, applied {value(url, 'online_players') - before}")
+        batch = {"updates": [{"name": "total_games_played"}] * 50 + [{"name": "online_players", "value": 2}] * 50}
+        before = value(url, "total_games_played")
+        statuses = hey(url, key, path="/api/v1/counters/batch", body=json.dumps(batch), count=500)
+        if value(url, "total_games_played") - before != 50 * statuses.get(200, 0) or set(statuses) != {200}:
+            problems.append(f"hey batch: {statuses}, applied {value(url, 'total_games_played') - before}")
+
+        from counters.models import CounterValue
+        from counters.services import counters_flush
+
+        started = time.monotonic()
+        stats = counters_flush()
+        flush_seconds = time.monotonic() - started
+        for name in ("online_players", "daily_active_users", "total_games_played"):
+            stored = sum(
+                CounterValue.objects.filter(counter__app__slug="default", counter__name=name)
+                .order_by("-period")
+                .values_list("value", flat=True)[:1]
+            )
+            if stored != value(url, name):
+                problems.append(f"{name}: API {value(url, name)} != PostgreSQL {stored} after a flush")
+        print(f"bench: flushed {stats.values} values, {stats.members} members in {flush_seconds:.2f}s")
+        print(f"bench: load average after {load()}")
+    finally:
+        processes.stop()
+
+    print_table()
+    print(
+        "exactness: "
+        + (
+            "OK (API == 2xx seen by the load generators == PostgreSQL after flush)"
+            if not problems
+            else "FAILED\n  " + "\n  ".join(problems)
+        )
+    )
+    return 1 if problems else 0
+
+
+def print_table() -> None:
+    by_name = {s.name: s for s in SCENARIOS}
+    head = f"{'endpoint':34} {'peak req/s':>10} {'x base':>6} {'c16 req/s':>9} {'p50':>6} {'p99':>6}"
+    head += f" {'c400 p99':>8} | {'70% rate':>8} {'p50':>6} {'p99':>6} | {'CPU ms':>6} {'/core/s':>7}"
+    print()
+    print(head + "   (latencies in ms)")
+    print("-" * len(head))
+    for scenario in SCENARIOS:
+        runs = scenario.runs
+        peak = max((r for c, r in runs.items() if c != "fixed"), key=lambda r: r["rps"])
+        base = max((r["rps"] for c, r in by_name[scenario.compare_to].runs.items() if c != "fixed"))
+        ratio = "" if scenario.name == scenario.compare_to else f"{peak['rps'] / base:.2f}"
+        c16, c400, fixed = runs[16], runs[400], runs["fixed"]
+        line = f"{scenario.label:34} {peak['rps']:>10.0f} {ratio:>6} {c16['rps']:>9.0f} {ms(c16['p50_us']):>6}"
+        line += f" {ms(c16['p99_us']):>6} {ms(c400['p99_us']):>8} | {fixed['rps']:>8.0f} {ms(fixed['p50_us']):>6}"
+        line += f" {ms(fixed['p99_us']):>6} | {peak['cpu_ms']:>6.2f} {1000 / peak['cpu_ms']:>7.0f}"
+        print(line)
+    if "batch" in by_name:
+        best = max(r["rps"] for c, r in by_name["batch"].runs.items() if c != "fixed")
+        print(f"\nbatch updates: {best * BATCH_SIZE:.0f} counter updates/s at {best:.0f} requests/s of {BATCH_SIZE}")
+    print("x base: against the baseline's peak (GET 10 against GET one)")
+    print("CPU ms: gunicorn CPU per request at peak; /core/s: requests one fully busy core serves at that cost")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+-- wrk script for every bench scenario; run.py sets it up through the environment:
+--   BENCH_BODY   none | increment | dau | batch   (what each request carries)
+--   BENCH_METHOD GET | POST,  BENCH_KEY  the API key,  BENCH_RUN  a tag that keeps user ids distinct across runs
+--   BENCH_DELAY_MS  pause after each response (fixed-rate runs: rate ~ connections / delay)
+-- done() prints one line "BENCH {json}" with the figures run.py reads.
+
+local body_kind = os.getenv("BENCH_BODY") or "none"
+local method = os.getenv("BENCH_METHOD") or "GET"
+local key = os.getenv("BENCH_KEY") or ""
+local run_tag = os.getenv("BENCH_RUN") or "r"
+local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+local batch_size = tonumber(os.getenv("BENCH_BATCH_SIZE") or "100")
+
+local threads = {}
+local thread_id = 0
+
+function setup(thread)
+  thread_id = thread_id + 1
+  thread:set("tid", thread_id)
+  table.insert(threads, thread)
+end
+
+local headers = { ["Content-Type"] = "application/json" }
+if key ~= "" then headers["Authorization"] = "Bearer " .. key end
+
+sent, ok = 0, 0
+
+local function next_user()
+  return string.format("%s-%d-%d", run_tag, tid, sent)
+end
+
+local function batch_body()
+  -- Half games played, a quarter logins, a quarter distinct daily active users.
+  local items = {}
+  local games, logins = math.floor(batch_size / 2), math.floor(batch_size / 4)
+  for _ = 1, games do items[#items + 1] = '{"name":"total_games_played"}' end
+  for _ = 1, logins do items[#items + 1] = '{"name":"online_players","op":"increment","value":1}' end
+  for i = 1, batch_size - games - logins do
+    items[#items + 1] = string.format('{"name":"daily_active_users","user_id":"%s-%d"}', next_user(), i)
+  end
+  return '{"updates":[' .. table.concat(items, ",") .. "]}"
+end
+
+function request()
+  sent = sent + 1
+  local body = nil
+  if body_kind == "increment" then
+    body = '{"value":1}'
+  elseif body_kind == "dau" then
+    body = '{"user_id":"' .. next_user() .. '"}'
+  elseif body_kind == "batch" then
+    body = batch_body()
+  end
+  return wrk.format(method, nil, headers, body)
+end
+
+function response(status, _, _)
+  if status >= 200 and status < 300 then ok = ok + 1 end
+end
+
+if delay_ms > 0 then
+  function delay()
+    return delay_ms
+  end
+end
+
+function done(summary, latency, _)
+  local total_sent, total_ok = 0, 0
+  for _, thread in ipairs(threads) do
+    total_sent = total_sent + thread:get("sent")
+    total_ok = total_ok + thread:get("ok")
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,' ..
+    '"sent":%d,"ok":%d,"errors":%d,"non2xx":%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.max, total_sent, total_ok, e.connect + e.read + e.write + e.timeout, e.status))
+end
