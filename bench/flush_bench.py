@@ -1,0 +1,67 @@
+"""The write-behind flusher's throughput: pending deltas drained into PostgreSQL per second.
+
+    .venv/bin/python bench/flush_bench.py [subjects] [members]
+
+Fills a private Redis through the service (``counter_update_many``) with pending deltas of many
+subjects of a per-player counter and many new unique members of ``daily_active_users``, times one
+``counters_flush`` and checks PostgreSQL against Redis afterwards.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import run
+
+CHUNK = 1000
+
+
+def main(subjects: int, members: int) -> int:
+    run.ensure_database(run.DATABASE_URL)
+    processes = run.Processes()
+    try:
+        processes.start_redis()
+        run.django_setup(processes.redis_url)
+        from counters.config import cache
+        from counters.models import App, Counter, CounterValue, UniqueMember
+        from counters.services import UpdateRequest, counter_update_many, counters_flush
+
+        app = App.objects.get(slug="default")
+        Counter.objects.get_or_create(app=app, name="bench_player_score", defaults={"scope": "user"})
+        tag = f"f{time.time_ns()}"
+        cache.invalidate()
+        snapshot = cache.get()
+        score = snapshot.counters[(app.id, "bench_player_score")]
+        dau = snapshot.counters[(app.id, "daily_active_users")]
+        counters_flush()
+
+        started = time.monotonic()
+        updates = [UpdateRequest(score, 3, f"{tag}-{i}") for i in range(subjects)]
+        updates += [UpdateRequest(score, 2, f"{tag}-{i}") for i in range(subjects)]
+        updates += [UpdateRequest(dau, 1, "", f"{tag}-{i}") for i in range(members)]
+        for start in range(0, len(updates), CHUNK):
+            counter_update_many(updates=updates[start : start + CHUNK])
+        print(f"filled {len(updates)} updates in {time.monotonic() - started:.1f}s (includes hydrating each subject)")
+
+        started = time.monotonic()
+        stats = counters_flush()
+        seconds = time.monotonic() - started
+        deltas = stats.values + stats.members
+        print(f"flushed {stats.values} values + {stats.members} members = {deltas} deltas in {seconds:.2f}s")
+        print(f"flush: {deltas / seconds:,.0f} deltas/s ({stats.operations} operations, {stats.batches} batches)")
+
+        rows = CounterValue.objects.filter(counter_id=score.id, subject__startswith=f"{tag}-")
+        stored = sorted(set(rows.values_list("value", flat=True)))
+        known = UniqueMember.objects.filter(counter_id=dau.id, member__startswith=f"{tag}-").count()
+        exact = rows.count() == subjects and stored == [5] and known == members
+        print("exactness: " + ("OK" if exact else f"FAILED ({rows.count()} rows, values {stored}, {known} members)"))
+        return 0 if exact else 1
+    finally:
+        processes.stop()
+
+
+if __name__ == "__main__":
+    args = [int(a) for a in sys.argv[1:3]]
+    sys.exit(main(*(args + [50_000, 50_000][len(args) :])))
