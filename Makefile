@@ -1,5 +1,6 @@
 # make run   — set up on a fresh machine and run web + worker + beat on 127.0.0.1:$(PORT)
 # make test  — the same set-up, then ruff and the whole test suite
+# make bench — the hot endpoints next to a DRF baseline, latency below saturation, exactness (bench/README.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -39,6 +40,11 @@ browser:
 
 test: $(BIN)/.installed services browser lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(BIN)/.installed services
+	command -v wrk >/dev/null && command -v hey >/dev/null || (apt-get update && apt-get install -y wrk hey)
+	$(BIN)/python bench/run.py
+	$(BIN)/python bench/flush_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -268,7 +268,11 @@ def main() -> int:
                 scenario.runs[connections] = run
             peak = max(scenario.runs.values(), key=lambda r: r["rps"])
             target = peak["rps"] * FIXED_RATE_SHARE
+            # Each connection waits FIXED_RATE_DELAY_MS after an answer: calibrate the number of
+            # connections on a short run, since the answer's own latency slows each connection.
             connections = max(1, round(target * FIXED_RATE_DELAY_MS / 1000))
+            trial = wrk(url, scenario, key, connections=connections, seconds=3, delay_ms=FIXED_RATE_DELAY_MS)
+            connections = max(1, round(connections * target / max(1.0, trial["rps"])))
             before = value(url, scenario.counter) if scenario.counter else 0
             run = wrk(url, scenario, key, connections=connections, seconds=SECONDS, delay_ms=FIXED_RATE_DELAY_MS)
             if scenario.counter:

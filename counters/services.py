@@ -271,6 +271,7 @@ def _prepare_update(
     metadata: dict | None,
     allow_negative: bool,
     now: datetime,
+    window: periods.PeriodWindow | None = None,
 ) -> _PreparedUpdate:
     """Check an update and build the update script's keys and arguments (no I/O)."""
     if amount == 0 or abs(amount) > keyspace.MAX_SAFE_VALUE:
@@ -285,7 +286,7 @@ def _prepare_update(
             gettext("Counter '%(name)s' counts unique users: it cannot be decremented per user.")
             % {"name": counter.name}
         )
-    window = periods.window_at(counter.period, counter.time_zone, now)
+    window = window or periods.window_at(counter.period, counter.time_zone, now)
     ms = clock.to_ms(now)
     low, high = _bounds(counter, allow_negative)
     log = (
@@ -447,7 +448,11 @@ def counter_update_many(
     """
     now = clock.now()
     prepared = []
+    windows: dict[int, periods.PeriodWindow] = {}  # one period computation per counter, not per item
     for index, update in enumerate(updates):
+        counter = update.counter
+        if counter.id not in windows:
+            windows[counter.id] = periods.window_at(counter.period, counter.time_zone, now)
         try:
             prepared.append(
                 _prepare_update(
@@ -459,6 +464,7 @@ def counter_update_many(
                     metadata=update.metadata,
                     allow_negative=allow_negative,
                     now=now,
+                    window=windows[counter.id],
                 )
             )
         except CounterError as exc:
