@@ -5,9 +5,10 @@ from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import serializers
 
-from .apis import CounterBatchView, CounterViewSet
-from .function_serializers import REST_ERRORS, RestError
-from .serializers import SUBJECT_PATTERN, ResetInputSerializer, UpdateInputSerializer
+from .apis import CounterBatchUpdateView, CounterBatchView, CounterViewSet
+from .function_serializers import REST_ERRORS, RestError, RestErrorDetail
+from .keyspace import MAX_SAFE_VALUE
+from .serializers import BATCH_UPDATE_LIMIT, SUBJECT_PATTERN, ResetInputSerializer, UpdateInputSerializer
 
 
 class StrictIntegerFieldSchema(OpenApiSerializerFieldExtension):
@@ -143,3 +144,39 @@ extend_schema_view(
         ],
     )
 )(CounterBatchView)
+
+
+class BatchUpdateInputItem(serializers.Serializer):
+    name = serializers.RegexField(r"^[A-Za-z0-9_.:-]{1,64}$")
+    op = serializers.ChoiceField(["increment", "decrement"], required=False, help_text="Default: increment.")
+    value = serializers.IntegerField(min_value=1, max_value=MAX_SAFE_VALUE, required=False, help_text="Default: 1.")
+    user_id = serializers.RegexField(SUBJECT_PATTERN.pattern, required=False)
+    metadata = serializers.DictField(required=False)
+
+
+class BatchUpdateInput(serializers.Serializer):
+    updates = BatchUpdateInputItem(many=True, min_length=1, max_length=BATCH_UPDATE_LIMIT)
+
+
+class BatchUpdateResult(serializers.Serializer):
+    name = serializers.CharField()
+    success = serializers.BooleanField()
+    current_value = serializers.IntegerField(required=False)
+    error = RestErrorDetail(required=False, help_text="4005: out of limits; this item changed nothing.")
+
+
+class BatchUpdateReply(serializers.Serializer):
+    success = serializers.BooleanField()
+    results = BatchUpdateResult(many=True)
+
+
+extend_schema_view(
+    post=extend_schema(
+        tags=["REST v1"],
+        summary=f"Apply up to {BATCH_UPDATE_LIMIT} increments/decrements in one request",
+        description="The whole request is checked first (shape, names, permissions): any error refuses it all "
+        "and changes nothing. Items then apply in order; a bounds refusal (4005) is reported per item. " + AUTH,
+        request=BatchUpdateInput,
+        responses={200: BatchUpdateReply, **REST_ERRORS},
+    )
+)(CounterBatchUpdateView)
