@@ -11,7 +11,7 @@ REDIS_URL = env("TEST_REDIS_URL", default="redis://127.0.0.1:6379/15")
 CACHES["default"]["LOCATION"] = REDIS_URL
 CELERY_BROKER_URL = env("TEST_BROKER_URL", default="redis://127.0.0.1:6379/14")
 COUNTER_CONFIG_CACHE_SECONDS = 30.0
-COUNTER_CONFIG_CHECK_SECONDS = 0.0
+COUNTER_CONFIG_CHECK_SECONDS = env.float("COUNTER_CONFIG_CHECK_SECONDS", default=0.0)
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Static files come from the app directories (WHITENOISE_USE_FINDERS); nothing is collected in tests.

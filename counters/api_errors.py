@@ -18,6 +18,7 @@ from .errors import (
     InternalError,
     InvalidParameter,
     MethodNotAllowed,
+    OutcomeUnknown,
     ServiceReadOnly,
 )
 from .redis_store import StoreUnavailable
@@ -60,6 +61,8 @@ def as_counter_error(exc: Exception) -> CounterError:
     if isinstance(exc, CounterError):
         return exc
     if isinstance(exc, StoreUnavailable):
+        if exc.maybe_applied:
+            return OutcomeUnknown()
         return ServiceReadOnly(headers={"Retry-After": str(READ_ONLY_RETRY_AFTER_SECONDS)})
     if isinstance(exc, drf_exceptions.APIException):
         return _from_drf(exc)

@@ -59,5 +59,16 @@ class ServiceReadOnly(CounterError):
     default_message = _("The counter store is unavailable: the service is read-only for now. Retry later.")
 
 
+class OutcomeUnknown(CounterError):
+    """Redis timed out after the update was sent: it may or may not have been applied."""
+
+    code = 5004
+    status = 504
+    default_message = _(
+        "The counter store did not answer in time: the update may have been applied. "
+        "Read the counter before retrying, or the update may count twice."
+    )
+
+
 class InternalError(CounterError):
     pass
