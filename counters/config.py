@@ -29,6 +29,8 @@ class ThresholdConfig:
     value: int
     direction: str
     level: str
+    cooldown_seconds: int
+    rearm: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +90,9 @@ def _load() -> Snapshot:
     apps = {app.id: app for app in App.objects.all()}
     thresholds: dict[int, list[ThresholdConfig]] = {}
     for t in Threshold.objects.filter(enabled=True).order_by("value"):
-        thresholds.setdefault(t.counter_id, []).append(ThresholdConfig(t.id, t.value, t.direction, t.level))
+        thresholds.setdefault(t.counter_id, []).append(
+            ThresholdConfig(t.id, t.value, t.direction, t.level, t.cooldown_seconds, t.rearm)
+        )
     counters = {}
     for c in Counter.objects.all():
         app = apps[c.app_id]

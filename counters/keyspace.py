@@ -8,10 +8,13 @@ Per counter ``c``:
 - ``cs:{c}:v:<period>:<subject>`` hash: ``v`` value, ``peak``, ``ops``, ``upd`` (ms). Its existence
   means "hydrated from PostgreSQL"; the update script refuses to run on a missing one.
 - ``cs:{c}:m:<period>`` set: members already counted in the period (unique counters).
-- ``cs:{c}:t:<period>:<subject>`` hash: threshold id -> first crossing time (ms) in the period.
+- ``cs:{c}:t:<period>:<subject>`` hash: threshold id -> time (ms) it fired in the period (deleted
+  when a re-arming threshold falls back).
+- ``cs:{c}:tc:<subject>`` hash: threshold id -> last firing (ms), for cooldowns; it expires when
+  the longest running cooldown ends.
 - ``cs:{c}:pend`` hash: what the flusher still has to write to PostgreSQL, fields
   ``d|<period>|<subject>`` delta, ``o|…`` operations, ``p|…`` peak, ``t|…`` last update (ms),
-  ``u|<period>||<member>`` new unique member, ``e|<period>|<subject>|<threshold id>`` crossing,
+  ``u|<period>||<member>`` new unique member, ``e|<period>|<subject>|<threshold id>|<ms>`` crossing,
   ``bo|<minute>`` / ``bd|<minute>`` / ``bv|<minute>`` / ``bm|<minute>`` per-minute stats.
 - ``cs:{c}:log`` list: operation-log entries (JSON) for counters that log operations.
 - ``cs:{c}:batches`` set of batch ids moved out of ``pend``/``log`` and not yet deleted;
@@ -43,6 +46,10 @@ def members_key(counter_id: int, period: str) -> str:
 
 def threshold_marks_key(counter_id: int, period: str, subject: str) -> str:
     return f"{_tag(counter_id)}:t:{period}:{subject}"
+
+
+def threshold_cooldown_key(counter_id: int, subject: str) -> str:
+    return f"{_tag(counter_id)}:tc:{subject}"
 
 
 def pending_key(counter_id: int) -> str:
@@ -108,6 +115,7 @@ def update_keys(counter_id: int, period: str, subject: str) -> list[str]:
         members_key(counter_id, period),
         threshold_marks_key(counter_id, period, subject),
         oplog_key(counter_id),
+        threshold_cooldown_key(counter_id, subject),
     ]
 
 
@@ -115,7 +123,7 @@ def update_keys(counter_id: int, period: str, subject: str) -> list[str]:
 # status: OK, DUP (member already counted: nothing changes), MIN / MAX (bounds: nothing changes),
 # HYDRATE (value not loaded from PostgreSQL yet: the caller hydrates and retries).
 UPDATE_SCRIPT = """
-local vkey, pkey, mkey, tkey, lkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local vkey, pkey, mkey, tkey, lkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local mode, amount, f, member = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local ms, minute = ARGV[8], ARGV[9]
 local function s(n) return string.format('%d', n) end
@@ -160,17 +168,33 @@ if ARGV[11] ~= '' then
   redis.call('RPUSH', lkey, ARGV[11] .. ',"old":' .. s(old) .. ',"new":' .. s(new) .. '}')
 end
 
+-- Thresholds, 5 ARGV each: id, value, direction, cooldown (ms), re-arm ('1'/'0'). A mark in tkey
+-- (id -> trigger ms) means "fired and not re-armed": only a crossing without a mark fires. Re-arm
+-- deletes the mark when the value falls back; ckey keeps the last firing across periods for the
+-- cooldown and expires by itself.
 local crossed = {}
+local now = tonumber(ms)
 local i = 12
-while i + 2 <= #ARGV do
-  local tid, tv, dir = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  if (dir == 'up' and old < tv and new >= tv) or (dir == 'down' and old > tv and new <= tv) then
-    if redis.call('HSETNX', tkey, tid, ms) == 1 then
-      crossed[#crossed + 1] = tid
-      redis.call('HSET', pkey, 'e|' .. f .. '|' .. tid, ms)
+while i + 4 <= #ARGV do
+  local tid, tv, up = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == 'up'
+  local cooldown, rearm = tonumber(ARGV[i + 3]), ARGV[i + 4] == '1'
+  if (up and old < tv and new >= tv) or (not up and old > tv and new <= tv) then
+    if redis.call('HEXISTS', tkey, tid) == 0 then
+      local last = cooldown > 0 and tonumber(redis.call('HGET', ckey, tid) or '0') or 0
+      if last == 0 or now - last >= cooldown then
+        redis.call('HSET', tkey, tid, ms)
+        if cooldown > 0 then
+          redis.call('HSET', ckey, tid, ms)
+          if redis.call('PTTL', ckey) < cooldown then redis.call('PEXPIRE', ckey, cooldown) end
+        end
+        crossed[#crossed + 1] = tid
+        redis.call('HSET', pkey, 'e|' .. f .. '|' .. tid .. '|' .. ms, ms)
+      end
     end
+  elseif rearm and ((up and new < tv) or (not up and new > tv)) then
+    redis.call('HDEL', tkey, tid)
   end
-  i = i + 3
+  i = i + 5
 end
 local marks = {}
 if #ARGV >= 12 then marks = redis.call('HGETALL', tkey) end

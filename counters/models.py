@@ -197,6 +197,14 @@ class Threshold(models.Model):
     direction = models.CharField(max_length=4, choices=Direction.choices, default=Direction.UP)
     level = models.CharField(max_length=8, choices=Level.choices, default=Level.INFO)
     enabled = models.BooleanField(default=True)
+    cooldown_seconds = models.PositiveIntegerField(
+        default=0, help_text="After firing, stay quiet this long even if the threshold is crossed again."
+    )
+    rearm = models.BooleanField(
+        default=False,
+        help_text="Fire again in the same period once the counter has fallen back past the value "
+        "(below it for 'up', above it for 'down'). Off: at most once per period.",
+    )
 
     class Meta:
         ordering = ["counter_id", "value"]
@@ -241,7 +249,7 @@ class ApiKey(models.Model):
 
 
 class ThresholdEvent(models.Model):
-    """A threshold crossed in a period: recorded once per (threshold, subject, period)."""
+    """A threshold crossed in a period: once per (threshold, subject, period) unless it re-arms."""
 
     threshold = models.ForeignKey(Threshold, on_delete=models.CASCADE, related_name="events")
     counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+")
@@ -252,7 +260,10 @@ class ThresholdEvent(models.Model):
     class Meta:
         ordering = ["-triggered_at"]
         constraints = [
-            models.UniqueConstraint(fields=["threshold", "subject", "period"], name="thresholdevent_once_per_period"),
+            # A re-armed threshold may fire again in a period; a re-applied batch never doubles one.
+            models.UniqueConstraint(
+                fields=["threshold", "subject", "period", "triggered_at"], name="thresholdevent_once_per_firing"
+            ),
         ]
 
 

@@ -297,7 +297,7 @@ def _prepare_update(
     args = ["add", amount, f"{window.key}|{subject}", member, low, high, int(counter.saturate), ms, ms // 60000]
     args += [int(not counter.is_user_scoped), log]
     for t in counter.thresholds:
-        args += [t.id, t.value, t.direction]
+        args += [t.id, t.value, t.direction, t.cooldown_seconds * 1000, int(t.rearm)]
     keys = keyspace.update_keys(counter.id, window.key, subject)
     return _PreparedUpdate(counter, subject, window, keys, args, low, high, member, log)
 
@@ -824,7 +824,7 @@ def _parse_batch(fields: dict[bytes, bytes], log: list[bytes]) -> _Batch:
             period, _subject, member = rest.split("|", 2)
             members.append((period, member))
         elif kind == "e":
-            period, subject, threshold_id = rest.split("|", 2)
+            period, subject, threshold_id, _fired_ms = rest.split("|", 3)
             events.append((int(threshold_id), subject, period, int(raw_value)))
     return _Batch(values, members, buckets, events, log)
 
