@@ -29,6 +29,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "counters",
     "archive",
+    "alerts",
 ]
 
 MIDDLEWARE = [
@@ -167,6 +168,24 @@ BOARD_POLL_MILLISECONDS = env.int("BOARD_POLL_MILLISECONDS", default=1000)
 COUNTER_PLAYER_TOKEN_SECONDS = env.int("COUNTER_PLAYER_TOKEN_SECONDS", default=24 * 3600)
 # Operation-log entries older than this are deleted by the hourly trim task.
 COUNTER_OPERATION_LOG_RETENTION_DAYS = env.int("COUNTER_OPERATION_LOG_RETENTION_DAYS", default=30)
+
+# Threshold alerts (see docs/thresholds.md).
+ALERTS_HTTP_TIMEOUT_SECONDS = env.float("ALERTS_HTTP_TIMEOUT_SECONDS", default=5.0)
+ALERTS_MAX_ATTEMPTS = env.int("ALERTS_MAX_ATTEMPTS", default=6)
+ALERTS_RETRY_BASE_SECONDS = env.float("ALERTS_RETRY_BASE_SECONDS", default=10.0)
+ALERTS_RETRY_MAX_SECONDS = env.float("ALERTS_RETRY_MAX_SECONDS", default=600.0)
+ALERTS_SWEEP_INTERVAL_SECONDS = env.int("ALERTS_SWEEP_INTERVAL_SECONDS", default=60)
+ALERTS_SWEEP_GRACE_SECONDS = env.int("ALERTS_SWEEP_GRACE_SECONDS", default=300)
+ALERTS_SWEEP_LOOKBACK_SECONDS = env.int("ALERTS_SWEEP_LOOKBACK_SECONDS", default=86400)
+ALERTS_MAX_THRESHOLDS_PER_COUNTER = env.int("ALERTS_MAX_THRESHOLDS_PER_COUNTER", default=20)
+ALERTS_SMS_BACKEND = env("ALERTS_SMS_BACKEND", default="alerts.sms.LoggingBackend")
+ALERTS_SMS_GATEWAY_URL = env("ALERTS_SMS_GATEWAY_URL", default="")
+ALERTS_SMS_GATEWAY_TOKEN = env("ALERTS_SMS_GATEWAY_TOKEN", default="")
+EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = env("EMAIL_HOST", default="localhost")
+EMAIL_PORT = env.int("EMAIL_PORT", default=25)
+EMAIL_TIMEOUT = env.float("EMAIL_TIMEOUT", default=10.0)
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="counters@localhost")
 
 LOGGING = {
     "version": 1,

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from alerts.apis import MessageListView, ThresholdDetailView, ThresholdListView
 from archive import schema as archive_schema  # noqa: F401 (OpenAPI descriptions register on import)
 from archive.apis import CounterBatchResetView, CounterHistoryView
 from board import schema as board_schema  # noqa: F401
@@ -19,6 +20,13 @@ urlpatterns = [
     path("api/v1/counter/<str:name>/decrement", counter_decrement, name="counter-decrement"),
     path("api/v1/counter/<str:name>/reset", counter_reset, name="counter-reset"),
     path("api/v1/counter/<str:name>/history", CounterHistoryView.as_view(), name="counter-history"),
+    path("api/v1/counter/<str:name>/thresholds", ThresholdListView.as_view(), name="counter-thresholds"),
+    path(
+        "api/v1/counter/<str:name>/thresholds/<int:threshold_id>",
+        ThresholdDetailView.as_view(),
+        name="counter-threshold-detail",
+    ),
+    path("api/v1/alerts/messages", MessageListView.as_view(), name="alert-messages"),
     path("api/v1/counters", CounterBatchView.as_view(), name="counter-batch"),
     path("api/v1/counters/reset", CounterBatchResetView.as_view(), name="counter-batch-reset"),
     path("api/v1/functions/getCounter", functions.GetCounterView.as_view(), name="fn-getCounter"),

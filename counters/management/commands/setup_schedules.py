@@ -29,6 +29,11 @@ def schedules() -> list[dict]:
             "task": "counters.trim_operation_log",
             "every_seconds": 3600,
         },
+        {
+            "name": "Repair threshold alert deliveries (lost tasks, crashed flushes)",
+            "task": "alerts.sweep",
+            "every_seconds": settings.ALERTS_SWEEP_INTERVAL_SECONDS,
+        },
     ]
 
 

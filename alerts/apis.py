@@ -1,0 +1,82 @@
+"""Thresholds of a counter for managers (``counter_manage``), and the in-system alert messages."""
+
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from counters import selectors as counter_selectors
+from counters.apis import checked_name, request_app_id, request_key
+from counters.errors import AuthenticationRequired, Forbidden
+from counters.models import ApiKey
+from counters.permissions import check_manage
+
+from . import selectors, services
+from .serializers import (
+    MessageOutputSerializer,
+    MessageQuerySerializer,
+    ThresholdInputSerializer,
+    ThresholdOutputSerializer,
+)
+
+
+def _managed_counter(request, name: str):
+    key = request_key(request)
+    counter = counter_selectors.counter_get(app_id=request_app_id(request, key), name=checked_name(name))
+    check_manage(key, counter)
+    return counter
+
+
+class ThresholdListView(APIView):
+    """GET /api/v1/counter/{name}/thresholds lists them; POST adds one."""
+
+    error_shape = "rest"
+
+    def get(self, request, name: str) -> Response:
+        counter = _managed_counter(request, name)
+        thresholds = selectors.thresholds_list(counter=counter)
+        return Response({"success": True, "thresholds": ThresholdOutputSerializer(thresholds, many=True).data})
+
+    def post(self, request, name: str) -> Response:
+        counter = _managed_counter(request, name)
+        data = ThresholdInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        threshold = services.threshold_create(counter=counter, **data.validated_data)
+        return Response({"success": True, "threshold": ThresholdOutputSerializer(threshold).data}, status=201)
+
+
+class ThresholdDetailView(APIView):
+    """PATCH /api/v1/counter/{name}/thresholds/{id} changes the fields given; DELETE removes it."""
+
+    error_shape = "rest"
+
+    def patch(self, request, name: str, threshold_id: int) -> Response:
+        counter = _managed_counter(request, name)
+        data = ThresholdInputSerializer(data=request.data, partial=True)
+        data.is_valid(raise_exception=True)
+        threshold = services.threshold_update(counter=counter, threshold_id=threshold_id, changes=data.validated_data)
+        return Response({"success": True, "threshold": ThresholdOutputSerializer(threshold).data})
+
+    def delete(self, request, name: str, threshold_id: int) -> Response:
+        counter = _managed_counter(request, name)
+        services.threshold_delete(counter=counter, threshold_id=threshold_id)
+        return Response({"success": True})
+
+
+class MessageListView(APIView):
+    """GET /api/v1/alerts/messages?counter=<name>&limit=<n>: the key's app's in-system messages."""
+
+    error_shape = "rest"
+
+    def get(self, request) -> Response:
+        key = request_key(request)
+        if key is None:
+            raise AuthenticationRequired()
+        if ApiKey.Role.COUNTER_MANAGE not in key.roles:
+            raise Forbidden(f"This API key lacks the '{ApiKey.Role.COUNTER_MANAGE}' role.")
+        query = MessageQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        counter_id = None
+        if "counter" in query.validated_data:
+            counter_id = counter_selectors.counter_get(app_id=key.app_id, name=query.validated_data["counter"]).id
+        limit = query.validated_data["limit"]
+        messages = selectors.messages_list(app_id=key.app_id, counter_id=counter_id, limit=limit)
+        return Response({"success": True, "messages": MessageOutputSerializer(messages, many=True).data})
