@@ -1,0 +1,154 @@
+"""Deliveries by a real Celery worker process: backoff between retries, and a hanging receiver
+that times out in the worker while increments go on unaffected (numbers printed, not asserted)."""
+
+import hashlib
+import hmac
+import signal
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from django.conf import settings
+
+from alerts.models import Channel, Delivery, DeliveryAttempt
+from counterproject.celery import app as celery_app
+from counters import config, selectors
+from counters.models import App, Counter, Threshold
+from counters.services import counter_update, counters_flush
+
+from .alerts_receiver import Receiver
+from .processes import BIN, ROOT, Gunicorn, service_env, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+WORKER_ENV = {
+    "ALERTS_HTTP_TIMEOUT_SECONDS": "1",
+    "ALERTS_RETRY_BASE_SECONDS": "0.5",
+    "ALERTS_MAX_ATTEMPTS": "3",
+}
+
+
+@pytest.fixture(scope="module")
+def worker(django_db_setup):
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    log = tempfile.NamedTemporaryFile(prefix="celery-", suffix=".log", delete=False)  # noqa: SIM115
+    args = [str(BIN / "celery"), "-A", "counterproject", "worker", "--pool=threads", "--concurrency=4"]
+    args += ["--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    process = subprocess.Popen(args, cwd=ROOT, env=service_env(**WORKER_ENV), stdout=log, stderr=log)
+    try:
+        wait_until(lambda: "ready." in Path(log.name).read_text(), timeout=60, what="celery worker")
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        Path(log.name).unlink(missing_ok=True)
+        redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+
+
+def make_counter(name: str, threshold_values: list[int]) -> list[Threshold]:
+    counter = Counter.objects.create(app=App.objects.get(slug="default"), name=name)
+    return [Threshold.objects.create(counter=counter, value=v, level="warning") for v in threshold_values]
+
+
+def test_a_real_worker_retries_with_growing_backoff_until_the_receiver_accepts(worker, builtins):
+    receiver = Receiver(statuses=[500, 502])
+    try:
+        [threshold] = make_counter("raid_wins", [3])
+        Channel.objects.create(threshold=threshold, kind="webhook", url=f"{receiver.url}/hook", secret="w-secret")
+        config.cache.invalidate()
+        counter = selectors.counter_get(app_id=threshold.counter.app_id, name="raid_wins")
+        assert counter_update(counter=counter, amount=3).crossed == (threshold.id,)
+        counters_flush()
+        wait_until(lambda: Delivery.objects.get().status == "sent", timeout=60, what="the third attempt")
+    finally:
+        receiver.close()
+
+    delivery = Delivery.objects.get()
+    attempts = list(delivery.attempt_log.values_list("number", "ok", "status_code"))
+    assert attempts == [(1, False, 500), (2, False, 502), (3, True, 200)]
+    first, second, third = (r.at for r in receiver.received)
+    # Retries wait base * 2**(n-1): 0.5 s, then 1 s (lower bounds only; the worker may be slower).
+    assert second - first >= 0.4
+    assert third - second >= 0.9
+    for request in receiver.received:
+        timestamp = request.headers["X-Counter-Timestamp"]
+        mac = hmac.new(b"w-secret", timestamp.encode() + b"." + request.body, hashlib.sha256).hexdigest()
+        assert request.headers["X-Counter-Signature"] == f"sha256={mac}"
+
+
+def _increment_latencies(web: Gunicorn, key: str, name: str, count: int) -> list[float]:
+    latencies = []
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {key}"
+        url = f"{web.url}/api/v1/counter/{name}/increment"
+        for _ in range(count):
+            started = time.perf_counter()
+            response = session.post(url, json={}, timeout=30)
+            latencies.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 200, response.text
+    return latencies
+
+
+def _summary(latencies: list[float]) -> str:
+    ordered = sorted(latencies)
+    p95 = ordered[int(len(ordered) * 0.95) - 1]
+    return f"median {statistics.median(ordered):.2f} ms, p95 {p95:.2f} ms, max {ordered[-1]:.2f} ms"
+
+
+def test_a_hanging_receiver_does_not_slow_increments(worker, builtins, make_key):
+    make_counter("calm", [])
+    stormy = make_counter("stormy", list(range(10, 101, 10)))
+    receiver = Receiver(hang=3.0)
+    for threshold in stormy:
+        Channel.objects.create(threshold=threshold, kind="webhook", url=receiver.url, secret="s")
+    key = make_key(("write",))
+    web = Gunicorn(workers=2)
+    stop = threading.Event()
+
+    def flush_every_200ms():
+        # What Beat does in production: the worker flushes, records the events and queues deliveries.
+        for _ in range(600):
+            if stop.wait(0.2):
+                return
+            celery_app.send_task("counters.flush")
+
+    flusher = threading.Thread(target=flush_every_200ms, daemon=True)
+    flusher.start()
+    try:
+        _increment_latencies(web, key, "calm", 50)  # warm-up
+        quiet = _increment_latencies(web, key, "calm", 300)
+        # One increment crosses all ten thresholds: ten webhooks to a receiver that never answers in time.
+        _increment_latencies(web, key, "stormy", 100)
+        wait_until(lambda: receiver.received, timeout=30, what="the first delivery attempt")
+        storm_started = time.time()
+        storm = _increment_latencies(web, key, "calm", 300)
+        storm_ended = time.time()
+        wait_until(
+            lambda: Delivery.objects.filter(status="failed").count() == len(stormy),
+            timeout=120,
+            what="every delivery to time out",
+        )
+    finally:
+        stop.set()
+        flusher.join()
+        web.stop()
+        receiver.close()
+
+    attempts = list(DeliveryAttempt.objects.all())
+    assert len(attempts) == len(stormy) * int(WORKER_ENV["ALERTS_MAX_ATTEMPTS"])
+    assert all(not a.ok and a.status_code is None and "timed out" in a.error for a in attempts)
+    overlapping = [a for a in attempts if a.started_at.timestamp() <= storm_ended]
+    print(f"\nincrements, no alert traffic:        {_summary(quiet)}")
+    print(f"increments, receiver hanging (3 s):  {_summary(storm)}")
+    print(f"delivery attempts (1 s timeout) started while measuring: {len(overlapping)} of {len(attempts)}")
+    print(f"storm window {storm_ended - storm_started:.2f} s")
