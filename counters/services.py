@@ -791,7 +791,12 @@ _EVENTS_SQL = """
 INSERT INTO counters_thresholdevent (threshold_id, counter_id, subject, period, triggered_at)
 SELECT x.t, %s, x.s, x.p, to_timestamp(x.ms / 1000.0)
 FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[]) AS x(t, s, p, ms)
-WHERE EXISTS (SELECT 1 FROM counters_threshold th WHERE th.id = x.t)
+JOIN counters_threshold th ON th.id = x.t
+-- Once per period is also kept here for thresholds that do not re-arm: a Redis that lost its
+-- marks (wiped, restored) cannot record a second event for the same period.
+WHERE th.rearm OR NOT EXISTS (
+    SELECT 1 FROM counters_thresholdevent e WHERE e.threshold_id = x.t AND e.subject = x.s AND e.period = x.p
+)
 ON CONFLICT DO NOTHING
 RETURNING id
 """

@@ -240,3 +240,17 @@ def test_1000_concurrent_increments_crossing_two_thresholds_fire_exactly_one_eve
     assert ThresholdEvent.objects.filter(threshold=low).count() == 1
     assert ThresholdEvent.objects.filter(threshold=high).count() == 1
     assert ThresholdEvent.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_a_wiped_redis_does_not_record_a_second_event_in_the_period(builtins, store):
+    counter = make_counter()
+    once = Threshold.objects.create(counter=counter, value=5)
+    rearming = Threshold.objects.create(counter=counter, value=6, rearm=True)
+    bump("boss_kills", 6)
+    counters_flush()
+    store.flushdb()
+    bump("boss_kills", -6)  # rehydrated at 6 from PostgreSQL, marks gone
+    assert bump("boss_kills", 6).crossed == (once.id, rearming.id)
+    assert len(events_of(once)) == 1
+    assert len(events_of(rearming)) == 2
