@@ -1,6 +1,8 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db import models
 
 from .models import Channel, Delivery, DeliveryAttempt, Message
+from .services import deliveries_retry
 
 
 @admin.register(Channel)
@@ -9,6 +11,7 @@ class ChannelAdmin(admin.ModelAdmin):
     list_filter = ["kind", "enabled", "threshold__counter__app"]
     search_fields = ["name", "threshold__counter__name", "recipients", "url"]
     list_select_related = ["threshold__counter__app"]
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
 
 
 class DeliveryAttemptInline(admin.TabularInline):
@@ -28,9 +31,15 @@ class DeliveryAdmin(admin.ModelAdmin):
     list_select_related = ["channel__threshold__counter__app", "event"]
     readonly_fields = [f.name for f in Delivery._meta.fields]
     inlines = [DeliveryAttemptInline]
+    actions = ["retry"]
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    @admin.action(description="Retry failed deliveries (a new round of attempts)")
+    def retry(self, request, queryset) -> None:
+        count = deliveries_retry(delivery_ids=list(queryset.values_list("id", flat=True)))
+        self.message_user(request, f"{count} failed deliveries queued again.", messages.SUCCESS)
 
 
 @admin.register(Message)

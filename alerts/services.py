@@ -223,7 +223,7 @@ def delivery_attempt(*, delivery_id: int) -> AttemptOutcome | None:
         if not error:
             delivery.status, delivery.last_error = Delivery.Status.SENT, ""
             delivery.finished_at, delivery.next_attempt_at = clock.now(), None
-        elif delivery.attempts >= settings.ALERTS_MAX_ATTEMPTS:
+        elif delivery.attempts >= settings.ALERTS_MAX_ATTEMPTS + delivery.extra_attempts:
             delivery.status, delivery.last_error = Delivery.Status.FAILED, error[:MAX_ERROR_CHARS]
             delivery.finished_at, delivery.next_attempt_at = clock.now(), None
             logger.warning("delivery %s failed after %s attempts: %s", delivery.id, delivery.attempts, error)
@@ -233,6 +233,18 @@ def delivery_attempt(*, delivery_id: int) -> AttemptOutcome | None:
             delivery.next_attempt_at = clock.now() + timedelta(seconds=retry_in)
         delivery.save()
     return AttemptOutcome(delivery.id, delivery.status, retry_in)
+
+
+def deliveries_retry(*, delivery_ids: list[int]) -> int:
+    """An operator's retry of failed deliveries: a new round of attempts, starting now."""
+    with transaction.atomic():
+        failed = list(Delivery.objects.select_for_update().filter(id__in=delivery_ids, status=Delivery.Status.FAILED))
+        for delivery in failed:
+            delivery.extra_attempts = delivery.attempts
+            delivery.status, delivery.finished_at = Delivery.Status.PENDING, None
+            delivery.save(update_fields=["extra_attempts", "status", "finished_at"])
+        transaction.on_commit(partial(_enqueue, [d.id for d in failed]))
+    return len(failed)
 
 
 def deliveries_sweep() -> int:

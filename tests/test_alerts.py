@@ -309,3 +309,39 @@ def test_the_sweep_requeues_a_delivery_whose_task_was_lost(threshold, django_cap
         assert deliveries_sweep() == 1
     delivery.refresh_from_db()
     assert delivery.status == "sent" and Message.objects.get().delivery_id == delivery.id
+
+
+def test_an_operator_retries_a_failed_delivery_from_the_admin(
+    threshold, settings, admin_client, django_capture_on_commit_callbacks
+):
+    settings.ALERTS_MAX_ATTEMPTS = 2
+    receiver = Receiver(statuses=[500, 500, 500])
+    try:
+        channel(threshold, "webhook", url=receiver.url, secret="k")
+        cross(threshold, django_capture_on_commit_callbacks)
+        delivery = Delivery.objects.get()
+        assert (delivery.status, delivery.attempts) == ("failed", 2)
+        with django_capture_on_commit_callbacks(execute=True):
+            response = admin_client.post(
+                "/admin/alerts/delivery/", {"action": "retry", "_selected_action": [delivery.id]}, follow=True
+            )
+        assert "1 failed deliveries queued again." in response.content.decode()
+    finally:
+        receiver.close()
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == ("sent", 4)
+    assert [a.status_code for a in delivery.attempt_log.all()] == [500, 500, 500, 200]
+    page = admin_client.get(f"/admin/alerts/delivery/{delivery.id}/change/").content.decode()
+    assert "receiver says no" in page
+
+
+def test_operators_configure_channels_in_the_admin(threshold, admin_client):
+    assert admin_client.get("/admin/alerts/channel/add/").status_code == 200
+    form = {"threshold": threshold.id, "kind": "webhook", "url": "http://127.0.0.1:9/x", "enabled": "on"}
+    refused = admin_client.post("/admin/alerts/channel/add/", {**form, "payload_template": "{}"})
+    assert "Webhooks are signed: give a secret." in refused.content.decode()
+    created = admin_client.post("/admin/alerts/channel/add/", {**form, "secret": "k", "payload_template": "{}"})
+    assert created.status_code == 302
+    assert Channel.objects.get().secret == "k"
+    for page in ("/admin/alerts/channel/", "/admin/alerts/delivery/", "/admin/alerts/message/"):
+        assert admin_client.get(page).status_code == 200
