@@ -99,11 +99,13 @@ def threshold_delete(*, counter: CounterConfig, threshold_id: int) -> None:
 def _enqueue(delivery_ids: list[int]) -> None:
     from .tasks import deliver
 
-    for delivery_id in delivery_ids:
+    for position, delivery_id in enumerate(delivery_ids):
         try:
             deliver.delay(delivery_id)
         except Exception:
-            logger.exception("could not enqueue delivery %s; the sweep will retry", delivery_id)
+            # The broker is out: stop here rather than hold the flusher up once per delivery.
+            logger.exception("could not enqueue %s deliveries; the sweep will", len(delivery_ids) - position)
+            return
 
 
 def deliveries_create(*, event_ids: list[int]) -> list[int]:

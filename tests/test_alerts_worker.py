@@ -6,6 +6,7 @@ import hmac
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -16,14 +17,15 @@ import redis
 import requests
 from django.conf import settings
 
-from alerts.models import Channel, Delivery, DeliveryAttempt
+from alerts.models import Channel, Delivery, DeliveryAttempt, Message
+from alerts.services import deliveries_sweep
 from counterproject.celery import app as celery_app
 from counters import config, selectors
-from counters.models import App, Counter, Threshold
+from counters.models import App, Counter, CounterValue, Threshold
 from counters.services import counter_update, counters_flush
 
 from .alerts_receiver import Receiver
-from .processes import BIN, ROOT, Gunicorn, service_env, wait_until
+from .processes import BIN, ROOT, Gunicorn, free_port, service_env, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -152,3 +154,34 @@ def test_a_hanging_receiver_does_not_slow_increments(worker, builtins, make_key)
     print(f"increments, receiver hanging (3 s):  {_summary(storm)}")
     print(f"delivery attempts (1 s timeout) started while measuring: {len(overlapping)} of {len(attempts)}")
     print(f"storm window {storm_ended - storm_started:.2f} s")
+
+
+def test_a_broker_outage_neither_stops_the_flush_nor_loses_the_alert(builtins, client, writer, settings):
+    [threshold] = make_counter("quests", [2])
+    Channel.objects.create(threshold=threshold, kind="message")
+    Channel.objects.create(threshold=threshold, kind="log")
+    for _ in range(3):
+        response = client.post("/api/v1/counter/quests/increment", "{}", content_type="application/json", **writer)
+        assert response.status_code == 200
+    dead_broker = f"redis://127.0.0.1:{free_port()}/0"
+    flushed = subprocess.run(
+        [sys.executable, "manage.py", "flush_counters"],
+        cwd=ROOT,
+        env=service_env(TEST_BROKER_URL=dead_broker),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert flushed.returncode == 0, flushed.stderr
+    assert "the sweep will" in flushed.stderr
+    assert CounterValue.objects.get(counter__name="quests").value == 3
+    assert list(Delivery.objects.values_list("status", "attempts")) == [("pending", 0), ("pending", 0)]
+
+    settings.ALERTS_SWEEP_GRACE_SECONDS = 0
+    celery_app.conf.task_always_eager = True
+    try:
+        assert deliveries_sweep() == 2
+    finally:
+        celery_app.conf.task_always_eager = False
+    assert set(Delivery.objects.values_list("status", flat=True)) == {"sent"}
+    assert Message.objects.get().title == "[WARNING] quests reached 2"
