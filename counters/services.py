@@ -635,9 +635,10 @@ def _update_write_through(
             if hits:
                 n = len(hits)
                 cursor.execute(_EVENTS_SQL, [counter.id, hits, [subject] * n, [window.key] * n, [ms] * n])
-                event_ids = [r[0] for r in cursor.fetchall()]
+                recorded = cursor.fetchall()
+                event_ids = [r[0] for r in recorded]
                 if event_ids:
-                    crossed = hits
+                    crossed = [r[1] for r in recorded]
                     transaction.on_commit(lambda: _announce_events(event_ids))
         if log:
             entry = f'{log},"old":{old},"new":{new}}}'.encode()
@@ -792,13 +793,17 @@ INSERT INTO counters_thresholdevent (threshold_id, counter_id, subject, period, 
 SELECT x.t, %s, x.s, x.p, to_timestamp(x.ms / 1000.0)
 FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[]) AS x(t, s, p, ms)
 JOIN counters_threshold th ON th.id = x.t
--- Once per period is also kept here for thresholds that do not re-arm: a Redis that lost its
--- marks (wiped, restored) cannot record a second event for the same period.
-WHERE th.rearm OR NOT EXISTS (
+-- Once per period (unless re-arming) and the cooldown are also kept here: a Redis that lost its
+-- marks (wiped, restored) cannot record a repeat, and writes through PostgreSQL follow the rules.
+WHERE (th.rearm OR NOT EXISTS (
     SELECT 1 FROM counters_thresholdevent e WHERE e.threshold_id = x.t AND e.subject = x.s AND e.period = x.p
-)
+))
+AND (th.cooldown_seconds = 0 OR NOT EXISTS (
+    SELECT 1 FROM counters_thresholdevent e WHERE e.threshold_id = x.t AND e.subject = x.s
+    AND e.triggered_at > to_timestamp(x.ms / 1000.0) - th.cooldown_seconds * interval '1 second'
+))
 ON CONFLICT DO NOTHING
-RETURNING id
+RETURNING id, threshold_id
 """
 
 

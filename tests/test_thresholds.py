@@ -254,3 +254,51 @@ def test_a_wiped_redis_does_not_record_a_second_event_in_the_period(builtins, st
     assert bump("boss_kills", 6).crossed == (once.id, rearming.id)
     assert len(events_of(once)) == 1
     assert len(events_of(rearming)) == 2
+
+
+@pytest.mark.django_db
+def test_a_wiped_redis_does_not_break_the_cooldown(builtins, store):
+    counter = make_counter()
+    threshold = Threshold.objects.create(counter=counter, value=5, rearm=True, cooldown_seconds=60)
+    with time_machine.travel(DAY_1, tick=False) as clock:
+        bump("boss_kills", 5)
+        counters_flush()
+        store.flushdb()
+        clock.shift(10)
+        bump("boss_kills", -1)
+        bump("boss_kills", 1)  # Redis lost the last firing: only PostgreSQL still knows it
+        clock.shift(60)
+        bump("boss_kills", -1)
+        bump("boss_kills", 1)
+    [first, second] = events_of(threshold)
+    assert second.triggered_at - first.triggered_at == timedelta(seconds=70)
+
+
+@pytest.mark.django_db
+def test_writes_through_postgresql_follow_the_same_threshold_rules(builtins, settings):
+    from counters.redis_store import breaker
+
+    settings.COUNTER_REDIS_DOWN_WRITES = "write_through"
+    counter = make_counter()
+    once = Threshold.objects.create(counter=counter, value=3)
+    cooling = Threshold.objects.create(counter=counter, value=4, rearm=True, cooldown_seconds=60)
+    config.cache.get()
+    with time_machine.travel(DAY_1, tick=False) as clock:
+        for _ in range(settings.REDIS_BREAKER_THRESHOLD):
+            breaker.record_failure()
+        assert breaker.is_open
+        assert sorted(bump_cached("boss_kills", 4).crossed) == sorted([once.id, cooling.id])
+        clock.shift(10)
+        bump_cached("boss_kills", -2)
+        assert bump_cached("boss_kills", 2).crossed == ()
+        clock.shift(60)
+        bump_cached("boss_kills", -2)
+        assert bump_cached("boss_kills", 2).crossed == (cooling.id,)
+    assert ThresholdEvent.objects.filter(threshold=once).count() == 1
+    assert ThresholdEvent.objects.filter(threshold=cooling).count() == 2
+
+
+def bump_cached(name: str, amount: int):
+    """An update without reloading the config (which would need the store that is down)."""
+    counter = selectors.counter_get(app_id=App.objects.get(slug="default").id, name=name)
+    return counter_update(counter=counter, amount=amount)
