@@ -1,12 +1,15 @@
 """Thresholds of a counter for managers (``counter_manage``), and the in-system alert messages."""
 
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from counters import selectors as counter_selectors
 from counters.apis import checked_name, request_app_id, request_key
 from counters.errors import AuthenticationRequired, Forbidden
-from counters.models import ApiKey
+from counters.function_serializers import REST_ERRORS
+from counters.models import NAME_PATTERN, ApiKey
 from counters.permissions import check_manage
 
 from . import selectors, services
@@ -18,6 +21,31 @@ from .serializers import (
 )
 
 
+class ThresholdReply(serializers.Serializer):
+    success = serializers.BooleanField()
+    threshold = ThresholdOutputSerializer()
+
+
+class ThresholdListReply(serializers.Serializer):
+    success = serializers.BooleanField()
+    thresholds = ThresholdOutputSerializer(many=True)
+
+
+class MessageListReply(serializers.Serializer):
+    success = serializers.BooleanField()
+    messages = MessageOutputSerializer(many=True)
+
+
+class DeletedReply(serializers.Serializer):
+    success = serializers.BooleanField()
+
+
+NAME = OpenApiParameter("name", str, OpenApiParameter.PATH, pattern=NAME_PATTERN)
+THRESHOLD_ID = OpenApiParameter("threshold_id", int, OpenApiParameter.PATH)
+MANAGE = "Needs the `counter_manage` role on the counter's app (global counters: also `global_admin`)."
+TAGS = ["Thresholds and alerts"]
+
+
 def _managed_counter(request, name: str):
     key = request_key(request)
     counter = counter_selectors.counter_get(app_id=request_app_id(request, key), name=checked_name(name))
@@ -25,6 +53,23 @@ def _managed_counter(request, name: str):
     return counter
 
 
+@extend_schema_view(
+    get=extend_schema(
+        tags=TAGS,
+        summary="List a counter's thresholds",
+        description=MANAGE,
+        parameters=[NAME],
+        responses={200: ThresholdListReply, **REST_ERRORS},
+    ),
+    post=extend_schema(
+        tags=TAGS,
+        summary="Add a threshold",
+        description=MANAGE,
+        parameters=[NAME],
+        request=ThresholdInputSerializer,
+        responses={201: ThresholdReply, **REST_ERRORS},
+    ),
+)
 class ThresholdListView(APIView):
     """GET /api/v1/counter/{name}/thresholds lists them; POST adds one."""
 
@@ -43,6 +88,23 @@ class ThresholdListView(APIView):
         return Response({"success": True, "threshold": ThresholdOutputSerializer(threshold).data}, status=201)
 
 
+@extend_schema_view(
+    patch=extend_schema(
+        tags=TAGS,
+        summary="Change a threshold (only the fields given)",
+        description=MANAGE,
+        parameters=[NAME, THRESHOLD_ID],
+        request=ThresholdInputSerializer(partial=True),
+        responses={200: ThresholdReply, **REST_ERRORS},
+    ),
+    delete=extend_schema(
+        tags=TAGS,
+        summary="Delete a threshold (and its events)",
+        description=MANAGE,
+        parameters=[NAME, THRESHOLD_ID],
+        responses={200: OpenApiResponse(DeletedReply), **REST_ERRORS},
+    ),
+)
 class ThresholdDetailView(APIView):
     """PATCH /api/v1/counter/{name}/thresholds/{id} changes the fields given; DELETE removes it."""
 
@@ -61,6 +123,15 @@ class ThresholdDetailView(APIView):
         return Response({"success": True})
 
 
+@extend_schema_view(
+    get=extend_schema(
+        tags=TAGS,
+        summary="In-system alert messages of the key's app, newest first",
+        description="Needs the `counter_manage` role.",
+        parameters=[MessageQuerySerializer],
+        responses={200: MessageListReply, **REST_ERRORS},
+    ),
+)
 class MessageListView(APIView):
     """GET /api/v1/alerts/messages?counter=<name>&limit=<n>: the key's app's in-system messages."""
 

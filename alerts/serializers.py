@@ -1,3 +1,4 @@
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from rest_framework import serializers
 
 from counters import keyspace
@@ -17,6 +18,13 @@ class StrictBooleanField(serializers.Field):
 
     def to_representation(self, value) -> bool:
         return value
+
+
+class StrictBooleanFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "alerts.serializers.StrictBooleanField"
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {"type": "boolean"}
 
 
 class ThresholdInputSerializer(serializers.Serializer):
