@@ -1,5 +1,6 @@
 """Real processes for tests: gunicorn, Celery, private redis-servers, on free loopback ports."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -82,6 +83,48 @@ class Gunicorn:
             return self.process.wait(timeout=timeout)
         finally:
             Path(self.log.name).unlink(missing_ok=True)
+
+
+class CeleryWorker:
+    """``celery -A counterproject worker`` as the Procfile runs it, in a process group of its own."""
+
+    def __init__(self, *, pool: str = "prefork", concurrency: int = 1, env: dict[str, str] | None = None):
+        self.log = tempfile.NamedTemporaryFile(prefix="celery-", suffix=".log", delete=False)  # noqa: SIM115
+        args = [str(BIN / "celery"), "-A", "counterproject", "worker", "--loglevel=INFO"]
+        args += [f"--pool={pool}", f"--concurrency={concurrency}"]
+        args += ["--without-heartbeat", "--without-gossip", "--without-mingle"]
+        self.process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=service_env(**(env or {})),
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,
+        )
+        wait_until(lambda: "ready." in self.output(), timeout=60, what="the celery worker")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
+
+    def stop(self, timeout: float = 60) -> int:
+        """Warm shutdown (SIGTERM: running tasks finish); kill -9 if it takes longer than ``timeout``."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            return self.process.returncode
+
+    def kill_all(self) -> None:
+        """kill -9 of the worker and its pool processes."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.kill_all()
+        Path(self.log.name).unlink(missing_ok=True)
 
 
 class PrivateRedis:

@@ -3,14 +3,11 @@ that times out in the worker while increments go on unaffected (numbers printed,
 
 import hashlib
 import hmac
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -25,7 +22,7 @@ from counters.models import App, Counter, CounterValue, Threshold
 from counters.services import counter_update, counters_flush
 
 from .alerts_receiver import Receiver
-from .processes import BIN, ROOT, Gunicorn, free_port, service_env, wait_until
+from .processes import ROOT, CeleryWorker, Gunicorn, free_port, service_env, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -39,21 +36,12 @@ WORKER_ENV = {
 @pytest.fixture(scope="module")
 def worker(django_db_setup):
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
-    log = tempfile.NamedTemporaryFile(prefix="celery-", suffix=".log", delete=False)  # noqa: SIM115
-    args = [str(BIN / "celery"), "-A", "counterproject", "worker", "--pool=threads", "--concurrency=4"]
-    args += ["--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    process = subprocess.Popen(args, cwd=ROOT, env=service_env(**WORKER_ENV), stdout=log, stderr=log)
+    process = CeleryWorker(pool="threads", concurrency=4, env=WORKER_ENV)
     try:
-        wait_until(lambda: "ready." in Path(log.name).read_text(), timeout=60, what="celery worker")
-        yield process
+        yield process.process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        Path(log.name).unlink(missing_ok=True)
+        process.stop(timeout=30)
+        process.close()
         redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
 
 

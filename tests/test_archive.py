@@ -1,13 +1,10 @@
 """The archive task: idempotent and concurrent runs, missed midnights, safe trimming, retention,
 history and resets over REST, Beat schedules, and one end-to-end run by a real Celery worker."""
 
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import redis
@@ -25,7 +22,7 @@ from counters import keyspace
 from counters.models import CounterValue, FlushedBatch, StatBucket, UniqueMember
 from counters.services import counters_flush
 
-from .processes import BIN, ROOT, service_env, wait_until
+from .processes import ROOT, CeleryWorker, service_env, wait_until
 from .test_periods import TAIPEI, bump, make_counter, post, read
 
 
@@ -317,28 +314,16 @@ def test_a_real_celery_worker_archives_yesterday(builtins):
         bump(counter, 3)
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     broker.flushdb()
-    log = tempfile.NamedTemporaryFile(prefix="celery-", suffix=".log", delete=False)  # noqa: SIM115
-    worker = subprocess.Popen(
-        [str(BIN / "celery"), "-A", "counterproject", "worker", "--pool=solo", "--loglevel=INFO"],
-        cwd=ROOT,
-        env=service_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    worker = CeleryWorker(pool="solo")
     try:
         from counterproject.celery import app
 
         app.send_task("archive.close_periods")
         wait_until(lambda: PeriodArchive.objects.filter(counter_id=counter.id).exists(), timeout=60, what="archive")
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        output = Path(log.name).read_text()
-        Path(log.name).unlink()
+        worker.stop()
+        output = worker.output()
+        worker.close()
     archived = PeriodArchive.objects.get(counter_id=counter.id)
     assert (archived.period, archived.final_value, archived.operations) == (yesterday.date().isoformat(), 7, 2)
     assert ResetLog.objects.get(counter_id=counter.id, kind="automatic").value_before == 7

@@ -5,15 +5,12 @@ test's own, so no test-only code path is needed in the service.
 """
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import orjson
 import psycopg
@@ -25,7 +22,10 @@ from counters import keyspace
 from counters.models import Counter, CounterValue
 
 from . import processes
-from .processes import BIN, ROOT, Gunicorn, service_env, wait_until
+from .processes import ROOT, CeleryWorker, Gunicorn, service_env, wait_until
+
+# A restarted worker takes over from a killed one as soon as the dead one's flush lock expires.
+WORKER_ENV = {"COUNTER_FLUSH_LOCK_SECONDS": "1"}
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -95,38 +95,6 @@ def test_sigterm_lets_gunicorn_finish_a_request_in_flight_and_serve_no_new_one(b
     assert refuses_connections(web.port)
 
 
-class CeleryWorker:
-    """``celery -A counterproject worker`` as the Procfile runs it, in a process group of its own."""
-
-    def __init__(self, **env: str) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="celery-", suffix=".log", delete=False)  # noqa: SIM115
-        args = [str(BIN / "celery"), "-A", "counterproject", "worker", "--loglevel=INFO", "--concurrency=1"]
-        args += ["--without-heartbeat", "--without-gossip", "--without-mingle"]
-        self.process = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=service_env(COUNTER_FLUSH_LOCK_SECONDS="1", **env),
-            stdout=self.log,
-            stderr=self.log,
-            start_new_session=True,
-        )
-        wait_until(lambda: "ready." in self.output(), timeout=30, what="the celery worker")
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text()
-
-    def kill_all(self) -> None:
-        """kill -9 of the worker and its pool processes."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.kill_all()
-        Path(self.log.name).unlink(missing_ok=True)
-
-
 def increment(client, writer, name: str, times: int, **body) -> None:
     for _ in range(times):
         reply = client.post(f"/api/v1/counter/{name}/increment", body, content_type="application/json", **writer)
@@ -147,7 +115,7 @@ def broker():
 def test_sigterm_lets_the_celery_worker_finish_a_running_flush(client, writer, store, broker):
     increment(client, writer, "online_players", 12)
     counter = Counter.objects.get(name="online_players")
-    worker = CeleryWorker()
+    worker = CeleryWorker(env=WORKER_ENV)
     try:
         with values_table_locked() as locker:
             flush_task()
@@ -168,7 +136,7 @@ def test_a_celery_worker_killed_mid_flush_then_restarted_gives_exact_values(clie
     increment(client, writer, "daily_active_users", 1, user_id="u1")
     counter = Counter.objects.get(name="online_players")
     if moment == "before_commit":
-        worker = CeleryWorker()
+        worker = CeleryWorker(env=WORKER_ENV)
         try:
             with values_table_locked() as locker:
                 flush_task()
@@ -179,7 +147,7 @@ def test_a_celery_worker_killed_mid_flush_then_restarted_gives_exact_values(clie
         assert not CounterValue.objects.filter(counter=counter).exists()
     else:
         # The pool process kills itself -9 right after the commit, before Redis forgets the batch.
-        worker = CeleryWorker(COUNTER_TEST_CRASH_POINT="after_commit")
+        worker = CeleryWorker(env={**WORKER_ENV, "COUNTER_TEST_CRASH_POINT": "after_commit"})
         try:
             flush_task()
             wait_until(lambda: "signal 9" in worker.output(), what="the pool process to die mid-flush")
@@ -190,7 +158,7 @@ def test_a_celery_worker_killed_mid_flush_then_restarted_gives_exact_values(clie
     assert len(store.smembers(keyspace.batches_key(counter.id))) == 1  # left behind by the dead flush
 
     increment(client, writer, "online_players", 3)
-    worker = CeleryWorker()
+    worker = CeleryWorker(env=WORKER_ENV)
     try:
 
         def flushed() -> bool:
