@@ -119,10 +119,12 @@ def update_keys(counter_id: int, period: str, subject: str) -> list[str]:
     ]
 
 
-# One round trip per update. Returns {status, old, new, crossed threshold ids, threshold marks}.
+# One update. Returns {status, old, new, crossed threshold ids, threshold marks}.
 # status: OK, DUP (member already counted: nothing changes), MIN / MAX (bounds: nothing changes),
 # HYDRATE (value not loaded from PostgreSQL yet: the caller hydrates and retries).
-UPDATE_SCRIPT = """
+# It is the whole of UPDATE_SCRIPT, and the body of UPDATE_MANY_SCRIPT's function, whose
+# parameters KEYS and ARGV shadow the globals: the update logic exists once.
+_UPDATE_BODY = """
 local vkey, pkey, mkey, tkey, lkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local mode, amount, f, member = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local ms, minute = ARGV[8], ARGV[9]
@@ -200,6 +202,27 @@ local marks = {}
 if #ARGV >= 12 then marks = redis.call('HGETALL', tkey) end
 return {'OK', old, new, crossed, marks}
 """
+
+# One round trip per update.
+UPDATE_SCRIPT = _UPDATE_BODY
+
+# Many updates of one counter (their keys share its hash tag) in one call, in order; the reply
+# holds each one's UPDATE_SCRIPT reply. ARGV[1] is the number of keys per update, then per update
+# the number of its arguments followed by them; KEYS are the updates' keys one after another.
+UPDATE_MANY_SCRIPT = (
+    "local function update(KEYS, ARGV)\n"
+    + _UPDATE_BODY
+    + """end
+
+local per_update, results, a = tonumber(ARGV[1]), {}, 2
+for k = 1, #KEYS, per_update do
+  local n = tonumber(ARGV[a])
+  results[#results + 1] = update({unpack(KEYS, k, k + per_update - 1)}, {unpack(ARGV, a + 1, a + n)})
+  a = a + n + 1
+end
+return results
+"""
+)
 
 # Load a value from PostgreSQL into Redis unless it is already there (a concurrent hydration won).
 HYDRATE_SCRIPT = """

@@ -128,6 +128,10 @@ class _Scripts:
         return self._get("update", keyspace.UPDATE_SCRIPT)
 
     @property
+    def update_many(self):
+        return self._get("update_many", keyspace.UPDATE_MANY_SCRIPT)
+
+    @property
     def hydrate(self):
         return self._get("hydrate", keyspace.HYDRATE_SCRIPT)
 

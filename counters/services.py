@@ -395,43 +395,53 @@ def counter_update(
 
 
 def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
-    """Run the update script for every item, in order, in one pipelined round trip.
+    """Run every update, in order, in one round trip: one ``UPDATE_MANY_SCRIPT`` call per counter.
 
-    Only a value not yet hydrated (or a Redis that lost the script) costs another round trip:
-    those items, which the script left untouched, run again in their order after hydration.
+    Each item gets what ``UPDATE_SCRIPT`` would have answered. Only a value not yet hydrated (or a
+    Redis that lost the script) costs another round trip: those items, which the script left
+    untouched, run again in their order after hydration.
     """
     results: list = [None] * len(prepared)
     todo = list(range(len(prepared)))
-    sha = scripts.update.sha
+    sha = scripts.update_many.sha
 
-    def run(r, indexes: list[int]) -> list:
+    def run(r, groups: list[list[int]]) -> list:
         pipe = r.pipeline(transaction=False)
-        for i in indexes:
-            item = prepared[i]
-            pipe.execute_command("EVALSHA", sha, len(item.keys), *item.keys, *item.args)
+        for group in groups:
+            keys, args = [], [len(prepared[group[0]].keys)]
+            for i in group:
+                keys += prepared[i].keys
+                args.append(len(prepared[i].args))
+                args += prepared[i].args
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return pipe.execute(raise_on_error=False)
 
     for _ in range(3):
-        replies = redis_call(lambda r, t=todo: run(r, t))
+        by_counter: dict[int, list[int]] = defaultdict(list)
+        for i in todo:
+            by_counter[prepared[i].counter.id].append(i)
+        groups = list(by_counter.values())
         retry, cold, noscript = [], {}, False
-        for i, reply in zip(todo, replies, strict=True):
+        for group, reply in zip(groups, redis_call(lambda r, g=groups: run(r, g)), strict=True):
             if isinstance(reply, redis.exceptions.NoScriptError):
-                retry.append(i)
+                retry += group
                 noscript = True
             elif isinstance(reply, Exception):
                 raise reply
-            elif reply[0] == b"HYDRATE":
-                retry.append(i)
-                cold[prepared[i].keys[0]] = prepared[i]
             else:
-                results[i] = reply
+                for i, item_reply in zip(group, reply, strict=True):
+                    if item_reply[0] == b"HYDRATE":
+                        retry.append(i)
+                        cold[prepared[i].keys[0]] = prepared[i]
+                    else:
+                        results[i] = item_reply
         if not retry:
             return results
         if noscript:
-            redis_call(lambda r: r.script_load(keyspace.UPDATE_SCRIPT))
+            redis_call(lambda r: r.script_load(keyspace.UPDATE_MANY_SCRIPT))
         for item in cold.values():
             value_hydrate(counter=item.counter, subject=item.subject, window=item.window)
-        todo = retry
+        todo = sorted(retry)
     raise StoreUnavailable("values could not be hydrated")
 
 

@@ -8,7 +8,9 @@ import redis
 import requests
 from django.test import Client, override_settings
 
-from counters.models import App, Counter, CounterValue, UniqueMember
+from counters import clock
+from counters.models import App, Counter, CounterValue, OperationLog, Threshold, ThresholdEvent, UniqueMember
+from counters.periods import window_at
 from counters.serializers import BATCH_UPDATE_LIMIT
 from counters.services import counters_flush
 
@@ -198,3 +200,71 @@ def test_concurrent_batches_are_exact(live_server, builtins, make_key):
     counters_flush()
     assert dict(CounterValue.objects.values_list("counter__name", "value")) == expected
     assert UniqueMember.objects.count() == 40 * requests_made + 1
+
+
+SEQUENCES = {
+    # An app counter with bounds, thresholds both ways and an operation log: refusals included.
+    "bounded": (
+        {"max_value": 10, "log_operations": True},
+        [("up", 5), ("down", 2)],
+        [(4, ""), (3, ""), (5, ""), (-6, ""), (-2, ""), (-1, ""), (8, ""), (1, ""), (-9, ""), (1, "")],
+    ),
+    # A per-player daily counter: several players interleaved, one already in PostgreSQL (cold).
+    "per player": (
+        {"scope": "user", "period": "daily", "log_operations": True},
+        [("up", 3)],
+        [(1, "p1"), (2, "p2"), (1, "cold"), (2, "p1"), (-1, "p2"), (1, "p2"), (3, "cold"), (1, "p1")],
+    ),
+    # Unique members: a repeated player changes nothing.
+    "unique": ({"unique_members": True}, [("up", 2)], [(1, "a"), (1, "b"), (1, "a"), (1, "c"), (1, "b")]),
+}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("case", SEQUENCES)
+def test_a_batch_does_exactly_what_the_same_updates_one_by_one_do(client, writer, case):
+    """The batch script runs UPDATE_SCRIPT's logic per item: replies, values, log and events match."""
+    config, thresholds, steps = SEQUENCES[case]
+    app = App.objects.get(slug="default")
+    pair = [Counter.objects.create(app=app, name=name, public=True, **config) for name in ("one_by_one", "batched")]
+    for counter in pair:
+        for direction, at in thresholds:
+            Threshold.objects.create(counter=counter, value=at, direction=direction)
+        if config.get("scope") == "user":
+            period = window_at("daily", counter.effective_time_zone, clock.now()).key
+            CounterValue.objects.create(counter=counter, subject="cold", period=period, value=7, peak=7)
+
+    def item(amount: int, user_id: str) -> dict:
+        body = {"value": abs(amount), **({"user_id": user_id} if user_id else {})}
+        return {"op": "increment" if amount > 0 else "decrement", **body}
+
+    singles = []
+    for amount, user_id in steps:
+        body = item(amount, user_id)
+        r = client.post(
+            f"/api/v1/counter/one_by_one/{body.pop('op')}", json.dumps(body), content_type="application/json", **writer
+        )
+        reply = r.json()
+        singles.append(reply.get("current_value", reply.get("error", {}).get("code")))
+    r = post(client, {"updates": [{"name": "batched", **item(a, u)} for a, u in steps]}, writer)
+    assert r.status_code == 200, r.content
+    batched = [i.get("current_value", i.get("error", {}).get("code")) for i in r.json()["results"]]
+    assert batched == singles
+    assert 4005 in singles or case != "bounded"
+
+    counters_flush()
+
+    def durable(counter: Counter) -> tuple:
+        values = sorted(
+            CounterValue.objects.filter(counter=counter).values_list("subject", "value", "peak", "operations")
+        )
+        log = list(
+            OperationLog.objects.filter(counter=counter).order_by("id").values_list("subject", "old_value", "new_value")
+        )
+        events = sorted(ThresholdEvent.objects.filter(counter=counter).values_list("threshold__value", "subject"))
+        members = sorted(UniqueMember.objects.filter(counter=counter).values_list("member", flat=True))
+        return values, log, events, members
+
+    one_by_one, batch = durable(pair[0]), durable(pair[1])
+    assert batch == one_by_one
+    assert one_by_one[2] and (one_by_one[1] or case == "unique")
