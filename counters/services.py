@@ -770,22 +770,39 @@ def _new_batch_id() -> str:
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
 
 
-_VALUES_SQL = """
+_VALUES_UPSERT = """
 INSERT INTO counters_countervalue (counter_id, subject, period, value, peak, operations, updated_at)
 SELECT %s, x.s, x.p, x.d, x.pk, x.o, to_timestamp(x.t / 1000.0)
-FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) AS x(s, p, d, pk, o, t)
+FROM {source} AS x(s, p, d, pk, o, t)
 ON CONFLICT (counter_id, subject, period) DO UPDATE SET
     value = counters_countervalue.value + EXCLUDED.value,
     peak = GREATEST(counters_countervalue.peak, EXCLUDED.peak),
     operations = counters_countervalue.operations + EXCLUDED.operations,
     updated_at = GREATEST(counters_countervalue.updated_at, EXCLUDED.updated_at)
 """
+_VALUES_SQL = _VALUES_UPSERT.format(
+    source="unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+)
 
-_MEMBERS_SQL = """
+_MEMBERS_INSERT = """
 INSERT INTO counters_uniquemember (counter_id, period, member)
-SELECT %s, x.p, x.m FROM unnest(%s::text[], %s::text[]) AS x(p, m)
+SELECT %s, x.p, x.m FROM {source} AS x(p, m)
 ON CONFLICT DO NOTHING
 """
+_MEMBERS_SQL = _MEMBERS_INSERT.format(source="unnest(%s::text[], %s::text[])")
+
+# Large batches go through COPY into session-local tables instead of array parameters: quoting
+# every array element costs the client more than PostgreSQL's whole upsert (bench/flush_bench.py).
+# Below this many rows the three extra round trips cost more than they save.
+COPY_MIN_ROWS = 1000
+_COPY_TABLES = """
+CREATE TEMP TABLE IF NOT EXISTS counters_flush_values
+    (s text, p text, d bigint, pk bigint, o bigint, t bigint) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS counters_flush_members (p text, m text) ON COMMIT DELETE ROWS;
+TRUNCATE counters_flush_values, counters_flush_members
+"""
+_VALUES_FROM_COPY_SQL = _VALUES_UPSERT.format(source="counters_flush_values")
+_MEMBERS_FROM_COPY_SQL = _MEMBERS_INSERT.format(source="counters_flush_members")
 
 _BUCKETS_SQL = """
 INSERT INTO counters_statbucket (counter_id, minute, operations, delta, last_value, max_value)
@@ -834,10 +851,11 @@ def _parse_batch(fields: dict[bytes, bytes], log: list[bytes]) -> _Batch:
     slots = {"d": 0, "o": 1, "p": 2, "t": 3}
     bucket_slots = {"bo": 0, "bd": 1, "bv": 2, "bm": 3}
     for raw_field, raw_value in fields.items():
-        kind, rest = raw_field.decode().split("|", 1)
-        if kind in slots:
-            period, subject = rest.split("|", 1)
-            values[(period, subject)][slots[kind]] = int(raw_value)
+        kind, _, rest = raw_field.decode().partition("|")
+        slot = slots.get(kind)
+        if slot is not None:
+            period, _, subject = rest.partition("|")
+            values[(period, subject)][slot] = int(raw_value)
         elif kind in bucket_slots:
             buckets[int(rest)][bucket_slots[kind]] = int(raw_value)
         elif kind == "u":
@@ -858,23 +876,10 @@ def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStat
             stats.skipped += 1
             return event_ids
         with connection.cursor() as cursor:
-            if batch.values:
-                keys = list(batch.values)
-                rows = [batch.values[k] for k in keys]
-                cursor.execute(
-                    _VALUES_SQL,
-                    [
-                        counter_id,
-                        [k[1] for k in keys],
-                        [k[0] for k in keys],
-                        [r[0] for r in rows],
-                        [r[2] for r in rows],
-                        [r[1] for r in rows],
-                        [r[3] for r in rows],
-                    ],
-                )
-            if batch.members:
-                cursor.execute(_MEMBERS_SQL, [counter_id, [m[0] for m in batch.members], [m[1] for m in batch.members]])
+            if len(batch.values) + len(batch.members) >= COPY_MIN_ROWS:
+                _copy_values_and_members(cursor, counter_id, batch)
+            else:
+                _insert_values_and_members(cursor, counter_id, batch)
             if batch.buckets:
                 minutes = sorted(batch.buckets)
                 cols = list(zip(*(batch.buckets[m] for m in minutes), strict=True))
@@ -890,6 +895,31 @@ def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStat
     stats.members += len(batch.members)
     stats.operations += sum(v[1] for v in batch.values.values())
     return event_ids
+
+
+def _insert_values_and_members(cursor, counter_id: int, batch: _Batch) -> None:
+    if batch.values:
+        keys = list(batch.values)
+        rows = [batch.values[k] for k in keys]
+        columns = [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in (0, 2, 1, 3))]
+        cursor.execute(_VALUES_SQL, [counter_id, *columns])
+    if batch.members:
+        cursor.execute(_MEMBERS_SQL, [counter_id, [m[0] for m in batch.members], [m[1] for m in batch.members]])
+
+
+def _copy_values_and_members(cursor, counter_id: int, batch: _Batch) -> None:
+    # Emptied first, not only at commit: inside an outer transaction (tests) batches share them.
+    cursor.execute(_COPY_TABLES)
+    with cursor.cursor.copy("COPY counters_flush_values FROM STDIN") as copy:
+        for (period, subject), (delta, operations, peak, updated) in batch.values.items():
+            copy.write_row((subject, period, delta, peak, operations, updated))
+    with cursor.cursor.copy("COPY counters_flush_members FROM STDIN") as copy:
+        for row in batch.members:
+            copy.write_row(row)
+    if batch.values:
+        cursor.execute(_VALUES_FROM_COPY_SQL, [counter_id])
+    if batch.members:
+        cursor.execute(_MEMBERS_FROM_COPY_SQL, [counter_id])
 
 
 def _insert_operation_log(counter_id: int, lines: list[bytes]) -> None:
