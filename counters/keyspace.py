@@ -206,19 +206,30 @@ return {'OK', old, new, crossed, marks}
 # One round trip per update.
 UPDATE_SCRIPT = _UPDATE_BODY
 
-# Many updates of one counter (their keys share its hash tag) in one call, in order; the reply
-# holds each one's UPDATE_SCRIPT reply. ARGV[1] is the number of keys per update, then per update
-# the number of its arguments followed by them; KEYS are the updates' keys one after another.
+# Many updates of one counter and period (their keys share its hash tag) in one call, in order;
+# the reply holds each one's UPDATE_SCRIPT reply. Within such a call only these keys and arguments
+# of UPDATE_SCRIPT (0-based positions) differ from one update to the next: the value, threshold
+# marks and cooldown keys (per subject); the amount, pending field, member and log entry. The
+# rest (bounds, time, thresholds, ...) is sent once, which halves what a batch sends and packs.
+UPDATE_OWN_KEYS = (0, 3, 5)
+UPDATE_OWN_ARGS = (1, 2, 3, 10)
+_OWN_KEYS_LUA, _OWN_ARGS_LUA = (", ".join(str(i + 1) for i in own) for own in (UPDATE_OWN_KEYS, UPDATE_OWN_ARGS))
+# KEYS: the first update's keys, then each update's own keys. ARGV: how many keys and arguments
+# the first update has, its arguments, then each update's own arguments.
 UPDATE_MANY_SCRIPT = (
     "local function update(KEYS, ARGV)\n"
     + _UPDATE_BODY
-    + """end
+    + f"""end
 
-local per_update, results, a = tonumber(ARGV[1]), {}, 2
-for k = 1, #KEYS, per_update do
-  local n = tonumber(ARGV[a])
-  results[#results + 1] = update({unpack(KEYS, k, k + per_update - 1)}, {unpack(ARGV, a + 1, a + n)})
-  a = a + n + 1
+local own_keys, own_args = {{{_OWN_KEYS_LUA}}}, {{{_OWN_ARGS_LUA}}}
+local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
+local K, A = {{unpack(KEYS, 1, nk)}}, {{unpack(ARGV, 3, 2 + na)}}
+local results, k, a = {{}}, nk, 2 + na
+while k < #KEYS do
+  for j = 1, #own_keys do K[own_keys[j]] = KEYS[k + j] end
+  for j = 1, #own_args do A[own_args[j]] = ARGV[a + j] end
+  k, a = k + #own_keys, a + #own_args
+  results[#results + 1] = update(K, A)
 end
 return results
 """

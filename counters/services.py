@@ -11,6 +11,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from operator import itemgetter
 
 import orjson
 import redis
@@ -404,22 +405,25 @@ def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
     results: list = [None] * len(prepared)
     todo = list(range(len(prepared)))
     sha = scripts.update_many.sha
+    own_keys, own_args = itemgetter(*keyspace.UPDATE_OWN_KEYS), itemgetter(*keyspace.UPDATE_OWN_ARGS)
 
     def run(r, groups: list[list[int]]) -> list:
         pipe = r.pipeline(transaction=False)
         for group in groups:
-            keys, args = [], [len(prepared[group[0]].keys)]
+            first = prepared[group[0]]
+            keys, args = list(first.keys), [len(first.keys), len(first.args), *first.args]
             for i in group:
-                keys += prepared[i].keys
-                args.append(len(prepared[i].args))
-                args += prepared[i].args
+                keys += own_keys(prepared[i].keys)
+                args += own_args(prepared[i].args)
             pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return pipe.execute(raise_on_error=False)
 
     for _ in range(3):
-        by_counter: dict[int, list[int]] = defaultdict(list)
+        # Updates of one counter and period share everything but UPDATE_OWN_KEYS/ARGS: the same
+        # bounds, time and thresholds (one counter_update_many call).
+        by_counter: dict[tuple[int, str], list[int]] = defaultdict(list)
         for i in todo:
-            by_counter[prepared[i].counter.id].append(i)
+            by_counter[(prepared[i].counter.id, prepared[i].window.key)].append(i)
         groups = list(by_counter.values())
         retry, cold, noscript = [], {}, False
         for group, reply in zip(groups, redis_call(lambda r, g=groups: run(r, g)), strict=True):
