@@ -280,3 +280,14 @@ def test_a_batch_does_exactly_what_the_same_updates_one_by_one_do(client, writer
     one_by_one, batch = durable(pair[0]), durable(pair[1])
     assert batch == one_by_one
     assert one_by_one[2] and (one_by_one[1] or case == "unique")
+
+
+@pytest.mark.django_db
+def test_the_largest_valid_batch_is_accepted(client, writer):
+    """1,000 updates with metadata of almost the allowed size: more than Django's default 2.5 MB body."""
+    metadata = {"note": "x" * 3000}
+    body = json.dumps({"updates": [{"name": "total_games_played", "metadata": metadata}] * BATCH_UPDATE_LIMIT})
+    assert len(body) > 2_621_440
+    r = post(client, body, writer, raw=True)
+    assert r.status_code == 200, r.content[:300]
+    assert r.json()["results"][-1]["current_value"] == BATCH_UPDATE_LIMIT
