@@ -113,7 +113,8 @@ class Counter(models.Model):
 class CounterValue(models.Model):
     """The durable value of (counter, subject, period); Redis holds it hot, the flusher writes it here."""
 
-    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="values")
+    # No index of its own: the unique constraint below starts with counter_id and serves lookups by counter.
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="values", db_index=False)
     subject = models.CharField(max_length=64, blank=True, help_text="Player id for user counters, else empty.")
     period = models.CharField(max_length=10, blank=True, help_text="Period start (YYYY-MM-DD), empty if none.")
     value = models.BigIntegerField(default=0)
@@ -133,7 +134,8 @@ class CounterValue(models.Model):
 class UniqueMember(models.Model):
     """A user already counted in a period of a unique-member counter."""
 
-    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+")
+    # No index of its own: the unique constraint below starts with counter_id and serves lookups by counter.
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+", db_index=False)
     period = models.CharField(max_length=10, blank=True)
     member = models.CharField(max_length=64)
 
@@ -146,7 +148,8 @@ class UniqueMember(models.Model):
 class StatBucket(models.Model):
     """Per-minute activity of a counter, recorded on the hot path and flushed with the deltas."""
 
-    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+")
+    # No index of its own: the unique constraint below starts with counter_id and serves lookups by counter.
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+", db_index=False)
     minute = models.DateTimeField()
     operations = models.BigIntegerField(default=0)
     delta = models.BigIntegerField(default=0)
