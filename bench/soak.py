@@ -76,22 +76,26 @@ def slope_kib_per_min(points: list[tuple[float, int]]) -> float:
 class Services:
     """web, worker and beat, started like the Procfile does, stopped with SIGTERM."""
 
-    def __init__(self, *, web_workers: int, worker_concurrency: int) -> None:
+    def __init__(self, *, web_workers: int, worker_concurrency: int, trace_dir: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, GUNICORN_MAX_REQUESTS="0", PYTHONUNBUFFERED="1")
+        config, celery = "gunicorn.conf.py", [str(BIN / "celery"), "-A", "counterproject"]
+        if trace_dir:
+            # Same processes, plus tracemalloc reports in every web worker and pool process.
+            env["MEM_TRACE_DIR"] = trace_dir
+            config, celery = "bench/gunicorn_traced.py", [str(BIN / "python"), "bench/celery_traced.py"]
         self.log = open(os.environ.get("SOAK_LOG", os.devnull), "ab")  # noqa: SIM115
         subprocess.run(
             [str(BIN / "python"), "manage.py", "setup_schedules"], cwd=ROOT, env=env, check=True, stdout=self.log
         )
-        celery = str(BIN / "celery")
-        web = ["counterproject.wsgi", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"]
-        worker = ["-A", "counterproject", "worker", "--loglevel=WARNING", f"--concurrency={worker_concurrency}"]
-        beat = ["-A", "counterproject", "beat", "--loglevel=WARNING", "--scheduler", SCHEDULER]
+        web = ["counterproject.wsgi", "-c", config, "--bind", f"127.0.0.1:{self.port}"]
+        worker = ["worker", "--loglevel=WARNING", f"--concurrency={worker_concurrency}"]
+        beat = [str(BIN / "celery"), "-A", "counterproject", "beat", "--loglevel=WARNING", "--scheduler", SCHEDULER]
         commands = {
             "web": [str(BIN / "gunicorn"), *web, "--workers", str(web_workers)],
-            "worker": [celery, *worker, "--without-heartbeat", "--without-gossip", "--without-mingle"],
-            "beat": [celery, *beat],
+            "worker": [*celery, *worker, "--without-heartbeat", "--without-gossip", "--without-mingle"],
+            "beat": beat,
         }
         self.processes = {
             name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
@@ -197,13 +201,16 @@ def main() -> int:
     parser.add_argument("--worker-concurrency", type=int, default=1)
     parser.add_argument("--temp-counters", type=int, default=5, help="live temporary counters at any time")
     parser.add_argument("--rotate-every", type=float, default=10, help="seconds between temporary counter rotations")
+    parser.add_argument("--trace-dir", help="write tracemalloc reports of web workers and pool processes here")
     args = parser.parse_args()
 
     key, temp = setup_data(args.temp_counters)
     from counters.models import App
 
     app = App.objects.get(slug="default")
-    services = Services(web_workers=args.web_workers, worker_concurrency=args.worker_concurrency)
+    services = Services(
+        web_workers=args.web_workers, worker_concurrency=args.worker_concurrency, trace_dir=args.trace_dir
+    )
     stop, temp_lock, per_client = threading.Event(), threading.Lock(), [{} for _ in range(args.clients)]
     clients = [
         threading.Thread(target=drive, args=(services.url, key, temp, temp_lock, stop, s), daemon=True)
@@ -237,12 +244,25 @@ def main() -> int:
         for status, count in s.items():
             statuses[status] = statuses.get(status, 0) + count
     processes = {}
-    print(f"{'process':<24}{'rss after warm-up KiB':>24}{'rss at end KiB':>18}{'slope KiB/min':>16}")
+    # Warm-up and fragmentation level off, a leak does not: compare the two halves after warm-up.
+    middle = args.warmup + (args.duration - args.warmup) / 2
+    print(
+        f"{'process':<24}{'rss after warm-up KiB':>22}{'rss at end KiB':>16}"
+        f"{'slope KiB/min':>15}{'1st half':>10}{'2nd half':>10}"
+    )
     for name, points in sorted(samples.items()):
         after = [p for p in points if p[0] >= args.warmup] or points[-1:]
         slope = slope_kib_per_min(after)
-        processes[name] = {"rss_after_warmup_kib": after[0][1], "rss_end_kib": after[-1][1], "slope_kib_per_min": slope}
-        print(f"{name:<24}{after[0][1]:>24}{after[-1][1]:>18}{slope:>16.1f}")
+        first = slope_kib_per_min([p for p in after if p[0] < middle])
+        second = slope_kib_per_min([p for p in after if p[0] >= middle])
+        processes[name] = {
+            "rss_after_warmup_kib": after[0][1],
+            "rss_end_kib": after[-1][1],
+            "slope_kib_per_min": slope,
+            "first_half_slope_kib_per_min": first,
+            "second_half_slope_kib_per_min": second,
+        }
+        print(f"{name:<24}{after[0][1]:>22}{after[-1][1]:>16}{slope:>15.1f}{first:>10.1f}{second:>10.1f}")
     total = sum(statuses.values())
     print(f"requests: {total} ({total / args.duration:.0f}/s), statuses: {dict(sorted(statuses.items()))}")
     print(f"temporary counters rotated: {rotations}")
