@@ -161,6 +161,9 @@ COUNTER_FLUSH_INTERVAL_SECONDS = env.float("COUNTER_FLUSH_INTERVAL_SECONDS", def
 COUNTER_FLUSH_LOCK_SECONDS = env.float("COUNTER_FLUSH_LOCK_SECONDS", default=10.0)
 COUNTER_CONFIG_CACHE_SECONDS = env.float("COUNTER_CONFIG_CACHE_SECONDS", default=30.0)
 COUNTER_CONFIG_CHECK_SECONDS = env.float("COUNTER_CONFIG_CHECK_SECONDS", default=1.0)
+# A deleted counter's Redis keys are dropped this long after the delete: by then no process's
+# config snapshot (at most COUNTER_CONFIG_CACHE_SECONDS old) nor request in flight can write them.
+COUNTER_DELETED_KEYS_GRACE_SECONDS = env.float("COUNTER_DELETED_KEYS_GRACE_SECONDS", default=120.0)
 COUNTER_METADATA_MAX_BYTES = env.int("COUNTER_METADATA_MAX_BYTES", default=4096)
 # How often the live board (/board/) asks for new values.
 BOARD_POLL_MILLISECONDS = env.int("BOARD_POLL_MILLISECONDS", default=1000)
