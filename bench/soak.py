@@ -51,6 +51,15 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def redis_used_kib() -> int | None:
+    from counters.redis_store import client
+
+    try:
+        return int(client().info("memory")["used_memory"]) // 1024
+    except Exception:  # a sample missed, not a reason to stop the run
+        return None
+
+
 def children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -217,6 +226,7 @@ def main() -> int:
         for s in per_client
     ]
     samples: dict[str, list[tuple[float, int]]] = {}
+    redis_points: list[tuple[float, int]] = []
     rotations = 0
     try:
         for thread in clients:
@@ -227,6 +237,9 @@ def main() -> int:
                 rss = rss_kib(pid)
                 if rss is not None:
                     samples.setdefault(f"{name}:{pid}", []).append((elapsed, rss))
+            # Redis is not started here, but what a long run leaves behind in it counts too.
+            if (used := redis_used_kib()) is not None:
+                redis_points.append((elapsed, used))
             if time.monotonic() - last_rotation >= args.rotate_every:
                 with temp_lock:
                     temp.append(rotate_temp_counter(app, drop=temp.pop(0)))
@@ -250,24 +263,30 @@ def main() -> int:
         f"{'process':<24}{'rss after warm-up KiB':>22}{'rss at end KiB':>16}"
         f"{'slope KiB/min':>15}{'1st half':>10}{'2nd half':>10}"
     )
-    for name, points in sorted(samples.items()):
+
+    def row(name: str, points: list[tuple[float, int]]) -> dict:
         after = [p for p in points if p[0] >= args.warmup] or points[-1:]
         slope = slope_kib_per_min(after)
         first = slope_kib_per_min([p for p in after if p[0] < middle])
         second = slope_kib_per_min([p for p in after if p[0] >= middle])
-        processes[name] = {
+        print(f"{name:<24}{after[0][1]:>22}{after[-1][1]:>16}{slope:>15.1f}{first:>10.1f}{second:>10.1f}")
+        return {
             "rss_after_warmup_kib": after[0][1],
             "rss_end_kib": after[-1][1],
             "slope_kib_per_min": slope,
             "first_half_slope_kib_per_min": first,
             "second_half_slope_kib_per_min": second,
         }
-        print(f"{name:<24}{after[0][1]:>22}{after[-1][1]:>16}{slope:>15.1f}{first:>10.1f}{second:>10.1f}")
+
+    for name, points in sorted(samples.items()):
+        processes[name] = row(name, points)
+    redis = row("redis used_memory", redis_points) if redis_points else None
     total = sum(statuses.values())
     print(f"requests: {total} ({total / args.duration:.0f}/s), statuses: {dict(sorted(statuses.items()))}")
     print(f"temporary counters rotated: {rotations}")
     summary = {"duration": args.duration, "warmup": args.warmup, "requests": total, "statuses": statuses}
     summary["processes"] = processes
+    summary["redis_used_memory"] = redis
     print("SUMMARY " + orjson.dumps(summary, option=orjson.OPT_NON_STR_KEYS).decode())
     return 0
 
