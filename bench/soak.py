@@ -1,11 +1,14 @@
 """Memory soak: mixed traffic against gunicorn + a Celery worker + beat, RSS sampled per process.
 
 Starts the web, worker and beat processes itself (from ``gunicorn.conf.py`` and the Procfile's
-commands, with ``max_requests`` switched off so a leak cannot hide behind worker recycling), drives
-increments with and without user ids, single and batch reads, and a rolling set of temporary
-counters created and deleted through the ORM, for ``--duration`` seconds. Every
-``--sample-every`` seconds it reads the RSS of each process from ``/proc``; at the end it prints,
-per process, the RSS after warm-up, at the end, and the least-squares slope after warm-up.
+commands, with gunicorn's ``max_requests`` and Celery's ``worker_max_tasks_per_child`` switched
+off so a leak cannot hide behind process recycling), drives increments with and without user ids,
+single and batch reads, and a rolling set of temporary counters created and deleted through the
+ORM, for ``--duration`` seconds. Every ``--sample-every`` seconds it reads the RSS of each process
+from ``/proc`` (and Redis's ``used_memory``); at the end it prints, per process, the RSS after
+warm-up, at the end, the least-squares slope after warm-up, and the slopes of the first and the
+second half after warm-up (warm-up levels off, a leak does not). ``--trace-dir`` adds per-process
+heap reports (``bench/tracehook.py``).
 
 Uses the database and Redis named by the environment (``DATABASE_URL``, ``REDIS_URL``,
 ``CELERY_BROKER_URL``, ``DJANGO_SETTINGS_MODULE``); run ``manage.py migrate`` there first.
@@ -88,7 +91,7 @@ class Services:
     def __init__(self, *, web_workers: int, worker_concurrency: int, trace_dir: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, GUNICORN_MAX_REQUESTS="0", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, GUNICORN_MAX_REQUESTS="0", CELERY_WORKER_MAX_TASKS_PER_CHILD="0", PYTHONUNBUFFERED="1")
         config, celery = "gunicorn.conf.py", [str(BIN / "celery"), "-A", "counterproject"]
         if trace_dir:
             # Same processes, plus tracemalloc reports in every web worker and pool process.
