@@ -1,11 +1,14 @@
 """Memory soak: mixed traffic against gunicorn + a Celery worker + beat, RSS sampled per process.
 
 Starts the web, worker and beat processes itself (from ``gunicorn.conf.py`` and the Procfile's
-commands, with ``max_requests`` switched off so a leak cannot hide behind worker recycling), drives
-increments with and without user ids, single and batch reads, and a rolling set of temporary
-counters created and deleted through the ORM, for ``--duration`` seconds. Every
-``--sample-every`` seconds it reads the RSS of each process from ``/proc``; at the end it prints,
-per process, the RSS after warm-up, at the end, and the least-squares slope after warm-up.
+commands, with gunicorn's ``max_requests`` and Celery's ``worker_max_tasks_per_child`` switched
+off so a leak cannot hide behind process recycling), drives increments with and without user ids,
+single and batch reads, and a rolling set of temporary counters created and deleted through the
+ORM, for ``--duration`` seconds. Every ``--sample-every`` seconds it reads the RSS of each process
+from ``/proc`` (and Redis's ``used_memory``); at the end it prints, per process, the RSS after
+warm-up, at the end, the least-squares slope after warm-up, and the slopes of the first and the
+second half after warm-up (warm-up levels off, a leak does not). ``--trace-dir`` adds per-process
+heap reports (``bench/tracehook.py``).
 
 Uses the database and Redis named by the environment (``DATABASE_URL``, ``REDIS_URL``,
 ``CELERY_BROKER_URL``, ``DJANGO_SETTINGS_MODULE``); run ``manage.py migrate`` there first.
@@ -51,6 +54,15 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def redis_used_kib() -> int | None:
+    from counters.redis_store import client
+
+    try:
+        return int(client().info("memory")["used_memory"]) // 1024
+    except Exception:  # a sample missed, not a reason to stop the run
+        return None
+
+
 def children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -76,22 +88,26 @@ def slope_kib_per_min(points: list[tuple[float, int]]) -> float:
 class Services:
     """web, worker and beat, started like the Procfile does, stopped with SIGTERM."""
 
-    def __init__(self, *, web_workers: int, worker_concurrency: int) -> None:
+    def __init__(self, *, web_workers: int, worker_concurrency: int, trace_dir: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, GUNICORN_MAX_REQUESTS="0", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, GUNICORN_MAX_REQUESTS="0", CELERY_WORKER_MAX_TASKS_PER_CHILD="0", PYTHONUNBUFFERED="1")
+        config, celery = "gunicorn.conf.py", [str(BIN / "celery"), "-A", "counterproject"]
+        if trace_dir:
+            # Same processes, plus tracemalloc reports in every web worker and pool process.
+            env["MEM_TRACE_DIR"] = trace_dir
+            config, celery = "bench/gunicorn_traced.py", [str(BIN / "python"), "bench/celery_traced.py"]
         self.log = open(os.environ.get("SOAK_LOG", os.devnull), "ab")  # noqa: SIM115
         subprocess.run(
             [str(BIN / "python"), "manage.py", "setup_schedules"], cwd=ROOT, env=env, check=True, stdout=self.log
         )
-        celery = str(BIN / "celery")
-        web = ["counterproject.wsgi", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"]
-        worker = ["-A", "counterproject", "worker", "--loglevel=WARNING", f"--concurrency={worker_concurrency}"]
-        beat = ["-A", "counterproject", "beat", "--loglevel=WARNING", "--scheduler", SCHEDULER]
+        web = ["counterproject.wsgi", "-c", config, "--bind", f"127.0.0.1:{self.port}"]
+        worker = ["worker", "--loglevel=WARNING", f"--concurrency={worker_concurrency}"]
+        beat = [str(BIN / "celery"), "-A", "counterproject", "beat", "--loglevel=WARNING", "--scheduler", SCHEDULER]
         commands = {
             "web": [str(BIN / "gunicorn"), *web, "--workers", str(web_workers)],
-            "worker": [celery, *worker, "--without-heartbeat", "--without-gossip", "--without-mingle"],
-            "beat": [celery, *beat],
+            "worker": [*celery, *worker, "--without-heartbeat", "--without-gossip", "--without-mingle"],
+            "beat": beat,
         }
         self.processes = {
             name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
@@ -197,19 +213,23 @@ def main() -> int:
     parser.add_argument("--worker-concurrency", type=int, default=1)
     parser.add_argument("--temp-counters", type=int, default=5, help="live temporary counters at any time")
     parser.add_argument("--rotate-every", type=float, default=10, help="seconds between temporary counter rotations")
+    parser.add_argument("--trace-dir", help="write tracemalloc reports of web workers and pool processes here")
     args = parser.parse_args()
 
     key, temp = setup_data(args.temp_counters)
     from counters.models import App
 
     app = App.objects.get(slug="default")
-    services = Services(web_workers=args.web_workers, worker_concurrency=args.worker_concurrency)
+    services = Services(
+        web_workers=args.web_workers, worker_concurrency=args.worker_concurrency, trace_dir=args.trace_dir
+    )
     stop, temp_lock, per_client = threading.Event(), threading.Lock(), [{} for _ in range(args.clients)]
     clients = [
         threading.Thread(target=drive, args=(services.url, key, temp, temp_lock, stop, s), daemon=True)
         for s in per_client
     ]
     samples: dict[str, list[tuple[float, int]]] = {}
+    redis_points: list[tuple[float, int]] = []
     rotations = 0
     try:
         for thread in clients:
@@ -220,6 +240,9 @@ def main() -> int:
                 rss = rss_kib(pid)
                 if rss is not None:
                     samples.setdefault(f"{name}:{pid}", []).append((elapsed, rss))
+            # Redis is not started here, but what a long run leaves behind in it counts too.
+            if (used := redis_used_kib()) is not None:
+                redis_points.append((elapsed, used))
             if time.monotonic() - last_rotation >= args.rotate_every:
                 with temp_lock:
                     temp.append(rotate_temp_counter(app, drop=temp.pop(0)))
@@ -237,17 +260,36 @@ def main() -> int:
         for status, count in s.items():
             statuses[status] = statuses.get(status, 0) + count
     processes = {}
-    print(f"{'process':<24}{'rss after warm-up KiB':>24}{'rss at end KiB':>18}{'slope KiB/min':>16}")
-    for name, points in sorted(samples.items()):
+    # Warm-up and fragmentation level off, a leak does not: compare the two halves after warm-up.
+    middle = args.warmup + (args.duration - args.warmup) / 2
+    print(
+        f"{'process':<24}{'rss after warm-up KiB':>22}{'rss at end KiB':>16}"
+        f"{'slope KiB/min':>15}{'1st half':>10}{'2nd half':>10}"
+    )
+
+    def row(name: str, points: list[tuple[float, int]]) -> dict:
         after = [p for p in points if p[0] >= args.warmup] or points[-1:]
         slope = slope_kib_per_min(after)
-        processes[name] = {"rss_after_warmup_kib": after[0][1], "rss_end_kib": after[-1][1], "slope_kib_per_min": slope}
-        print(f"{name:<24}{after[0][1]:>24}{after[-1][1]:>18}{slope:>16.1f}")
+        first = slope_kib_per_min([p for p in after if p[0] < middle])
+        second = slope_kib_per_min([p for p in after if p[0] >= middle])
+        print(f"{name:<24}{after[0][1]:>22}{after[-1][1]:>16}{slope:>15.1f}{first:>10.1f}{second:>10.1f}")
+        return {
+            "rss_after_warmup_kib": after[0][1],
+            "rss_end_kib": after[-1][1],
+            "slope_kib_per_min": slope,
+            "first_half_slope_kib_per_min": first,
+            "second_half_slope_kib_per_min": second,
+        }
+
+    for name, points in sorted(samples.items()):
+        processes[name] = row(name, points)
+    redis = row("redis used_memory", redis_points) if redis_points else None
     total = sum(statuses.values())
     print(f"requests: {total} ({total / args.duration:.0f}/s), statuses: {dict(sorted(statuses.items()))}")
     print(f"temporary counters rotated: {rotations}")
     summary = {"duration": args.duration, "warmup": args.warmup, "requests": total, "statuses": statuses}
     summary["processes"] = processes
+    summary["redis_used_memory"] = redis
     print("SUMMARY " + orjson.dumps(summary, option=orjson.OPT_NON_STR_KEYS).decode())
     return 0
 

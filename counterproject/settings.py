@@ -154,6 +154,9 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ACKS_LATE = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A safety net like gunicorn's max_requests (bench/README-soak.md shows memory is flat without it):
+# a pool process is replaced after this many tasks (the flush runs once a second). 0 switches it off.
+CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=50000) or None
 
 # Counter service knobs.
 COUNTER_DEFAULT_TIME_ZONE = env("COUNTER_DEFAULT_TIME_ZONE", default="UTC")
@@ -161,6 +164,9 @@ COUNTER_FLUSH_INTERVAL_SECONDS = env.float("COUNTER_FLUSH_INTERVAL_SECONDS", def
 COUNTER_FLUSH_LOCK_SECONDS = env.float("COUNTER_FLUSH_LOCK_SECONDS", default=10.0)
 COUNTER_CONFIG_CACHE_SECONDS = env.float("COUNTER_CONFIG_CACHE_SECONDS", default=30.0)
 COUNTER_CONFIG_CHECK_SECONDS = env.float("COUNTER_CONFIG_CHECK_SECONDS", default=1.0)
+# A deleted counter's Redis keys are dropped this long after the delete: by then no process's
+# config snapshot (at most COUNTER_CONFIG_CACHE_SECONDS old) nor request in flight can write them.
+COUNTER_DELETED_KEYS_GRACE_SECONDS = env.float("COUNTER_DELETED_KEYS_GRACE_SECONDS", default=120.0)
 COUNTER_METADATA_MAX_BYTES = env.int("COUNTER_METADATA_MAX_BYTES", default=4096)
 # How often the live board (/board/) asks for new values.
 BOARD_POLL_MILLISECONDS = env.int("BOARD_POLL_MILLISECONDS", default=1000)

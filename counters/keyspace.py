@@ -21,9 +21,11 @@ Per counter ``c``:
   ``cs:{c}:b:<id>`` / ``cs:{c}:bl:<id>`` hold one batch.
 
 The value hashes, member sets and threshold marks of a closed period are deleted by the archive
-task (``TRIM_PERIOD_SCRIPT``) once nothing of that period is pending.
+task (``TRIM_PERIOD_SCRIPT``) once nothing of that period is pending; every key of a deleted
+counter by the flush task (``cs:deleted`` queues them).
 
-Global: ``cs:cfg:gen`` (config generation, bumped on every config change) and ``cs:lock:<name>``.
+Global: ``cs:cfg:gen`` (config generation, bumped on every config change), ``cs:lock:<name>`` and
+``cs:deleted`` (deleted counters whose keys are still to be dropped).
 """
 
 PREFIX = "cs"
@@ -98,6 +100,18 @@ def period_scoped_key_parts(key: str) -> tuple[int, str] | None:
 
 
 CONFIG_GENERATION_KEY = f"{PREFIX}:cfg:gen"
+
+# Counters deleted from PostgreSQL whose keys are still to be dropped: sorted set, id -> deletion ms.
+DELETED_COUNTERS_KEY = f"{PREFIX}:deleted"
+ALL_COUNTER_KEYS_PATTERN = f"{PREFIX}:{{c*"
+
+
+def counter_id_of_key(key: bytes | str) -> int | None:
+    """The counter id in a key of ``ALL_COUNTER_KEYS_PATTERN`` (None for anything else)."""
+    text = key.decode() if isinstance(key, bytes) else key
+    head, _, rest = text.partition(":{c")
+    digits, closed, _ = rest.partition("}")
+    return int(digits) if head == PREFIX and closed and digits.isdigit() else None
 
 
 def lock_key(name: str) -> str:

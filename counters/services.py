@@ -16,7 +16,7 @@ from operator import itemgetter
 import orjson
 import redis
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils.translation import gettext
@@ -27,7 +27,7 @@ from . import clock, keyspace, periods
 from .config import CounterConfig
 from .config import cache as config_cache
 from .errors import CounterError, CounterNotFound, InvalidParameter, OutOfLimits, ServiceReadOnly
-from .models import CounterValue, FlushedBatch, UniqueMember, WrittenThroughValue
+from .models import Counter, CounterValue, FlushedBatch, UniqueMember, WrittenThroughValue
 from .redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
 
 logger = logging.getLogger(__name__)
@@ -762,6 +762,7 @@ class FlushStats:
     values: int = 0
     members: int = 0
     operations: int = 0
+    dropped: int = 0
 
 
 def _crash_point(name: str) -> None:
@@ -948,6 +949,45 @@ def _insert_operation_log(counter_id: int, lines: list[bytes]) -> None:
     OperationLog.objects.bulk_create(entries, batch_size=2000)
 
 
+def counter_store_forget(*, counter_id: int) -> None:
+    """Queue a deleted counter's Redis keys for ``deleted_counters_purge``."""
+    # Redis down: the keys stay behind (unused, as the counter is gone), like after a failed purge.
+    with contextlib.suppress(StoreUnavailable):
+        redis_call(lambda r: r.zadd(keyspace.DELETED_COUNTERS_KEY, {str(counter_id): clock.to_ms(clock.now())}))
+
+
+def deleted_counters_purge() -> int:
+    """Drop every Redis key of the counters deleted at least the grace period ago; returns how many.
+
+    Without this each deleted counter (a rotated temporary event, say) would leave its value
+    hashes, member sets and last pending deltas in Redis for good. One SCAN pass serves every
+    counter that is due.
+    """
+    due_ms = clock.to_ms(clock.now()) - int(settings.COUNTER_DELETED_KEYS_GRACE_SECONDS * 1000)
+    queued = redis_call(lambda r: r.zrangebyscore(keyspace.DELETED_COUNTERS_KEY, "-inf", due_ms))
+    if not queued:
+        return 0
+    due = {int(raw) for raw in queued} - set(
+        Counter.objects.filter(id__in=[int(raw) for raw in queued]).values_list("id", flat=True)
+    )
+
+    def sweep(r) -> int:
+        dropped, doomed = 0, []
+        for key in r.scan_iter(match=keyspace.ALL_COUNTER_KEYS_PATTERN, count=1000):
+            if keyspace.counter_id_of_key(key) in due:
+                doomed.append(key)
+            if len(doomed) >= 500:
+                dropped += r.unlink(*doomed)
+                doomed = []
+        if doomed:
+            dropped += r.unlink(*doomed)
+        return dropped
+
+    dropped = redis_call(sweep) if due else 0
+    redis_call(lambda r: r.zrem(keyspace.DELETED_COUNTERS_KEY, *queued))
+    return dropped
+
+
 def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
     """Move every counter's pending deltas to PostgreSQL, each exactly once.
 
@@ -994,7 +1034,15 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
                     .execute()
                 )
             )
-            event_ids = _apply_batch(cid, batch_id, _parse_batch(fields, log), stats)
+            try:
+                event_ids = _apply_batch(cid, batch_id, _parse_batch(fields, log), stats)
+            except IntegrityError:
+                if Counter.objects.filter(id=cid).exists():
+                    raise
+                # The counter was deleted (with its rows) after these deltas were written: they
+                # belong nowhere, and keeping the batch would fail every flush after this one.
+                stats.dropped += 1
+                event_ids = []
             _crash_point("after_commit")
             redis_call(
                 lambda r, c=cid, b=batch_id: scripts.drop_batch(

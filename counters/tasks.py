@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from .services import counters_flush, operation_log_trim, store_reconcile
+from .services import counters_flush, deleted_counters_purge, operation_log_trim, store_reconcile
 
 
 @shared_task(name="counters.flush", ignore_result=True)
@@ -8,7 +8,14 @@ def flush() -> dict:
     stats = counters_flush()
     # Values written through to PostgreSQL during a Redis outage: correct Redis once it is back.
     reconciled = store_reconcile().corrected
-    return {"batches": stats.batches, "skipped": stats.skipped, "values": stats.values, "reconciled": reconciled}
+    purged = deleted_counters_purge()
+    return {
+        "batches": stats.batches,
+        "skipped": stats.skipped,
+        "values": stats.values,
+        "reconciled": reconciled,
+        "purged_keys": purged,
+    }
 
 
 @shared_task(name="counters.trim_operation_log", ignore_result=True)
