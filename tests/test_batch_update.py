@@ -14,12 +14,9 @@ from counters.periods import window_at
 from counters.serializers import BATCH_UPDATE_LIMIT
 from counters.services import counters_flush
 
+from .http import post
+
 URL = "/api/v1/counters/batch"
-
-
-def post(client: Client, body, headers: dict | None = None, raw: bool = False):
-    data = body if raw else json.dumps(body)
-    return client.post(URL, data=data, content_type="application/json", **(headers or {}))
 
 
 def value(client: Client, name: str) -> int:
@@ -36,7 +33,7 @@ def test_a_batch_updates_several_counters_in_order_and_reaches_postgresql(client
         {"name": "online_players", "op": "decrement", "value": 2, "user_id": "u1"},
         {"name": "total_games_played", "value": 3, "metadata": {"song": "x"}},
     ]
-    r = post(client, {"updates": updates}, writer)
+    r = post(client, URL, {"updates": updates}, writer)
     assert r.status_code == 200, r.content
     assert r.json() == {
         "success": True,
@@ -58,14 +55,14 @@ def test_a_batch_updates_several_counters_in_order_and_reaches_postgresql(client
 
 @pytest.mark.django_db
 def test_bounds_are_refused_per_item_and_the_rest_applies(client, writer):
-    post(client, {"updates": [{"name": "online_players", "value": 2}]}, writer)
+    post(client, URL, {"updates": [{"name": "online_players", "value": 2}]}, writer)
     updates = [
         {"name": "online_players", "op": "decrement", "value": 5},
         {"name": "online_players", "value": 1},
         {"name": "online_players", "op": "decrement", "value": 3},
         {"name": "online_players", "op": "decrement"},
     ]
-    body = post(client, {"updates": updates}, writer).json()
+    body = post(client, URL, {"updates": updates}, writer).json()
     assert [item["success"] for item in body["results"]] == [False, True, True, False]
     assert [item.get("current_value") for item in body["results"]] == [None, 3, 0, None]
     assert body["results"][0]["error"]["code"] == 4005 and "below 0" in body["results"][0]["error"]["message"]
@@ -106,8 +103,8 @@ BAD_BATCHES = [
 @pytest.mark.django_db
 @pytest.mark.parametrize(("case", "body", "status", "code"), BAD_BATCHES, ids=[c[0] for c in BAD_BATCHES])
 def test_a_bad_item_refuses_the_whole_request_and_changes_nothing(client, writer, case, body, status, code):
-    post(client, {"updates": [{"name": "online_players", "value": 3}]}, writer)
-    r = post(client, body, writer, raw=True)
+    post(client, URL, {"updates": [{"name": "online_players", "value": 3}]}, writer)
+    r = post(client, URL, body, writer, raw=True)
     assert r.status_code == status, r.content
     assert r.json()["success"] is False and r.json()["error"]["code"] == code
     assert r.json()["error"]["message"]
@@ -124,11 +121,11 @@ def test_keys_and_permissions_are_checked_for_every_item_before_anything_applies
     reader = {"HTTP_X_API_KEY": make_key(("data_view",))}
     first = {"name": "online_players", "value": 4}
     cases = [
-        (post(client, {"updates": [first]}), 401, 4003),
-        (post(client, {"updates": [first]}, {"HTTP_X_API_KEY": "wrong"}), 401, 4003),
-        (post(client, {"updates": [first]}, reader), 403, 4003),
-        (post(client, {"updates": [first, {"name": "world_boss_kills"}]}, writer), 403, 4003),
-        (post(client, {"updates": [first, {"name": "secret_gold"}]}, writer), 404, 4004),
+        (post(client, URL, {"updates": [first]}), 401, 4003),
+        (post(client, URL, {"updates": [first]}, {"HTTP_X_API_KEY": "wrong"}), 401, 4003),
+        (post(client, URL, {"updates": [first]}, reader), 403, 4003),
+        (post(client, URL, {"updates": [first, {"name": "world_boss_kills"}]}, writer), 403, 4003),
+        (post(client, URL, {"updates": [first, {"name": "secret_gold"}]}, writer), 404, 4004),
     ]
     for response, status, code in cases:
         assert response.status_code == status, response.content
@@ -137,7 +134,7 @@ def test_keys_and_permissions_are_checked_for_every_item_before_anything_applies
     assert "secret_gold" in cases[4][0].json()["error"]["message"]
     assert value(client, "online_players") == 0
     admin = {"HTTP_X_API_KEY": make_key(("write", "global_admin"))}
-    r = post(client, {"updates": [first, {"name": "world_boss_kills", "value": 2}]}, admin)
+    r = post(client, URL, {"updates": [first, {"name": "world_boss_kills", "value": 2}]}, admin)
     assert [item["current_value"] for item in r.json()["results"]] == [4, 2]
     assert value(client, "world_boss_kills") == 2
 
@@ -148,7 +145,7 @@ def test_cold_values_are_hydrated_from_postgresql(client, writer, store):
     CounterValue.objects.create(counter=counter, subject="", period="", value=40, peak=40)
     store.flushdb()
     updates = [{"name": "online_players", "value": 2}, {"name": "total_games_played"}, {"name": "online_players"}]
-    body = post(client, {"updates": updates}, writer).json()
+    body = post(client, URL, {"updates": updates}, writer).json()
     assert [item["current_value"] for item in body["results"]] == [42, 1, 43]
     counters_flush()
     assert CounterValue.objects.get(counter=counter).value == 43
@@ -159,7 +156,7 @@ def test_a_redis_without_the_script_loaded_is_served(client, writer, private_red
     caches = {"default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
     with override_settings(CACHES=caches):
         updates = [{"name": "online_players", "value": 2}] * 3
-        body = post(client, {"updates": updates}, writer).json()
+        body = post(client, URL, {"updates": updates}, writer).json()
         assert [item["current_value"] for item in body["results"]] == [2, 4, 6]
         assert value(client, "online_players") == 6
     assert redis.Redis.from_url(private_redis.url).keys("cs:{c*")
@@ -252,7 +249,7 @@ def test_a_batch_does_exactly_what_the_same_updates_one_by_one_do(client, writer
         )
         reply = r.json()
         singles.append(reply.get("current_value", reply.get("error", {}).get("code")))
-    r = post(client, {"updates": [{"name": "batched", **item(a, u)} for a, u in steps]}, writer)
+    r = post(client, URL, {"updates": [{"name": "batched", **item(a, u)} for a, u in steps]}, writer)
     assert r.status_code == 200, r.content
     batched = [i.get("current_value", i.get("error", {}).get("code")) for i in r.json()["results"]]
     assert batched == singles
@@ -288,6 +285,6 @@ def test_the_largest_valid_batch_is_accepted(client, writer):
     metadata = {"note": "x" * 3000}
     body = json.dumps({"updates": [{"name": "total_games_played", "metadata": metadata}] * BATCH_UPDATE_LIMIT})
     assert len(body) > 2_621_440
-    r = post(client, body, writer, raw=True)
+    r = post(client, URL, body, writer, raw=True)
     assert r.status_code == 200, r.content[:300]
     assert r.json()["results"][-1]["current_value"] == BATCH_UPDATE_LIMIT

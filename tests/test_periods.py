@@ -3,7 +3,6 @@
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-import orjson
 import pytest
 
 from archive.models import PeriodArchive, ResetLog
@@ -12,6 +11,8 @@ from counters import config, periods
 from counters.models import App, Counter, CounterValue
 from counters.selectors import counter_get, counter_value_get
 from counters.services import counter_update, counters_flush
+
+from .http import post
 
 TAIPEI = ZoneInfo("Asia/Taipei")
 LOS_ANGELES = ZoneInfo("America/Los_Angeles")
@@ -40,10 +41,6 @@ def read(counter, subject: str = "") -> int:
 
 def utc(*args) -> str:
     return datetime(*args, tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def post(client, url: str, body: dict, headers: dict):
-    return client.post(url, orjson.dumps(body), content_type="application/json", **headers)
 
 
 @pytest.mark.django_db

@@ -1,17 +1,11 @@
 """REST v1: the shapes of the original spec, byte for byte, and its errors."""
 
-import json
-
 import pytest
-from django.test import Client
 
 from counters.models import CounterValue
 from counters.services import counters_flush
 
-
-def post(client: Client, url: str, body, headers: dict | None = None, raw: bool = False):
-    data = body if raw else json.dumps(body)
-    return client.post(url, data=data, content_type="application/json", **(headers or {}))
+from .http import post
 
 
 @pytest.mark.django_db

@@ -11,6 +11,8 @@ from counters import config, selectors
 from counters.models import App, Counter, Threshold, ThresholdEvent
 from counters.services import counter_update, counters_flush
 
+from .http import post
+
 DAY_1 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
 
@@ -134,10 +136,6 @@ class TestHotPath:
         threshold = Threshold.objects.create(counter=counter, value=1, enabled=False)
         assert bump("boss_kills", 5).crossed == ()
         assert events_of(threshold) == []
-
-
-def post(client, url, body, headers, method="post"):
-    return getattr(client, method)(url, body, content_type="application/json", **headers)
 
 
 @pytest.mark.django_db
