@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,9 @@ from urllib.parse import urlparse
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.processes import free_port, wait_until  # noqa: E402  (one copy, shared with the tests)
+
 BIN = Path(sys.executable).parent
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 SERVER_CPUS = os.environ.get("BENCH_SERVER_CPUS", "0")
@@ -71,24 +73,6 @@ if ONLY:  # a quicker run of some scenarios (and what they are compared to), e.g
     SCENARIOS = [
         s for s in SCENARIOS if s.name in ONLY | {"baseline"} | {t.compare_to for t in SCENARIOS if t.name in ONLY}
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"bench: {what} did not come up")
 
 
 def load() -> str:
@@ -145,7 +129,7 @@ class Processes:
         self.redis = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
-        wait_until(lambda: redis.Redis(port=self.redis_port).ping(), "redis-server")
+        wait_until(lambda: redis.Redis(port=self.redis_port).ping(), timeout=30, what="redis-server")
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, DATABASE_URL=DATABASE_URL, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
@@ -156,7 +140,7 @@ class Processes:
         args = ["taskset", "-c", SERVER_CPUS, str(BIN / "gunicorn"), "counterproject.wsgi"]
         args += ["-c", str(ROOT / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{self.port}"]
         self.web = subprocess.Popen(args, cwd=ROOT, env=self.env(), stdout=self.log, stderr=self.log)
-        wait_until(lambda: requests.get(f"{self.url}/healthz", timeout=1).ok, "gunicorn")
+        wait_until(lambda: requests.get(f"{self.url}/healthz", timeout=1).ok, timeout=30, what="gunicorn")
         WEB_PID[0] = self.web.pid
 
     def stop(self) -> None:

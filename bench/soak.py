@@ -21,7 +21,6 @@ import itertools
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,13 +34,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
+from tests.processes import free_port  # noqa: E402  (one copy, shared with the tests)
+
 SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int | None:
