@@ -4,10 +4,13 @@ Nothing in the service imports this. ``bench/gunicorn_traced.py`` (a gunicorn co
 ``gunicorn.conf.py``) calls ``start`` in ``post_fork``; ``bench/celery_traced.py`` (a Celery launcher)
 calls it in ``worker_process_init``. ``start`` begins a daemon thread that, after
 ``MEM_TRACE_WARMUP`` seconds and then every ``MEM_TRACE_EVERY`` seconds, appends to
-``<MEM_TRACE_DIR>/<label>-<pid>.txt`` one line with the RSS, the number of Python memory blocks
-(``sys.getallocatedblocks``) and the glibc heap in use and free-but-kept (``mallinfo2``). That tells a
-Python leak (blocks grow), a leak in C code (malloc in use grows with flat blocks) and
-fragmentation (only the free part and RSS grow) apart, without slowing the process.
+``<MEM_TRACE_DIR>/<label>-<pid>.txt`` one line with the RSS (and its anonymous and file-backed
+parts), the number of Python memory blocks (``sys.getallocatedblocks``), the pymalloc arenas
+mapped (from ``sys._debugmallocstats``), and the glibc heap in use and free-but-kept
+(``mallinfo2``). That tells a Python leak (blocks grow), a leak in C code (malloc in use grows with
+flat blocks), fragmentation of pymalloc (arenas grow with flat blocks) or of glibc (only the free
+part grows) and pages of code and libraries touched for the first time (file-backed RSS grows)
+apart, without slowing the process.
 
 With ``MEM_TRACE_TRACEMALLOC=1`` it also runs ``tracemalloc`` (which costs memory and time itself)
 and rewrites ``<label>-<pid>.top.txt`` with the allocation sites that grew most since the first
@@ -19,6 +22,7 @@ import gc
 import linecache
 import os
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -46,11 +50,38 @@ def _malloc_kib() -> tuple[int, int]:
     return (info.uordblks + info.hblkhd) // 1024, info.fordblks // 1024
 
 
-def _rss_kib() -> int:
+def _rss_kib() -> tuple[int, int, int]:
+    """VmRSS, RssAnon and RssFile of this process, in KiB."""
+    fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            fields[name] = int(rest.split()[0])
+    return fields.get("VmRSS", 0), fields.get("RssAnon", 0), fields.get("RssFile", 0)
+
+
+def _pymalloc_arenas() -> int:
+    """pymalloc arenas mapped now (-1 if unknown).
+
+    ``sys._debugmallocstats`` writes to the C stream stderr only, so fd 2 is pointed at a temporary
+    file for the call (a few milliseconds; anything another thread logs meanwhile lands there).
+    """
+    if not hasattr(sys, "_debugmallocstats"):
+        return -1
+    with tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(capture.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        for line in capture.read().decode(errors="replace").splitlines():
+            if line.startswith("# arenas allocated current"):
+                return int(line.split("=")[-1].replace(",", "").strip())
+    return -1
 
 
 def _snapshot() -> tracemalloc.Snapshot:
@@ -63,10 +94,13 @@ def _snapshot() -> tracemalloc.Snapshot:
     return tracemalloc.take_snapshot().filter_traces(ignored)
 
 
-def _measure() -> tuple[int, int, int, int]:
+HEADER = "minutes rss_kib rss_anon_kib rss_file_kib py_blocks pymalloc_arenas malloc_used_kib malloc_free_kib"
+
+
+def _measure() -> tuple[int, ...]:
     gc.collect()
     used, free = _malloc_kib()
-    return _rss_kib(), sys.getallocatedblocks(), used, free
+    return (*_rss_kib(), sys.getallocatedblocks(), _pymalloc_arenas(), used, free)
 
 
 def _run(path: Path, warmup: float, every: float, traced: bool) -> None:
@@ -75,13 +109,13 @@ def _run(path: Path, warmup: float, every: float, traced: bool) -> None:
     baseline = _snapshot() if traced else None
     base = _measure()
     with path.open("a") as out:
-        out.write("minutes rss_kib py_blocks malloc_used_kib malloc_free_kib\n")
-        out.write(f"0.0 {base[0]} {base[1]} {base[2]} {base[3]}\n")
+        out.write(HEADER + "\n")
+        out.write("0.0 " + " ".join(map(str, base)) + "\n")
     while True:
         time.sleep(every)
-        rss, blocks, used, free = _measure()
+        values = _measure()
         with path.open("a") as out:
-            out.write(f"{(time.monotonic() - started) / 60:.1f} {rss} {blocks} {used} {free}\n")
+            out.write(f"{(time.monotonic() - started) / 60:.1f} " + " ".join(map(str, values)) + "\n")
         if baseline is None:
             continue
         report = [f"top {TOP} allocation sites grown since the first report:"]
