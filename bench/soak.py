@@ -285,6 +285,11 @@ def main() -> int:
     summary = {"duration": args.duration, "warmup": args.warmup, "requests": total, "statuses": statuses}
     summary["processes"] = processes
     summary["redis_used_memory"] = redis
+    if args.trace_dir:
+        from bench.tracesummary import summarise
+
+        print("per-process reports (bench/tracesummary.py):")
+        print(summarise(Path(args.trace_dir)) or "none (the run was shorter than MEM_TRACE_WARMUP)")
     print("SUMMARY " + orjson.dumps(summary, option=orjson.OPT_NON_STR_KEYS).decode())
     return 0
 

@@ -196,3 +196,28 @@ def test_the_soak_script_runs_and_reports_every_process(builtins):
     statuses = {int(k): v for k, v in summary["statuses"].items()}
     assert statuses[200] > 50 and statuses[200] >= 0.95 * summary["requests"]
     assert "slope KiB/min" in run.stdout
+
+
+def test_a_traced_soak_reports_what_grows_inside_each_web_worker_and_pool_process(builtins, tmp_path):
+    env = service_env(MEM_TRACE_WARMUP="1", MEM_TRACE_EVERY="1")
+    run = subprocess.run(
+        [sys.executable, "bench/soak.py", *SHORT_SOAK, "--trace-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    reports = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.txt"))
+    assert reports == ["celery", "web", "web"], reports
+    for path in tmp_path.glob("*.txt"):
+        header, *rows = [line.split() for line in path.read_text().splitlines()]
+        assert header[:2] == ["minutes", "rss_kib"] and len(rows) >= 2, path.read_text()
+        values = dict(zip(header, rows[-1], strict=True))
+        anon, file = int(values["rss_anon_kib"]), int(values["rss_file_kib"])
+        assert anon > 0 and file > 0 and anon + file <= int(values["rss_kib"])  # the rest is shared memory
+        assert int(values["py_blocks"]) > 0 and int(values["pymalloc_arenas"]) > 0
+        assert int(values["malloc_used_kib"]) > 0
+    table = run.stdout.split("per-process reports (bench/tracesummary.py):", 1)[1]
+    assert table.count("  rss_kib ") == 3 and table.count("  pymalloc_arenas ") == 3
