@@ -150,6 +150,13 @@ class PrivateRedis:
             self.process.kill()
             self.process.wait()
 
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open and connects still succeed, but nothing is answered."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)

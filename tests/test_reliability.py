@@ -275,3 +275,47 @@ def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_r
     finally:
         web.stop()
         store.close()
+
+
+def test_a_frozen_redis_costs_a_timeout_only_until_the_breaker_opens(builtins, make_key):
+    """A Redis that hangs (SIGSTOP) instead of refusing: without the breaker every write would wait
+    for the socket timeout. With it, only the requests in flight before it opens do."""
+    key = make_key(("write",))
+    store = PrivateRedis()
+    timeout, threads, workers = 0.3, 4, 2
+    # No probe during the freeze (reset 60 s): every slow reply is one from before the breaker opened.
+    env = {"REDIS_SOCKET_TIMEOUT": str(timeout), "REDIS_CONNECT_TIMEOUT": str(timeout)}
+    web = web_on(store, access_log=True, REDIS_BREAKER_RESET_SECONDS="60", **env)
+    path = "/api/v1/counter/online_players/increment"
+    try:
+        traffic = Traffic(f"{web.url}{path}", key, threads=threads)
+        wait_until(lambda: traffic.count(200) >= 50, what="traffic before the freeze")
+        store.freeze()
+        frozen_at = time.monotonic()
+        time.sleep(2.0)
+        traffic.finish()
+        acknowledged = traffic.count(200)
+        after = [r for r in traffic.replies if r[0] > frozen_at + 0.05]
+        store.thaw()
+
+        assert {s for _, s, _ in after} <= {503, 504}
+        slow = [r for r in after if r[2] >= timeout]
+        fast = [r for r in after if r[2] < timeout]
+        # Each worker opens after REDIS_BREAKER_THRESHOLD (3) timeouts; the requests already waiting
+        # with them (at most one per client thread) time out too.
+        assert len(slow) <= workers * (3 + threads), [round(s, 2) for _, _, s in slow]
+        assert len(fast) > 10 * len(slow) and {s for _, s, _ in fast} == {503}
+        refused_in = sorted(server_seconds(web, 503, path))
+        assert len([t for t in refused_in if t < SERVER_SECONDS]) >= len(fast) - len(slow)
+
+        # The writes that timed out said "may have been applied" (504): the thawed Redis ran them.
+        maybe = sum(1 for _, s, _ in after if s == 504)
+        counter = Counter.objects.get(name="online_players")
+        hot = redis.Redis.from_url(store.url)
+        wait_until(lambda: hot.ping(), what="the thawed redis-server")
+        in_redis = int(hot.hget(keyspace.value_key(counter.id, "", ""), "v"))
+        assert acknowledged <= in_redis <= acknowledged + maybe + threads
+    finally:
+        store.thaw()
+        web.stop()
+        store.close()
