@@ -34,6 +34,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
+from bench.tracesummary import slope_per_min, summarise  # noqa: E402
 from tests.processes import free_port  # noqa: E402  (one copy, shared with the tests)
 
 SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
@@ -69,15 +70,8 @@ def children(pid: int) -> list[int]:
 
 
 def slope_kib_per_min(points: list[tuple[float, int]]) -> float:
-    if len(points) < 2:
-        return 0.0
-    n = len(points)
-    mean_t = sum(t for t, _ in points) / n
-    mean_v = sum(v for _, v in points) / n
-    var = sum((t - mean_t) ** 2 for t, _ in points)
-    if var == 0:
-        return 0.0
-    return sum((t - mean_t) * (v - mean_v) for t, v in points) / var * 60
+    """Least-squares slope of (seconds, KiB) samples, per minute."""
+    return slope_per_min([(t / 60, v) for t, v in points])
 
 
 class Services:
@@ -286,8 +280,6 @@ def main() -> int:
     summary["processes"] = processes
     summary["redis_used_memory"] = redis
     if args.trace_dir:
-        from bench.tracesummary import summarise
-
         print("per-process reports (bench/tracesummary.py):")
         print(summarise(Path(args.trace_dir)) or "none (the run was shorter than MEM_TRACE_WARMUP)")
     print("SUMMARY " + orjson.dumps(summary, option=orjson.OPT_NON_STR_KEYS).decode())

@@ -62,6 +62,16 @@ class Traffic:
         return sum(1 for _, s, _ in self.replies if s == status)
 
 
+def run_through(traffic: Traffic, failure, seconds: float) -> float:
+    """Inflict ``failure`` (kill, freeze) on Redis under the traffic, let it run ``seconds`` more and
+    stop it; returns when the failure happened."""
+    failure()
+    happened_at = time.monotonic()
+    time.sleep(seconds)
+    traffic.finish()
+    return happened_at
+
+
 BREAKER_RESET_SECONDS = 0.5
 
 
@@ -119,10 +129,7 @@ def test_redis_down_read_only_from_postgresql_then_empty_redis_rehydrates(builti
         assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
         flushed = CounterValue.objects.get(counter__name="online_players").value
         time.sleep(0.2)
-        store.kill()
-        killed_at = time.monotonic()
-        time.sleep(1.5)
-        traffic.finish()
+        killed_at = run_through(traffic, store.kill, 1.5)
 
         during = outage_replies(traffic, killed_at)
         assert len(during) > 20 and {s for _, s, _ in during} == {503}
@@ -181,10 +188,7 @@ def test_redis_back_with_its_data_loses_no_acknowledged_increment_and_doubles_no
         wait_until(lambda: traffic.count(200) >= 40, what="traffic before a flush")
         assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
         wait_until(lambda: traffic.count(200) >= 80, what="traffic after the flush")
-        store.kill()
-        killed_at = time.monotonic()
-        time.sleep(1.0)
-        traffic.finish()
+        killed_at = run_through(traffic, store.kill, 1.0)
         acknowledged = traffic.count(200)
         flushed = CounterValue.objects.get(counter__name="total_games_played").value
         assert flushed < acknowledged  # some acknowledged increments exist only in Redis's AOF
@@ -225,10 +229,7 @@ def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_r
         traffic = Traffic(f"{web.url}/api/v1/counter/online_players/increment", key, threads=threads)
         wait_until(lambda: traffic.count(200) >= 40, what="traffic before the kill")
 
-        store.kill()
-        killed_at = time.monotonic()
-        time.sleep(1.5)
-        traffic.finish()
+        killed_at = run_through(traffic, store.kill, 1.5)
         during = outage_replies(traffic, killed_at)
         assert len(during) > 20 and {s for _, s, _ in during} == {200}
 
@@ -290,10 +291,7 @@ def test_a_frozen_redis_costs_a_timeout_only_until_the_breaker_opens(builtins, m
     try:
         traffic = Traffic(f"{web.url}{path}", key, threads=threads)
         wait_until(lambda: traffic.count(200) >= 50, what="traffic before the freeze")
-        store.freeze()
-        frozen_at = time.monotonic()
-        time.sleep(2.0)
-        traffic.finish()
+        frozen_at = run_through(traffic, store.freeze, 2.0)
         acknowledged = traffic.count(200)
         after = [r for r in traffic.replies if r[0] > frozen_at + 0.05]
         store.thaw()
