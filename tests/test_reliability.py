@@ -286,7 +286,7 @@ def test_a_frozen_redis_costs_a_timeout_only_until_the_breaker_opens(builtins, m
     timeout, threads, workers = 0.3, 4, 2
     # No probe during the freeze (reset 60 s): every slow reply is one from before the breaker opened.
     env = {"REDIS_SOCKET_TIMEOUT": str(timeout), "REDIS_CONNECT_TIMEOUT": str(timeout)}
-    web = web_on(store, access_log=True, REDIS_BREAKER_RESET_SECONDS="60", **env)
+    web = web_on(store, REDIS_BREAKER_RESET_SECONDS="60", **env)
     path = "/api/v1/counter/online_players/increment"
     try:
         traffic = Traffic(f"{web.url}{path}", key, threads=threads)
@@ -303,8 +303,7 @@ def test_a_frozen_redis_costs_a_timeout_only_until_the_breaker_opens(builtins, m
         # with them (at most one per client thread) time out too.
         assert len(slow) <= workers * (3 + threads), [round(s, 2) for _, _, s in slow]
         assert len(fast) > 10 * len(slow) and {s for _, s, _ in fast} == {503}
-        refused_in = sorted(server_seconds(web, 503, path))
-        assert len([t for t in refused_in if t < SERVER_SECONDS]) >= len(fast) - len(slow)
+        assert statistics.median(seconds for _, _, seconds in fast) < TYPICAL_SECONDS
 
         # The writes that timed out said "may have been applied" (504): the thawed Redis ran them.
         maybe = sum(1 for _, s, _ in after if s == 504)
