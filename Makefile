@@ -46,5 +46,11 @@ bench: $(BIN)/.installed services
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/flush_bench.py
 
+# The long memory soak (bench/README-soak.md), with a redis-server and a database of its own.
+SOAK_DATABASE_URL ?= postgres://root@127.0.0.1:5432/counters_soak
+SOAK_ARGS ?= --duration 7200 --warmup 600 --clients 4 --trace-dir .soak-trace
+soak: $(BIN)/.installed services
+	$(BIN)/python bench/soak.py --private-redis --database-url $(SOAK_DATABASE_URL) $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -11,9 +11,12 @@ second half after warm-up (warm-up levels off, a leak does not). ``--trace-dir``
 heap reports (``bench/tracehook.py``).
 
 Uses the database and Redis named by the environment (``DATABASE_URL``, ``REDIS_URL``,
-``CELERY_BROKER_URL``, ``DJANGO_SETTINGS_MODULE``); run ``manage.py migrate`` there first.
+``CELERY_BROKER_URL``, ``DJANGO_SETTINGS_MODULE``; run ``manage.py migrate`` there first), or,
+with ``--database-url``, a database of its own (created and migrated if missing) and, with
+``--private-redis``, a redis-server of its own. ``make soak`` runs the long soak that way.
 
     python bench/soak.py --duration 600 --warmup 60
+    python bench/soak.py --private-redis --database-url postgres://…/counters_soak --trace-dir DIR
 """
 
 import argparse
@@ -134,10 +137,14 @@ class Services:
         self.log.close()
 
 
-def setup_data(temp_counters: int) -> tuple[str, list[str]]:
+def setup_data(temp_counters: int, *, migrate: bool) -> tuple[str, list[str]]:
     import django
 
     django.setup()
+    if migrate:
+        from django.core.management import call_command
+
+        call_command("migrate", "--noinput", verbosity=0)
     from counters.builtins import ensure_builtins
     from counters.models import ApiKey, App, Counter
 
@@ -203,9 +210,39 @@ def main() -> int:
     parser.add_argument("--temp-counters", type=int, default=5, help="live temporary counters at any time")
     parser.add_argument("--rotate-every", type=float, default=10, help="seconds between temporary counter rotations")
     parser.add_argument("--trace-dir", help="write tracemalloc reports of web workers and pool processes here")
+    parser.add_argument(
+        "--private-redis",
+        action="store_true",
+        help="start a redis-server of its own on a free port (REDIS_URL and CELERY_BROKER_URL point there)",
+    )
+    parser.add_argument("--database-url", help="use this database (created and migrated if missing)")
     args = parser.parse_args()
 
-    key, temp = setup_data(args.temp_counters)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "counterproject.settings")
+    if args.database_url:
+        from bench.run import ensure_database
+
+        ensure_database(args.database_url)
+        os.environ["DATABASE_URL"] = args.database_url
+    private_redis = None
+    if args.private_redis:
+        # A test run flushing a shared Redis database would make every process hydrate again.
+        from tests.processes import PrivateRedis
+
+        private_redis = PrivateRedis()
+        os.environ["REDIS_URL"] = private_redis.url
+        os.environ["CELERY_BROKER_URL"] = private_redis.url.rsplit("/", 1)[0] + "/1"
+    try:
+        return soak(args)
+    finally:
+        if private_redis is not None:
+            private_redis.close()
+
+
+def soak(args: argparse.Namespace) -> int:
+    if args.trace_dir:
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+    key, temp = setup_data(args.temp_counters, migrate=bool(args.database_url))
     from counters.models import App
 
     app = App.objects.get(slug="default")
