@@ -80,7 +80,9 @@ def slope_kib_per_min(points: list[tuple[float, int]]) -> float:
 class Services:
     """web, worker and beat, started like the Procfile does, stopped with SIGTERM."""
 
-    def __init__(self, *, web_workers: int, worker_concurrency: int, trace_dir: str | None = None) -> None:
+    def __init__(
+        self, *, web_workers: int, worker_concurrency: int, trace_dir: str | None = None, warmup: float = 60
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, GUNICORN_MAX_REQUESTS="0", CELERY_WORKER_MAX_TASKS_PER_CHILD="0", PYTHONUNBUFFERED="1")
@@ -88,6 +90,7 @@ class Services:
         if trace_dir:
             # Same processes, plus tracemalloc reports in every web worker and pool process.
             env["MEM_TRACE_DIR"] = trace_dir
+            env.setdefault("MEM_TRACE_WARMUP", str(warmup))  # reports start when the slope does
             config, celery = "bench/gunicorn_traced.py", [str(BIN / "python"), "bench/celery_traced.py"]
         self.log = open(os.environ.get("SOAK_LOG", os.devnull), "ab")  # noqa: SIM115
         subprocess.run(
@@ -247,7 +250,10 @@ def soak(args: argparse.Namespace) -> int:
 
     app = App.objects.get(slug="default")
     services = Services(
-        web_workers=args.web_workers, worker_concurrency=args.worker_concurrency, trace_dir=args.trace_dir
+        web_workers=args.web_workers,
+        worker_concurrency=args.worker_concurrency,
+        trace_dir=args.trace_dir,
+        warmup=args.warmup,
     )
     stop, temp_lock, per_client = threading.Event(), threading.Lock(), [{} for _ in range(args.clients)]
     clients = [
