@@ -88,15 +88,20 @@ def period_keys_patterns(counter_id: int, period: str) -> list[str]:
 PERIOD_SCOPED_KEYS_PATTERN = f"{PREFIX}:{{c*}}:[vmt]:*"
 
 
+def _counter_id_of_tag(tag: str) -> int | None:
+    """The id in a hash tag made by ``_tag`` (``{c<id>}``), else None."""
+    if tag.startswith("{c") and tag.endswith("}") and tag[2:-1].isdigit():
+        return int(tag[2:-1])
+    return None
+
+
 def period_scoped_key_parts(key: str) -> tuple[int, str] | None:
     """``(counter id, period)`` of a key matched by ``PERIOD_SCOPED_KEYS_PATTERN``, else None."""
     parts = key.split(":", 3)
     if len(parts) != 4 or parts[0] != PREFIX or parts[2] not in ("v", "m", "t"):
         return None
-    tag = parts[1]
-    if not (tag.startswith("{c") and tag.endswith("}") and tag[2:-1].isdigit()):
-        return None
-    return int(tag[2:-1]), parts[3].split(":", 1)[0]
+    counter_id = _counter_id_of_tag(parts[1])
+    return None if counter_id is None else (counter_id, parts[3].split(":", 1)[0])
 
 
 CONFIG_GENERATION_KEY = f"{PREFIX}:cfg:gen"
@@ -108,10 +113,8 @@ ALL_COUNTER_KEYS_PATTERN = f"{PREFIX}:{{c*"
 
 def counter_id_of_key(key: bytes | str) -> int | None:
     """The counter id in a key of ``ALL_COUNTER_KEYS_PATTERN`` (None for anything else)."""
-    text = key.decode() if isinstance(key, bytes) else key
-    head, _, rest = text.partition(":{c")
-    digits, closed, _ = rest.partition("}")
-    return int(digits) if head == PREFIX and closed and digits.isdigit() else None
+    parts = (key.decode() if isinstance(key, bytes) else key).split(":", 2)
+    return _counter_id_of_tag(parts[1]) if len(parts) > 1 and parts[0] == PREFIX else None
 
 
 def lock_key(name: str) -> str:
