@@ -967,9 +967,8 @@ def deleted_counters_purge() -> int:
     queued = redis_call(lambda r: r.zrangebyscore(keyspace.DELETED_COUNTERS_KEY, "-inf", due_ms))
     if not queued:
         return 0
-    due = {int(raw) for raw in queued} - set(
-        Counter.objects.filter(id__in=[int(raw) for raw in queued]).values_list("id", flat=True)
-    )
+    queued_ids = {int(raw) for raw in queued}
+    due = queued_ids - set(Counter.objects.filter(id__in=queued_ids).values_list("id", flat=True))
 
     def sweep(r) -> int:
         dropped, doomed = 0, []
