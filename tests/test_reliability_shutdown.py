@@ -178,16 +178,21 @@ def test_a_celery_worker_killed_mid_flush_then_restarted_gives_exact_values(clie
 SHORT_SOAK = ("--duration", "6", "--warmup", "2", "--sample-every", "1", "--clients", "2", "--rotate-every", "2")
 
 
-def test_the_soak_script_runs_and_reports_every_process(builtins):
+def run_short_soak(*args: str, **env: str) -> subprocess.CompletedProcess:
     run = subprocess.run(
-        [sys.executable, "bench/soak.py", *SHORT_SOAK],
+        [sys.executable, "bench/soak.py", *SHORT_SOAK, *args],
         cwd=ROOT,
-        env=service_env(),
+        env=service_env(**env),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
+    return run
+
+
+def test_the_soak_script_runs_and_reports_every_process(builtins):
+    run = run_short_soak()
     summary = orjson.loads(run.stdout.split("SUMMARY ", 1)[1])
     kinds = {name.split(":")[0].rsplit("-", 1)[0] for name in summary["processes"]}
     assert kinds == {"web", "worker", "beat"}
@@ -199,16 +204,7 @@ def test_the_soak_script_runs_and_reports_every_process(builtins):
 
 
 def test_a_traced_soak_reports_what_grows_inside_each_web_worker_and_pool_process(builtins, tmp_path):
-    env = service_env(MEM_TRACE_WARMUP="1", MEM_TRACE_EVERY="1")
-    run = subprocess.run(
-        [sys.executable, "bench/soak.py", *SHORT_SOAK, "--trace-dir", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
+    run = run_short_soak("--trace-dir", str(tmp_path), MEM_TRACE_WARMUP="1", MEM_TRACE_EVERY="1")
     reports = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.txt"))
     assert reports == ["celery", "web", "web"], reports
     for path in tmp_path.glob("*.txt"):
