@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.soak import next_request  # noqa: E402  (the soak's request mix)
 
 _temp_ids = itertools.count()
 # The probe's own bookkeeping, not the service's.
@@ -101,25 +102,11 @@ def main() -> int:
             temp.append(new_temp())
         if i % args.flush_every == 0:
             flush()
-        roll = rng.random()
-        event = rng.choice(temp)
-        if roll < 0.35:
-            status = call(
-                factory.post(f"{api}/counter/total_games_played/increment", {}, content_type="application/json")
-            )
-        elif roll < 0.55:
-            body = {"user_id": f"u{rng.randrange(1_000_000)}"}
-            status = call(
-                factory.post(f"{api}/counter/daily_active_users/increment", body, content_type="application/json")
-            )
-        elif roll < 0.65:
-            body = {"value": 1, "metadata": {"stage": rng.randrange(100)}}
-            status = call(factory.post(f"{api}/counter/{event}/increment", body, content_type="application/json"))
-        elif roll < 0.85:
-            status = call(factory.get(f"{api}/counter/online_players"))
+        method, path, data = next_request(rng, rng.choice(temp))
+        if method == "POST":
+            status = call(factory.post(f"{api}{path}", data, content_type="application/json"))
         else:
-            names = f"online_players,daily_active_users,total_games_played,{event}"
-            status = call(factory.get(f"{api}/counters", {"names": names}))
+            status = call(factory.get(f"{api}{path}", data))
         statuses[status] += 1
 
     tracemalloc.start(args.frames)

@@ -172,29 +172,38 @@ def rotate_temp_counter(app, drop: str | None = None) -> str:
     return name
 
 
+def next_request(rng: random.Random, event: str) -> tuple[str, str, dict | None]:
+    """One request of the mix: method, path under ``/api/v1`` and JSON body (POST) or query (GET).
+
+    35 % plain increments, 20 % daily active users (a random one of a million), 10 % increments of
+    a temporary counter (``event``) with metadata, 20 % single reads, 15 % batch reads.
+    """
+    roll = rng.random()
+    if roll < 0.35:
+        return "POST", "/counter/total_games_played/increment", {}
+    if roll < 0.55:
+        return "POST", "/counter/daily_active_users/increment", {"user_id": f"u{rng.randrange(1_000_000)}"}
+    if roll < 0.65:
+        return "POST", f"/counter/{event}/increment", {"value": 1, "metadata": {"stage": rng.randrange(100)}}
+    if roll < 0.85:
+        return "GET", "/counter/online_players", None
+    return "GET", "/counters", {"names": f"online_players,daily_active_users,total_games_played,{event}"}
+
+
 def drive(url: str, key: str, temp: list[str], temp_lock: threading.Lock, stop: threading.Event, stats: dict) -> None:
     rng = random.Random()
     api = f"{url}/api/v1"
     with requests.Session() as session:
         session.headers["Authorization"] = f"Bearer {key}"
         while not stop.is_set():
-            roll = rng.random()
             with temp_lock:
                 event = rng.choice(temp)
+            method, path, data = next_request(rng, event)
             try:
-                if roll < 0.35:
-                    reply = session.post(f"{api}/counter/total_games_played/increment", json={}, timeout=10)
-                elif roll < 0.55:
-                    body = {"user_id": f"u{rng.randrange(1_000_000)}"}
-                    reply = session.post(f"{api}/counter/daily_active_users/increment", json=body, timeout=10)
-                elif roll < 0.65:
-                    body = {"value": 1, "metadata": {"stage": rng.randrange(100)}}
-                    reply = session.post(f"{api}/counter/{event}/increment", json=body, timeout=10)
-                elif roll < 0.85:
-                    reply = session.get(f"{api}/counter/online_players", timeout=10)
+                if method == "POST":
+                    reply = session.post(f"{api}{path}", json=data, timeout=10)
                 else:
-                    names = f"online_players,daily_active_users,total_games_played,{event}"
-                    reply = session.get(f"{api}/counters", params={"names": names}, timeout=10)
+                    reply = session.get(f"{api}{path}", params=data, timeout=10)
                 status = reply.status_code
             except requests.RequestException:
                 status = 0
