@@ -28,17 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.soak import next_request  # noqa: E402  (the soak's request mix)
+from bench.tracehook import rss_kib  # noqa: E402
 
 _temp_ids = itertools.count()
 # The probe's own bookkeeping, not the service's.
 IGNORED = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, __file__)]
-
-
-def rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def type_counts() -> Tally:
@@ -117,14 +111,14 @@ def main() -> int:
     types_first = type_counts()
     first = last = tracemalloc.take_snapshot().filter_traces(IGNORED)
     traced = tracemalloc.get_traced_memory()[0] / 1024
-    print(f"warm-up: {args.warmup} requests, traced heap {traced:.0f} KiB, RSS {rss_kib()} KiB")
+    print(f"warm-up: {args.warmup} requests, traced heap {traced:.0f} KiB, RSS {rss_kib()[0]} KiB")
     for r in range(args.rounds):
         for _ in range(args.round):
             one(next(counter))
         gc.collect()
         snap = tracemalloc.take_snapshot().filter_traces(IGNORED)
         grown = sum(s.size_diff for s in snap.compare_to(last, "filename"))
-        print(f"round {r + 1}: +{args.round} requests, traced heap {grown / 1024:+.1f} KiB, RSS {rss_kib()} KiB")
+        print(f"round {r + 1}: +{args.round} requests, traced heap {grown / 1024:+.1f} KiB, RSS {rss_kib()[0]} KiB")
         last = snap
     print(f"statuses: {dict(sorted(statuses.items()))}")
     print(f"\ntop {args.top} allocation sites by growth, first to last snapshot:")

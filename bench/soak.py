@@ -37,20 +37,11 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
+from bench.tracehook import rss_kib  # noqa: E402
 from bench.tracesummary import slope_per_min, summarise  # noqa: E402
 from tests.processes import free_port  # noqa: E402  (one copy, shared with the tests)
 
 SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
-
-
-def rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
 
 
 def redis_used_kib() -> int | None:
@@ -280,7 +271,7 @@ def soak(args: argparse.Namespace) -> int:
             for name, pid in services.pids().items():
                 rss = rss_kib(pid)
                 if rss is not None:
-                    samples.setdefault(f"{name}:{pid}", []).append((elapsed, rss))
+                    samples.setdefault(f"{name}:{pid}", []).append((elapsed, rss[0]))
             # Redis is not started here, but what a long run leaves behind in it counts too.
             if (used := redis_used_kib()) is not None:
                 redis_points.append((elapsed, used))

@@ -50,14 +50,21 @@ def _malloc_kib() -> tuple[int, int]:
     return (info.uordblks + info.hblkhd) // 1024, info.fordblks // 1024
 
 
-def _rss_kib() -> tuple[int, int, int]:
-    """VmRSS, RssAnon and RssFile of this process, in KiB."""
+def rss_kib(pid: int | str = "self") -> tuple[int, int, int] | None:
+    """VmRSS, RssAnon and RssFile of a process (this one by default), in KiB; None if it is gone
+    (or a zombie: its status has no VmRSS)."""
     fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for line in lines:
         name, _, rest = line.partition(":")
         if name in ("VmRSS", "RssAnon", "RssFile"):
             fields[name] = int(rest.split()[0])
-    return fields.get("VmRSS", 0), fields.get("RssAnon", 0), fields.get("RssFile", 0)
+    if "VmRSS" not in fields:
+        return None
+    return fields["VmRSS"], fields.get("RssAnon", 0), fields.get("RssFile", 0)
 
 
 def _pymalloc_arenas() -> int:
@@ -100,7 +107,7 @@ HEADER = "minutes rss_kib rss_anon_kib rss_file_kib py_blocks pymalloc_arenas ma
 def _measure() -> tuple[int, ...]:
     gc.collect()
     used, free = _malloc_kib()
-    return (*_rss_kib(), sys.getallocatedblocks(), _pymalloc_arenas(), used, free)
+    return (*rss_kib(), sys.getallocatedblocks(), _pymalloc_arenas(), used, free)
 
 
 def _run(path: Path, warmup: float, every: float, traced: bool) -> None:
