@@ -20,9 +20,10 @@ from django.db.models import Max, QuerySet
 from counters import clock, keyspace, periods
 from counters.config import CounterConfig
 from counters.config import cache as config_cache
+from counters.flush import counters_flush
 from counters.models import CounterValue, FlushedBatch, StatBucket, UniqueMember
 from counters.redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
-from counters.services import counter_value_bounds, counters_flush
+from counters.values import counter_value_bounds
 
 from .models import PeriodArchive, ResetLog
 
@@ -104,7 +105,7 @@ FROM counters_countervalue cv WHERE cv.counter_id = %(counter)s AND cv.period = 
 ON CONFLICT DO NOTHING
 """
 
-# The reset strategies of ``counters.services.counter_opening_value``, applied in SQL to every
+# The reset strategies of ``counters.values.counter_opening_value``, applied in SQL to every
 # subject at once (float8 multiplies exactly as Python's float does; the strategy tests compare).
 _OPENING_SQL = {
     "value": "%(reset_value)s::bigint",

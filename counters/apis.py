@@ -18,6 +18,7 @@ from .permissions import check_manage, check_read, check_write
 from .redis_store import StoreUnavailable, breaker, redis_call
 from .rendering import json_response, request_json
 from .serializers import SUBJECT_PATTERN, ResetInputSerializer, batch_updates_parse, update_input_parse
+from .values import UpdateResult
 
 _NAME = re.compile(NAME_PATTERN)
 
@@ -214,7 +215,7 @@ class CounterBatchUpdateView(LeanDispatch, APIView):
         return json_response({"success": True, "results": bodies})
 
 
-def batch_result_body(name: str, result: services.UpdateResult | CounterError) -> dict:
+def batch_result_body(name: str, result: UpdateResult | CounterError) -> dict:
     if isinstance(result, CounterError):
         return {"name": name, "success": False, "error": {"code": result.code, "message": result.message}}
     return {"name": name, "success": True, "current_value": result.new_value}

@@ -6,4 +6,4 @@ class CountersConfig(AppConfig):
     name = "counters"
 
     def ready(self) -> None:
-        from . import signals  # noqa: F401
+        from . import receivers  # noqa: F401  (connects config invalidation and key clean-up to model saves)

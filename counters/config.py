@@ -3,7 +3,7 @@
 The request path never queries the database for config: the snapshot is reloaded when it is
 older than ``COUNTER_CONFIG_CACHE_SECONDS`` or when another process bumped the config generation
 in Redis (checked at most every ``COUNTER_CONFIG_CHECK_SECONDS``). Saving config in this process
-drops the snapshot at once (see ``counters.signals``).
+drops the snapshot at once (see ``counters.receivers``).
 """
 
 import logging

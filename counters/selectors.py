@@ -17,7 +17,8 @@ from .config import cache as config_cache
 from .errors import CounterNotFound, InvalidParameter
 from .models import CounterValue, StatBucket
 from .redis_store import StoreUnavailable, redis_call
-from .services import counter_check_subject, counter_opening_value, store_reconcile_if_due, value_hydrate
+from .values import counter_check_subject, counter_opening_value, value_hydrate
+from .write_through import store_reconcile_if_due
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,9 @@ from alerts.models import Channel, Delivery, DeliveryAttempt, Message
 from alerts.services import deliveries_sweep
 from counterproject.celery import app as celery_app
 from counters import config, selectors
+from counters.flush import counters_flush
 from counters.models import App, Counter, CounterValue, Threshold
-from counters.services import counter_update, counters_flush
+from counters.services import counter_update
 
 from .alerts_receiver import Receiver
 from .processes import ROOT, CeleryWorker, Gunicorn, free_port, service_env, wait_until

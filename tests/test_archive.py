@@ -19,8 +19,8 @@ from archive import services as archive_services
 from archive.models import PeriodArchive, ResetLog
 from archive.services import archive_retention_enforce, period_archive_closed, period_keys_trim
 from counters import keyspace
+from counters.flush import counters_flush
 from counters.models import CounterValue, FlushedBatch, StatBucket, UniqueMember
-from counters.services import counters_flush
 
 from .processes import ROOT, CeleryWorker, service_env, wait_until
 from .test_periods import TAIPEI, bump, make_counter, post, read

@@ -10,8 +10,8 @@ from django.test import Client
 
 from archive.models import ResetLog
 from counters import config
+from counters.flush import counters_flush
 from counters.models import App, Counter, OperationLog, Threshold
-from counters.services import counters_flush
 
 pytestmark = pytest.mark.django_db
 

@@ -8,9 +8,10 @@ import pytest
 from archive.models import PeriodArchive, ResetLog
 from archive.services import period_archive_closed
 from counters import config, periods
+from counters.flush import counters_flush
 from counters.models import App, Counter, CounterValue
 from counters.selectors import counter_get, counter_value_get
-from counters.services import counter_update, counters_flush
+from counters.services import counter_update
 
 from .http import post
 

@@ -2,8 +2,8 @@
 
 import pytest
 
+from counters.flush import counters_flush
 from counters.models import CounterValue
-from counters.services import counters_flush
 
 from .http import post
 

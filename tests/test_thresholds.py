@@ -8,8 +8,9 @@ import requests
 import time_machine
 
 from counters import config, selectors
+from counters.flush import counters_flush
 from counters.models import App, Counter, Threshold, ThresholdEvent
-from counters.services import counter_update, counters_flush
+from counters.services import counter_update
 
 from .http import post
 
