@@ -6,8 +6,7 @@ exception handler in the same envelope with ``data: null``. ``msg`` follows Acce
 (zh-Hans, zh-Hant, en). See docs/cloud-functions.md.
 """
 
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from django.utils import translation
 from django.utils.translation import gettext as _
@@ -18,18 +17,13 @@ from rest_framework.views import APIView
 
 from . import clock, selectors, services, stats
 from . import function_serializers as io
-from .apis import request_key
-from .config import CounterConfig, KeyConfig
-from .errors import AuthenticationRequired, CounterNotFound, Forbidden, InvalidParameter
-from .permissions import Role, check_data_view, check_manage, check_read, check_write
-from .player_tokens import PlayerToken, player_token_issue, player_token_read
-
-
-def iso_ms(moment: datetime | None) -> str | None:
-    """The seed's time format: UTC with milliseconds, ``2023-10-01T10:30:00.000Z``."""
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+from .auth import Caller, request_caller, request_key
+from .clock import iso_ms
+from .config import CounterConfig
+from .errors import CounterNotFound, Forbidden, InvalidParameter
+from .permissions import Role, check_data_view, check_manage, check_read, check_write, require_role
+from .player_tokens import player_token_issue
+from .rest_errors import REST_ERRORS
 
 
 def _times(value):
@@ -41,32 +35,6 @@ def _times(value):
     if isinstance(value, list):
         return [_times(v) for v in value]
     return value
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    key: KeyConfig | None
-    player: PlayerToken | None
-
-    @property
-    def app_id(self) -> int | None:
-        if self.key is not None:
-            return self.key.app_id
-        return self.player.app_id if self.player is not None else None
-
-    def require_key(self) -> KeyConfig:
-        if self.player is not None:
-            raise Forbidden(_("A player token may only read (getCounter)."))
-        if self.key is None:
-            raise AuthenticationRequired()
-        return self.key
-
-
-def request_caller(request) -> Caller:
-    header = request.META.get("HTTP_AUTHORIZATION", "")
-    if header[:7].lower() == "player ":
-        return Caller(key=None, player=player_token_read(header[7:].strip()))
-    return Caller(key=request_key(request), player=None)
 
 
 def caller_app_id(caller: Caller, app_slug: str) -> int:
@@ -439,7 +407,7 @@ class UnknownFunctionView(FunctionView):
         summary="Statistics (REST twin of getCounterStats)",
         description=STATS_DESCRIPTION + " Answers the `data` object of getCounterStats, without the envelope.",
         parameters=[io.StatsQuerySerializer],
-        responses={200: io.StatsData, **io.REST_ERRORS},
+        responses={200: io.StatsData, **REST_ERRORS},
         examples=[OpenApiExample("last week by day", value=STATS_EXAMPLE, response_only=True)],
     )
 )
@@ -468,7 +436,7 @@ class StatsView(APIView):
             "(and public counters). Tokens expire after COUNTER_PLAYER_TOKEN_SECONDS."
         ),
         request=io.PlayerTokenSerializer,
-        responses={200: io.PlayerTokenOut, **io.REST_ERRORS},
+        responses={200: io.PlayerTokenOut, **REST_ERRORS},
     )
 )
 class PlayerTokenView(APIView):
@@ -479,11 +447,7 @@ class PlayerTokenView(APIView):
     def post(self, request) -> Response:
         data = io.PlayerTokenSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        key = request_key(request)
-        if key is None:
-            raise AuthenticationRequired()
-        if Role.WRITE not in key.roles:
-            raise Forbidden(_("This API key lacks the '%(role)s' role.") % {"role": Role.WRITE})
+        key = require_role(request_key(request), Role.WRITE)
         player_id = data.validated_data["player_id"]
         token, expires_at = player_token_issue(key=key, player_id=player_id)
         return Response({"token": token, "player_id": player_id, "expires_at": iso_ms(expires_at)})

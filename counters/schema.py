@@ -6,8 +6,8 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiRespo
 from rest_framework import serializers
 
 from .apis import CounterBatchUpdateView, CounterBatchView, CounterViewSet
-from .function_serializers import REST_ERRORS, RestError, RestErrorDetail
 from .keyspace import MAX_SAFE_VALUE
+from .rest_errors import REST_ERRORS, RestError, RestErrorDetail
 from .serializers import BATCH_UPDATE_LIMIT, SUBJECT_PATTERN, ResetInputSerializer, UpdateInputSerializer
 
 
