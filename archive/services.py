@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
 from django.db.models import Max, QuerySet
 
@@ -26,6 +25,7 @@ from counters.redis_store import StoreUnavailable, acquire_lock, redis_call, rel
 from counters.values import counter_value_bounds
 
 from .models import PeriodArchive, ResetLog
+from .retention import retention_days_checked
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +62,8 @@ class RetentionStats:
 
 
 def _retention_days() -> int:
-    days = settings.COUNTER_ARCHIVE_RETENTION_DAYS
-    if days < settings.COUNTER_ARCHIVE_MIN_RETENTION_DAYS:
-        raise ImproperlyConfigured(
-            f"COUNTER_ARCHIVE_RETENTION_DAYS={days}: the archive keeps at least "
-            f"{settings.COUNTER_ARCHIVE_MIN_RETENTION_DAYS} days."
-        )
-    return days
+    # Checked again here: settings can change after start-up (override_settings, a shell).
+    return retention_days_checked(settings.COUNTER_ARCHIVE_RETENTION_DAYS, settings.COUNTER_ARCHIVE_MIN_RETENTION_DAYS)
 
 
 def _periodic(counters: dict[int, CounterConfig]) -> list[CounterConfig]:

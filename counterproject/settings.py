@@ -6,7 +6,8 @@ Production differs from development by environment variables only (see README).
 from pathlib import Path
 
 import environ
-from django.core.exceptions import ImproperlyConfigured
+
+from archive.retention import MIN_RETENTION_DAYS, retention_days_checked
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -30,6 +31,7 @@ INSTALLED_APPS = [
     "counters",
     "archive",
     "alerts",
+    "board",
 ]
 
 MIDDLEWARE = [
@@ -209,11 +211,8 @@ REDIS_BREAKER_RESET_SECONDS = env.float("REDIS_BREAKER_RESET_SECONDS", default=2
 COUNTER_REDIS_DOWN_WRITES = env("COUNTER_REDIS_DOWN_WRITES", default="reject")
 
 # Archive of closed periods: kept this many days (never fewer than 7, so a week is always there).
-COUNTER_ARCHIVE_RETENTION_DAYS = env.int("COUNTER_ARCHIVE_RETENTION_DAYS", default=90)
-COUNTER_ARCHIVE_MIN_RETENTION_DAYS = 7
-if COUNTER_ARCHIVE_RETENTION_DAYS < COUNTER_ARCHIVE_MIN_RETENTION_DAYS:
-    raise ImproperlyConfigured(
-        f"COUNTER_ARCHIVE_RETENTION_DAYS={COUNTER_ARCHIVE_RETENTION_DAYS}: "
-        f"the archive keeps at least {COUNTER_ARCHIVE_MIN_RETENTION_DAYS} days."
-    )
+COUNTER_ARCHIVE_MIN_RETENTION_DAYS = MIN_RETENTION_DAYS
+COUNTER_ARCHIVE_RETENTION_DAYS = retention_days_checked(
+    env.int("COUNTER_ARCHIVE_RETENTION_DAYS", default=90), COUNTER_ARCHIVE_MIN_RETENTION_DAYS
+)
 COUNTER_ARCHIVE_LOCK_SECONDS = env.float("COUNTER_ARCHIVE_LOCK_SECONDS", default=600.0)

@@ -16,12 +16,19 @@ from . import clock, keyspace, periods
 from .config import CounterConfig
 from .errors import CounterError, CounterNotFound, InvalidParameter, OutOfLimits, ServiceReadOnly
 from .redis_store import StoreUnavailable, redis_call, scripts
-from .values import ResetResult, UpdateResult, counter_check_subject, counter_value_bounds, value_hydrate
+from .values import (
+    ResetResult,
+    UpdateResult,
+    counter_check_subject,
+    counter_out_of_limits,
+    counter_value_bounds,
+    value_hydrate,
+)
 from .write_through import counter_update_write_through, store_reconcile_if_due, store_reconcile_mark_due
 
 
 def _check_live(counter: CounterConfig, now: datetime) -> None:
-    if counter.expires_at is not None and now >= counter.expires_at:
+    if not counter.is_live(now):
         raise CounterNotFound(
             gettext("Counter '%(name)s' expired at %(time)s.")
             % {"name": counter.name, "time": counter.expires_at.isoformat()}
@@ -115,15 +122,9 @@ def _update_result(prepared: _PreparedUpdate, result: list, now: datetime) -> Up
     status = result[0]
     old, new = int(result[1]), int(result[2])
     if status == b"MIN":
-        raise OutOfLimits(
-            gettext("Counter '%(name)s' is at %(old)d: going below %(low)d is not allowed.")
-            % {"name": counter.name, "old": old, "low": prepared.low}
-        )
+        raise counter_out_of_limits(counter=counter, old=old, bound=prepared.low, below=True)
     if status == b"MAX":
-        raise OutOfLimits(
-            gettext("Counter '%(name)s' is at %(old)d: going above %(high)d is not allowed.")
-            % {"name": counter.name, "old": old, "high": prepared.high}
-        )
+        raise counter_out_of_limits(counter=counter, old=old, bound=prepared.high, below=False)
     crossed: tuple[int, ...] = ()
     marks: dict[int, datetime] = {}
     if status == b"OK" and len(result) > 3:

@@ -8,7 +8,7 @@ from django.utils.translation import gettext
 
 from . import clock, keyspace, periods
 from .config import CounterConfig
-from .errors import InvalidParameter
+from .errors import InvalidParameter, OutOfLimits
 from .models import CounterValue, UniqueMember
 from .redis_store import redis_call, scripts
 
@@ -58,6 +58,15 @@ def counter_value_bounds(*, counter: CounterConfig, allow_negative: bool = False
     low = -keyspace.MAX_SAFE_VALUE if (counter.allow_negative or allow_negative) else counter.min_value
     high = keyspace.MAX_SAFE_VALUE if counter.max_value is None else min(counter.max_value, keyspace.MAX_SAFE_VALUE)
     return low, high
+
+
+def counter_out_of_limits(*, counter: CounterConfig, old: int, bound: int, below: bool) -> OutOfLimits:
+    """The refusal of an update that would leave the bounds (Redis and write-through paths alike)."""
+    if below:
+        message = gettext("Counter '%(name)s' is at %(old)d: going below %(low)d is not allowed.")
+        return OutOfLimits(message % {"name": counter.name, "old": old, "low": bound})
+    message = gettext("Counter '%(name)s' is at %(old)d: going above %(high)d is not allowed.")
+    return OutOfLimits(message % {"name": counter.name, "old": old, "high": bound})
 
 
 def _apply_strategy(counter: CounterConfig, previous: int) -> int:

@@ -12,12 +12,11 @@ from django.db.models.functions import Greatest
 from . import clock, keyspace, periods
 from .config import CounterConfig
 from .config import cache as config_cache
-from .errors import OutOfLimits
 from .flush import BUCKETS_UPSERT_SQL, EVENTS_INSERT_SQL, operation_log_insert
 from .models import CounterValue, ThresholdEvent, WrittenThroughValue
 from .redis_store import redis_call, scripts
 from .signals import threshold_crossed
-from .values import UpdateResult, counter_opening_value, members_to_store
+from .values import UpdateResult, counter_opening_value, counter_out_of_limits, members_to_store
 
 # Set in a process that saw Redis fail in write-through mode: before it uses Redis again it
 # corrects the values written straight to PostgreSQL meanwhile (see store_reconcile).
@@ -78,10 +77,10 @@ def counter_update_write_through(
                     return _write_through_result(counter, subject, window, old, old, True, (), now)
             new = old + amount
             if amount < 0 and new < low:
-                raise OutOfLimits(f"Counter {counter.name!r} is at {old}: going below {low} is not allowed.")
+                raise counter_out_of_limits(counter=counter, old=old, bound=low, below=True)
             if amount > 0 and new > high:
                 if not counter.saturate or old >= high:
-                    raise OutOfLimits(f"Counter {counter.name!r} is at {old}: going above {high} is not allowed.")
+                    raise counter_out_of_limits(counter=counter, old=old, bound=high, below=False)
                 new = high
             CounterValue.objects.filter(pk=row.pk).update(
                 value=F("value") + (new - old),
