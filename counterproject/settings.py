@@ -127,7 +127,7 @@ REST_FRAMEWORK = {
 # OpenAPI 3 of both surfaces at /api/schema/, docs at /api/docs/ (Swagger UI served locally: works offline).
 SPECTACULAR_SETTINGS = {
     "TITLE": "Counter service",
-    "DESCRIPTION": "REST v1 (seed 000) and the cloud functions (seed 001). See docs/cloud-functions.md.",
+    "DESCRIPTION": "REST v1 and the cloud functions of the counter service. See docs/cloud-functions.md.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",
@@ -206,7 +206,7 @@ LOGGING = {
 # Circuit breaker around Redis: open after this many consecutive failures, probe again after.
 REDIS_BREAKER_THRESHOLD = env.int("REDIS_BREAKER_THRESHOLD", default=3)
 REDIS_BREAKER_RESET_SECONDS = env.float("REDIS_BREAKER_RESET_SECONDS", default=2.0)
-# Updates while Redis is down: "reject" (503, read-only, the spec's choice) or "write_through"
+# Updates while Redis is down: "reject" (503, read-only, as docs/requirements.md asks) or "write_through"
 # (straight to PostgreSQL; see docs/operations.md for the trade-off).
 COUNTER_REDIS_DOWN_WRITES = env("COUNTER_REDIS_DOWN_WRITES", default="reject")
 

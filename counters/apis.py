@@ -1,4 +1,4 @@
-"""REST v1: the exact request and response shapes of the original spec (see SPEC.md)."""
+"""REST v1: the exact request and response shapes of docs/requirements.md."""
 
 from django.db import connection
 from django.http import HttpResponse, JsonResponse

@@ -1,4 +1,4 @@
-"""Input and output shapes of the cloud functions (seed 001): parsing here, documented in the schema."""
+"""Input and output shapes of the cloud functions: parsing here, documented in the schema."""
 
 from django.utils.translation import gettext_lazy as _
 from rest_framework import serializers

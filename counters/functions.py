@@ -1,4 +1,4 @@
-"""The cloud functions of seed 001 (``POST /api/v1/functions/<name>``), the statistics' REST twin and
+"""The cloud functions (``POST /api/v1/functions/<name>``), the statistics' REST twin and
 player tokens.
 
 Every function replies ``{"code": 0, "msg", "timestamp", "data"}``; errors come from the one
@@ -25,7 +25,7 @@ from .player_tokens import player_token_issue
 
 
 def _times(value):
-    """Datetimes anywhere in a reply rendered in the seed's format."""
+    """Datetimes anywhere in a reply rendered in the cloud functions' format (``clock.iso_ms``)."""
     if isinstance(value, datetime):
         return iso_ms(value)
     if isinstance(value, dict):

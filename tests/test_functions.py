@@ -1,4 +1,4 @@
-"""The cloud functions of seed 001: each reply's fields and types, every error code from a real request
+"""The cloud functions: each reply's fields and types, every error code from a real request
 (with nothing changed), app isolation, user counters and player tokens, bounds, resets, languages."""
 
 import json
@@ -81,10 +81,10 @@ def value_of(client, name, counter_type, key, **extra) -> int:
     return ok(call(client, "getCounter", target(name, counter_type, **extra), key))["currentValue"]
 
 
-# --- replies: the seed's fields and types ------------------------------------------------------
+# --- replies: the documented fields and types ------------------------------------------------------
 
 
-def test_get_counter_reply_has_the_seed_fields(client, game):
+def test_get_counter_reply_has_the_documented_fields(client, game):
     data = ok(call(client, "getCounter", target("daily_login", "daily"), game["write"]))
     assert list(data) == [
         "counterId", "counterType", "counterName", "currentValue", "maxValue", "resetPeriod",
@@ -107,7 +107,7 @@ def test_get_counter_reply_has_the_seed_fields(client, game):
     )  # fmt: skip
 
 
-def test_increase_reply_has_the_seed_fields_and_reports_thresholds(client, game):
+def test_increase_reply_has_the_documented_fields_and_reports_thresholds(client, game):
     data = ok(call(client, "increaseCounter", target("gold", increment=49), game["write"]))
     assert list(data) == ["counterId", "oldValue", "newValue", "increment", "updateTime", "hitThreshold", "thresholds"]
     assert (data["counterId"], data["oldValue"], data["newValue"], data["increment"]) == ("gold", 0, 49, 49)
@@ -127,7 +127,7 @@ def test_increase_reply_has_the_seed_fields_and_reports_thresholds(client, game)
     assert ok(call(client, "increaseCounter", target("daily_login", "daily"), game["write"]))["thresholds"] == []
 
 
-def test_decrease_reply_has_the_seed_fields_and_reports_the_minimum(client, game):
+def test_decrease_reply_has_the_documented_fields_and_reports_the_minimum(client, game):
     call(client, "increaseCounter", target("energy_points", "user", playerId="p1", increment=2), game["write"])
     data = ok(call(client, "decreaseCounter", target("energy_points", "user", playerId="p1"), game["write"]))
     assert list(data) == ["counterId", "oldValue", "newValue", "decrement", "updateTime", "reachedMinimum"]
@@ -137,7 +137,7 @@ def test_decrease_reply_has_the_seed_fields_and_reports_the_minimum(client, game
     assert data["newValue"] == 0 and data["reachedMinimum"] is True
 
 
-def test_reset_reply_has_the_seed_fields_and_is_logged(client, game):
+def test_reset_reply_has_the_documented_fields_and_is_logged(client, game):
     call(client, "increaseCounter", target("daily_login", "daily", increment=1251), game["write"])
     body = target("daily_login", "daily", reason="日周期重置", operatorId="admin_123")
     data = ok(call(client, "resetCounter", body, game["manage"]))

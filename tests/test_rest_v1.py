@@ -1,4 +1,4 @@
-"""REST v1: the shapes of the original spec, byte for byte, and its errors."""
+"""REST v1: the shapes of docs/requirements.md, byte for byte, and its errors."""
 
 import pytest
 
