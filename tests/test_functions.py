@@ -7,11 +7,15 @@ import re
 import pytest
 import time_machine
 from django.test import Client
+from django.utils import translation
 
 from archive.models import ResetLog
 from counters import config
+from counters.errors import OutOfLimits
 from counters.flush import counters_flush
-from counters.models import App, Counter, OperationLog, Threshold
+from counters.models import App, Counter, CounterValue, OperationLog, Threshold
+from counters.redis_store import breaker
+from counters.services import counter_update
 
 pytestmark = pytest.mark.django_db
 
@@ -414,3 +418,15 @@ def test_the_operation_log_keeps_its_retention(client, game, settings):
         assert trim_operation_log() == 0
     kept = sorted(entry.created_at.date().isoformat() for entry in OperationLog.objects.all())
     assert kept == ["2024-01-20", "2024-02-15"]
+
+
+def test_a_write_through_refusal_speaks_the_callers_language_like_the_redis_path(make_counter, builtins, settings):
+    """Redis down, writes going to PostgreSQL: going below the minimum is refused in the caller's language."""
+    settings.COUNTER_REDIS_DOWN_WRITES = "write_through"
+    counter = make_counter("lives")
+    for _ in range(settings.REDIS_BREAKER_THRESHOLD):
+        breaker.record_failure()
+    with translation.override("zh-hans"), pytest.raises(OutOfLimits) as refused:
+        counter_update(counter=counter, amount=-1)
+    assert refused.value.message.startswith("计数器“lives”当前为 0") and "不允许低于 0" in refused.value.message
+    assert not CounterValue.objects.filter(counter_id=counter.id).exclude(value=0, operations=0).exists()
