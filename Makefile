@@ -1,5 +1,6 @@
 # make run   — set up on a fresh machine and run web + worker + beat on 127.0.0.1:$(PORT)
 # make test  — the same set-up, then ruff and the whole test suite
+# make test-midnight — the same with every test's clock starting at 23:59:30 UTC (tests/clock.py)
 # make bench — the hot endpoints next to a DRF baseline, latency below saturation, exactness (bench/README.md)
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 PORT ?= 8080
 export PORT
 
-.PHONY: run test lint format services browser migrate bench soak clean
+.PHONY: run test test-midnight lint format services browser migrate bench soak clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,12 @@ browser:
 
 test: $(BIN)/.installed services browser lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Each test starts at TEST_CLOCK_UTC (time-machine, in-process and in the Python processes it
+# starts): a test that leans on the real clock's day fails here rather than at 00:00 in CI.
+TEST_CLOCK_UTC ?= 23:59:30
+test-midnight:
+	TEST_CLOCK_UTC=$(TEST_CLOCK_UTC) $(MAKE) test
 
 bench: $(BIN)/.installed services
 	command -v wrk >/dev/null && command -v hey >/dev/null || (apt-get update && apt-get install -y wrk hey)

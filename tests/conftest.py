@@ -2,6 +2,7 @@ from functools import partial
 
 import pytest
 import redis
+import time_machine
 from django.conf import settings
 
 from counters import config
@@ -10,7 +11,26 @@ from counters.config import CounterConfig
 from counters.models import ApiKey, App, Counter
 from counters.redis_store import breaker
 
+from .clock import midday_utc, start_of_test, zone_at_midday
 from .processes import PrivateRedis
+
+
+@pytest.fixture(autouse=True)
+def test_clock():
+    """The clock each test starts with: the real one, or TEST_CLOCK_UTC's time of day (tests/clock.py)."""
+    start = start_of_test()
+    if start is None:
+        yield
+        return
+    with time_machine.travel(start, tick=True):
+        yield
+
+
+@pytest.fixture
+def midday(test_clock):
+    """In-process clock at 12:00 UTC and running: a test of daily counters never meets their midnight."""
+    with time_machine.travel(midday_utc(), tick=True):
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +53,14 @@ def store():
 def builtins(db):
     """The default and global apps with the three built-in counters (transactional tests truncate them)."""
     ensure_builtins(App, Counter)
+    config.cache.invalidate()
+
+
+@pytest.fixture
+def daily_far_from_midnight(builtins):
+    """The default app's daily counters in a time zone where it is about noon now (tests/clock.py): the
+    processes a test starts keep the real clock, and no midnight of these counters falls in the test."""
+    App.objects.filter(slug="default").update(time_zone=zone_at_midday())
     config.cache.invalidate()
 
 

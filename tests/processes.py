@@ -15,6 +15,8 @@ import redis
 import requests
 from django.conf import settings
 
+from .clock import process_clock_env
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -42,6 +44,7 @@ def service_env(**overrides: str) -> dict[str, str]:
         TEST_REDIS_URL=settings.REDIS_URL,
         TEST_BROKER_URL=settings.CELERY_BROKER_URL,
         PYTHONUNBUFFERED="1",
+        **process_clock_env(),
     )
     env.update(overrides)
     return env

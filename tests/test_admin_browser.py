@@ -14,7 +14,7 @@ from counters.models import Counter
 
 from .browser import admin_login, chromium_page, screenshot
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("midday")]
 
 
 def archive_past_days(counter: Counter, days: int) -> list[int]:

@@ -9,6 +9,8 @@ from counters.models import ApiKey, App, Counter, hash_api_key
 from counters.selectors import counter_config_get, counter_value_get
 from counters.services import counter_update
 
+pytestmark = pytest.mark.usefixtures("midday")  # daily counters on a pinned clock
+
 CHANGELIST = "/admin/counters/counter/"
 RESET = "/admin/counters/counter/reset/"
 

@@ -235,7 +235,7 @@ def test_history_reads_closed_periods_from_the_archive(make_daily_counter, clien
 
 
 @pytest.mark.django_db
-def test_single_reset_takes_a_reason_and_a_value_and_is_logged(client, writer):
+def test_single_reset_takes_a_reason_and_a_value_and_is_logged(client, writer, midday):
     post(client, "/api/v1/counter/total_games_played/increment", {"value": 9}, writer)
     r = post(client, "/api/v1/counter/total_games_played/reset", {"reason": "bad data", "reset_value": 2}, writer)
     assert r.json() == {"success": True, "current_value": 2, "previous_value": 9}
@@ -245,7 +245,7 @@ def test_single_reset_takes_a_reason_and_a_value_and_is_logged(client, writer):
 
 
 @pytest.mark.django_db
-def test_batch_reset_validates_everything_before_changing_anything(make_daily_counter, client, writer, make_key):
+def test_batch_reset_validates_everything_before_changing_anything(make_daily_counter, client, writer, make_key, midday):
     make_daily_counter("event_points", scope="user", max_value=100)
     for name, body in [("total_games_played", {"value": 5}), ("online_players", {"value": 3})]:
         post(client, f"/api/v1/counter/{name}/increment", body, writer)

@@ -16,6 +16,8 @@ from counters.serializers import BATCH_UPDATE_LIMIT
 
 from .http import post
 
+pytestmark = pytest.mark.usefixtures("midday")  # daily counters on a pinned clock
+
 URL = "/api/v1/counters/batch"
 
 

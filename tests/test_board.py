@@ -14,6 +14,8 @@ from counters.services import counter_update
 
 from .browser import chromium_page, screenshot
 
+pytestmark = pytest.mark.usefixtures("midday")  # daily counters on a pinned clock
+
 VALUES = "/board/values"
 
 

@@ -16,7 +16,7 @@ from counters.models import Counter, CounterValue, UniqueMember
 
 from .processes import ROOT, Gunicorn, service_env, wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("daily_far_from_midnight")]
 
 
 def flush_in_subprocess(**env: str) -> subprocess.CompletedProcess:

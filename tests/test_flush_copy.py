@@ -12,6 +12,8 @@ from counters.services import UpdateRequest, counter_update_many
 
 from .test_core_durability import flush_in_subprocess
 
+pytestmark = pytest.mark.usefixtures("daily_far_from_midnight")
+
 SUBJECTS = COPY_MIN_ROWS + 200
 MEMBERS = 300
 

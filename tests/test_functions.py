@@ -17,7 +17,7 @@ from counters.models import App, Counter, CounterValue, OperationLog, Threshold
 from counters.redis_store import breaker
 from counters.services import counter_update
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("midday")]  # daily counters: a pinned clock
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

@@ -8,6 +8,8 @@ from django.db import connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
+pytestmark = pytest.mark.usefixtures("midday")  # daily counters on a pinned clock
+
 # Commands a request could send itself; the server's counts also include the script's own calls.
 CLIENT_COMMANDS = ("evalsha", "eval", "script|load", "script|exists", "hmget", "get", "mget")
 

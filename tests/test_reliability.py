@@ -15,7 +15,7 @@ from counters.models import Counter, CounterValue, UniqueMember, WrittenThroughV
 from .processes import Gunicorn, PrivateRedis, wait_until
 from .test_core_durability import flush_in_subprocess, hammer
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("daily_far_from_midnight")]
 
 # The 503s must not wait for a Redis timeout. The 50 ms holds for each one as gunicorn
 # measures it (its access log's request time); as the client sees it, a reply on this shared 2-core

@@ -27,7 +27,7 @@ from .processes import ROOT, CeleryWorker, Gunicorn, service_env, wait_until
 # A restarted worker takes over from a killed one as soon as the dead one's flush lock expires.
 WORKER_ENV = {"COUNTER_FLUSH_LOCK_SECONDS": "1"}
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("daily_far_from_midnight")]
 
 
 @contextlib.contextmanager

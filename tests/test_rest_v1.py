@@ -1,11 +1,16 @@
 """REST v1: the shapes of docs/requirements.md, byte for byte, and its errors."""
 
+from datetime import UTC, datetime
+
 import pytest
+import time_machine
 
 from counters.flush import counters_flush
 from counters.models import CounterValue
 
 from .http import post
+
+pytestmark = pytest.mark.usefixtures("midday")  # daily counters on a pinned clock
 
 
 @pytest.mark.django_db
@@ -30,9 +35,23 @@ def test_increment_decrement_and_read_have_the_spec_shapes(client, writer):
 
 @pytest.mark.django_db
 def test_periodic_counter_says_when_it_resets(client, builtins):
-    body = client.get("/api/v1/counter/total_games_played").json()
-    assert body["value"] == 0
-    assert body["last_reset"].endswith("T00:00:00Z") and body["next_reset"].endswith("T00:00:00Z")
+    from counters.models import App, Counter
+
+    app = App.objects.get(slug="default")
+    Counter.objects.create(app=app, name="weekly_raids", period="weekly", time_zone="Asia/Shanghai", public=True)
+    Counter.objects.create(app=app, name="monthly_quests", period="monthly", time_zone="America/New_York", public=True)
+    # A Sunday evening in UTC: already Monday in Shanghai, still Sunday in New York.
+    with time_machine.travel(datetime(2026, 3, 29, 18, 30, tzinfo=UTC), tick=False):
+        daily = client.get("/api/v1/counter/total_games_played").json()
+        weekly = client.get("/api/v1/counter/weekly_raids").json()
+        monthly = client.get("/api/v1/counter/monthly_quests").json()
+        plain = client.get("/api/v1/counter/online_players").json()
+    assert (daily["value"], daily["last_reset"], daily["next_reset"]) == (
+        0, "2026-03-29T00:00:00Z", "2026-03-30T00:00:00Z"
+    )  # fmt: skip
+    assert (weekly["last_reset"], weekly["next_reset"]) == ("2026-03-29T16:00:00Z", "2026-04-05T16:00:00Z")
+    assert (monthly["last_reset"], monthly["next_reset"]) == ("2026-03-01T05:00:00Z", "2026-04-01T04:00:00Z")
+    assert "last_reset" not in plain and "next_reset" not in plain
 
 
 @pytest.mark.django_db

@@ -13,6 +13,8 @@ from openapi_spec_validator import validate
 
 from counters.models import App, Counter, Threshold
 
+pytestmark = pytest.mark.usefixtures("midday")  # daily counters on a pinned clock
+
 
 def fetch_schema(client) -> dict:
     response = client.get("/api/schema/?format=json")
