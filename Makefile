@@ -1,7 +1,7 @@
 # make run   — set up on a fresh machine and run web + worker + beat on 127.0.0.1:$(PORT)
 # make test  — the same set-up, then ruff and the whole test suite
 # make test-midnight — the same with every test's clock starting at 23:59:30 UTC (tests/clock.py)
-# make bench — the hot endpoints next to a DRF baseline, latency below saturation, exactness (bench/README.md)
+# make bench — the hot endpoints next to a DRF baseline, latency below saturation, exactness, outages (bench/README.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -52,6 +52,7 @@ bench: $(BIN)/.installed services
 	command -v wrk >/dev/null && command -v hey >/dev/null || (apt-get update && apt-get install -y wrk hey)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/flush_bench.py
+	$(BIN)/python bench/outage.py
 
 # The long memory soak (bench/README-soak.md), with a redis-server and a database of its own.
 SOAK_DATABASE_URL ?= postgres://root@127.0.0.1:5432/counters_soak

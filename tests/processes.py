@@ -50,6 +50,46 @@ def service_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat: R running, S sleeping, T stopped, Z zombie."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (gunicorn's workers, for its arbiter)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def accepts_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` still waits for new connections on the loopback socket listening on ``port``:
+    its epoll set (``/proc/<pid>/fdinfo``) watches that socket. gunicorn's gthread worker drops it from
+    the set when it stops accepting (SIGTERM)."""
+    inode = next(
+        fields[9]
+        for fields in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port
+    )
+    targets = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            targets[fd.name] = os.readlink(fd)
+    listeners = {fd for fd, target in targets.items() if target == f"socket:[{inode}]"}
+    for fd, target in targets.items():
+        if target == "anon_inode:[eventpoll]":
+            watched = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+            if any(line.startswith("tfd:") and line.split()[1] in listeners for line in watched):
+                return True
+    return False
+
+
 def wait_until(predicate, *, timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -74,7 +114,9 @@ class Gunicorn:
         self.process = subprocess.Popen(
             args, cwd=ROOT, env=service_env(**(env or {})), stdout=self.log, stderr=self.log
         )
-        wait_until(lambda: requests.get(f"{self.url}/healthz", timeout=1).status_code == 200, what="gunicorn")
+        # Start-up waits are generous: on a loaded machine importing Django alone can take seconds.
+        healthy = lambda: requests.get(f"{self.url}/healthz", timeout=5).status_code == 200  # noqa: E731
+        wait_until(healthy, timeout=90, what="gunicorn")
 
     def output(self) -> str:
         return Path(self.log.name).read_text()
@@ -104,7 +146,7 @@ class CeleryWorker:
             stderr=self.log,
             start_new_session=True,
         )
-        wait_until(lambda: "ready." in self.output(), timeout=60, what="the celery worker")
+        wait_until(lambda: "ready." in self.output(), timeout=90, what="the celery worker")
 
     def output(self) -> str:
         return Path(self.log.name).read_text()
@@ -145,7 +187,7 @@ class PrivateRedis:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self.dir]
         args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: redis.Redis(port=self.port).ping(), what="private redis-server")
+        wait_until(lambda: redis.Redis(port=self.port).ping(), timeout=60, what="private redis-server")
 
     def kill(self) -> None:
         """kill -9: no shutdown save, connections drop."""
@@ -156,6 +198,7 @@ class PrivateRedis:
     def freeze(self) -> None:
         """SIGSTOP: connections stay open and connects still succeed, but nothing is answered."""
         self.process.send_signal(signal.SIGSTOP)
+        wait_until(lambda: process_state(self.process.pid) == "T", what="redis-server to stop")
 
     def thaw(self) -> None:
         self.process.send_signal(signal.SIGCONT)

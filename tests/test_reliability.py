@@ -1,7 +1,8 @@
-"""Redis dies mid-traffic (kill -9 of a private redis-server): read-only from PostgreSQL, fast 503s,
-write-through mode, and recovery with an empty Redis or with its AOF data — all through gunicorn."""
+"""Redis dies mid-traffic (kill -9 of a private redis-server): read-only from PostgreSQL, 503s that
+wait for no timeout, write-through mode, and recovery with an empty Redis or with its AOF data — all
+through gunicorn. What is asserted is counted (statuses, the server's own log), never timed: the
+latencies of these outages are printed by bench/outage.py."""
 
-import statistics
 import threading
 import time
 
@@ -17,14 +18,11 @@ from .test_core_durability import flush_in_subprocess, hammer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("daily_far_from_midnight")]
 
-# The 503s must not wait for a Redis timeout. The issue's 50 ms holds for each one as gunicorn
-# measures it (its access log's request time); as the client sees it, a reply on this shared 2-core
-# machine can also wait for the scheduler, so there the bound is half the store's 0.5 s socket
-# timeout (a reply under it cannot have waited for one) and 50 ms on the median.
-SERVER_SECONDS = 0.05
-NO_TIMEOUT_WAIT_SECONDS = 0.25
-TYPICAL_SECONDS = 0.05
 ACCESS_FORMAT = "ACCESS %(s)s %(D)s %(m)s %(U)s"
+# What each web process logs when its breaker opens and closes (counters/redis_store.py).
+OPENED, CLOSED = "circuit opened", "circuit closed"
+# Replies to requests sent after a failure that a test waits for before it looks at them.
+OUTAGE_REPLIES = 20
 
 
 class Traffic:
@@ -61,13 +59,17 @@ class Traffic:
     def count(self, status: int) -> int:
         return sum(1 for _, s, _ in self.replies if s == status)
 
+    def sent_after(self, moment: float) -> list[tuple[float, int, float]]:
+        with self._lock:
+            return [r for r in self.replies if r[0] > moment]
 
-def run_through(traffic: Traffic, failure, seconds: float) -> float:
-    """Inflict ``failure`` (kill, freeze) on Redis under the traffic, let it run ``seconds`` more and
-    stop it; returns when the failure happened."""
+
+def run_through(traffic: Traffic, failure, replies: int = OUTAGE_REPLIES) -> float:
+    """Inflict ``failure`` (kill, freeze: both return once it has happened) on Redis under the traffic,
+    stop the traffic once ``replies`` requests sent after it are answered; returns when it happened."""
     failure()
     happened_at = time.monotonic()
-    time.sleep(seconds)
+    wait_until(lambda: len(traffic.sent_after(happened_at)) >= replies, timeout=60, what="replies during the outage")
     traffic.finish()
     return happened_at
 
@@ -82,14 +84,9 @@ def web_on(store: PrivateRedis, *, access_log: bool = False, **env: str) -> Guni
     return Gunicorn(env={**env, "GUNICORN_ACCESSLOG": "-"}, extra_args=["--access-logformat", ACCESS_FORMAT])
 
 
-def server_seconds(web: Gunicorn, status: int, path: str) -> list[float]:
-    """gunicorn's own time for each request to ``path`` answered with ``status`` (access log)."""
-    times = []
-    for line in web.output().splitlines():
-        fields = line.split()
-        if fields[:2] == ["ACCESS", str(status)] and fields[-1] == path:
-            times.append(int(fields[2]) / 1_000_000)
-    return times
+def server_count(web: Gunicorn, status: int, path: str) -> int:
+    """Requests to ``path`` that gunicorn's own access log says were answered with ``status``."""
+    return sum(1 for line in web.output().splitlines() if line.split()[:2] == ["ACCESS", str(status)] and path in line)
 
 
 def get(web: Gunicorn, path: str) -> requests.Response:
@@ -107,14 +104,19 @@ def wait_for_writes(web: Gunicorn, headers: dict, name: str) -> int:
         return bool(accepted)
 
     wait_until(accepted_once, timeout=20, interval=0.2, what="writes accepted after Redis came back")
-    # Each gunicorn worker has its own breaker: the others close at their next probe.
-    time.sleep(BREAKER_RESET_SECONDS + 0.3)
+
+    # Each gunicorn worker has its own breaker: the others close at their next probe (a read is one).
+    def every_breaker_closed() -> bool:
+        get(web, f"counter/{name}")
+        return web.output().count(CLOSED) >= web.output().count(OPENED)
+
+    wait_until(every_breaker_closed, timeout=30, interval=0.1, what="every worker's breaker to close")
     return accepted[0]
 
 
 def outage_replies(traffic: Traffic, killed_at: float) -> list[tuple[float, int, float]]:
-    # Skip the requests already on the wire at the kill: their fate is ambiguous by nature.
-    return [r for r in traffic.replies if r[0] > killed_at + 0.2]
+    # Only requests sent after the failure: those already on the wire have an ambiguous fate by nature.
+    return traffic.sent_after(killed_at)
 
 
 def test_redis_down_read_only_from_postgresql_then_empty_redis_rehydrates(builtins, make_key):
@@ -128,17 +130,12 @@ def test_redis_down_read_only_from_postgresql_then_empty_redis_rehydrates(builti
         wait_until(lambda: traffic.count(200) >= 50, what="traffic before the kill")
         assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
         flushed = CounterValue.objects.get(counter__name="online_players").value
-        time.sleep(0.2)
-        killed_at = run_through(traffic, store.kill, 1.5)
+        killed_at = run_through(traffic, store.kill)
 
         during = outage_replies(traffic, killed_at)
-        assert len(during) > 20 and {s for _, s, _ in during} == {503}
-        latencies = [seconds for _, _, seconds in during]
-        assert max(latencies) < NO_TIMEOUT_WAIT_SECONDS, max(latencies)
-        assert statistics.median(latencies) < TYPICAL_SECONDS, statistics.median(latencies)
-        refused_in = server_seconds(web, 503, "/api/v1/counter/online_players/increment")
-        assert len(refused_in) >= len(during), (len(refused_in), len(during))
-        assert max(refused_in) < SERVER_SECONDS, sorted(refused_in)[-5:]
+        assert len(during) >= OUTAGE_REPLIES and {s for _, s, _ in during} == {503}
+        assert server_count(web, 503, "/api/v1/counter/online_players/increment") >= len(during)
+        assert OPENED in web.output()
         refused = requests.post(inc, json={}, headers=headers, timeout=10)
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == 5003 and "read-only" in refused.json()["error"]["message"]
@@ -188,12 +185,11 @@ def test_redis_back_with_its_data_loses_no_acknowledged_increment_and_doubles_no
         wait_until(lambda: traffic.count(200) >= 40, what="traffic before a flush")
         assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
         wait_until(lambda: traffic.count(200) >= 80, what="traffic after the flush")
-        killed_at = run_through(traffic, store.kill, 1.0)
+        killed_at = run_through(traffic, store.kill)
         acknowledged = traffic.count(200)
         flushed = CounterValue.objects.get(counter__name="total_games_played").value
         assert flushed < acknowledged  # some acknowledged increments exist only in Redis's AOF
         assert {s for _, s, _ in outage_replies(traffic, killed_at)} == {503}
-        assert max(seconds for _, _, seconds in outage_replies(traffic, killed_at)) < NO_TIMEOUT_WAIT_SECONDS
         assert get(web, "counter/total_games_played").json()["value"] == flushed
 
         store.start()
@@ -229,9 +225,9 @@ def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_r
         traffic = Traffic(f"{web.url}/api/v1/counter/online_players/increment", key, threads=threads)
         wait_until(lambda: traffic.count(200) >= 40, what="traffic before the kill")
 
-        killed_at = run_through(traffic, store.kill, 1.5)
+        killed_at = run_through(traffic, store.kill)
         during = outage_replies(traffic, killed_at)
-        assert len(during) > 20 and {s for _, s, _ in during} == {200}
+        assert len(during) >= OUTAGE_REPLIES and {s for _, s, _ in during} == {200}
 
         # 200 concurrent increments during the outage land in PostgreSQL exactly.
         assert hammer(games, key, total=200, threads=10) == [200] * 200
@@ -280,38 +276,46 @@ def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_r
 
 def test_a_frozen_redis_costs_a_timeout_only_until_the_breaker_opens(builtins, make_key):
     """A Redis that hangs (SIGSTOP) instead of refusing: without the breaker every write would wait
-    for the socket timeout. With it, only the requests in flight before it opens do."""
+    for the socket timeout. With it, only the requests in flight before it opens do. A request that
+    waited for the timeout is a 504 (its command reached Redis); one refused by the open breaker is
+    a 503: counted, not timed."""
     key = make_key(("write",))
     store = PrivateRedis()
-    timeout, threads, workers = 0.3, 4, 2
-    # No probe during the freeze (reset 60 s): every slow reply is one from before the breaker opened.
+    timeout, threads, threshold = 0.3, 4, 3
+    # One worker, so one breaker; no probe during the freeze (reset 60 s).
     env = {"REDIS_SOCKET_TIMEOUT": str(timeout), "REDIS_CONNECT_TIMEOUT": str(timeout)}
-    web = web_on(store, REDIS_BREAKER_RESET_SECONDS="60", **env)
+    env |= {"TEST_REDIS_URL": store.url, "REDIS_BREAKER_RESET_SECONDS": "60", "REDIS_BREAKER_THRESHOLD": str(threshold)}
+    env |= {"GUNICORN_ACCESSLOG": "-", "COUNTER_CONFIG_CHECK_SECONDS": "60"}
+    web = Gunicorn(workers=1, env=env, extra_args=["--access-logformat", ACCESS_FORMAT])
     path = "/api/v1/counter/online_players/increment"
     try:
         traffic = Traffic(f"{web.url}{path}", key, threads=threads)
         wait_until(lambda: traffic.count(200) >= 50, what="traffic before the freeze")
-        frozen_at = run_through(traffic, store.freeze, 2.0)
+        store.freeze()
+        frozen_at = time.monotonic()
+        wait_until(lambda: OPENED in web.output(), timeout=60, what="the breaker to open")
+        opened_at = time.monotonic()
+        run_through(traffic, lambda: None)  # OUTAGE_REPLIES more replies to requests sent once it was open
         acknowledged = traffic.count(200)
-        after = [r for r in traffic.replies if r[0] > frozen_at + 0.05]
+        after = traffic.sent_after(frozen_at)
         store.thaw()
 
         assert {s for _, s, _ in after} <= {503, 504}
-        slow = [r for r in after if r[2] >= timeout]
-        fast = [r for r in after if r[2] < timeout]
-        # Each worker opens after REDIS_BREAKER_THRESHOLD (3) timeouts; the requests already waiting
-        # with them (at most one per client thread) time out too.
-        assert len(slow) <= workers * (3 + threads), [round(s, 2) for _, _, s in slow]
-        assert len(fast) > 10 * len(slow) and {s for _, s, _ in fast} == {503}
-        assert statistics.median(seconds for _, _, seconds in fast) < TYPICAL_SECONDS
+        # Once open, no request waited for the socket timeout: every one sent since is a 503.
+        assert {s for _, s, _ in traffic.sent_after(opened_at)} == {503}
+        # Before it opened: the threshold's failures, plus the requests already waiting with them
+        # (at most one per client thread) — the server's own log agrees.
+        timed_out = traffic.count(504)
+        assert 1 <= timed_out <= threshold + threads
+        assert server_count(web, 504, path) == timed_out
+        assert web.output().count(OPENED) == 1
 
         # The writes that timed out said "may have been applied" (504): the thawed Redis ran them.
-        maybe = sum(1 for _, s, _ in after if s == 504)
         counter = Counter.objects.get(name="online_players")
         hot = redis.Redis.from_url(store.url)
         wait_until(lambda: hot.ping(), what="the thawed redis-server")
         in_redis = int(hot.hget(keyspace.value_key(counter.id, "", ""), "v"))
-        assert acknowledged <= in_redis <= acknowledged + maybe + threads
+        assert acknowledged <= in_redis <= acknowledged + timed_out + threads
     finally:
         store.thaw()
         web.stop()
