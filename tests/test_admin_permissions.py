@@ -2,10 +2,12 @@
 
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.forms.models import model_to_dict
 from django.test import Client
 
-from archive.models import ResetLog
-from counters.models import ApiKey, App, Counter, hash_api_key
+from archive.models import PeriodArchive, ResetLog
+from counters import clock
+from counters.models import ApiKey, App, Counter, OperationLog, Threshold, ThresholdEvent, hash_api_key
 from counters.selectors import counter_config_get, counter_value_get
 from counters.services import counter_update
 
@@ -122,11 +124,34 @@ def test_batch_reset_and_per_player_counter_needs_a_player_id(builtins):
 
 @pytest.mark.django_db
 def test_audit_records_are_read_only(online):
+    now = clock.now()
+    threshold = Threshold.objects.create(counter=online, value=5)
+    records = {
+        "archive/resetlog": ResetLog.objects.create(
+            counter=online, kind="manual", operator="rita", reason="x", value_before=7, value_after=0
+        ),
+        "archive/periodarchive": PeriodArchive.objects.create(
+            counter=online, period="2026-01-01", period_start=now, period_end=now, time_zone="UTC",
+            final_value=3, peak=4, operations=5,
+        ),
+        "counters/operationlog": OperationLog.objects.create(counter=online, old_value=0, new_value=7, created_at=now),
+        "counters/thresholdevent": ThresholdEvent.objects.create(threshold=threshold, counter=online, triggered_at=now),
+    }  # fmt: skip
     superuser = Client()
     superuser.force_login(User.objects.create_superuser("root", "root@example.com", "pw"))
-    for model in ("archive/resetlog", "archive/periodarchive", "counters/operationlog", "counters/thresholdevent"):
+    for model, record in records.items():
+        before = model_to_dict(type(record).objects.get(pk=record.pk))
+        url = f"/admin/{model}/{record.pk}"
         assert superuser.get(f"/admin/{model}/").status_code == 200
         assert superuser.get(f"/admin/{model}/add/").status_code == 403
+        page = superuser.get(f"{url}/change/")
+        assert page.status_code == 200 and b'name="_save"' not in page.content, model  # view only
+        edited = {field: "forged" if isinstance(value, str) else 99 for field, value in before.items() if field != "id"}
+        assert superuser.post(f"{url}/change/", edited).status_code == 403, model
+        assert superuser.post(f"{url}/delete/", {"post": "yes"}).status_code == 403, model
+        bulk = {"action": "delete_selected", "_selected_action": [record.pk], "post": "yes"}
+        superuser.post(f"/admin/{model}/", bulk)
+        assert model_to_dict(type(record).objects.get(pk=record.pk)) == before, model
 
 
 @pytest.mark.django_db

@@ -245,7 +245,9 @@ def test_single_reset_takes_a_reason_and_a_value_and_is_logged(client, writer, m
 
 
 @pytest.mark.django_db
-def test_batch_reset_validates_everything_before_changing_anything(make_daily_counter, client, writer, make_key, midday):
+def test_batch_reset_validates_everything_before_changing_anything(
+    make_daily_counter, client, writer, make_key, midday
+):
     make_daily_counter("event_points", scope="user", max_value=100)
     for name, body in [("total_games_played", {"value": 5}), ("online_players", {"value": 3})]:
         post(client, f"/api/v1/counter/{name}/increment", body, writer)

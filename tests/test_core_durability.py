@@ -12,9 +12,9 @@ from django.conf import settings
 
 from counters import keyspace
 from counters.flush import counters_flush
-from counters.models import Counter, CounterValue, UniqueMember
+from counters.models import Counter, CounterValue, Threshold, UniqueMember
 
-from .processes import ROOT, Gunicorn, service_env, wait_until
+from .processes import ROOT, Gunicorn, PrivateRedis, service_env, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("daily_far_from_midnight")]
 
@@ -73,22 +73,38 @@ def test_concurrent_logins_and_logouts_never_go_below_zero(builtins, make_key):
     assert CounterValue.objects.get(counter__name="online_players").value == 0
 
 
-def test_values_survive_a_web_restart(builtins, make_key):
+def test_values_survive_a_restart_of_the_service_and_reach_postgresql(builtins, make_key):
+    """gunicorn stopped (SIGTERM) and Redis killed -9, both started again: every acknowledged value is
+    back, from Redis's AOF for what was not flushed yet, and PostgreSQL agrees after a flush."""
     key = make_key(("write",))
     headers = {"Authorization": f"Bearer {key}"}
-    web = Gunicorn()
+    store = PrivateRedis(appendonly=True)
+    web = Gunicorn(env={"TEST_REDIS_URL": store.url})
     try:
-        for _ in range(25):
-            requests.post(f"{web.url}/api/v1/counter/total_games_played/increment", json={}, headers=headers)
-        requests.post(f"{web.url}/api/v1/counter/online_players/increment", json={"value": 7}, headers=headers)
+        games = f"{web.url}/api/v1/counter/total_games_played/increment"
+        assert [requests.post(games, json={}, headers=headers).status_code for _ in range(25)] == [200] * 25
+        assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
+        assert requests.post(games, json={"value": 5}, headers=headers).status_code == 200  # only in Redis
+        online = f"{web.url}/api/v1/counter/online_players/increment"
+        assert requests.post(online, json={"value": 7}, headers=headers).status_code == 200
     finally:
         assert web.stop() == 0
-    web = Gunicorn()
+    store.kill()
+    assert CounterValue.objects.get(counter__name="total_games_played").value == 25
+    assert not CounterValue.objects.filter(counter__name="online_players").exists()
+
+    store.start()
+    web = Gunicorn(env={"TEST_REDIS_URL": store.url})
     try:
-        assert requests.get(f"{web.url}/api/v1/counter/total_games_played").json()["value"] == 25
+        assert requests.get(f"{web.url}/api/v1/counter/total_games_played").json()["value"] == 30
         assert requests.get(f"{web.url}/api/v1/counter/online_players").json()["value"] == 7
+        assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
+        assert requests.get(f"{web.url}/api/v1/counter/total_games_played").json()["value"] == 30
     finally:
         web.stop()
+        store.close()
+    assert CounterValue.objects.get(counter__name="total_games_played").value == 30
+    assert CounterValue.objects.get(counter__name="online_players").value == 7
 
 
 def test_a_wiped_redis_rehydrates_from_postgresql(builtins, make_key, private_redis):
@@ -148,21 +164,36 @@ def test_a_flusher_killed_mid_flush_applies_each_delta_exactly_once(client, writ
     assert client.get("/api/v1/counter/online_players").json()["value"] == 15
 
 
-def test_a_config_change_reaches_other_processes(builtins, make_key):
+def test_config_and_threshold_changes_reach_other_processes_at_the_production_interval(builtins, make_key):
     key = make_key(("write",))
     headers = {"Authorization": f"Bearer {key}"}
-    web = Gunicorn(workers=1)
+    # The tests' own processes check the config generation on every request; gunicorn here checks
+    # it once a second, as in production (counterproject/settings.py).
+    web = Gunicorn(workers=1, env={"COUNTER_CONFIG_CHECK_SECONDS": "1"})
     try:
         url = f"{web.url}/api/v1/counter/total_games_played/increment"
+        function = f"{web.url}/api/v1/functions/increaseCounter"
+        body = {"appId": "default", "counterType": "daily", "counterId": "total_games_played"}
         assert requests.post(url, json={"value": 5}, headers=headers).status_code == 200
-        Counter.objects.filter(name="total_games_played").update(max_value=6)
-        Counter.objects.get(name="total_games_played").save()  # signals bump the config generation
+        assert requests.post(function, json=body, headers=headers).json()["data"]["thresholds"] == []
+        counter = Counter.objects.get(name="total_games_played")
+        Threshold.objects.create(counter=counter, value=100)  # the receiver bumps the config generation
+
+        def listed() -> bool:
+            data = requests.post(function, json=body, headers=headers).json()["data"]
+            return [t["value"] for t in data["thresholds"]] == [100]
+
+        wait_until(listed, timeout=30, what="the new threshold to apply in gunicorn")
+        counter.max_value = 1000
+        counter.save()
 
         def refused() -> bool:
-            return requests.post(url, json={"value": 2}, headers=headers).status_code == 409
+            return requests.post(url, json={"value": 2000}, headers=headers).status_code == 409
 
-        wait_until(refused, timeout=10, what="the new max_value to apply in gunicorn")
-        assert requests.get(f"{web.url}/api/v1/counter/total_games_played").json()["value"] == 5
+        wait_until(refused, timeout=30, what="the new max_value to apply in gunicorn")
+        value = requests.get(f"{web.url}/api/v1/counter/total_games_played").json()["value"]
+        assert requests.post(url, json={"value": 1000}, headers=headers).status_code == 409
+        assert requests.get(f"{web.url}/api/v1/counter/total_games_played").json()["value"] == value
     finally:
         web.stop()
 

@@ -1,4 +1,8 @@
-"""Thresholds on the hot path: once per period, re-arm, cooldown, a new period, and the managers' API."""
+"""Thresholds on the hot path: once per period, re-arm, cooldown, a new period, and the managers' API.
+
+Nothing here clears the config cache by hand: every threshold or counter saved reaches the hot
+path through the config-change receiver (counters/signals.py), as it does in production.
+"""
 
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -8,8 +12,10 @@ import requests
 import time_machine
 
 from counters import config, selectors
+from counters.errors import OutOfLimits
 from counters.flush import counters_flush
-from counters.models import App, Counter, Threshold, ThresholdEvent
+from counters.models import App, Counter, CounterValue, Threshold, ThresholdEvent, WrittenThroughValue
+from counters.redis_store import breaker
 from counters.services import counter_update
 
 from .http import post
@@ -18,7 +24,6 @@ DAY_1 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
 
 def bump(name: str, amount: int = 1):
-    config.cache.invalidate()
     counter = selectors.counter_get(app_id=App.objects.get(slug="default").id, name=name)
     return counter_update(counter=counter, amount=amount)
 
@@ -121,11 +126,26 @@ class TestHotPath:
     def test_user_counters_fire_per_player(self, make_counter, builtins):
         counter = make_counter(scope="user")
         threshold = Threshold.objects.create(counter_id=counter.id, value=2)
-        config.cache.invalidate()
         cfg = selectors.counter_get(app_id=counter.app_id, name="boss_kills")
         for player in ("p1", "p2", "p1", "p2", "p1"):
             counter_update(counter=cfg, amount=1, subject=player)
         assert sorted(e.subject for e in events_of(threshold)) == ["p1", "p2"]
+
+    def test_config_saved_after_the_hot_path_loaded_it_applies_to_the_next_update(self, make_counter, builtins):
+        counter = make_counter()
+        threshold = Threshold.objects.create(counter_id=counter.id, value=100)
+        assert bump("boss_kills", 5).crossed == ()  # the config snapshot is loaded now
+        threshold.value = 7
+        threshold.save()
+        assert bump("boss_kills", 2).crossed == (threshold.id,)
+        added = Threshold.objects.create(counter_id=counter.id, value=9)
+        assert bump("boss_kills", 2).crossed == (added.id,)
+        added.delete()
+        row = Counter.objects.get(pk=counter.id)
+        row.max_value = 10
+        row.save()
+        with pytest.raises(OutOfLimits):
+            bump("boss_kills", 2)
 
     def test_disabled_thresholds_never_fire(self, make_counter, builtins):
         counter = make_counter()
@@ -270,18 +290,15 @@ def test_a_wiped_redis_does_not_break_the_cooldown(make_counter, builtins, store
 
 
 @pytest.mark.django_db
-def test_writes_through_postgresql_follow_the_same_threshold_rules(make_counter, builtins, settings):
-    from counters.redis_store import breaker
-
+def test_writes_through_postgresql_follow_the_same_threshold_rules(make_counter, builtins, private_redis, settings):
+    settings.CACHES = {**settings.CACHES, "default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
     settings.COUNTER_REDIS_DOWN_WRITES = "write_through"
     counter = make_counter()
     once = Threshold.objects.create(counter_id=counter.id, value=3)
     cooling = Threshold.objects.create(counter_id=counter.id, value=4, rearm=True, cooldown_seconds=60)
-    config.cache.get()
+    config.cache.get()  # loaded while Redis is up; the snapshot serves through the outage
+    private_redis.kill()
     with time_machine.travel(DAY_1, tick=False) as clock:
-        for _ in range(settings.REDIS_BREAKER_THRESHOLD):
-            breaker.record_failure()
-        assert breaker.is_open
         assert sorted(bump_cached("boss_kills", 4).crossed) == sorted([once.id, cooling.id])
         clock.shift(10)
         bump_cached("boss_kills", -2)
@@ -289,6 +306,9 @@ def test_writes_through_postgresql_follow_the_same_threshold_rules(make_counter,
         clock.shift(60)
         bump_cached("boss_kills", -2)
         assert bump_cached("boss_kills", 2).crossed == (cooling.id,)
+    assert breaker.is_open  # the real failures opened it; every update above went to PostgreSQL
+    assert WrittenThroughValue.objects.filter(counter_id=counter.id).exists()
+    assert CounterValue.objects.get(counter_id=counter.id).value == 4
     assert ThresholdEvent.objects.filter(threshold=once).count() == 1
     assert ThresholdEvent.objects.filter(threshold=cooling).count() == 2
 
