@@ -4,8 +4,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from counters import selectors, services
+from counters.api_errors import READ_ONLY_RETRY_AFTER_SECONDS
 from counters.auth import checked_name, request_app_id, request_key
 from counters.clock import iso_utc
+from counters.errors import ServiceReadOnly
 from counters.permissions import check_manage, check_read
 
 from .selectors import period_history_get
@@ -87,4 +89,7 @@ class CounterBatchResetView(APIView):
             results.append(entry)
         failed = [o.error for o in outcomes if o.error is not None]
         body = {"success": not failed, "reason": data.validated_data["reason"], "results": results}
-        return Response(body, status=failed[0].status if failed else 200)
+        # Read-only like any other write while the store is down: the client is told when to retry.
+        read_only = any(isinstance(error, ServiceReadOnly) for error in failed)
+        headers = {"Retry-After": str(READ_ONLY_RETRY_AFTER_SECONDS)} if read_only else None
+        return Response(body, status=failed[0].status if failed else 200, headers=headers)
