@@ -7,6 +7,8 @@ The real worker (backoff, timeouts, a hanging receiver) is in ``test_alerts_work
 import hashlib
 import hmac
 import logging
+import socketserver
+import threading
 import time
 from datetime import timedelta
 
@@ -346,3 +348,63 @@ def test_operators_configure_channels_in_the_admin(threshold, admin_client):
     assert Channel.objects.get().secret == "k"
     for page in ("/admin/alerts/channel/", "/admin/alerts/delivery/", "/admin/alerts/message/"):
         assert admin_client.get(page).status_code == 200
+
+
+def test_a_redirect_is_a_failed_attempt_and_is_never_followed(threshold, settings, django_capture_on_commit_callbacks):
+    settings.ALERTS_MAX_ATTEMPTS = 2
+    receiver = Receiver(statuses=[302, 302])
+    try:
+        channel(threshold, "webhook", url=f"{receiver.url}/hook", secret="k")
+        cross(threshold, django_capture_on_commit_callbacks)
+    finally:
+        receiver.close()
+    delivery = Delivery.objects.get()
+    assert (delivery.status, delivery.attempts) == ("failed", 2)
+    assert [a.status_code for a in delivery.attempt_log.all()] == [302, 302]
+    assert [r.path for r in receiver.received] == ["/hook", "/hook"]  # the POSTs only: nothing followed
+
+
+def test_a_duplicated_task_message_sends_once(threshold, receiver, django_capture_on_commit_callbacks):
+    from alerts.tasks import deliver
+
+    channel(threshold, "webhook", url=receiver.url, secret="k")
+    cross(threshold, django_capture_on_commit_callbacks)
+    delivery = Delivery.objects.get()
+    deliver.delay(delivery.id)  # the broker delivered the same message again
+    deliver.apply(args=[delivery.id])
+    assert len(receiver.received) == 1
+    assert DeliveryAttempt.objects.count() == 1 and Delivery.objects.get().status == "sent"
+
+
+class RefusingSmtp(socketserver.ThreadingTCPServer):
+    """An SMTP server that greets with 554: it takes no mail."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                self.wfile.write(b"554 5.3.2 not accepting mail\r\n")
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+def test_an_smtp_server_that_refuses_is_a_failed_attempt_retried_to_the_cap(
+    threshold, settings, django_capture_on_commit_callbacks
+):
+    server = RefusingSmtp()
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", server.server_address[1], 10
+    settings.ALERTS_MAX_ATTEMPTS = 3
+    try:
+        channel(threshold, "email", recipients="ops@example.com")
+        cross(threshold, django_capture_on_commit_callbacks)
+    finally:
+        server.shutdown()
+        server.server_close()
+    delivery = Delivery.objects.get()
+    assert (delivery.status, delivery.attempts) == ("failed", 3)
+    assert all(not a.ok and "554" in a.error for a in delivery.attempt_log.all()), delivery.last_error
+    assert mail.outbox == []
