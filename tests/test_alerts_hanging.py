@@ -12,8 +12,8 @@ import requests
 from django.conf import settings
 
 from alerts.models import Channel, Delivery
+from counters.flush import counters_flush
 from counters.models import App, Counter, Threshold
-from counters.services import counters_flush
 
 from .alerts_receiver import Receiver
 from .processes import CeleryWorker, Gunicorn, wait_until

@@ -10,9 +10,9 @@ from django.test import override_settings
 
 from archive.models import ResetLog
 from counters import clock, keyspace
+from counters.flush import counters_flush
 from counters.models import App, Counter, CounterValue, WrittenThroughValue
 from counters.redis_store import breaker
-from counters.services import counters_flush
 
 from .http import post
 

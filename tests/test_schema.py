@@ -11,8 +11,8 @@ import pytest
 import yaml
 from openapi_spec_validator import validate
 
+from counters.flush import counters_flush
 from counters.models import App, Counter, Threshold
-from counters.services import counters_flush
 
 pytestmark = pytest.mark.usefixtures("midday")  # daily counters on a pinned clock
 
