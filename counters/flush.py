@@ -41,8 +41,17 @@ class FlushStats:
 def _crash_point(name: str) -> None:
     """Fault injection for tests: die here, as a kill -9 would, when COUNTER_TEST_CRASH_POINT names this point.
 
-    The crash tests set the variable in a flusher subprocess to prove a batch is applied exactly once
-    whichever side of the commit the process dies on; nothing else sets it.
+    Only the crash tests set the variable, in a flusher subprocess (tests/test_core_durability.py,
+    tests/test_flush_copy.py, tests/test_reliability_shutdown.py); in production it is never set and
+    this is one dictionary lookup. The points, in the order a flush passes them, each a moment where
+    a crash must still leave every delta applied exactly once:
+
+    - ``after_move``: pending deltas moved into batches, nothing applied yet;
+    - ``before_commit``: a batch written in the transaction, not committed (it rolls back);
+    - ``after_commit``: committed with its batch id, the batch not yet dropped from Redis (a re-run
+      finds the id recorded and only drops it);
+    - ``after_drop``: the batch dropped, its threshold events not yet handed to the alerts (the
+      alerts sweep delivers them).
     """
     if os.environ.get("COUNTER_TEST_CRASH_POINT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -300,6 +309,7 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
             (cid, _decode(b)) for cid, members in zip(ids, redis_call(move_and_list), strict=True) for b in members
         ]
         outstanding.sort(key=lambda item: item[1])
+        _crash_point("after_move")
         for cid, batch_id in outstanding:
             fields, log = redis_call(
                 lambda r, c=cid, b=batch_id: (
@@ -326,6 +336,7 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
                     client=r,
                 )
             )
+            _crash_point("after_drop")
             if event_ids:
                 threshold_crossed.send(sender=counters_flush, event_ids=event_ids)
     finally:

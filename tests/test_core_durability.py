@@ -10,9 +10,11 @@ import redis
 import requests
 from django.conf import settings
 
+from alerts.models import Channel, Delivery
+from alerts.services import deliveries_sweep
 from counters import keyspace
 from counters.flush import counters_flush
-from counters.models import Counter, CounterValue, Threshold, UniqueMember
+from counters.models import Counter, CounterValue, Threshold, ThresholdEvent, UniqueMember
 
 from .processes import ROOT, Gunicorn, PrivateRedis, service_env, wait_until
 
@@ -138,8 +140,21 @@ def test_a_wiped_redis_rehydrates_from_postgresql(builtins, make_key, private_re
     assert sorted(UniqueMember.objects.values_list("member", flat=True)) == ["a", "b", "c", "d"]
 
 
-@pytest.mark.parametrize("crash_point", ["after_commit", "before_commit"])
-def test_a_flusher_killed_mid_flush_applies_each_delta_exactly_once(client, writer, store, crash_point):
+# Every crash point of the flusher (counters/flush.py, _crash_point): what the killed flush left
+# in PostgreSQL, whether the first batch is still in Redis, whether its threshold event was recorded.
+CRASHES = {
+    "after_move": (None, True, False),
+    "before_commit": (None, True, False),
+    "after_commit": (12, True, True),
+    "after_drop": (12, False, True),
+}
+
+
+@pytest.mark.parametrize("crash_point", list(CRASHES))
+def test_a_flusher_killed_mid_flush_applies_each_delta_exactly_once(client, writer, store, settings, crash_point):
+    online = Counter.objects.get(name="online_players")
+    threshold = Threshold.objects.create(counter=online, value=10)
+    Channel.objects.create(threshold=threshold, kind="message")
     for _ in range(12):
         client.post("/api/v1/counter/online_players/increment", "{}", content_type="application/json", **writer)
     client.post(
@@ -148,20 +163,25 @@ def test_a_flusher_killed_mid_flush_applies_each_delta_exactly_once(client, writ
 
     crashed = flush_in_subprocess(COUNTER_TEST_CRASH_POINT=crash_point, COUNTER_FLUSH_LOCK_SECONDS="1")
     assert crashed.returncode == -signal.SIGKILL
-    counter = Counter.objects.get(name="online_players")
-    leftover = store.smembers(keyspace.batches_key(counter.id))
-    assert len(leftover) == 1  # the batch is still in Redis
-    applied = CounterValue.objects.filter(counter=counter).values_list("value", flat=True).first()
-    assert applied == (12 if crash_point == "after_commit" else None)
+    applied, batch_left, event_recorded = CRASHES[crash_point]
+    assert CounterValue.objects.filter(counter=online).values_list("value", flat=True).first() == applied
+    assert len(store.smembers(keyspace.batches_key(online.id))) == int(batch_left)
+    assert ThresholdEvent.objects.filter(threshold=threshold).exists() is event_recorded
+    assert not Delivery.objects.exists()  # the alerts were never handed over
 
     # More traffic arrives before the flusher comes back.
     client.post("/api/v1/counter/online_players/increment", '{"value": 3}', content_type="application/json", **writer)
     # The dead flusher's lock expires by itself; a restarted flusher then takes over.
-    wait_until(lambda: "flushed" in flush_in_subprocess().stdout, timeout=10, what="a flush after the lock expired")
-    assert CounterValue.objects.get(counter=counter).value == 15
+    wait_until(lambda: "flushed" in flush_in_subprocess().stdout, timeout=30, what="a flush after the lock expired")
+    assert CounterValue.objects.get(counter=online).value == 15
     assert CounterValue.objects.get(counter__name="daily_active_users").value == 1
-    assert store.smembers(keyspace.batches_key(counter.id)) == set()
+    assert store.smembers(keyspace.batches_key(online.id)) == set()
     assert client.get("/api/v1/counter/online_players").json()["value"] == 15
+    # One event, one delivery: handed over by the restarted flush, or (after_drop) by the sweep.
+    settings.ALERTS_SWEEP_GRACE_SECONDS = 0
+    deliveries_sweep()
+    assert ThresholdEvent.objects.filter(threshold=threshold).count() == 1
+    assert Delivery.objects.count() == 1
 
 
 def test_config_and_threshold_changes_reach_other_processes_at_the_production_interval(builtins, make_key):
