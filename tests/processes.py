@@ -102,6 +102,19 @@ def wait_until(predicate, *, timeout: float = 20.0, interval: float = 0.05, what
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def started_or_killed(process: subprocess.Popen, wait) -> None:
+    """Run ``wait`` (for a process to be ready); if it fails, kill the process group before raising, so
+    no server outlives a test that could not start it."""
+    try:
+        wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.kill()
+        process.wait(timeout=30)
+        raise
+
+
 class Gunicorn:
     """A gunicorn serving the project from the production config, on a free port."""
 
@@ -116,7 +129,7 @@ class Gunicorn:
         )
         # Start-up waits are generous: on a loaded machine importing Django alone can take seconds.
         healthy = lambda: requests.get(f"{self.url}/healthz", timeout=5).status_code == 200  # noqa: E731
-        wait_until(healthy, timeout=90, what="gunicorn")
+        started_or_killed(self.process, lambda: wait_until(healthy, timeout=90, what="gunicorn"))
 
     def output(self) -> str:
         return Path(self.log.name).read_text()
@@ -146,7 +159,9 @@ class CeleryWorker:
             stderr=self.log,
             start_new_session=True,
         )
-        wait_until(lambda: "ready." in self.output(), timeout=90, what="the celery worker")
+        started_or_killed(
+            self.process, lambda: wait_until(lambda: "ready." in self.output(), timeout=90, what="the celery worker")
+        )
 
     def output(self) -> str:
         return Path(self.log.name).read_text()
