@@ -75,6 +75,12 @@ class SubjectField(serializers.CharField):
 
 
 class MetadataField(serializers.Field):
+    def __init__(self, **kwargs):
+        # A size in bytes has no JSON Schema keyword: the schema says the limit in words.
+        limit = f"At most {settings.COUNTER_METADATA_MAX_BYTES} bytes as JSON (4001 otherwise)."
+        kwargs["help_text"] = f"{kwargs['help_text']} {limit}" if kwargs.get("help_text") else limit
+        super().__init__(**kwargs)
+
     def to_internal_value(self, data) -> dict:
         if not isinstance(data, dict):
             raise serializers.ValidationError(gettext("Must be a JSON object."))
