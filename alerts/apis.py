@@ -9,7 +9,7 @@ from counters import selectors as counter_selectors
 from counters.auth import checked_name, request_app_id, request_key
 from counters.models import NAME_PATTERN, ApiKey
 from counters.permissions import check_manage, require_role
-from counters.rest_errors import REST_ERRORS
+from counters.rest_errors import REST_ERRORS, RULE_THRESHOLD_COUNT, refused_by_rules
 
 from . import selectors, services
 from .serializers import (
@@ -66,7 +66,7 @@ def _managed_counter(request, name: str):
         description=MANAGE,
         parameters=[NAME],
         request=ThresholdInputSerializer,
-        responses={201: ThresholdReply, **REST_ERRORS},
+        responses={201: ThresholdReply, **REST_ERRORS, **refused_by_rules(RULE_THRESHOLD_COUNT)},
     ),
 )
 class ThresholdListView(APIView):

@@ -3,7 +3,7 @@ from rest_framework import serializers
 
 from counters import keyspace
 from counters.models import Threshold
-from counters.serializers import StrictIntegerField
+from counters.serializers import QuerySerializer, StrictIntegerField
 
 MAX_COOLDOWN_SECONDS = 366 * 86400
 
@@ -46,7 +46,7 @@ class ThresholdOutputSerializer(serializers.Serializer):
     rearm = serializers.BooleanField()
 
 
-class MessageQuerySerializer(serializers.Serializer):
+class MessageQuerySerializer(QuerySerializer):
     counter = serializers.RegexField(r"^[A-Za-z0-9_.:-]{1,64}$", required=False)
     limit = serializers.IntegerField(min_value=1, max_value=200, default=50)
 

@@ -16,7 +16,7 @@ from django.db.models import Q
 
 from counters import clock
 from counters.config import CounterConfig
-from counters.errors import CounterNotFound, InvalidParameter
+from counters.errors import CounterNotFound, RuleViolation
 from counters.models import Threshold, ThresholdEvent
 
 from .http import DELIVERY_HEADER, DeliveryError, post_json
@@ -60,7 +60,7 @@ def threshold_create(
 ) -> Threshold:
     # Every enabled threshold is checked inside the update script: keep that list short.
     if Threshold.objects.filter(counter_id=counter.id).count() >= settings.ALERTS_MAX_THRESHOLDS_PER_COUNTER:
-        raise InvalidParameter(
+        raise RuleViolation(
             f"Counter {counter.name!r} already has {settings.ALERTS_MAX_THRESHOLDS_PER_COUNTER} thresholds."
         )
     return Threshold.objects.create(

@@ -2,7 +2,6 @@
 
 from drf_spectacular.utils import (
     OpenApiExample,
-    OpenApiParameter,
     OpenApiResponse,
     PolymorphicProxySerializer,
     extend_schema,
@@ -10,11 +9,19 @@ from drf_spectacular.utils import (
 )
 from rest_framework import serializers
 
-from counters.rest_errors import REST_ERRORS, RestError
-from counters.schema import AUTH, NAME, USER_ID
+from counters.rest_errors import (
+    REST_ERRORS,
+    RULE_BOUNDS,
+    RULE_HAS_PERIOD,
+    RULE_ONCE_PER_BATCH,
+    RULE_PER_PLAYER,
+    RestError,
+    refused_by_rules,
+)
+from counters.schema import AUTH, NAME
 
 from .apis import CounterBatchResetView, CounterHistoryView
-from .serializers import MAX_HISTORY_DAYS, BatchResetInputSerializer
+from .serializers import BatchResetInputSerializer, HistoryQuerySerializer
 
 
 class CurrentPeriod(serializers.Serializer):
@@ -76,13 +83,9 @@ extend_schema_view(
         tags=["REST v1"],
         summary="History of a periodic counter",
         description="The current period and the closed ones of the last `days` days, newest first, from the "
-        f"archive. Counters without a period answer 400. Public counters need no key. {AUTH}",
-        parameters=[
-            NAME,
-            OpenApiParameter("days", int, description=f"1 to {MAX_HISTORY_DAYS}; default 7."),
-            USER_ID,
-        ],
-        responses={200: HistoryReply, **REST_ERRORS},
+        f"archive. Counters without a period answer 409 (code 4001). Public counters need no key. {AUTH}",
+        parameters=[NAME, HistoryQuerySerializer],
+        responses={200: HistoryReply, **REST_ERRORS, **refused_by_rules(RULE_HAS_PERIOD, RULE_PER_PLAYER)},
         examples=[
             OpenApiExample(
                 "two days",
@@ -126,7 +129,7 @@ extend_schema_view(
             200: BatchResetReply,
             **REST_ERRORS,
             400: _refused("4001: bad request or entry."),
-            409: _refused("4005: a reset value outside a counter's bounds."),
+            409: _refused(refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER, RULE_ONCE_PER_BATCH)[409].description),
             503: _refused("5003: the counter store is down."),
         },
         examples=[

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta
 
 from counters import clock, periods
 from counters.config import CounterConfig
-from counters.errors import InvalidParameter
+from counters.errors import RuleViolation
 from counters.selectors import ValueView, counter_value_get
 
 from .models import PeriodArchive
@@ -30,7 +30,7 @@ class CounterHistory:
 def period_history_get(*, counter: CounterConfig, subject: str = "", days: int = 7) -> CounterHistory:
     """The live period and the archived periods that ended within the last ``days`` days, newest first."""
     if counter.period == periods.NONE:
-        raise InvalidParameter(f"Counter {counter.name!r} never resets: it has no period history.")
+        raise RuleViolation(f"Counter {counter.name!r} never resets: it has no period history.")
     since = clock.now() - timedelta(days=days)
     rows = PeriodArchive.objects.filter(counter_id=counter.id, subject=subject, period_end__gt=since).order_by(
         "-period_start"

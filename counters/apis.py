@@ -11,7 +11,7 @@ from .api_errors import error_response
 from .auth import checked_name, request_app_id, request_key
 from .clock import iso_utc
 from .config import KeyConfig
-from .errors import AuthenticationRequired, CounterError, InvalidParameter
+from .errors import AuthenticationRequired, CounterError, InvalidParameter, RuleViolation
 from .permissions import check_manage, check_read, check_write
 from .redis_store import StoreUnavailable, breaker, redis_call
 from .rendering import json_response, request_json
@@ -82,7 +82,8 @@ class CounterViewSet(LeanDispatch, viewsets.ViewSet):
         key = request_key(request)
         counter = self._counter(request, name, key)
         check_read(key, counter)
-        subject = checked_user_id(request.GET.get("user_id")) if counter.is_user_scoped else ""
+        user_id = checked_user_id(request.GET.get("user_id"))
+        subject = user_id if counter.is_user_scoped else ""
         view = selectors.counter_value_get(counter=counter, subject=subject)
         return read_response(value_body(view), [view])
 
@@ -138,7 +139,7 @@ class CounterBatchView(LeanDispatch, APIView):
         for counter in counters:
             check_read(key, counter)
             if counter.is_user_scoped:
-                raise InvalidParameter(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
+                raise RuleViolation(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
         views = selectors.counter_values_get(items=[(c, "") for c in counters])
         return read_response({"counters": [{"name": v.counter.name, "value": v.value} for v in views]}, views)
 

@@ -24,6 +24,15 @@ class InvalidParameter(CounterError):
     default_message = _("Invalid parameter.")
 
 
+class RuleViolation(InvalidParameter):
+    """A well-formed request that a rule of the service refuses, a rule depending on the counter's
+    configuration or on several fields together (so the OpenAPI schema cannot state it). 409 rather
+    than 400: a client generated from the schema can tell "my request is malformed" from "this
+    counter does not allow it". Nothing is changed."""
+
+    status = 409
+
+
 class AuthenticationRequired(CounterError):
     code = 4003
     status = 401

@@ -14,7 +14,14 @@ from .functions import (
     StatsView,
     UnknownFunctionView,
 )
-from .rest_errors import REST_ERRORS
+from .rest_errors import (
+    REST_ERRORS,
+    RULE_BOUNDS,
+    RULE_PER_PLAYER,
+    RULE_STATS_RANGE,
+    RULE_UNIQUE_DECREMENT,
+    refused_by_rules,
+)
 
 COMMON_ERRORS = {
     400: OpenApiResponse(io.FunctionError, description="4001: bad parameter or invalid counter id."),
@@ -25,7 +32,7 @@ COMMON_ERRORS = {
     500: OpenApiResponse(io.FunctionError, description="5001: internal error (no details are leaked)."),
     503: OpenApiResponse(io.FunctionError, description="5003: the counter store is down; reads still work."),
 }
-OUT_OF_LIMITS = {409: OpenApiResponse(io.FunctionError, description="4005: out of limits; nothing changed.")}
+UPDATE_RULES = refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER, shape=io.FunctionError)
 AUTH_NOTE = (
     "Authenticate with `Authorization: Bearer <API key>` (or `X-API-Key`); getCounter also accepts "
     "`Authorization: Player <token>` for a player's own values, and no credentials for public counters."
@@ -73,7 +80,11 @@ extend_schema_view(
         summary="getCounter: a counter's current value",
         description=AUTH_NOTE,
         request=io.TargetSerializer,
-        responses={200: io.envelope("FnGetCounterReply", io.GetCounterData), **COMMON_ERRORS},
+        responses={
+            200: io.envelope("FnGetCounterReply", io.GetCounterData),
+            **COMMON_ERRORS,
+            **refused_by_rules(RULE_PER_PLAYER, shape=io.FunctionError),
+        },
         examples=_example(
             "daily counter",
             {"appId": "default", "counterType": "daily", "counterId": "total_games_played"},
@@ -103,7 +114,7 @@ extend_schema_view(
         summary="increaseCounter: add to a counter",
         description="Needs the `write` role (global counters: also `global_admin`). " + AUTH_NOTE,
         request=io.IncreaseSerializer,
-        responses={200: io.envelope("FnIncreaseReply", io.IncreaseData), **COMMON_ERRORS, **OUT_OF_LIMITS},
+        responses={200: io.envelope("FnIncreaseReply", io.IncreaseData), **COMMON_ERRORS, **UPDATE_RULES},
         examples=_example(
             "increment",
             {"appId": "default", "counterType": "daily", "counterId": "total_games_played", "increment": 1},
@@ -134,7 +145,11 @@ extend_schema_view(
             "`counter_manage`. `reachedMinimum` is true when the new value is at (or below) the minimum. " + AUTH_NOTE
         ),
         request=io.DecreaseSerializer,
-        responses={200: io.envelope("FnDecreaseReply", io.DecreaseData), **COMMON_ERRORS, **OUT_OF_LIMITS},
+        responses={
+            200: io.envelope("FnDecreaseReply", io.DecreaseData),
+            **COMMON_ERRORS,
+            **refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER, RULE_UNIQUE_DECREMENT, shape=io.FunctionError),
+        },
         examples=_example(
             "decrement",
             {"appId": "default", "counterType": "user", "counterId": "energy_points", "playerId": "p1", "decrement": 1},
@@ -164,7 +179,7 @@ extend_schema_view(
             "before is kept in the reset log with the reason and operator. " + AUTH_NOTE
         ),
         request=io.ResetSerializer,
-        responses={200: io.envelope("FnResetReply", io.ResetData), **COMMON_ERRORS, **OUT_OF_LIMITS},
+        responses={200: io.envelope("FnResetReply", io.ResetData), **COMMON_ERRORS, **UPDATE_RULES},
         examples=_example(
             "reset",
             {"appId": "default", "counterType": "daily", "counterId": "total_games_played", "reason": "event over"},
@@ -190,7 +205,11 @@ extend_schema_view(
         summary="getCounterStats: summary, per-counter list, time series and top counters",
         description=STATS_DESCRIPTION,
         request=io.StatsSerializer,
-        responses={200: io.envelope("FnStatsReply", io.StatsData), **COMMON_ERRORS},
+        responses={
+            200: io.envelope("FnStatsReply", io.StatsData),
+            **COMMON_ERRORS,
+            **refused_by_rules(RULE_STATS_RANGE, shape=io.FunctionError),
+        },
         examples=_example(
             "last week by day", {"appId": "default", "groupBy": "day"}, _ok("Query succeeded", STATS_EXAMPLE)
         ),
@@ -206,7 +225,7 @@ extend_schema_view(
         summary="Statistics (REST twin of getCounterStats)",
         description=STATS_DESCRIPTION + " Answers the `data` object of getCounterStats, without the envelope.",
         parameters=[io.StatsQuerySerializer],
-        responses={200: io.StatsData, **REST_ERRORS},
+        responses={200: io.StatsData, **REST_ERRORS, **refused_by_rules(RULE_STATS_RANGE)},
         examples=[OpenApiExample("last week by day", value=STATS_EXAMPLE, response_only=True)],
     )
 )(StatsView)

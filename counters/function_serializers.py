@@ -1,11 +1,21 @@
 """Input and output shapes of the cloud functions: parsing here, documented in the schema."""
 
+import re
+from datetime import date, datetime
+
 from django.utils.translation import gettext_lazy as _
 from rest_framework import serializers
 
 from . import keyspace
 from .models import NAME_PATTERN
-from .serializers import MetadataField, StrictIntegerField, SubjectField
+from .serializers import (
+    MetadataField,
+    QuerySerializer,
+    StrictCharField,
+    StrictIntegerField,
+    StrictRegexField,
+    SubjectField,
+)
 
 COUNTER_TYPES = ["global", "app", "user", "daily", "weekly"]
 GROUP_BY = ["hour", "day", "week"]
@@ -21,10 +31,14 @@ class StrictBooleanField(serializers.BooleanField):
 
 
 class TargetSerializer(serializers.Serializer):
-    appId = serializers.RegexField(NAME_PATTERN, help_text="The app of the API key (its slug).")
+    appId = StrictRegexField(NAME_PATTERN, help_text="The app of the API key (its slug).")
     counterType = serializers.ChoiceField(COUNTER_TYPES)
-    counterId = serializers.RegexField(NAME_PATTERN, help_text="The counter's name.")
-    playerId = SubjectField(required=False, help_text="Required for user counters, refused for the others.")
+    counterId = StrictRegexField(NAME_PATTERN, help_text="The counter's name.")
+    playerId = SubjectField(
+        required=False,
+        help_text="Required for user counters (409 without it). On a unique-member counter (daily_active_users) "
+        "it is the member counted once per period; other counters ignore it.",
+    )
 
 
 class IncreaseSerializer(TargetSerializer):
@@ -44,26 +58,57 @@ class DecreaseSerializer(TargetSerializer):
 
 class ResetSerializer(TargetSerializer):
     resetValue = StrictIntegerField(min_value=-keyspace.MAX_SAFE_VALUE, required=False)
-    reason = serializers.CharField(max_length=500, trim_whitespace=True)
-    operatorId = serializers.CharField(
+    reason = StrictCharField(max_length=500, trim_whitespace=True)
+    operatorId = StrictCharField(
         max_length=100, required=False, help_text="Who asked for the reset (kept in the reset log with the key)."
     )
 
 
+_RFC3339_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_RFC3339_DATE_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _rfc3339_parse(raw: str) -> date | datetime | None:
+    try:
+        if _RFC3339_DATE.match(raw):
+            return date.fromisoformat(raw)
+        parts = _RFC3339_DATE_TIME.match(raw)
+        if parts is None:
+            return None
+        day, clock_time, fraction, offset = parts.groups()
+        offset = "+00:00" if offset in ("Z", "z") else offset
+        # Python keeps microseconds: further digits of the fraction are dropped.
+        return datetime.fromisoformat(f"{day}T{clock_time}{(fraction or '')[:7]}{offset}")
+    except ValueError:
+        return None
+
+
+class StatsDateField(serializers.Field):
+    """A date (``YYYY-MM-DD``: a whole day in the app's time zone) or a date and time with its offset:
+    exactly the OpenAPI formats ``date`` and ``date-time`` (RFC 3339), as a ``date`` or an aware ``datetime``."""
+
+    def to_internal_value(self, data) -> date | datetime:
+        moment = _rfc3339_parse(data) if isinstance(data, str) else None
+        if moment is None:
+            raise serializers.ValidationError(_("Use YYYY-MM-DD or a date and time with its offset (RFC 3339)."))
+        return moment
+
+    def to_representation(self, value) -> str:
+        return value.isoformat()
+
+
 class StatsSerializer(serializers.Serializer):
-    appId = serializers.RegexField(NAME_PATTERN)
+    appId = StrictRegexField(NAME_PATTERN)
     counterType = serializers.ChoiceField(COUNTER_TYPES, required=False)
-    startDate = serializers.CharField(
-        required=False, max_length=40, help_text="YYYY-MM-DD (app's time zone) or ISO 8601; default: 7 days ago."
+    startDate = StatsDateField(
+        required=False, help_text="A date (in the app's time zone) or date-time; default: 7 days ago."
     )
-    endDate = serializers.CharField(
-        required=False, max_length=40, help_text="YYYY-MM-DD (inclusive) or ISO 8601; default: now."
-    )
+    endDate = StatsDateField(required=False, help_text="A date (that whole day included) or date-time; default: now.")
     groupBy = serializers.ChoiceField(GROUP_BY, default="day")
 
 
-class StatsQuerySerializer(StatsSerializer):
-    appId = serializers.RegexField(NAME_PATTERN, required=False, help_text="Default: the API key's app.")
+class StatsQuerySerializer(QuerySerializer, StatsSerializer):
+    appId = StrictRegexField(NAME_PATTERN, required=False, help_text="Default: the API key's app.")
 
 
 # --- replies (schema and examples only: the views build plain dicts) ---------------------------

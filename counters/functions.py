@@ -19,7 +19,7 @@ from . import function_serializers as io
 from .auth import Caller, request_caller, request_key
 from .clock import iso_ms
 from .config import CounterConfig
-from .errors import CounterNotFound, Forbidden, InvalidParameter
+from .errors import CounterNotFound, Forbidden, RuleViolation
 from .permissions import Role, check_data_view, check_manage, check_read, check_write, require_role
 from .player_tokens import player_token_issue
 
@@ -47,7 +47,7 @@ def _subject(counter: CounterConfig, player_id: str) -> str:
     if not counter.is_user_scoped:
         return ""
     if not player_id:
-        raise InvalidParameter(_("playerId is required for user counters."))
+        raise RuleViolation(_("playerId is required for user counters."))
     return player_id
 
 

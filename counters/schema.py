@@ -1,14 +1,32 @@
 """OpenAPI (drf-spectacular) descriptions of what the views cannot say themselves: the project's own
 serializer fields and the REST v1 views (documented here so that their module stays about behaviour)."""
 
-from drf_spectacular.extensions import OpenApiSerializerFieldExtension
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.extensions import OpenApiSerializerExtension, OpenApiSerializerFieldExtension
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import serializers
 
 from .apis import CounterBatchUpdateView, CounterBatchView, CounterViewSet
 from .keyspace import MAX_SAFE_VALUE
-from .rest_errors import REST_ERRORS, RestError, RestErrorDetail
-from .serializers import BATCH_UPDATE_LIMIT, SUBJECT_PATTERN, ResetInputSerializer, UpdateInputSerializer
+from .rest_errors import (
+    REST_ERRORS,
+    RULE_BATCH_READ,
+    RULE_BOUNDS,
+    RULE_PER_PLAYER,
+    RULE_UNIQUE_DECREMENT,
+    RestErrorDetail,
+    refused_by_rules,
+)
+from .serializers import (
+    BATCH_UPDATE_LIMIT,
+    SUBJECT_PATTERN,
+    MetadataField,
+    ResetInputSerializer,
+    SubjectField,
+    UpdateInputSerializer,
+)
+
+NO_NUL = r"^[^\u0000]*$"
+NOT_BLANK_NO_NUL = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
 
 
 class StrictIntegerFieldSchema(OpenApiSerializerFieldExtension):
@@ -23,6 +41,48 @@ class MetadataFieldSchema(OpenApiSerializerFieldExtension):
 
     def map_serializer_field(self, auto_schema, direction):
         return {"type": "object", "additionalProperties": True}
+
+
+class StrictCharFieldSchema(OpenApiSerializerFieldExtension):
+    """Text without NUL characters (DRF refuses them) and, unless blank is allowed, with something
+    besides white space (DRF trims it before checking)."""
+
+    target_class = "counters.serializers.StrictCharField"
+
+    def map_serializer_field(self, auto_schema, direction):
+        schema = auto_schema._map_serializer_field(self.target, direction, bypass_extensions=True)
+        # drf-spectacular says "blank allowed" as oneOf(the string, an empty string): "" matches both,
+        # so oneOf would refuse it. The pattern below says it alone.
+        schema = schema["oneOf"][0] if "oneOf" in schema else schema
+        blank_ok = self.target.allow_blank or not self.target.trim_whitespace
+        schema["pattern"] = NO_NUL if blank_ok else NOT_BLANK_NO_NUL
+        return schema
+
+
+class StatsDateFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "counters.function_serializers.StatsDateField"
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
+
+
+class ListSerializerSchema(OpenApiSerializerFieldExtension):
+    """A nested list's item limits (``allow_empty``, ``min_length``, ``max_length``), which
+    drf-spectacular leaves out of the schema although the server enforces them."""
+
+    target_class = "rest_framework.serializers.ListSerializer"
+    match_subclasses = True
+
+    def map_serializer_field(self, auto_schema, direction):
+        schema = auto_schema._map_serializer_field(self.target, direction, bypass_extensions=True)
+        if direction != "request":
+            return schema
+        fewest = max(self.target.min_length or 0, 0 if self.target.allow_empty else 1)
+        if fewest:
+            schema["minItems"] = fewest
+        if self.target.max_length is not None:
+            schema["maxItems"] = self.target.max_length
+        return schema
 
 
 class SubjectFieldSchema(OpenApiSerializerFieldExtension):
@@ -61,18 +121,17 @@ class BatchReply(serializers.Serializer):
 NAME = OpenApiParameter("name", str, OpenApiParameter.PATH, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 USER_ID = OpenApiParameter("user_id", str, description="The player (user counters).", pattern=SUBJECT_PATTERN.pattern)
 APP = OpenApiParameter("app", str, description="App slug for anonymous reads of public counters (default app).")
-CONFLICT = {409: OpenApiResponse(RestError, description="4005: out of limits; nothing changed.")}
 AUTH = "Authenticate with `Authorization: Bearer <API key>` or `X-API-Key`."
 
 
-def _update(verb: str, example_value: int):
+def _update(verb: str, example_value: int, *rules: str):
     return extend_schema(
         tags=["REST v1"],
         summary=f"{verb.capitalize()} a counter",
         description=f"Needs the `write` role (global counters: also `global_admin`). {AUTH}",
         parameters=[NAME],
         request=UpdateInputSerializer,
-        responses={200: UpdateReply, **REST_ERRORS, **CONFLICT},
+        responses={200: UpdateReply, **REST_ERRORS, **refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER, *rules)},
         examples=[
             OpenApiExample(verb, value={"value": 1, "user_id": "u123456", "metadata": {}}, request_only=True),
             OpenApiExample(verb, value={"success": True, "current_value": example_value}, response_only=True),
@@ -87,7 +146,7 @@ for method, annotation in dict(
         summary="Read a counter",
         description=f"Public counters need no key; private ones a key of their app. {AUTH}",
         parameters=[NAME, USER_ID, APP],
-        responses={200: ValueReply, **REST_ERRORS},
+        responses={200: ValueReply, **REST_ERRORS, **refused_by_rules(RULE_PER_PLAYER)},
         examples=[
             OpenApiExample(
                 "online_players",
@@ -97,14 +156,14 @@ for method, annotation in dict(
         ],
     ),
     increment=_update("increment", 12345),
-    decrement=_update("decrement", 12344),
+    decrement=_update("decrement", 12344, RULE_UNIQUE_DECREMENT),
     reset=extend_schema(
         tags=["REST v1"],
         summary="Reset a counter (administrator only)",
         description="Needs `counter_manage`; the key may also be given as `admin_token` in the body.",
         parameters=[NAME],
         request=ResetInputSerializer,
-        responses={200: ResetReply, **REST_ERRORS, **CONFLICT},
+        responses={200: ResetReply, **REST_ERRORS, **refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER)},
         examples=[
             OpenApiExample("reset", value={"admin_token": "secret_token", "reason": "event over"}, request_only=True),
             OpenApiExample(
@@ -129,7 +188,7 @@ extend_schema_view(
             ),
             APP,
         ],
-        responses={200: BatchReply, **REST_ERRORS},
+        responses={200: BatchReply, **REST_ERRORS, **refused_by_rules(RULE_BATCH_READ)},
         examples=[
             OpenApiExample(
                 "two counters",
@@ -146,15 +205,28 @@ extend_schema_view(
 )(CounterBatchView)
 
 
-class BatchUpdateInputItem(serializers.Serializer):
+# An object whose unknown fields the server refuses (``batch_updates_parse``): the schema says so.
+class ClosedSerializer(serializers.Serializer):
+    pass
+
+
+class ClosedSerializerSchema(OpenApiSerializerExtension):
+    target_class = ClosedSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema, direction):
+        return {**auto_schema._map_basic_serializer(self.target, direction), "additionalProperties": False}
+
+
+class BatchUpdateInputItem(ClosedSerializer):
     name = serializers.RegexField(r"^[A-Za-z0-9_.:-]{1,64}$")
     op = serializers.ChoiceField(["increment", "decrement"], required=False, help_text="Default: increment.")
     value = serializers.IntegerField(min_value=1, max_value=MAX_SAFE_VALUE, required=False, help_text="Default: 1.")
-    user_id = serializers.RegexField(SUBJECT_PATTERN.pattern, required=False)
-    metadata = serializers.DictField(required=False)
+    user_id = SubjectField(required=False)
+    metadata = MetadataField(required=False)
 
 
-class BatchUpdateInput(serializers.Serializer):
+class BatchUpdateInput(ClosedSerializer):
     updates = BatchUpdateInputItem(many=True, min_length=1, max_length=BATCH_UPDATE_LIMIT)
 
 
@@ -177,6 +249,6 @@ extend_schema_view(
         description="The whole request is checked first (shape, names, permissions): any error refuses it all "
         "and changes nothing. Items then apply in order; a bounds refusal (4005) is reported per item. " + AUTH,
         request=BatchUpdateInput,
-        responses={200: BatchUpdateReply, **REST_ERRORS},
+        responses={200: BatchUpdateReply, **REST_ERRORS, **refused_by_rules(RULE_PER_PLAYER, RULE_UNIQUE_DECREMENT)},
     )
 )(CounterBatchUpdateView)

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import orjson
 from django.conf import settings
+from django.http import QueryDict
 from django.utils.translation import gettext, gettext_lazy
 from rest_framework import serializers
 
@@ -36,6 +37,34 @@ class StrictIntegerField(serializers.Field):
     default_error_messages = {"invalid": gettext_lazy("Must be an integer.")}
 
 
+class StringOnly:
+    """A JSON string only: DRF's text fields would otherwise turn 7 or 1.5 into "7" and "1.5",
+    accepting what the schema (``type: string``) forbids."""
+
+    def to_internal_value(self, data) -> str:
+        if not isinstance(data, str):
+            raise serializers.ValidationError(gettext("Must be a string."))
+        return super().to_internal_value(data)
+
+
+class StrictCharField(StringOnly, serializers.CharField):
+    pass
+
+
+class StrictRegexField(StringOnly, serializers.RegexField):
+    pass
+
+
+class QuerySerializer(serializers.Serializer):
+    """Query parameters read as given: ``?user_id=`` is an empty value, refused where the schema asks
+    for at least one character (DRF reads a QueryDict as an HTML form, where it means "absent")."""
+
+    def __init__(self, instance=None, data=serializers.empty, **kwargs):
+        if isinstance(data, QueryDict):
+            data = data.dict()
+        super().__init__(instance, data, **kwargs)
+
+
 class SubjectField(serializers.CharField):
     def to_internal_value(self, data) -> str:
         if not isinstance(data, str):
@@ -46,6 +75,12 @@ class SubjectField(serializers.CharField):
 
 
 class MetadataField(serializers.Field):
+    def __init__(self, **kwargs):
+        # A size in bytes has no JSON Schema keyword: the schema says the limit in words.
+        limit = f"At most {settings.COUNTER_METADATA_MAX_BYTES} bytes as JSON (4001 otherwise)."
+        kwargs["help_text"] = f"{kwargs['help_text']} {limit}" if kwargs.get("help_text") else limit
+        super().__init__(**kwargs)
+
     def to_internal_value(self, data) -> dict:
         if not isinstance(data, dict):
             raise serializers.ValidationError(gettext("Must be a JSON object."))
@@ -92,8 +127,8 @@ def update_input_parse(data) -> tuple[int, str, dict | None]:
 
 
 class ResetInputSerializer(serializers.Serializer):
-    admin_token = serializers.CharField(required=False, max_length=200)
-    reason = serializers.CharField(required=False, allow_blank=True, max_length=500, default="")
+    admin_token = StrictCharField(required=False, max_length=200)
+    reason = StrictCharField(required=False, allow_blank=True, max_length=500, default="")
     reset_value = StrictIntegerField(min_value=-keyspace.MAX_SAFE_VALUE, required=False)
     user_id = SubjectField(required=False)
 
@@ -130,10 +165,10 @@ def _batch_item(index: int, raw) -> BatchItem:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= keyspace.MAX_SAFE_VALUE:
         raise InvalidParameter(f"{where}.value: must be an integer from 1 to {keyspace.MAX_SAFE_VALUE}.")
     user_id = raw.get("user_id", "")
-    if user_id != "" and (not isinstance(user_id, str) or not SUBJECT_PATTERN.match(user_id)):
+    if "user_id" in raw and (not isinstance(user_id, str) or not SUBJECT_PATTERN.match(user_id)):
         raise InvalidParameter(f"{where}.user_id: use {SUBJECT_HELP}.")
     metadata = raw.get("metadata")
-    if metadata is not None:
+    if "metadata" in raw:
         try:
             metadata = MetadataField().to_internal_value(metadata)
         except serializers.ValidationError as exc:

@@ -14,7 +14,7 @@ from archive.models import ResetLog
 
 from . import clock, keyspace, periods
 from .config import CounterConfig
-from .errors import CounterError, CounterNotFound, InvalidParameter, OutOfLimits, ServiceReadOnly
+from .errors import CounterError, CounterNotFound, InvalidParameter, OutOfLimits, RuleViolation, ServiceReadOnly
 from .redis_store import StoreUnavailable, redis_call, scripts
 from .values import (
     ResetResult,
@@ -96,7 +96,7 @@ def _prepare_update(
     _check_live(counter, now)
     member = user_id if counter.unique_members else ""
     if member and amount < 0:
-        raise InvalidParameter(
+        raise RuleViolation(
             gettext("Counter '%(name)s' counts unique users: it cannot be decremented per user.")
             % {"name": counter.name}
         )
@@ -355,7 +355,7 @@ def counters_reset_batch(*, requests: list[ResetRequest], reason: str, operator:
     for request in requests:
         identity = (request.counter.id, request.subject)
         if identity in seen:
-            raise InvalidParameter(f"Counter {request.counter.name!r} appears twice in the batch.")
+            raise RuleViolation(f"Counter {request.counter.name!r} appears twice in the batch.")
         seen.add(identity)
         counter_reset_check(counter=request.counter, subject=request.subject, value=request.value)
     outcomes = []

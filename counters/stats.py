@@ -11,17 +11,17 @@ from datetime import date, datetime, time, timedelta
 
 from django.db.models import Max, Sum
 from django.db.models.functions import Trunc
-from django.utils.dateparse import parse_datetime
 from django.utils.translation import gettext as _
 
 from . import clock, periods, selectors
 from .config import GLOBAL_APP_SLUG, CounterConfig
 from .config import cache as config_cache
-from .errors import InvalidParameter
+from .errors import RuleViolation
 from .models import CounterValue, StatBucket
 
 DEFAULT_RANGE = timedelta(days=7)
 MAX_SLOTS = 1000
+FIRST_YEAR, LAST_YEAR = 1970, 9998
 TOP_COUNTERS = 10
 SLOT_UNITS = {"hour": "hour", "day": "day", "week": "week"}
 
@@ -34,32 +34,31 @@ class StatsRange:
     zone: zoneinfo.ZoneInfo
 
 
-def _parse_moment(raw: str, zone: zoneinfo.ZoneInfo, *, field: str, end: bool) -> datetime:
-    try:
-        day = date.fromisoformat(raw)
-    except ValueError:
-        day = None
-    if day is not None:
-        # A date is a whole local day: an end date includes that day.
-        return datetime.combine(day + timedelta(days=1) if end else day, time(0), tzinfo=zone)
-    try:
-        moment = parse_datetime(raw)
-    except ValueError:
-        moment = None
-    if moment is None:
-        raise InvalidParameter(_("%(field)s: use YYYY-MM-DD or an ISO 8601 date and time.") % {"field": field})
-    return moment if moment.tzinfo else moment.replace(tzinfo=zone)
+def _moment(value: date | datetime, zone: zoneinfo.ZoneInfo, *, field: str, end: bool) -> datetime:
+    # Years the arithmetic below (a day later, a week earlier, local time) cannot take past datetime's range.
+    if not FIRST_YEAR <= value.year <= LAST_YEAR:
+        raise RuleViolation(
+            _("%(field)s: use a date from %(first)d to %(last)d.")
+            % {"field": field, "first": FIRST_YEAR, "last": LAST_YEAR}
+        )
+    if isinstance(value, datetime):
+        return value
+    # A date is a whole local day: an end date includes that day.
+    return datetime.combine(value + timedelta(days=1) if end else value, time(0), tzinfo=zone)
 
 
-def stats_range(*, time_zone: str, start: str | None, end: str | None, group_by: str) -> StatsRange:
+def stats_range(
+    *, time_zone: str, start: date | datetime | None, end: date | datetime | None, group_by: str
+) -> StatsRange:
+    """The range of a statistics request; ``start`` and ``end`` as ``StatsDateField`` parses them."""
     zone = zoneinfo.ZoneInfo(time_zone)
-    end_at = _parse_moment(end, zone, field="endDate", end=True) if end else clock.now()
-    start_at = _parse_moment(start, zone, field="startDate", end=False) if start else end_at - DEFAULT_RANGE
+    end_at = _moment(end, zone, field="endDate", end=True) if end else clock.now()
+    start_at = _moment(start, zone, field="startDate", end=False) if start else end_at - DEFAULT_RANGE
     if start_at >= end_at:
-        raise InvalidParameter(_("startDate must be before endDate."))
+        raise RuleViolation(_("startDate must be before endDate."))
     slot = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(days=7)}[group_by]
     if (end_at - start_at) / slot > MAX_SLOTS:
-        raise InvalidParameter(
+        raise RuleViolation(
             _("At most %(max)d %(unit)s slots per request: narrow the dates or group by a longer unit.")
             % {"max": MAX_SLOTS, "unit": group_by}
         )

@@ -8,7 +8,7 @@ from django.utils.translation import gettext
 
 from . import clock, keyspace, periods
 from .config import CounterConfig
-from .errors import InvalidParameter, OutOfLimits
+from .errors import OutOfLimits, RuleViolation
 from .models import CounterValue, UniqueMember
 from .redis_store import redis_call, scripts
 
@@ -41,11 +41,11 @@ class ResetResult:
 
 def counter_check_subject(*, counter: CounterConfig, subject: str) -> None:
     if counter.is_user_scoped and not subject:
-        raise InvalidParameter(
+        raise RuleViolation(
             gettext("Counter '%(name)s' is per player: a player id is required.") % {"name": counter.name}
         )
     if subject and not counter.is_user_scoped:
-        raise InvalidParameter(
+        raise RuleViolation(
             gettext("Counter '%(name)s' is not per player: do not send a player id.") % {"name": counter.name}
         )
 

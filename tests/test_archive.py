@@ -229,7 +229,7 @@ def test_history_reads_closed_periods_from_the_archive(make_daily_counter, clien
         r = client.get(f"/api/v1/counter/history_games/history?{query}", **writer)
         assert (r.status_code, r.json()["error"]["code"]) == (status, code)
     r = client.get("/api/v1/counter/online_players/history", **writer)
-    assert r.status_code == 400 and "no period history" in r.json()["error"]["message"]
+    assert r.status_code == 409 and "no period history" in r.json()["error"]["message"]
     assert client.get("/api/v1/counter/history_games/history").status_code == 401
     assert client.get("/api/v1/counter/nope/history", **writer).status_code == 404
 
@@ -258,14 +258,14 @@ def test_batch_reset_validates_everything_before_changing_anything(
         ({"counters": good}, 400, 4001),
         ({"counters": good, "reason": ""}, 400, 4001),
         ({"counters": [], "reason": "x"}, 400, 4001),
-        ({"counters": [*good, {"name": "event_points"}], "reason": "x"}, 400, 4001),
+        ({"counters": [*good, {"name": "event_points"}], "reason": "x"}, 409, 4001),
         (
             {"counters": [*good, {"name": "event_points", "user_id": "p1", "reset_value": 101}], "reason": "x"},
             409,
             4005,
         ),
         ({"counters": [*good, {"name": "nope"}], "reason": "x"}, 404, 4004),
-        ({"counters": [*good, {"name": "total_games_played"}], "reason": "x"}, 400, 4001),
+        ({"counters": [*good, {"name": "total_games_played"}], "reason": "x"}, 409, 4001),
         ({"counters": [{"name": f"c{i}"} for i in range(51)], "reason": "x"}, 400, 4001),
     ]
     for body, status, code in refused:
@@ -346,4 +346,4 @@ def test_history_of_a_user_counter_is_per_player(make_daily_counter, client, wri
     assert [h["value"] for h in client.get(f"{url}?user_id=p2", **writer).json()["history"]] == [5]
     assert client.get(f"{url}?user_id=p3", **writer).json()["history"] == []
     r = client.get(url, **writer)
-    assert r.status_code == 400 and r.json()["error"]["code"] == 4001
+    assert r.status_code == 409 and r.json()["error"]["code"] == 4001

@@ -96,9 +96,11 @@ BAD_BATCHES = [
     (
         "unique counter decremented",
         '{"updates": [{"name": "online_players"}, {"name": "daily_active_users", "op": "decrement", "user_id": "u"}]}',
-        400,
+        409,
         4001,
     ),
+    ("empty user id", '{"updates": [{"name": "online_players", "user_id": ""}]}', 400, 4001),
+    ("null metadata", '{"updates": [{"name": "online_players", "metadata": null}]}', 400, 4001),
 ]
 
 

@@ -210,7 +210,7 @@ class TestManagersApi:
         assert post(client, self.url, {"value": 1}, manager).status_code == 201
         assert post(client, self.url, {"value": 2}, manager).status_code == 201
         refused = post(client, self.url, {"value": 3}, manager)
-        assert refused.status_code == 400 and "already has 2" in refused.json()["error"]["message"]
+        assert refused.status_code == 409 and "already has 2" in refused.json()["error"]["message"]
 
     def test_unknown_threshold_is_4004(self, client, manager):
         response = client.delete(f"{self.url}/999999", **manager)
