@@ -411,7 +411,7 @@ def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
         pipe = r.pipeline(transaction=False)
         for group in groups:
             first = prepared[group[0]]
-            keys, args = list(first.keys), [len(first.keys), len(first.args), *first.args]
+            keys, args = list(first.keys), [len(first.keys), len(first.args), 0, 0, 0, *first.args]
             for i in group:
                 keys += own_keys(prepared[i].keys)
                 args += own_args(prepared[i].args)
