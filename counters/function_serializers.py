@@ -8,7 +8,7 @@ from . import keyspace
 from .models import NAME_PATTERN
 from .serializers import MetadataField, StrictIntegerField, SubjectField
 
-COUNTER_TYPES = ["global", "app", "user", "daily", "weekly"]
+COUNTER_TYPES = ["global", "app", "user", "daily", "weekly", "monthly"]
 GROUP_BY = ["hour", "day", "week"]
 
 
@@ -140,8 +140,11 @@ class StatsCounterOut(serializers.Serializer):
 
 class StatsPointOut(serializers.Serializer):
     time = serializers.DateTimeField()
-    value = serializers.IntegerField(help_text="Net change of the selected counters in this slot.")
-    operations = serializers.IntegerField()
+    value = serializers.IntegerField(
+        help_text="Level of the selected counters (the sum of their values) at the end of this slot, as the "
+        "seed's example shows; per-player counters are not part of it."
+    )
+    operations = serializers.IntegerField(help_text="Operations of the selected counters in this slot.")
 
 
 class StatsTopOut(serializers.Serializer):

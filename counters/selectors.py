@@ -217,14 +217,14 @@ def counter_type_of(counter: CounterConfig) -> str:
     """The cloud functions' ``counterType`` of a counter: its scope, or its period for periodic app counters."""
     if counter.scope != "app":
         return counter.scope
-    return counter.period if counter.period in (periods.DAILY, periods.WEEKLY) else "app"
+    return counter.period if counter.period in (periods.DAILY, periods.WEEKLY, periods.MONTHLY) else "app"
 
 
 def counter_get_typed(*, app_id: int, counter_type: str, name: str) -> CounterConfig:
     """A counter by the cloud functions' ``(counterType, counterId)``.
 
     ``global`` names a counter of the global app; every other type a counter of the caller's app.
-    ``app`` matches any app counter, ``daily`` / ``weekly`` only an app counter with that period,
+    ``app`` matches any app counter, ``daily`` / ``weekly`` / ``monthly`` only an app counter with that period,
     ``user`` a per-player counter. A type that does not match is "not found" (4004), like an
     unknown name: a (type, id) pair names a counter or nothing.
     """

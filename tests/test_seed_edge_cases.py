@@ -1,0 +1,73 @@
+"""The seed's edge cases found by trying the service as a new user would (issue 14, item 3)."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import time_machine
+
+from counters.models import App, Counter
+from counters.services import counters_flush
+
+pytestmark = pytest.mark.django_db
+
+TEN = datetime(2023, 10, 1, 10, 0, tzinfo=UTC)
+
+
+def call(client, name: str, body: dict, key: str, **headers):
+    return client.post(
+        f"/api/v1/functions/{name}", json.dumps(body), "application/json", HTTP_AUTHORIZATION=f"Bearer {key}", **headers
+    )
+
+
+@pytest.fixture
+def game(builtins, make_key):
+    app = App.objects.create(slug="game", name="Game")
+    Counter.objects.create(app=app, name="season_games", period="monthly")
+    Counter.objects.create(app=app, name="score")
+    return {
+        "write": make_key(("write", "counter_manage"), app="game"),
+        "view": make_key(("data_view", "write"), app="game"),
+    }
+
+
+def test_counter_type_monthly_names_a_monthly_counter(client, game):
+    target = {"appId": "game", "counterType": "monthly", "counterId": "season_games"}
+    with time_machine.travel(TEN + timedelta(days=3), tick=False):
+        reply = call(client, "increaseCounter", {**target, "increment": 3}, game["write"])
+        assert reply.status_code == 200, reply.content
+        got = call(client, "getCounter", target, game["write"]).json()["data"]
+    assert got["currentValue"] == 3 and got["counterType"] == "monthly" and got["resetPeriod"] == "monthly"
+    assert got["lastResetTime"] == "2023-10-01T00:00:00.000Z" and got["nextResetTime"] == "2023-11-01T00:00:00.000Z"
+    # A type that does not match stays "not found", as for daily and weekly.
+    wrong = call(client, "getCounter", {**target, "counterType": "weekly"}, game["write"])
+    assert wrong.status_code == 404 and wrong.json()["code"] == 4004
+    stats = call(client, "getCounterStats", {"appId": "game", "counterType": "monthly"}, game["view"])
+    assert [c["counterId"] for c in stats.json()["data"]["counterList"]] == ["season_games"]
+
+
+def test_time_series_value_is_the_level_at_the_end_of_each_slot(client, game):
+    target = {"appId": "game", "counterType": "app", "counterId": "score"}
+    with time_machine.travel(TEN - timedelta(minutes=50), tick=False):
+        call(client, "increaseCounter", {**target, "increment": 1000}, game["write"])
+    with time_machine.travel(TEN + timedelta(minutes=20), tick=False):
+        call(client, "increaseCounter", {**target, "increment": 300}, game["write"])
+    with time_machine.travel(TEN + timedelta(minutes=40), tick=False):
+        call(client, "decreaseCounter", {**target, "decrement": 100}, game["write"])
+    with time_machine.travel(TEN + timedelta(hours=1, minutes=5), tick=False):
+        call(client, "increaseCounter", {**target, "increment": 51}, game["write"])
+    counters_flush()
+    body = {
+        "appId": "game",
+        "startDate": "2023-10-01T10:00:00Z",
+        "endDate": "2023-10-01T13:00:00Z",
+        "groupBy": "hour",
+    }
+    with time_machine.travel(TEN + timedelta(hours=3), tick=False):
+        data = call(client, "getCounterStats", body, game["view"]).json()["data"]
+    assert [(p["time"][11:16], p["value"], p["operations"]) for p in data["timeSeries"]] == [
+        ("10:00", 1200, 2),
+        ("11:00", 1251, 1),
+        ("12:00", 1251, 0),  # no update: the level stays
+    ]
+    assert {c["counterId"]: c["currentValue"] for c in data["counterList"]}["score"] == 1251
