@@ -13,6 +13,7 @@ from . import selectors, services
 from .api_errors import error_response
 from .config import KeyConfig
 from .errors import AuthenticationRequired, CounterError, CounterNotFound, InvalidParameter
+from .idempotency import META_HEADER, REPLAYED_HEADERS, Idempotency, request_fingerprint, request_idempotency
 from .models import NAME_PATTERN
 from .permissions import check_manage, check_read, check_write
 from .redis_store import StoreUnavailable, breaker, redis_call
@@ -130,6 +131,9 @@ class CounterViewSet(LeanDispatch, viewsets.ViewSet):
         counter = self._counter(request, checked_name(name), key)
         check_write(key, counter)
         value, user_id, metadata = update_input_parse(request_json(request))
+        idempotency = request_idempotency(
+            request, app_id=key.app_id, parts=update_fingerprint_parts(counter, sign * value, user_id, metadata)
+        )
         result = services.counter_update(
             counter=counter,
             amount=sign * value,
@@ -137,8 +141,10 @@ class CounterViewSet(LeanDispatch, viewsets.ViewSet):
             user_id=user_id,
             actor=key.prefix,
             metadata=metadata,
+            idempotency=idempotency,
         )
-        return json_response({"success": True, "current_value": result.new_value})
+        body = {"success": True, "current_value": result.new_value}
+        return json_response(body, headers=REPLAYED_HEADERS if result.replayed else None)
 
     @lean
     def increment(self, request, name: str) -> HttpResponse:
@@ -155,14 +161,18 @@ class CounterViewSet(LeanDispatch, viewsets.ViewSet):
         counter = self._counter(request, name, key)
         check_manage(key, counter)
         user_id = data.validated_data.get("user_id", "")
+        reset_value, reason = data.validated_data.get("reset_value"), data.validated_data["reason"]
+        parts = ("reset", counter.id, user_id, reset_value, reason)
         result = services.counter_reset(
             counter=counter,
             subject=user_id if counter.is_user_scoped else "",
-            value=data.validated_data.get("reset_value"),
-            reason=data.validated_data["reason"],
+            value=reset_value,
+            reason=reason,
             operator=f"api-key:{key.prefix}",
+            idempotency=request_idempotency(request, app_id=key.app_id, parts=parts),
         )
-        return Response({"success": True, "current_value": result.new_value, "previous_value": result.old_value})
+        body = {"success": True, "current_value": result.new_value, "previous_value": result.old_value}
+        return Response(body, headers=REPLAYED_HEADERS if result.replayed else None)
 
 
 class CounterBatchView(LeanDispatch, APIView):
@@ -188,6 +198,11 @@ class CounterBatchUpdateView(LeanDispatch, APIView):
     The whole request is checked first (shape, names, permissions: any error refuses it all and
     changes nothing); then every item applies in order in one Redis round trip. A bounds refusal
     (4005) is per item: the item changes nothing, the others apply.
+
+    Idempotency is per item: an item's ``id`` is its Idempotency-Key (checked and recorded in its
+    counter's script, so a batch stays one script per counter slot). A retried batch replays the
+    items that carry an id and applies the others; ``Idempotent-Replayed: true`` when every item
+    was replayed. The Idempotency-Key header is refused here (it would name the whole batch).
     """
 
     @lean
@@ -195,6 +210,10 @@ class CounterBatchUpdateView(LeanDispatch, APIView):
         key = request_key(request)
         if key is None:
             raise AuthenticationRequired()
+        if META_HEADER in request.META:
+            raise InvalidParameter(
+                'A batch takes an idempotency key per item (its "id"), not the Idempotency-Key header.'
+            )
         app_id = request_app_id(request, key)
         items = batch_updates_parse(request_json(request))
         counters = {}
@@ -208,10 +227,28 @@ class CounterBatchUpdateView(LeanDispatch, APIView):
                 except CounterError as exc:
                     raise type(exc)(f"updates[{index}]: {exc.message}") from exc
             subject = item.user_id if counter.is_user_scoped else ""
-            updates.append(services.UpdateRequest(counter, item.amount, subject, item.user_id, item.metadata))
+            idempotency = None
+            if item.id is not None:
+                parts = update_fingerprint_parts(counter, item.amount, item.user_id, item.metadata)
+                idempotency = Idempotency(item.id, key.app_id, request_fingerprint(*parts))
+            updates.append(
+                services.UpdateRequest(counter, item.amount, subject, item.user_id, item.metadata, idempotency)
+            )
         results = services.counter_update_many(updates=updates, actor=key.prefix)
         bodies = [batch_result_body(u.counter.name, r) for u, r in zip(updates, results, strict=True)]
-        return json_response({"success": True, "results": bodies})
+        replayed = all(_replayed(r) for r in results)
+        return json_response({"success": True, "results": bodies}, headers=REPLAYED_HEADERS if replayed else None)
+
+
+def _replayed(result: services.UpdateResult | CounterError) -> bool:
+    if isinstance(result, CounterError):
+        return bool(result.headers.get("Idempotent-Replayed"))
+    return result.replayed
+
+
+def update_fingerprint_parts(counter, amount: int, user_id: str, metadata: dict | None) -> tuple:
+    """What makes two REST updates (single or batch item) the same request for an Idempotency-Key."""
+    return ("update", counter.id, amount, user_id, metadata or None)
 
 
 def batch_result_body(name: str, result: services.UpdateResult | CounterError) -> dict:

@@ -5,6 +5,7 @@ from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
 
 from . import keyspace
+from .idempotency import KEY_HELP, KEY_PATTERN
 from .models import NAME_PATTERN
 from .serializers import MetadataField, StrictIntegerField, SubjectField
 
@@ -28,12 +29,31 @@ class TargetSerializer(serializers.Serializer):
     playerId = SubjectField(required=False, help_text="Required for user counters, refused for the others.")
 
 
-class IncreaseSerializer(TargetSerializer):
+class RequestIdField(serializers.CharField):
+    """The Idempotency-Key in the body (a JSON string only: a number is refused, not converted)."""
+
+    def to_internal_value(self, data) -> str:
+        if not isinstance(data, str) or not KEY_PATTERN.match(data):
+            raise serializers.ValidationError(_("Use %(help)s.") % {"help": KEY_HELP})
+        return data
+
+
+REQUEST_ID_HELP = (
+    "The write's Idempotency-Key (or send the Idempotency-Key header): a retry with the same one is "
+    "applied at most once and answers the first reply. See docs/idempotency.md."
+)
+
+
+class WriteSerializer(TargetSerializer):
+    requestId = RequestIdField(required=False, help_text=REQUEST_ID_HELP)
+
+
+class IncreaseSerializer(WriteSerializer):
     increment = StrictIntegerField(min_value=1, default=1)
     metadata = MetadataField(required=False, help_text="Kept with the operation (operation log); never executed.")
 
 
-class DecreaseSerializer(TargetSerializer):
+class DecreaseSerializer(WriteSerializer):
     decrement = StrictIntegerField(min_value=1, default=1)
     allowNegative = StrictBooleanField(
         default=False,
@@ -43,7 +63,7 @@ class DecreaseSerializer(TargetSerializer):
     metadata = MetadataField(required=False)
 
 
-class ResetSerializer(TargetSerializer):
+class ResetSerializer(WriteSerializer):
     resetValue = StrictIntegerField(min_value=-keyspace.MAX_SAFE_VALUE, required=False)
     reason = serializers.CharField(max_length=500, trim_whitespace=True)
     operatorId = serializers.CharField(

@@ -26,7 +26,15 @@ from archive.models import ResetLog
 from . import clock, keyspace, periods
 from .config import CounterConfig
 from .config import cache as config_cache
-from .errors import CounterError, CounterNotFound, InvalidParameter, OutOfLimits, ServiceReadOnly
+from .errors import (
+    CounterError,
+    CounterNotFound,
+    IdempotencyConflict,
+    InvalidParameter,
+    OutOfLimits,
+    ServiceReadOnly,
+)
+from .idempotency import REPLAYED_HEADERS, Idempotency
 from .models import Counter, CounterValue, FlushedBatch, UniqueMember, WrittenThroughValue
 from .redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
 
@@ -46,6 +54,8 @@ class UpdateResult:
     crossed: tuple[int, ...]
     threshold_marks: dict[int, datetime]
     updated_at: datetime
+    # Answered from the record of its Idempotency-Key: the first request's outcome, nothing changed.
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +67,7 @@ class ResetResult:
     reset_at: datetime
     reason: str
     operator: str
+    replayed: bool = False
 
 
 def _decode(value) -> str:
@@ -222,8 +233,26 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
     )
 
 
-def _run_update(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow, args: list) -> list:
-    keys = keyspace.update_keys(counter.id, window.key, subject)
+def _keyed_call(
+    counter: CounterConfig, keys: list[str], args: list, idempotency: Idempotency | None, ms: int
+) -> tuple[list[str], list]:
+    """The update script's keys and arguments with the record of an Idempotency-Key appended."""
+    if idempotency is None:
+        return keys, args
+    record = keyspace.idempotency_key(counter.id, idempotency.app_id, idempotency.key)
+    return [*keys, record], [*args, idempotency.fingerprint, idempotency.ttl_ms, ms]
+
+
+def _run_update(
+    *,
+    counter: CounterConfig,
+    subject: str,
+    window: periods.PeriodWindow,
+    args: list,
+    idempotency: Idempotency | None = None,
+    ms: int = 0,
+) -> list:
+    keys, args = _keyed_call(counter, keyspace.update_keys(counter.id, window.key, subject), args, idempotency, ms)
     for _ in range(3):
         result = redis_call(lambda r: scripts.update(keys=keys, args=args, client=r))
         if result[0] != b"HYDRATE":
@@ -247,6 +276,7 @@ class UpdateRequest:
     subject: str = ""
     user_id: str = ""
     metadata: dict | None = None
+    idempotency: Idempotency | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +290,7 @@ class _PreparedUpdate:
     high: int
     member: str
     log: str
+    idempotency: Idempotency | None = None
 
 
 def _prepare_update(
@@ -273,6 +304,7 @@ def _prepare_update(
     allow_negative: bool,
     now: datetime,
     window: periods.PeriodWindow | None = None,
+    idempotency: Idempotency | None = None,
 ) -> _PreparedUpdate:
     """Check an update and build the update script's keys and arguments (no I/O)."""
     if amount == 0 or abs(amount) > keyspace.MAX_SAFE_VALUE:
@@ -300,23 +332,39 @@ def _prepare_update(
     for t in counter.thresholds:
         args += [t.id, t.value, t.direction, t.cooldown_seconds * 1000, int(t.rearm)]
     keys = keyspace.update_keys(counter.id, window.key, subject)
-    return _PreparedUpdate(counter, subject, window, keys, args, low, high, member, log)
+    return _PreparedUpdate(counter, subject, window, keys, args, low, high, member, log, idempotency)
+
+
+def _replayed(result: list, now: datetime) -> tuple[list, datetime, bool]:
+    """The reply to read and its time: a keyed call's recorded reply, or the call's own; a 409 if
+    its key was used for another request."""
+    status = result[0]
+    if status == b"CONFLICT":
+        raise IdempotencyConflict()
+    if status == b"REPLAY":
+        at, reply = keyspace.idempotency_record_parse(result[1])
+        return reply, clock.from_ms(at), True
+    return result, now, False
 
 
 def _update_result(prepared: _PreparedUpdate, result: list, now: datetime) -> UpdateResult:
     """Read the update script's reply; a bounds refusal raises ``OutOfLimits``."""
     counter = prepared.counter
+    result, now, replayed = _replayed(result, now)
     status = result[0]
     old, new = int(result[1]), int(result[2])
+    headers = REPLAYED_HEADERS if replayed else None
     if status == b"MIN":
         raise OutOfLimits(
             gettext("Counter '%(name)s' is at %(old)d: going below %(low)d is not allowed.")
-            % {"name": counter.name, "old": old, "low": prepared.low}
+            % {"name": counter.name, "old": old, "low": prepared.low},
+            headers=headers,
         )
     if status == b"MAX":
         raise OutOfLimits(
             gettext("Counter '%(name)s' is at %(old)d: going above %(high)d is not allowed.")
-            % {"name": counter.name, "old": old, "high": prepared.high}
+            % {"name": counter.name, "old": old, "high": prepared.high},
+            headers=headers,
         )
     crossed: tuple[int, ...] = ()
     marks: dict[int, datetime] = {}
@@ -334,6 +382,7 @@ def _update_result(prepared: _PreparedUpdate, result: list, now: datetime) -> Up
         crossed=crossed,
         threshold_marks=marks,
         updated_at=now,
+        replayed=replayed,
     )
 
 
@@ -357,12 +406,15 @@ def counter_update(
     actor: str = "",
     metadata: dict | None = None,
     allow_negative: bool = False,
+    idempotency: Idempotency | None = None,
 ) -> UpdateResult:
     """Add ``amount`` (negative to decrement) to a counter in one Redis round trip.
 
     For unique-member counters ``user_id`` is counted once per period; a repeat changes nothing
     and reports the current value. Bounds are checked atomically: an update that would leave
-    them changes nothing and raises ``OutOfLimits``.
+    them changes nothing and raises ``OutOfLimits``. With an ``idempotency`` key the update is
+    applied at most once per key: a repeat answers the first outcome (``replayed``), another
+    request with the same key raises ``IdempotencyConflict``; both change nothing.
     """
     now = clock.now()
     prepared = _prepare_update(
@@ -374,12 +426,22 @@ def counter_update(
         metadata=metadata,
         allow_negative=allow_negative,
         now=now,
+        idempotency=idempotency,
     )
     try:
         store_reconcile_if_due()
-        result = _run_update(counter=counter, subject=subject, window=prepared.window, args=prepared.args)
+        result = _run_update(
+            counter=counter,
+            subject=subject,
+            window=prepared.window,
+            args=prepared.args,
+            idempotency=idempotency,
+            ms=clock.to_ms(now),
+        )
     except StoreUnavailable as exc:
-        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied:
+        # A key is recorded in Redis only: without it a keyed write could apply twice, so it is
+        # refused (503, not applied) rather than written through.
+        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied or idempotency:
             raise
         _reconcile_due.set()
         return _update_write_through(
@@ -411,10 +473,21 @@ def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
         pipe = r.pipeline(transaction=False)
         for group in groups:
             first = prepared[group[0]]
-            keys, args = list(first.keys), [len(first.keys), len(first.args), 0, 0, 0, *first.args]
+            # With Idempotency-Keys each item's own keys and arguments end with its record and
+            # fingerprint (a placeholder in the slot and '' for an item without a key).
+            keyed = any(prepared[i].idempotency for i in group)
+            ttl = settings.COUNTER_IDEMPOTENCY_KEY_SECONDS * 1000
+            header = [len(first.keys), len(first.args), int(keyed), ttl, first.args[7]]
+            keys, args = list(first.keys), [*header, *first.args]
             for i in group:
-                keys += own_keys(prepared[i].keys)
-                args += own_args(prepared[i].args)
+                item = prepared[i]
+                keys += own_keys(item.keys)
+                args += own_args(item.args)
+                if keyed:
+                    idem = item.idempotency
+                    record = idem and keyspace.idempotency_key(item.counter.id, idem.app_id, idem.key)
+                    keys.append(record or item.keys[0])
+                    args.append(idem.fingerprint if idem else "")
             pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return pipe.execute(raise_on_error=False)
 
@@ -479,6 +552,7 @@ def counter_update_many(
                     allow_negative=allow_negative,
                     now=now,
                     window=windows[counter.id],
+                    idempotency=update.idempotency,
                 )
             )
         except CounterError as exc:
@@ -488,17 +562,24 @@ def counter_update_many(
     for item, reply in zip(prepared, _run_update_pipeline(prepared), strict=True):
         try:
             results.append(_update_result(item, reply, now))
-        except OutOfLimits as exc:
+        except (OutOfLimits, IdempotencyConflict) as exc:
             results.append(exc)
     return results
 
 
 def counter_reset(
-    *, counter: CounterConfig, subject: str = "", value: int | None = None, reason: str = "", operator: str = ""
+    *,
+    counter: CounterConfig,
+    subject: str = "",
+    value: int | None = None,
+    reason: str = "",
+    operator: str = "",
+    idempotency: Idempotency | None = None,
 ) -> ResetResult:
     """Set the current period's value (default: the counter's reset value), keeping an audit record.
 
-    The period's unique members stay counted, so a reset never lets a player count twice.
+    The period's unique members stay counted, so a reset never lets a player count twice. A repeat
+    with the same ``idempotency`` key answers the first reset and writes no second audit record.
     """
     target = counter_reset_check(counter=counter, subject=subject, value=value)
     now = clock.now()
@@ -507,8 +588,11 @@ def counter_reset(
     store_reconcile_if_due()
     args = ["set", target, f"{window.key}|{subject}", "", "", "", 0, ms, ms // 60000]
     args += [int(not counter.is_user_scoped), ""]
-    result = _run_update(counter=counter, subject=subject, window=window, args=args)
+    result = _run_update(counter=counter, subject=subject, window=window, args=args, idempotency=idempotency, ms=ms)
+    result, now, replayed = _replayed(result, now)
     old = int(result[1])
+    if replayed:
+        return ResetResult(counter, subject, old, int(result[2]), now, reason, operator, replayed=True)
     ResetLog.objects.create(
         counter_id=counter.id,
         subject=subject,
