@@ -314,6 +314,11 @@ def _prepare_update(
     counter_check_subject(counter=counter, subject=subject)
     _check_live(counter, now)
     member = user_id if counter.unique_members else ""
+    if counter.unique_members and not member:
+        raise InvalidParameter(
+            gettext("Counter '%(name)s' counts each user once per period: a user_id is required.")
+            % {"name": counter.name}
+        )
     if member and amount < 0:
         raise InvalidParameter(
             gettext("Counter '%(name)s' counts unique users: it cannot be decremented per user.")

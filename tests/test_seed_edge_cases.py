@@ -9,6 +9,8 @@ import time_machine
 from counters.models import App, Counter
 from counters.services import counters_flush
 
+from .http import post
+
 pytestmark = pytest.mark.django_db
 
 TEN = datetime(2023, 10, 1, 10, 0, tzinfo=UTC)
@@ -71,3 +73,22 @@ def test_time_series_value_is_the_level_at_the_end_of_each_slot(client, game):
         ("12:00", 1251, 0),  # no update: the level stays
     ]
     assert {c["counterId"]: c["currentValue"] for c in data["counterList"]}["score"] == 1251
+
+
+def test_a_unique_member_increment_without_user_id_is_refused_and_changes_nothing(client, writer, store):
+    url = "/api/v1/counter/daily_active_users/increment"
+    assert post(client, url, {"user_id": "u1"}, writer).json()["current_value"] == 1
+    for body in ({}, {"value": 1}, {"metadata": {"from": "lobby"}}):
+        reply = post(client, url, body, writer)
+        assert reply.status_code == 400, reply.content
+        assert reply.json()["error"]["code"] == 4001 and "user_id" in reply.json()["error"]["message"]
+    batch = post(client, "/api/v1/counters/batch", {"updates": [{"name": "daily_active_users"}]}, writer)
+    assert batch.status_code == 400 and "updates[0]" in batch.json()["error"]["message"]
+    target = {"appId": "default", "counterType": "daily", "counterId": "daily_active_users"}
+    reply = post(client, "/api/v1/functions/increaseCounter", target, writer)
+    assert reply.status_code == 400 and reply.json()["code"] == 4001
+    assert client.get("/api/v1/counter/daily_active_users").json()["value"] == 1
+    # With a player id the function counts the player, once.
+    for _ in range(2):
+        reply = post(client, "/api/v1/functions/increaseCounter", {**target, "playerId": "u2"}, writer)
+    assert reply.json()["data"]["newValue"] == 2
