@@ -76,8 +76,9 @@ def read_response(body: dict, views: list[selectors.ValueView]) -> HttpResponse:
 
 def value_body(view: selectors.ValueView) -> dict:
     body = {"name": view.counter.name, "value": view.value, "last_updated": iso_utc(view.last_updated)}
+    if view.last_reset is not None:
+        body["last_reset"] = iso_utc(view.last_reset)
     if view.window.start is not None:
-        body["last_reset"] = iso_utc(view.window.start)
         body["next_reset"] = iso_utc(view.window.end)
     return body
 

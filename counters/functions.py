@@ -145,7 +145,13 @@ COMMON_ERRORS = {
     500: OpenApiResponse(io.FunctionError, description="5001: internal error (no details are leaked)."),
     503: OpenApiResponse(io.FunctionError, description="5003: the counter store is down; reads still work."),
 }
-OUT_OF_LIMITS = {409: OpenApiResponse(io.FunctionError, description="4005: out of limits; nothing changed.")}
+OUT_OF_LIMITS = {
+    409: OpenApiResponse(
+        io.FunctionError,
+        description="4005: out of limits; 4001: the Idempotency-Key (requestId) was used for another request. "
+        "Nothing changed.",
+    )
+}
 AUTH_NOTE = (
     "Authenticate with `Authorization: Bearer <API key>` (or `X-API-Key`); getCounter also accepts "
     "`Authorization: Player <token>` for a player's own values, and no credentials for public counters."
@@ -213,7 +219,7 @@ class GetCounterView(FunctionView):
             "currentValue": view.value,
             "maxValue": counter.max_value,
             "resetPeriod": counter.period,
-            "lastResetTime": view.window.start,
+            "lastResetTime": view.last_reset,
             "nextResetTime": view.window.end,
             "updateTime": view.last_updated,
             "metadata": {"description": counter.description, "unit": counter.unit},

@@ -5,7 +5,8 @@ Nothing else in the project spells a key. All keys of one counter share the hash
 
 Per counter ``c``:
 
-- ``cs:{c}:v:<period>:<subject>`` hash: ``v`` value, ``peak``, ``ops``, ``upd`` (ms). Its existence
+- ``cs:{c}:v:<period>:<subject>`` hash: ``v`` value, ``peak``, ``ops``, ``upd`` (ms), ``rst`` (ms of
+  the last manual reset in the period, if any: what ``lastResetTime`` shows). Its existence
   means "hydrated from PostgreSQL"; the update script refuses to run on a missing one.
 - ``cs:{c}:m:<period>`` set: members already counted in the period (unique counters).
 - ``cs:{c}:t:<period>:<subject>`` hash: threshold id -> time (ms) it fired in the period (deleted
@@ -310,11 +311,16 @@ return results
 )
 
 # Load a value from PostgreSQL into Redis unless it is already there (a concurrent hydration won).
+# ARGV[5]: the time (ms) of the period's last manual reset, or ''.
 HYDRATE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'peak', ARGV[2], 'ops', ARGV[3], 'upd', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'rst', ARGV[5]) end
 return 1
 """
+
+# The field of a value hash that holds the time (ms) of the period's last manual reset.
+LAST_RESET_FIELD = "rst"
 
 # Move what is pending into a batch with an id (flusher). KEYS: pend, log, batches, batch, batch log.
 MOVE_PENDING_SCRIPT = """

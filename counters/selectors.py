@@ -17,7 +17,13 @@ from .config import cache as config_cache
 from .errors import CounterNotFound, InvalidParameter
 from .models import CounterValue, StatBucket
 from .redis_store import StoreUnavailable, redis_call
-from .services import counter_check_subject, counter_opening_value, store_reconcile_if_due, value_hydrate
+from .services import (
+    counter_check_subject,
+    counter_opening_value,
+    manual_resets_get,
+    store_reconcile_if_due,
+    value_hydrate,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +35,8 @@ class ValueView:
     window: periods.PeriodWindow
     # True when Redis was unavailable and the value was read from PostgreSQL.
     degraded: bool = False
+    # The period's start, or a manual reset in the period after it (lastResetTime / last_reset).
+    last_reset: datetime | None = None
 
 
 def api_key_get(raw_key: str) -> KeyConfig | None:
@@ -61,14 +69,21 @@ def counter_get(*, app_id: int | None, name: str) -> CounterConfig:
     return counter
 
 
+def _last_reset(window: periods.PeriodWindow, manual: datetime | None) -> datetime | None:
+    if manual is None or (window.start is not None and manual < window.start):
+        return window.start
+    return manual
+
+
 def _to_view(counter: CounterConfig, subject: str, window: periods.PeriodWindow, raw: list) -> ValueView:
-    value, updated = raw
+    value, updated, reset_ms = raw
     return ValueView(
         counter=counter,
         subject=subject,
         value=int(value),
         last_updated=clock.from_ms(int(updated)) if updated and int(updated) else None,
         window=window,
+        last_reset=_last_reset(window, clock.from_ms(int(reset_ms)) if reset_ms else None),
     )
 
 
@@ -103,6 +118,7 @@ def counter_values_from_database(
         (r["counter_id"], r["subject"], r["period"]): r
         for r in CounterValue.objects.filter(wanted).values("counter_id", "subject", "period", "value", "updated_at")
     }
+    resets = manual_resets_get(items=[(c.id, s, w.key) for (c, s), w in zip(items, windows, strict=True)])
     views = []
     for (counter, subject), window in zip(items, windows, strict=True):
         row = rows.get((counter.id, subject, window.key))
@@ -111,7 +127,8 @@ def counter_values_from_database(
             updated = None
         else:
             value, updated = row["value"], row["updated_at"]
-        views.append(ValueView(counter, subject, value, updated, window, degraded=True))
+        last_reset = _last_reset(window, resets.get((counter.id, subject, window.key)))
+        views.append(ValueView(counter, subject, value, updated, window, degraded=True, last_reset=last_reset))
     return views
 
 
@@ -121,7 +138,7 @@ def _values_from_store(items: list[tuple[CounterConfig, str]], windows: list[per
     def read(r):
         pipe = r.pipeline(transaction=False)
         for key in keys:
-            pipe.hmget(key, "v", "upd")
+            pipe.hmget(key, "v", "upd", keyspace.LAST_RESET_FIELD)
         return pipe.execute()
 
     raws = redis_call(read)
@@ -129,7 +146,7 @@ def _values_from_store(items: list[tuple[CounterConfig, str]], windows: list[per
     for (counter, subject), window, key, raw in zip(items, windows, keys, raws, strict=True):
         if raw[0] is None:
             value_hydrate(counter=counter, subject=subject, window=window)
-            raw = redis_call(lambda r, k=key: r.hmget(k, "v", "upd"))
+            raw = redis_call(lambda r, k=key: r.hmget(k, "v", "upd", keyspace.LAST_RESET_FIELD))
         views.append(_to_view(counter, subject, window, raw))
     return views
 

@@ -17,7 +17,7 @@ import orjson
 import redis
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.db.models.functions import Greatest
 from django.utils.translation import gettext
 
@@ -224,13 +224,31 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
     if counter.unique_members:
         _members_to_store(counter, window)
     updated_ms = clock.to_ms(row["updated_at"]) if row["updated_at"] else 0
+    reset_at = manual_resets_get(items=[(counter.id, subject, window.key)]).get((counter.id, subject, window.key))
+    reset_ms = clock.to_ms(reset_at) if reset_at else ""
     redis_call(
         lambda r: scripts.hydrate(
             keys=[keyspace.value_key(counter.id, window.key, subject)],
-            args=[row["value"], max(row["peak"], row["value"]), row["operations"], updated_ms],
+            args=[row["value"], max(row["peak"], row["value"]), row["operations"], updated_ms, reset_ms],
             client=r,
         )
     )
+
+
+def manual_resets_get(*, items: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], datetime]:
+    """The time of the last manual reset of each ``(counter id, subject, period)`` that had one (one query)."""
+    if not items:
+        return {}
+    wanted = Q()
+    for counter_id, subject, period in items:
+        wanted |= Q(counter_id=counter_id, subject=subject, period=period)
+    rows = (
+        ResetLog.objects.filter(wanted, kind=ResetLog.Kind.MANUAL)
+        .order_by("counter_id", "subject", "period", "-created_at")
+        .distinct("counter_id", "subject", "period")
+        .values_list("counter_id", "subject", "period", "created_at")
+    )
+    return {(c, s, p): at for c, s, p, at in rows}
 
 
 def _keyed_call(
@@ -598,6 +616,10 @@ def counter_reset(
     old = int(result[1])
     if replayed:
         return ResetResult(counter, subject, old, int(result[2]), now, reason, operator, replayed=True)
+    # What lastResetTime / last_reset show; a Redis that misses it gets it back on hydration.
+    with contextlib.suppress(StoreUnavailable):
+        value_key = keyspace.value_key(counter.id, window.key, subject)
+        redis_call(lambda r: r.hset(value_key, keyspace.LAST_RESET_FIELD, ms))
     ResetLog.objects.create(
         counter_id=counter.id,
         subject=subject,

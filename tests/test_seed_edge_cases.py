@@ -92,3 +92,37 @@ def test_a_unique_member_increment_without_user_id_is_refused_and_changes_nothin
     for _ in range(2):
         reply = post(client, "/api/v1/functions/increaseCounter", {**target, "playerId": "u2"}, writer)
     assert reply.json()["data"]["newValue"] == 2
+
+
+def test_last_reset_shows_a_manual_reset_of_the_current_period(client, writer, store):
+    from counters.redis_store import breaker
+
+    get = "/api/v1/counter/total_games_played"
+    target = {"appId": "default", "counterType": "daily", "counterId": "total_games_played"}
+    with time_machine.travel(TEN, tick=False):
+        post(client, "/api/v1/counter/total_games_played/increment", {"value": 5}, writer)
+        assert client.get(get).json()["last_reset"] == "2023-10-01T00:00:00Z"
+    with time_machine.travel(TEN + timedelta(minutes=30), tick=False):
+        reply = post(client, "/api/v1/counter/total_games_played/reset", {"reason": "bad data"}, writer)
+        assert reply.status_code == 200, reply.content
+    with time_machine.travel(TEN + timedelta(hours=1), tick=False):
+        assert client.get(get).json()["last_reset"] == "2023-10-01T10:30:00Z"
+        got = post(client, "/api/v1/functions/getCounter", target, writer).json()["data"]
+        assert got["lastResetTime"] == "2023-10-01T10:30:00.000Z"
+        assert got["nextResetTime"] == "2023-10-02T00:00:00.000Z"
+        # From PostgreSQL too: after Redis lost its data (hydration), and while it is down.
+        counters_flush()
+        store.flushdb()
+        assert client.get(get).json()["last_reset"] == "2023-10-01T10:30:00Z"
+        for _ in range(breaker.threshold):
+            breaker.record_failure()
+        degraded = client.get(get).json()
+        assert degraded["degraded"] is True and degraded["last_reset"] == "2023-10-01T10:30:00Z"
+        breaker.reset()
+    with time_machine.travel(TEN + timedelta(days=1), tick=False):
+        assert client.get(get).json()["last_reset"] == "2023-10-02T00:00:00Z"
+    # A counter without a period shows a manual reset, and nothing before one.
+    assert "last_reset" not in client.get("/api/v1/counter/online_players").json()
+    with time_machine.travel(TEN + timedelta(days=2), tick=False):
+        post(client, "/api/v1/counter/online_players/reset", {"reason": "restart"}, writer)
+    assert client.get("/api/v1/counter/online_players").json()["last_reset"] == "2023-10-03T10:00:00Z"
