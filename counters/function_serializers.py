@@ -7,7 +7,7 @@ from rest_framework import serializers
 from . import keyspace
 from .idempotency import KEY_HELP, KEY_PATTERN
 from .models import NAME_PATTERN
-from .serializers import MetadataField, StrictIntegerField, SubjectField
+from .serializers import METADATA_HELP, MetadataField, StrictIntegerField, SubjectField
 
 COUNTER_TYPES = ["global", "app", "user", "daily", "weekly", "monthly"]
 GROUP_BY = ["hour", "day", "week"]
@@ -50,7 +50,7 @@ class WriteSerializer(TargetSerializer):
 
 class IncreaseSerializer(WriteSerializer):
     increment = StrictIntegerField(min_value=1, default=1)
-    metadata = MetadataField(required=False, help_text="Kept with the operation (operation log); never executed.")
+    metadata = MetadataField(required=False, help_text=METADATA_HELP)
 
 
 class DecreaseSerializer(WriteSerializer):
@@ -60,7 +60,7 @@ class DecreaseSerializer(WriteSerializer):
         help_text="Let this decrement go below the counter's minimum: honoured for keys with counter_manage "
         "(a counter configured to allow negatives allows them anyway).",
     )
-    metadata = MetadataField(required=False)
+    metadata = MetadataField(required=False, help_text=METADATA_HELP)
 
 
 class ResetSerializer(WriteSerializer):
@@ -102,7 +102,9 @@ class GetCounterData(serializers.Serializer):
     currentValue = serializers.IntegerField()
     maxValue = serializers.IntegerField(allow_null=True)
     resetPeriod = serializers.ChoiceField(["none", "daily", "weekly", "monthly"])
-    lastResetTime = serializers.DateTimeField(allow_null=True)
+    lastResetTime = serializers.DateTimeField(
+        allow_null=True, help_text="A manual reset in the current period, else the period's start (null: never)."
+    )
     nextResetTime = serializers.DateTimeField(allow_null=True)
     updateTime = serializers.DateTimeField(allow_null=True)
     metadata = CounterMetadataOut()

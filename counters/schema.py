@@ -7,8 +7,15 @@ from rest_framework import serializers
 
 from .apis import CounterBatchUpdateView, CounterBatchView, CounterViewSet
 from .function_serializers import REST_ERRORS, RestError, RestErrorDetail
+from .idempotency import KEY_PATTERN
 from .keyspace import MAX_SAFE_VALUE
-from .serializers import BATCH_UPDATE_LIMIT, SUBJECT_PATTERN, ResetInputSerializer, UpdateInputSerializer
+from .serializers import (
+    BATCH_UPDATE_LIMIT,
+    METADATA_HELP,
+    SUBJECT_PATTERN,
+    ResetInputSerializer,
+    UpdateInputSerializer,
+)
 
 
 class StrictIntegerFieldSchema(OpenApiSerializerFieldExtension):
@@ -45,7 +52,11 @@ class ValueReply(serializers.Serializer):
     name = serializers.CharField()
     value = serializers.IntegerField()
     last_updated = serializers.DateTimeField(allow_null=True)
-    last_reset = serializers.DateTimeField(required=False, help_text="Periodic counters only.")
+    last_reset = serializers.DateTimeField(
+        required=False,
+        help_text="When the value was last reset: a manual reset in the current period, else the period's start. "
+        "Periodic counters, and others once manually reset.",
+    )
     next_reset = serializers.DateTimeField(required=False, help_text="Periodic counters only.")
 
 
@@ -61,7 +72,21 @@ class BatchReply(serializers.Serializer):
 NAME = OpenApiParameter("name", str, OpenApiParameter.PATH, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 USER_ID = OpenApiParameter("user_id", str, description="The player (user counters).", pattern=SUBJECT_PATTERN.pattern)
 APP = OpenApiParameter("app", str, description="App slug for anonymous reads of public counters (default app).")
-CONFLICT = {409: OpenApiResponse(RestError, description="4005: out of limits; nothing changed.")}
+CONFLICT = {
+    409: OpenApiResponse(
+        RestError,
+        description="4005: out of limits; 4001: the Idempotency-Key was used for another request. Nothing changed.",
+    )
+}
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    description="Optional. A retry with the same key is applied at most once and answers the first reply "
+    "(with `Idempotent-Replayed: true`); kept 24 h by default. See docs/idempotency.md.",
+    pattern=KEY_PATTERN.pattern,
+)
+
 AUTH = "Authenticate with `Authorization: Bearer <API key>` or `X-API-Key`."
 
 
@@ -70,7 +95,7 @@ def _update(verb: str, example_value: int):
         tags=["REST v1"],
         summary=f"{verb.capitalize()} a counter",
         description=f"Needs the `write` role (global counters: also `global_admin`). {AUTH}",
-        parameters=[NAME],
+        parameters=[NAME, IDEMPOTENCY_KEY],
         request=UpdateInputSerializer,
         responses={200: UpdateReply, **REST_ERRORS, **CONFLICT},
         examples=[
@@ -102,7 +127,7 @@ for method, annotation in dict(
         tags=["REST v1"],
         summary="Reset a counter (administrator only)",
         description="Needs `counter_manage`; the key may also be given as `admin_token` in the body.",
-        parameters=[NAME],
+        parameters=[NAME, IDEMPOTENCY_KEY],
         request=ResetInputSerializer,
         responses={200: ResetReply, **REST_ERRORS, **CONFLICT},
         examples=[
@@ -151,7 +176,13 @@ class BatchUpdateInputItem(serializers.Serializer):
     op = serializers.ChoiceField(["increment", "decrement"], required=False, help_text="Default: increment.")
     value = serializers.IntegerField(min_value=1, max_value=MAX_SAFE_VALUE, required=False, help_text="Default: 1.")
     user_id = serializers.RegexField(SUBJECT_PATTERN.pattern, required=False)
-    metadata = serializers.DictField(required=False)
+    metadata = serializers.DictField(required=False, help_text=METADATA_HELP)
+    id = serializers.RegexField(
+        KEY_PATTERN.pattern,
+        required=False,
+        help_text="The item's Idempotency-Key (unique within the batch): a retried batch replays the item's "
+        "first result instead of applying it again.",
+    )
 
 
 class BatchUpdateInput(serializers.Serializer):

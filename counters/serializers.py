@@ -62,10 +62,17 @@ class MetadataField(serializers.Field):
         return value
 
 
+METADATA_HELP = (
+    "Kept with the operation in the operation log of counters that log operations (`log_operations`); "
+    "never interpreted. Counters that do not log operations, the built-in ones among them, check it and do "
+    "not keep it (docs/cloud-functions.md, Operation log)."
+)
+
+
 class UpdateInputSerializer(serializers.Serializer):
     value = StrictIntegerField(min_value=1, default=1)
-    user_id = SubjectField(required=False)
-    metadata = MetadataField(required=False)
+    user_id = SubjectField(required=False, help_text="Required by unique-member counters (daily_active_users).")
+    metadata = MetadataField(required=False, help_text=METADATA_HELP)
 
 
 _PLAIN_UPDATE_FIELDS = frozenset(("value", "user_id"))
