@@ -282,3 +282,11 @@ def test_decrease_and_reset_counter_replay(client, writer):
     fn(client, "increaseCounter", target, writer)
     assert fn(client, "resetCounter", reset, writer).content == first_reset.content
     assert value(client) == 2
+
+
+def test_the_conflict_is_translated_on_the_function_surface(client, writer):
+    body = {"appId": "default", "counterType": "app", "counterId": "online_players", "requestId": KEY}
+    fn(client, "increaseCounter", body, writer)
+    reply = fn(client, "increaseCounter", {**body, "increment": 2}, {**writer, "HTTP_ACCEPT_LANGUAGE": "zh-Hans"})
+    assert reply.status_code == 409 and reply.json()["code"] == 4001
+    assert reply.json()["msg"].startswith("此 Idempotency-Key 已用于另一个请求")
