@@ -11,6 +11,7 @@ from archive.models import ResetLog
 from counters import keyspace
 from counters.models import App, Counter
 from counters.redis_store import breaker
+from counters.services import counters_flush
 
 from .http import post
 
@@ -290,3 +291,20 @@ def test_the_conflict_is_translated_on_the_function_surface(client, writer):
     reply = fn(client, "increaseCounter", {**body, "increment": 2}, {**writer, "HTTP_ACCEPT_LANGUAGE": "zh-Hans"})
     assert reply.status_code == 409 and reply.json()["code"] == 4001
     assert reply.json()["msg"].startswith("此 Idempotency-Key 已用于另一个请求")
+
+
+def test_in_write_through_mode_a_keyed_write_is_refused_while_redis_is_down(client, writer, settings):
+    settings.COUNTER_REDIS_DOWN_WRITES = "write_through"
+    post(client, INC, {}, writer)
+    counters_flush()
+    for _ in range(breaker.threshold):
+        breaker.record_failure()
+    # Keys are recorded in Redis only: written through PostgreSQL, a retry could apply twice.
+    refused = post(client, INC, {}, keyed(writer))
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == 5003
+    assert post(client, INC, {}, writer).json()["current_value"] == 2  # without a key: written through
+    breaker.reset()
+    first = post(client, INC, {}, keyed(writer))
+    assert first.status_code == 200 and "Idempotent-Replayed" not in first.headers
+    assert post(client, INC, {}, keyed(writer)).content == first.content
+    assert value(client) == 3
