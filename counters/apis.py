@@ -13,7 +13,7 @@ from . import selectors, services
 from .api_errors import error_response
 from .config import KeyConfig
 from .errors import AuthenticationRequired, CounterError, CounterNotFound, InvalidParameter
-from .idempotency import META_HEADER, REPLAYED_HEADERS, Idempotency, request_fingerprint, request_idempotency
+from .idempotency import META_HEADER, REPLAYED_HEADER, REPLAYED_HEADERS, idempotency_parse, request_idempotency
 from .models import NAME_PATTERN
 from .permissions import check_manage, check_read, check_write
 from .redis_store import StoreUnavailable, breaker, redis_call
@@ -228,10 +228,8 @@ class CounterBatchUpdateView(LeanDispatch, APIView):
                 except CounterError as exc:
                     raise type(exc)(f"updates[{index}]: {exc.message}") from exc
             subject = item.user_id if counter.is_user_scoped else ""
-            idempotency = None
-            if item.id is not None:
-                parts = update_fingerprint_parts(counter, item.amount, item.user_id, item.metadata)
-                idempotency = Idempotency(item.id, key.app_id, request_fingerprint(*parts))
+            parts = update_fingerprint_parts(counter, item.amount, item.user_id, item.metadata)
+            idempotency = idempotency_parse(item.id, app_id=key.app_id, parts=parts, field=f"updates[{index}].id")
             updates.append(
                 services.UpdateRequest(counter, item.amount, subject, item.user_id, item.metadata, idempotency)
             )
@@ -243,7 +241,7 @@ class CounterBatchUpdateView(LeanDispatch, APIView):
 
 def _replayed(result: services.UpdateResult | CounterError) -> bool:
     if isinstance(result, CounterError):
-        return bool(result.headers.get("Idempotent-Replayed"))
+        return REPLAYED_HEADER in result.headers
     return result.replayed
 
 

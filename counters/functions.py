@@ -123,7 +123,7 @@ class FunctionView(APIView):
             body = {"code": 0, "msg": str(self.success_msg), "timestamp": clock.to_ms(clock.now()), "data": result}
             return Response(_times(body))
         request_id = values.pop("requestId", None)
-        parts = (type(self).__name__, {name: value for name, value in values.items()})
+        parts = (type(self).__name__, dict(values))
         idempotency = request_idempotency(request, app_id=app_id, parts=parts, body_key=request_id)
         reply = self.call(caller, app_id, values, idempotency=idempotency)
         body = {"code": 0, "msg": str(self.success_msg), "timestamp": clock.to_ms(reply.at), "data": reply.data}

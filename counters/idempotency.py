@@ -17,7 +17,8 @@ from .errors import InvalidParameter
 
 HEADER = "Idempotency-Key"
 META_HEADER = "HTTP_IDEMPOTENCY_KEY"
-REPLAYED_HEADERS = {"Idempotent-Replayed": "true"}
+REPLAYED_HEADER = "Idempotent-Replayed"
+REPLAYED_HEADERS = {REPLAYED_HEADER: "true"}
 # UUIDs, ULIDs, base64/base64url and hex tokens fit; no spaces, braces or '|' (part of a Redis
 # key name and of nothing else). At least 8 characters: a short key collides between clients.
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:@+/=-]{8,255}$")
