@@ -480,6 +480,35 @@ def counter_update(
     return _update_result(prepared, result, now)
 
 
+_OWN_KEYS, _OWN_ARGS = itemgetter(*keyspace.UPDATE_OWN_KEYS), itemgetter(*keyspace.UPDATE_OWN_ARGS)
+
+
+def update_call(prepared: _PreparedUpdate) -> tuple[list[str], list]:
+    """KEYS and ARGV of the ``UPDATE_SCRIPT`` call of one prepared update (with its Idempotency-Key)."""
+    ms = prepared.args[7]
+    return _keyed_call(prepared.counter, prepared.keys, prepared.args, prepared.idempotency, ms)
+
+
+def update_many_call(group: list[_PreparedUpdate]) -> tuple[list[str], list]:
+    """KEYS and ARGV of one ``UPDATE_MANY_SCRIPT`` call: updates of one counter and period, in order.
+
+    With Idempotency-Keys each item's own keys and arguments end with its record and fingerprint
+    (a placeholder key in the slot and '' for an item without a key).
+    """
+    first = group[0]
+    keyed = any(item.idempotency for item in group)
+    header = [len(first.keys), len(first.args), int(keyed), settings.COUNTER_IDEMPOTENCY_KEY_SECONDS * 1000]
+    keys, args = list(first.keys), [*header, first.args[7], *first.args]
+    for item in group:
+        keys += _OWN_KEYS(item.keys)
+        args += _OWN_ARGS(item.args)
+        if keyed:
+            idem = item.idempotency
+            keys.append(keyspace.idempotency_key(item.counter.id, idem.app_id, idem.key) if idem else item.keys[0])
+            args.append(idem.fingerprint if idem else "")
+    return keys, args
+
+
 def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
     """Run every update, in order, in one round trip: one ``UPDATE_MANY_SCRIPT`` call per counter.
 
@@ -490,27 +519,11 @@ def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
     results: list = [None] * len(prepared)
     todo = list(range(len(prepared)))
     sha = scripts.update_many.sha
-    own_keys, own_args = itemgetter(*keyspace.UPDATE_OWN_KEYS), itemgetter(*keyspace.UPDATE_OWN_ARGS)
 
     def run(r, groups: list[list[int]]) -> list:
         pipe = r.pipeline(transaction=False)
         for group in groups:
-            first = prepared[group[0]]
-            # With Idempotency-Keys each item's own keys and arguments end with its record and
-            # fingerprint (a placeholder in the slot and '' for an item without a key).
-            keyed = any(prepared[i].idempotency for i in group)
-            ttl = settings.COUNTER_IDEMPOTENCY_KEY_SECONDS * 1000
-            header = [len(first.keys), len(first.args), int(keyed), ttl, first.args[7]]
-            keys, args = list(first.keys), [*header, *first.args]
-            for i in group:
-                item = prepared[i]
-                keys += own_keys(item.keys)
-                args += own_args(item.args)
-                if keyed:
-                    idem = item.idempotency
-                    record = idem and keyspace.idempotency_key(item.counter.id, idem.app_id, idem.key)
-                    keys.append(record or item.keys[0])
-                    args.append(idem.fingerprint if idem else "")
+            keys, args = update_many_call([prepared[i] for i in group])
             pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return pipe.execute(raise_on_error=False)
 
