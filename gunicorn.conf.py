@@ -15,7 +15,7 @@ worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # Game servers keep connections open: keep them longer than a typical client pause.
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "30"))
-# Up to 400 keep-alive clients per worker (the SPEC's wrk -c400) must not be turned away.
+# Up to 400 keep-alive clients per worker (the wrk -c400 of docs/requirements.md) must not be turned away.
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 
 # SIGTERM: stop accepting, let requests in flight finish for up to graceful_timeout, then exit.

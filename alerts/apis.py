@@ -6,11 +6,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from counters import selectors as counter_selectors
-from counters.apis import checked_name, request_app_id, request_key
-from counters.errors import AuthenticationRequired, Forbidden
-from counters.function_serializers import REST_ERRORS
+from counters.auth import checked_name, request_app_id, request_key
 from counters.models import NAME_PATTERN, ApiKey
-from counters.permissions import check_manage
+from counters.permissions import check_manage, require_role
+from counters.rest_errors import REST_ERRORS
 
 from . import selectors, services
 from .serializers import (
@@ -138,11 +137,7 @@ class MessageListView(APIView):
     error_shape = "rest"
 
     def get(self, request) -> Response:
-        key = request_key(request)
-        if key is None:
-            raise AuthenticationRequired()
-        if ApiKey.Role.COUNTER_MANAGE not in key.roles:
-            raise Forbidden(f"This API key lacks the '{ApiKey.Role.COUNTER_MANAGE}' role.")
+        key = require_role(request_key(request), ApiKey.Role.COUNTER_MANAGE)
         query = MessageQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         counter_id = None

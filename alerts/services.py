@@ -97,7 +97,7 @@ def threshold_delete(*, counter: CounterConfig, threshold_id: int) -> None:
 
 
 def _enqueue(delivery_ids: list[int]) -> None:
-    from .tasks import deliver
+    from .tasks import deliver  # here, not at the top: tasks imports this module
 
     for position, delivery_id in enumerate(delivery_ids):
         try:

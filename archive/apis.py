@@ -4,7 +4,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from counters import selectors, services
-from counters.apis import checked_name, iso_utc, request_app_id, request_key
+from counters.auth import checked_name, request_app_id, request_key
+from counters.clock import iso_utc
 from counters.permissions import check_manage, check_read
 
 from .selectors import period_history_get

@@ -10,7 +10,7 @@ from drf_spectacular.utils import (
 )
 from rest_framework import serializers
 
-from counters.function_serializers import REST_ERRORS, RestError
+from counters.rest_errors import REST_ERRORS, RestError
 from counters.schema import AUTH, NAME, USER_ID
 
 from .apis import CounterBatchResetView, CounterHistoryView

@@ -13,18 +13,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
 from django.db.models import Max, QuerySet
 
 from counters import clock, keyspace, periods
 from counters.config import CounterConfig
 from counters.config import cache as config_cache
+from counters.flush import counters_flush
 from counters.models import CounterValue, FlushedBatch, StatBucket, UniqueMember
 from counters.redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
-from counters.services import counter_value_bounds, counters_flush
+from counters.values import counter_value_bounds
 
 from .models import PeriodArchive, ResetLog
+from .retention import retention_days_checked
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +62,8 @@ class RetentionStats:
 
 
 def _retention_days() -> int:
-    days = settings.COUNTER_ARCHIVE_RETENTION_DAYS
-    if days < settings.COUNTER_ARCHIVE_MIN_RETENTION_DAYS:
-        raise ImproperlyConfigured(
-            f"COUNTER_ARCHIVE_RETENTION_DAYS={days}: the archive keeps at least "
-            f"{settings.COUNTER_ARCHIVE_MIN_RETENTION_DAYS} days."
-        )
-    return days
+    # Checked again here: settings can change after start-up (override_settings, a shell).
+    return retention_days_checked(settings.COUNTER_ARCHIVE_RETENTION_DAYS, settings.COUNTER_ARCHIVE_MIN_RETENTION_DAYS)
 
 
 def _periodic(counters: dict[int, CounterConfig]) -> list[CounterConfig]:
@@ -104,7 +100,7 @@ FROM counters_countervalue cv WHERE cv.counter_id = %(counter)s AND cv.period = 
 ON CONFLICT DO NOTHING
 """
 
-# The reset strategies of ``counters.services.counter_opening_value``, applied in SQL to every
+# The reset strategies of ``counters.values.counter_opening_value``, applied in SQL to every
 # subject at once (float8 multiplies exactly as Python's float does; the strategy tests compare).
 _OPENING_SQL = {
     "value": "%(reset_value)s::bigint",

@@ -25,8 +25,9 @@ def main(subjects: int, members: int) -> int:
         processes.start_redis()
         run.django_setup(processes.redis_url)
         from counters.config import cache
+        from counters.flush import counters_flush
         from counters.models import App, Counter, CounterValue, UniqueMember
-        from counters.services import UpdateRequest, counter_update_many, counters_flush
+        from counters.services import UpdateRequest, counter_update_many
 
         app = App.objects.get(slug="default")
         Counter.objects.get_or_create(app=app, name="bench_player_score", defaults={"scope": "user"})

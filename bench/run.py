@@ -279,8 +279,8 @@ def main() -> int:
         if value(url, "total_games_played") - before != 50 * statuses.get(200, 0) or set(statuses) != {200}:
             problems.append(f"hey batch: {statuses}, applied {value(url, 'total_games_played') - before}")
 
+        from counters.flush import counters_flush
         from counters.models import CounterValue
-        from counters.services import counters_flush
 
         started = time.monotonic()
         stats = counters_flush()

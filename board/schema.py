@@ -3,7 +3,7 @@
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import serializers
 
-from counters.function_serializers import RestError
+from counters.rest_errors import RestError
 
 from .views import BoardValuesView
 

@@ -7,7 +7,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from counters import selectors
-from counters.apis import iso_utc
+from counters.clock import iso_utc
 from counters.config import DEFAULT_APP_SLUG
 
 from .selectors import board_get

@@ -6,7 +6,8 @@ Production differs from development by environment variables only (see README).
 from pathlib import Path
 
 import environ
-from django.core.exceptions import ImproperlyConfigured
+
+from archive.retention import MIN_RETENTION_DAYS, retention_days_checked
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -30,6 +31,7 @@ INSTALLED_APPS = [
     "counters",
     "archive",
     "alerts",
+    "board",
 ]
 
 MIDDLEWARE = [
@@ -125,7 +127,7 @@ REST_FRAMEWORK = {
 # OpenAPI 3 of both surfaces at /api/schema/, docs at /api/docs/ (Swagger UI served locally: works offline).
 SPECTACULAR_SETTINGS = {
     "TITLE": "Counter service",
-    "DESCRIPTION": "REST v1 (seed 000) and the cloud functions (seed 001). See docs/cloud-functions.md.",
+    "DESCRIPTION": "REST v1 and the cloud functions of the counter service. See docs/cloud-functions.md.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",
@@ -206,16 +208,13 @@ LOGGING = {
 # Circuit breaker around Redis: open after this many consecutive failures, probe again after.
 REDIS_BREAKER_THRESHOLD = env.int("REDIS_BREAKER_THRESHOLD", default=3)
 REDIS_BREAKER_RESET_SECONDS = env.float("REDIS_BREAKER_RESET_SECONDS", default=2.0)
-# Updates while Redis is down: "reject" (503, read-only, the spec's choice) or "write_through"
+# Updates while Redis is down: "reject" (503, read-only, as docs/requirements.md asks) or "write_through"
 # (straight to PostgreSQL; see docs/operations.md for the trade-off).
 COUNTER_REDIS_DOWN_WRITES = env("COUNTER_REDIS_DOWN_WRITES", default="reject")
 
 # Archive of closed periods: kept this many days (never fewer than 7, so a week is always there).
-COUNTER_ARCHIVE_RETENTION_DAYS = env.int("COUNTER_ARCHIVE_RETENTION_DAYS", default=90)
-COUNTER_ARCHIVE_MIN_RETENTION_DAYS = 7
-if COUNTER_ARCHIVE_RETENTION_DAYS < COUNTER_ARCHIVE_MIN_RETENTION_DAYS:
-    raise ImproperlyConfigured(
-        f"COUNTER_ARCHIVE_RETENTION_DAYS={COUNTER_ARCHIVE_RETENTION_DAYS}: "
-        f"the archive keeps at least {COUNTER_ARCHIVE_MIN_RETENTION_DAYS} days."
-    )
+COUNTER_ARCHIVE_MIN_RETENTION_DAYS = MIN_RETENTION_DAYS
+COUNTER_ARCHIVE_RETENTION_DAYS = retention_days_checked(
+    env.int("COUNTER_ARCHIVE_RETENTION_DAYS", default=90), COUNTER_ARCHIVE_MIN_RETENTION_DAYS
+)
 COUNTER_ARCHIVE_LOCK_SECONDS = env.float("COUNTER_ARCHIVE_LOCK_SECONDS", default=600.0)

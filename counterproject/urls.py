@@ -3,10 +3,8 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from alerts.apis import MessageListView, ThresholdDetailView, ThresholdListView
-from archive import schema as archive_schema  # noqa: F401 (OpenAPI descriptions register on import)
 from archive.apis import CounterBatchResetView, CounterHistoryView
-from board import schema as board_schema  # noqa: F401
-from counters import functions, schema  # noqa: F401 (schema: the OpenAPI descriptions register on import)
+from counters import functions
 from counters.apis import CounterBatchUpdateView, CounterBatchView, CounterViewSet, healthz
 
 counter_read = CounterViewSet.as_view({"get": "retrieve"})

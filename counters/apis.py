@@ -1,7 +1,4 @@
-"""REST v1: the exact request and response shapes of the original spec (see SPEC.md)."""
-
-import re
-from datetime import UTC, datetime
+"""REST v1: the exact request and response shapes of docs/requirements.md."""
 
 from django.db import connection
 from django.http import HttpResponse, JsonResponse
@@ -11,52 +8,16 @@ from rest_framework.views import APIView
 
 from . import selectors, services
 from .api_errors import error_response
+from .auth import checked_name, request_app_id, request_key
+from .clock import iso_utc
 from .config import KeyConfig
-from .errors import AuthenticationRequired, CounterError, CounterNotFound, InvalidParameter
+from .errors import AuthenticationRequired, CounterError, InvalidParameter
 from .idempotency import META_HEADER, REPLAYED_HEADER, REPLAYED_HEADERS, idempotency_parse, request_idempotency
-from .models import NAME_PATTERN
 from .permissions import check_manage, check_read, check_write
 from .redis_store import StoreUnavailable, breaker, redis_call
 from .rendering import json_response, request_json
 from .serializers import SUBJECT_PATTERN, ResetInputSerializer, batch_updates_parse, update_input_parse
-
-_NAME = re.compile(NAME_PATTERN)
-
-
-def iso_utc(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def request_key(request, *, body_token: str | None = None) -> KeyConfig | None:
-    header = request.META.get("HTTP_AUTHORIZATION", "")
-    raw = header[7:].strip() if header[:7].lower() == "bearer " else request.META.get("HTTP_X_API_KEY", "")
-    raw = raw or body_token or ""
-    if not raw:
-        return None
-    key = selectors.api_key_get(raw)
-    if key is None:
-        raise AuthenticationRequired("The API key is not valid.")
-    return key
-
-
-def request_app_id(request, key: KeyConfig | None) -> int | None:
-    if key is not None:
-        return key.app_id
-    slug = request.GET.get("app")
-    if slug:
-        app_id = selectors.app_id_get(slug)
-        if app_id is None:
-            raise CounterNotFound(f"App {slug!r} not found.")
-        return app_id
-    return selectors.default_app_id()
-
-
-def checked_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise InvalidParameter("Counter names are 1-64 letters, digits, '_', '.', ':' or '-'.")
-    return name
+from .values import UpdateResult
 
 
 def checked_user_id(raw: str | None) -> str:
@@ -239,7 +200,7 @@ class CounterBatchUpdateView(LeanDispatch, APIView):
         return json_response({"success": True, "results": bodies}, headers=REPLAYED_HEADERS if replayed else None)
 
 
-def _replayed(result: services.UpdateResult | CounterError) -> bool:
+def _replayed(result: UpdateResult | CounterError) -> bool:
     if isinstance(result, CounterError):
         return REPLAYED_HEADER in result.headers
     return result.replayed
@@ -250,7 +211,7 @@ def update_fingerprint_parts(counter, amount: int, user_id: str, metadata: dict 
     return ("update", counter.id, amount, user_id, metadata or None)
 
 
-def batch_result_body(name: str, result: services.UpdateResult | CounterError) -> dict:
+def batch_result_body(name: str, result: UpdateResult | CounterError) -> dict:
     if isinstance(result, CounterError):
         return {"name": name, "success": False, "error": {"code": result.code, "message": result.message}}
     return {"name": name, "success": True, "current_value": result.new_value}

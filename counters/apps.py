@@ -6,4 +6,6 @@ class CountersConfig(AppConfig):
     name = "counters"
 
     def ready(self) -> None:
-        from . import signals  # noqa: F401
+        # receivers: config invalidation and key clean-up on model saves. function_schema and schema:
+        # the OpenAPI descriptions of the cloud functions and of REST v1 (applied to the views).
+        from . import function_schema, receivers, schema  # noqa: F401

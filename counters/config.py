@@ -3,9 +3,10 @@
 The request path never queries the database for config: the snapshot is reloaded when it is
 older than ``COUNTER_CONFIG_CACHE_SECONDS`` or when another process bumped the config generation
 in Redis (checked at most every ``COUNTER_CONFIG_CHECK_SECONDS``). Saving config in this process
-drops the snapshot at once (see ``counters.signals``).
+drops the snapshot at once (see ``counters.receivers``).
 """
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from django.conf import settings
 
 from . import keyspace
 from .models import ApiKey, App, Counter, Threshold
+from .redis_store import redis_call
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ class CounterConfig:
     def is_global(self) -> bool:
         return self.scope == Counter.Scope.GLOBAL
 
+    def is_live(self, now: datetime) -> bool:
+        """False from the moment a temporary counter expires: it is then "not found" everywhere."""
+        return self.expires_at is None or now < self.expires_at
+
 
 @dataclass(frozen=True, slots=True)
 class KeyConfig:
@@ -94,31 +100,16 @@ def _load() -> Snapshot:
             ThresholdConfig(t.id, t.value, t.direction, t.level, t.cooldown_seconds, t.rearm)
         )
     counters = {}
+    derived = {"time_zone", "reset_ratio"}
+    model_fields = {f.attname for f in Counter._meta.concrete_fields}
+    copied = [f.name for f in dataclasses.fields(CounterConfig) if f.name in model_fields and f.name not in derived]
     for c in Counter.objects.all():
         app = apps[c.app_id]
         counters[(c.app_id, c.name)] = CounterConfig(
-            id=c.id,
-            app_id=c.app_id,
+            **{name: getattr(c, name) for name in copied},
             app_slug=app.slug,
-            name=c.name,
-            display_name=c.display_name,
-            description=c.description,
-            unit=c.unit,
-            scope=c.scope,
-            period=c.period,
             time_zone=c.time_zone or app.effective_time_zone,
-            reset_strategy=c.reset_strategy,
-            reset_value=c.reset_value,
             reset_ratio=float(c.reset_ratio),
-            reset_difference=c.reset_difference,
-            min_value=c.min_value,
-            max_value=c.max_value,
-            allow_negative=c.allow_negative,
-            saturate=c.saturate,
-            unique_members=c.unique_members,
-            public=c.public,
-            log_operations=c.log_operations,
-            expires_at=c.expires_at,
             thresholds=tuple(thresholds.get(c.id, ())),
         )
     keys = {
@@ -146,8 +137,6 @@ class ConfigCache:
         self._snapshot = None
 
     def _remote_generation(self) -> bytes | None:
-        from .redis_store import redis_call
-
         try:
             return redis_call(lambda r: r.get(keyspace.CONFIG_GENERATION_KEY))
         except Exception:  # Redis down: the TTL alone bounds staleness.
@@ -177,8 +166,6 @@ cache = ConfigCache()
 
 def bump_generation() -> None:
     """Tell every process that config changed (and drop this process's snapshot now)."""
-    from .redis_store import redis_call
-
     cache.invalidate()
     try:
         redis_call(lambda r: r.incr(keyspace.CONFIG_GENERATION_KEY))

@@ -1,7 +1,6 @@
-"""Input and output shapes of the cloud functions (seed 001): parsing here, documented in the schema."""
+"""Input and output shapes of the cloud functions: parsing here, documented in the schema."""
 
 from django.utils.translation import gettext_lazy as _
-from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
 
 from . import keyspace
@@ -163,8 +162,8 @@ class StatsCounterOut(serializers.Serializer):
 class StatsPointOut(serializers.Serializer):
     time = serializers.DateTimeField()
     value = serializers.IntegerField(
-        help_text="Level of the selected counters (the sum of their values) at the end of this slot, as the "
-        "seed's example shows; per-player counters are not part of it."
+        help_text="Level of the selected counters (the sum of their values) at the end of this slot "
+        "(e.g. 1200 at 10:00 for a counter now at 1251); per-player counters are not part of it."
     )
     operations = serializers.IntegerField(help_text="Operations of the selected counters in this slot.")
 
@@ -198,28 +197,6 @@ class FunctionError(serializers.Serializer):
     msg = serializers.CharField()
     timestamp = serializers.IntegerField()
     data = serializers.JSONField(allow_null=True, help_text="Always null on errors.")
-
-
-class RestErrorDetail(serializers.Serializer):
-    code = serializers.IntegerField()
-    message = serializers.CharField()
-
-
-class RestError(serializers.Serializer):
-    """REST v1's error shape."""
-
-    success = serializers.BooleanField()
-    error = RestErrorDetail()
-
-
-REST_ERRORS = {
-    400: OpenApiResponse(RestError, description="4001: bad parameter."),
-    401: OpenApiResponse(RestError, description="4003: no valid API key."),
-    403: OpenApiResponse(RestError, description="4003: the key lacks a role for this."),
-    404: OpenApiResponse(RestError, description="4004: not found (or another app's)."),
-    405: OpenApiResponse(RestError, description="4001: wrong method."),
-    503: OpenApiResponse(RestError, description="5003: the counter store is down: read-only."),
-}
 
 
 class PlayerTokenSerializer(serializers.Serializer):

@@ -1,4 +1,4 @@
-"""The cloud functions of seed 001 (``POST /api/v1/functions/<name>``), the statistics' REST twin and
+"""The cloud functions (``POST /api/v1/functions/<name>``), the statistics' REST twin and
 player tokens.
 
 Every function replies ``{"code": 0, "msg", "timestamp", "data"}``; errors come from the one
@@ -7,34 +7,27 @@ exception handler in the same envelope with ``data: null``. ``msg`` follows Acce
 """
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from django.utils import translation
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from . import clock, selectors, services, stats
 from . import function_serializers as io
-from .apis import request_key
-from .config import CounterConfig, KeyConfig
-from .errors import AuthenticationRequired, CounterNotFound, Forbidden, InvalidParameter
+from .auth import Caller, request_caller, request_key
+from .clock import iso_ms
+from .config import CounterConfig
+from .errors import CounterNotFound, Forbidden, InvalidParameter
 from .idempotency import REPLAYED_HEADERS, Idempotency, request_idempotency
-from .permissions import Role, check_data_view, check_manage, check_read, check_write
-from .player_tokens import PlayerToken, player_token_issue, player_token_read
-
-
-def iso_ms(moment: datetime | None) -> str | None:
-    """The seed's time format: UTC with milliseconds, ``2023-10-01T10:30:00.000Z``."""
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+from .permissions import Role, check_data_view, check_manage, check_read, check_write, require_role
+from .player_tokens import player_token_issue
 
 
 def _times(value):
-    """Datetimes anywhere in a reply rendered in the seed's format."""
+    """Datetimes anywhere in a reply rendered in the cloud functions' format (``clock.iso_ms``)."""
     if isinstance(value, datetime):
         return iso_ms(value)
     if isinstance(value, dict):
@@ -42,32 +35,6 @@ def _times(value):
     if isinstance(value, list):
         return [_times(v) for v in value]
     return value
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    key: KeyConfig | None
-    player: PlayerToken | None
-
-    @property
-    def app_id(self) -> int | None:
-        if self.key is not None:
-            return self.key.app_id
-        return self.player.app_id if self.player is not None else None
-
-    def require_key(self) -> KeyConfig:
-        if self.player is not None:
-            raise Forbidden(_("A player token may only read (getCounter)."))
-        if self.key is None:
-            raise AuthenticationRequired()
-        return self.key
-
-
-def request_caller(request) -> Caller:
-    header = request.META.get("HTTP_AUTHORIZATION", "")
-    if header[:7].lower() == "player ":
-        return Caller(key=None, player=player_token_read(header[7:].strip()))
-    return Caller(key=request_key(request), player=None)
 
 
 def caller_app_id(caller: Caller, app_slug: str) -> int:
@@ -136,68 +103,6 @@ class FunctionView(APIView):
         return selectors.counter_get_typed(app_id=app_id, counter_type=values["counterType"], name=values["counterId"])
 
 
-COMMON_ERRORS = {
-    400: OpenApiResponse(io.FunctionError, description="4001: bad parameter or invalid counter id."),
-    401: OpenApiResponse(io.FunctionError, description="4003: no valid API key or player token."),
-    403: OpenApiResponse(io.FunctionError, description="4003: the key lacks a role for this."),
-    404: OpenApiResponse(io.FunctionError, description="4004: no such counter (or app) visible to the caller."),
-    405: OpenApiResponse(io.FunctionError, description="4001: functions are called with POST."),
-    500: OpenApiResponse(io.FunctionError, description="5001: internal error (no details are leaked)."),
-    503: OpenApiResponse(io.FunctionError, description="5003: the counter store is down; reads still work."),
-}
-OUT_OF_LIMITS = {
-    409: OpenApiResponse(
-        io.FunctionError,
-        description="4005: out of limits; 4001: the Idempotency-Key (requestId) was used for another request. "
-        "Nothing changed.",
-    )
-}
-AUTH_NOTE = (
-    "Authenticate with `Authorization: Bearer <API key>` (or `X-API-Key`); getCounter also accepts "
-    "`Authorization: Player <token>` for a player's own values, and no credentials for public counters."
-)
-
-
-def _example(name: str, request: dict, reply: dict) -> list[OpenApiExample]:
-    return [
-        OpenApiExample(name, value=request, request_only=True),
-        OpenApiExample(name, value=reply, response_only=True, status_codes=["200"]),
-    ]
-
-
-def _ok(msg: str, data: dict) -> dict:
-    return {"code": 0, "msg": msg, "timestamp": 1696156200000, "data": data}
-
-
-@extend_schema_view(
-    post=extend_schema(
-        tags=["cloud functions"],
-        operation_id="getCounter",
-        summary="getCounter: a counter's current value",
-        description=AUTH_NOTE,
-        request=io.TargetSerializer,
-        responses={200: io.envelope("FnGetCounterReply", io.GetCounterData), **COMMON_ERRORS},
-        examples=_example(
-            "daily counter",
-            {"appId": "default", "counterType": "daily", "counterId": "total_games_played"},
-            _ok(
-                "Query succeeded",
-                {
-                    "counterId": "total_games_played",
-                    "counterType": "daily",
-                    "counterName": "Games played today",
-                    "currentValue": 1250,
-                    "maxValue": None,
-                    "resetPeriod": "daily",
-                    "lastResetTime": "2023-10-01T00:00:00.000Z",
-                    "nextResetTime": "2023-10-02T00:00:00.000Z",
-                    "updateTime": "2023-10-01T10:30:00.000Z",
-                    "metadata": {"description": "+1 per finished game; resets daily.", "unit": "games"},
-                },
-            ),
-        ),
-    )
-)
 class GetCounterView(FunctionView):
     success_msg = gettext_lazy("Query succeeded")
 
@@ -226,32 +131,6 @@ class GetCounterView(FunctionView):
         }
 
 
-@extend_schema_view(
-    post=extend_schema(
-        tags=["cloud functions"],
-        operation_id="increaseCounter",
-        summary="increaseCounter: add to a counter",
-        description="Needs the `write` role (global counters: also `global_admin`). " + AUTH_NOTE,
-        request=io.IncreaseSerializer,
-        responses={200: io.envelope("FnIncreaseReply", io.IncreaseData), **COMMON_ERRORS, **OUT_OF_LIMITS},
-        examples=_example(
-            "increment",
-            {"appId": "default", "counterType": "daily", "counterId": "total_games_played", "increment": 1},
-            _ok(
-                "Increased",
-                {
-                    "counterId": "total_games_played",
-                    "oldValue": 1250,
-                    "newValue": 1251,
-                    "increment": 1,
-                    "updateTime": "2023-10-01T10:30:00.000Z",
-                    "hitThreshold": False,
-                    "thresholds": [{"value": 1000, "triggered": True, "triggerTime": "2023-10-01T08:15:00.000Z"}],
-                },
-            ),
-        ),
-    )
-)
 class IncreaseCounterView(FunctionView):
     input_serializer = io.IncreaseSerializer
     success_msg = gettext_lazy("Increased")
@@ -288,35 +167,6 @@ class IncreaseCounterView(FunctionView):
         return WriteReply(data, result.updated_at, result.replayed)
 
 
-@extend_schema_view(
-    post=extend_schema(
-        tags=["cloud functions"],
-        operation_id="decreaseCounter",
-        summary="decreaseCounter: subtract from a counter",
-        description=(
-            "Needs the `write` role (global counters: also `global_admin`). Below the counter's minimum is refused "
-            "(4005) unless the counter allows negatives or the request says `allowNegative` with a key that has "
-            "`counter_manage`. `reachedMinimum` is true when the new value is at (or below) the minimum. " + AUTH_NOTE
-        ),
-        request=io.DecreaseSerializer,
-        responses={200: io.envelope("FnDecreaseReply", io.DecreaseData), **COMMON_ERRORS, **OUT_OF_LIMITS},
-        examples=_example(
-            "decrement",
-            {"appId": "default", "counterType": "user", "counterId": "energy_points", "playerId": "p1", "decrement": 1},
-            _ok(
-                "Decreased",
-                {
-                    "counterId": "energy_points",
-                    "oldValue": 5,
-                    "newValue": 4,
-                    "decrement": 1,
-                    "updateTime": "2023-10-01T10:30:00.000Z",
-                    "reachedMinimum": False,
-                },
-            ),
-        ),
-    )
-)
 class DecreaseCounterView(FunctionView):
     input_serializer = io.DecreaseSerializer
     success_msg = gettext_lazy("Decreased")
@@ -347,35 +197,6 @@ class DecreaseCounterView(FunctionView):
         return WriteReply(data, result.updated_at, result.replayed)
 
 
-@extend_schema_view(
-    post=extend_schema(
-        tags=["cloud functions"],
-        operation_id="resetCounter",
-        summary="resetCounter: set a counter's current value, with a reason",
-        description=(
-            "Needs `counter_manage` (global counters: also `global_admin`). `reason` is required; `resetValue` "
-            "defaults to the counter's configured reset value (0 unless an operator changed it). The value "
-            "before is kept in the reset log with the reason and operator. " + AUTH_NOTE
-        ),
-        request=io.ResetSerializer,
-        responses={200: io.envelope("FnResetReply", io.ResetData), **COMMON_ERRORS, **OUT_OF_LIMITS},
-        examples=_example(
-            "reset",
-            {"appId": "default", "counterType": "daily", "counterId": "total_games_played", "reason": "event over"},
-            _ok(
-                "Reset done",
-                {
-                    "counterId": "total_games_played",
-                    "oldValue": 1251,
-                    "newValue": 0,
-                    "resetTime": "2023-10-01T10:30:00.000Z",
-                    "reason": "event over",
-                    "operatorId": "api-key:ck_AbCdEfGh",
-                },
-            ),
-        ),
-    )
-)
 class ResetCounterView(FunctionView):
     input_serializer = io.ResetSerializer
     success_msg = gettext_lazy("Reset done")
@@ -404,29 +225,6 @@ class ResetCounterView(FunctionView):
         return WriteReply(data, result.reset_at, result.replayed)
 
 
-STATS_EXAMPLE = {
-    "summary": {"totalCounters": 3, "activeCounters": 2, "totalOperations": 156, "avgValue": 417.33},
-    "counterList": [
-        {
-            "counterId": "total_games_played",
-            "counterName": "Games played today",
-            "currentValue": 1251,
-            "peakValue": 1251,
-            "operationCount": 150,
-            "lastUpdateTime": "2023-10-01T10:30:00.000Z",
-        }
-    ],
-    "timeSeries": [{"time": "2023-10-01T10:00:00.000Z", "value": 140, "operations": 156}],
-    "topCounters": [{"counterId": "total_games_played", "value": 1251, "ranking": 1}],
-}
-STATS_DESCRIPTION = (
-    "Needs `data_view`. Covers the app's own counters (`counterType` filters; `global` covers the global "
-    "counters). Activity (operations, timeSeries, peakValue) comes from per-minute buckets flushed about "
-    "every second; `timeSeries[].value` is the net change in the slot. Dates are in the app's time zone; "
-    "a date-only `endDate` includes that day. At most 1000 slots."
-)
-
-
 def _stats(caller: Caller, app_id: int, values: dict) -> dict:
     check_data_view(caller.require_key())
     counter_type = values.get("counterType")
@@ -440,19 +238,6 @@ def _stats(caller: Caller, app_id: int, values: dict) -> dict:
     return stats.counter_stats(counters=counters, span=span)
 
 
-@extend_schema_view(
-    post=extend_schema(
-        tags=["cloud functions"],
-        operation_id="getCounterStats",
-        summary="getCounterStats: summary, per-counter list, time series and top counters",
-        description=STATS_DESCRIPTION,
-        request=io.StatsSerializer,
-        responses={200: io.envelope("FnStatsReply", io.StatsData), **COMMON_ERRORS},
-        examples=_example(
-            "last week by day", {"appId": "default", "groupBy": "day"}, _ok("Query succeeded", STATS_EXAMPLE)
-        ),
-    )
-)
 class GetCounterStatsView(FunctionView):
     input_serializer = io.StatsSerializer
     success_msg = gettext_lazy("Query succeeded")
@@ -461,7 +246,6 @@ class GetCounterStatsView(FunctionView):
         return _stats(caller, app_id, values)
 
 
-@extend_schema(exclude=True)
 class UnknownFunctionView(FunctionView):
     """Any other name under /api/v1/functions/: 4004 in the function envelope."""
 
@@ -469,17 +253,6 @@ class UnknownFunctionView(FunctionView):
         raise CounterNotFound(_("No such function: %(name)s.") % {"name": name})
 
 
-@extend_schema_view(
-    get=extend_schema(
-        tags=["statistics"],
-        operation_id="stats",
-        summary="Statistics (REST twin of getCounterStats)",
-        description=STATS_DESCRIPTION + " Answers the `data` object of getCounterStats, without the envelope.",
-        parameters=[io.StatsQuerySerializer],
-        responses={200: io.StatsData, **io.REST_ERRORS},
-        examples=[OpenApiExample("last week by day", value=STATS_EXAMPLE, response_only=True)],
-    )
-)
 class StatsView(APIView):
     """GET /api/v1/stats: the statistics of the key's app, in REST v1's error style."""
 
@@ -494,20 +267,6 @@ class StatsView(APIView):
         return Response(_times(_stats(caller, app_id, data.validated_data)))
 
 
-@extend_schema_view(
-    post=extend_schema(
-        tags=["player tokens"],
-        operation_id="issuePlayerToken",
-        summary="A signed token with which one player reads its own values",
-        description=(
-            "Called by the game server with an API key that has `write`. The player's client then calls "
-            "getCounter with `Authorization: Player <token>` and may read only its own user-counter values "
-            "(and public counters). Tokens expire after COUNTER_PLAYER_TOKEN_SECONDS."
-        ),
-        request=io.PlayerTokenSerializer,
-        responses={200: io.PlayerTokenOut, **io.REST_ERRORS},
-    )
-)
 class PlayerTokenView(APIView):
     """POST /api/v1/player-tokens {"player_id"} -> {"token", "player_id", "expires_at"}."""
 
@@ -516,11 +275,7 @@ class PlayerTokenView(APIView):
     def post(self, request) -> Response:
         data = io.PlayerTokenSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        key = request_key(request)
-        if key is None:
-            raise AuthenticationRequired()
-        if Role.WRITE not in key.roles:
-            raise Forbidden(_("This API key lacks the '%(role)s' role.") % {"role": Role.WRITE})
+        key = require_role(request_key(request), Role.WRITE)
         player_id = data.validated_data["player_id"]
         token, expires_at = player_token_issue(key=key, player_id=player_id)
         return Response({"token": token, "player_id": player_id, "expires_at": iso_ms(expires_at)})

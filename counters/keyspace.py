@@ -81,12 +81,6 @@ def counter_keys_pattern(counter_id: int) -> str:
     return f"{_tag(counter_id)}:*"
 
 
-def period_keys_patterns(counter_id: int, period: str) -> list[str]:
-    """Patterns of the keys that belong to one period of a counter (for trimming closed periods)."""
-    tag = _tag(counter_id)
-    return [f"{tag}:v:{period}:*", f"{tag}:m:{period}", f"{tag}:t:{period}:*"]
-
-
 # Matches every period-scoped key (value hashes, member sets, threshold marks) of every counter.
 PERIOD_SCOPED_KEYS_PATTERN = f"{PREFIX}:{{c*}}:[vmt]:*"
 

@@ -274,7 +274,7 @@ class WrittenThroughValue(models.Model):
     """A value updated straight in PostgreSQL while Redis was down (write-through mode).
 
     A Redis that comes back with its old data is stale for these values until
-    ``counters.services.store_reconcile`` has corrected it; ``writes`` lets it forget a mark only
+    ``counters.write_through.store_reconcile`` has corrected it; ``writes`` lets it forget a mark only
     if no write-through came in meanwhile.
     """
 

@@ -15,12 +15,20 @@ def _same_app_or_global(key: KeyConfig, counter: CounterConfig) -> None:
         raise CounterNotFound(_("Counter '%(name)s' not found.") % {"name": counter.name})
 
 
+def require_role(key: KeyConfig | None, role: str) -> KeyConfig:
+    """The key, if there is one and it carries ``role`` (any app's counters: the caller scopes by app)."""
+    if key is None:
+        raise AuthenticationRequired()
+    if role not in key.roles:
+        raise Forbidden(_("This API key lacks the '%(role)s' role.") % {"role": role})
+    return key
+
+
 def _require(key: KeyConfig | None, counter: CounterConfig, role: str) -> KeyConfig:
     if key is None:
         raise AuthenticationRequired()
     _same_app_or_global(key, counter)
-    if role not in key.roles:
-        raise Forbidden(_("This API key lacks the '%(role)s' role.") % {"role": role})
+    require_role(key, role)
     if counter.is_global and Role.GLOBAL_ADMIN not in key.roles:
         raise Forbidden(
             _("Counter '%(name)s' is global: changing it needs the 'global_admin' role.") % {"name": counter.name}
@@ -48,8 +56,4 @@ def check_read(key: KeyConfig | None, counter: CounterConfig) -> None:
 
 def check_data_view(key: KeyConfig | None) -> KeyConfig:
     """Statistics of the key's own app (the caller resolves the app; other apps are never visible)."""
-    if key is None:
-        raise AuthenticationRequired()
-    if Role.DATA_VIEW not in key.roles:
-        raise Forbidden(_("This API key lacks the '%(role)s' role.") % {"role": Role.DATA_VIEW})
-    return key
+    return require_role(key, Role.DATA_VIEW)

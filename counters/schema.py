@@ -6,9 +6,9 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiRespo
 from rest_framework import serializers
 
 from .apis import CounterBatchUpdateView, CounterBatchView, CounterViewSet
-from .function_serializers import REST_ERRORS, RestError, RestErrorDetail
 from .idempotency import KEY_PATTERN
 from .keyspace import MAX_SAFE_VALUE
+from .rest_errors import REST_ERRORS, RestError, RestErrorDetail
 from .serializers import (
     BATCH_UPDATE_LIMIT,
     METADATA_HELP,

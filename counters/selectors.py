@@ -1,6 +1,5 @@
 """Reads of counters, their values and API keys. Nothing here writes PostgreSQL."""
 
-import hashlib
 import zoneinfo
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,15 +14,10 @@ from . import clock, keyspace, periods
 from .config import DEFAULT_APP_SLUG, GLOBAL_APP_SLUG, CounterConfig, KeyConfig
 from .config import cache as config_cache
 from .errors import CounterNotFound, InvalidParameter
-from .models import CounterValue, StatBucket
+from .models import CounterValue, StatBucket, hash_api_key
 from .redis_store import StoreUnavailable, redis_call
-from .services import (
-    counter_check_subject,
-    counter_opening_value,
-    manual_resets_get,
-    store_reconcile_if_due,
-    value_hydrate,
-)
+from .values import counter_check_subject, counter_opening_value, manual_resets_get, value_hydrate
+from .write_through import store_reconcile_if_due
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +34,7 @@ class ValueView:
 
 
 def api_key_get(raw_key: str) -> KeyConfig | None:
-    return config_cache.get().keys_by_hash.get(hashlib.sha256(raw_key.encode()).hexdigest())
+    return config_cache.get().keys_by_hash.get(hash_api_key(raw_key))
 
 
 def app_id_get(slug: str) -> int | None:
@@ -64,7 +58,7 @@ def counter_get(*, app_id: int | None, name: str) -> CounterConfig:
         counter = snapshot.counters.get((global_id, name))
         if counter is not None and not counter.is_global:
             counter = None
-    if counter is None or (counter.expires_at is not None and clock.now() >= counter.expires_at):
+    if counter is None or not counter.is_live(clock.now()):
         raise CounterNotFound(f"Counter {name!r} not found.")
     return counter
 
@@ -188,7 +182,7 @@ def public_counters_get(*, app_id: int) -> list[CounterConfig]:
         (
             c
             for c in config_cache.get().counters_by_id.values()
-            if c.app_id == app_id and c.public and not c.is_user_scoped and (c.expires_at is None or now < c.expires_at)
+            if c.app_id == app_id and c.public and not c.is_user_scoped and c.is_live(now)
         ),
         key=lambda c: c.name,
     )
@@ -254,7 +248,7 @@ def counter_get_typed(*, app_id: int, counter_type: str, name: str) -> CounterCo
         found = counter is not None and (
             counter_type == counter.scope or (counter.scope == "app" and counter_type_of(counter) == counter_type)
         )
-    if not found or (counter.expires_at is not None and clock.now() >= counter.expires_at):
+    if not found or not counter.is_live(clock.now()):
         message = _("Counter '%(name)s' of type %(type)s not found.") % {"name": name, "type": counter_type}
         raise CounterNotFound(message)
     return counter

@@ -96,7 +96,7 @@ def stats_counters(*, app_id: int, counter_type: str | None) -> list[CounterConf
         c
         for c in snapshot.counters_by_id.values()
         if c.app_id == owner
-        and (c.expires_at is None or c.expires_at > now)
+        and c.is_live(now)
         and (counter_type is None or selectors.counter_type_of(c) == counter_type or c.scope == counter_type)
     ]
     return sorted(counters, key=lambda c: c.name)

@@ -1,6 +1,7 @@
 from celery import shared_task
 
-from .services import counters_flush, deleted_counters_purge, operation_log_trim, store_reconcile
+from .flush import counters_flush, deleted_counters_purge, operation_log_trim
+from .write_through import store_reconcile
 
 
 @shared_task(name="counters.flush", ignore_result=True)

@@ -1,9 +1,12 @@
+from functools import partial
+
 import pytest
 import redis
 from django.conf import settings
 
 from counters import config
 from counters.builtins import ensure_builtins
+from counters.config import CounterConfig
 from counters.models import ApiKey, App, Counter
 from counters.redis_store import breaker
 
@@ -41,6 +44,25 @@ def make_key(db):
         return raw
 
     return make
+
+
+@pytest.fixture
+def make_counter():
+    """Create a counter (of the default app unless ``app``); returns its config, as services take it."""
+
+    def make(name: str = "boss_kills", *, app: str = "default", **fields) -> CounterConfig:
+        app_obj = App.objects.get(slug=app)
+        Counter.objects.create(app=app_obj, name=name, **fields)
+        config.cache.invalidate()
+        return config.cache.get().counters[(app_obj.id, name)]
+
+    return make
+
+
+@pytest.fixture
+def make_daily_counter(make_counter):
+    """``make_counter`` with daily periods in Taipei (UTC+8, no DST), as the period and archive tests use."""
+    return partial(make_counter, period="daily", time_zone="Asia/Taipei")
 
 
 @pytest.fixture

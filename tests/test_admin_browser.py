@@ -9,8 +9,8 @@ from playwright.sync_api import expect
 
 from archive.models import PeriodArchive, ResetLog
 from counters import clock, periods
+from counters.flush import counters_flush
 from counters.models import Counter
-from counters.services import counters_flush
 
 from .browser import admin_login, chromium_page, screenshot
 

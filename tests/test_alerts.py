@@ -20,8 +20,9 @@ from alerts.services import deliveries_create, deliveries_sweep
 from alerts.signals import threshold_alert
 from counterproject.celery import app as celery_app
 from counters import clock, config, selectors
+from counters.flush import counters_flush
 from counters.models import App, Counter, Threshold, ThresholdEvent
-from counters.services import counter_update, counters_flush
+from counters.services import counter_update
 
 from .alerts_receiver import Receiver
 

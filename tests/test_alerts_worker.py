@@ -18,8 +18,9 @@ from alerts.models import Channel, Delivery, DeliveryAttempt, Message
 from alerts.services import deliveries_sweep
 from counterproject.celery import app as celery_app
 from counters import config, selectors
+from counters.flush import counters_flush
 from counters.models import App, Counter, CounterValue, Threshold
-from counters.services import counter_update, counters_flush
+from counters.services import counter_update
 
 from .alerts_receiver import Receiver
 from .processes import ROOT, CeleryWorker, Gunicorn, free_port, service_env, wait_until
@@ -45,7 +46,7 @@ def worker(django_db_setup):
         redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
 
 
-def make_counter(name: str, threshold_values: list[int]) -> list[Threshold]:
+def counter_with_thresholds(name: str, threshold_values: list[int]) -> list[Threshold]:
     counter = Counter.objects.create(app=App.objects.get(slug="default"), name=name)
     return [Threshold.objects.create(counter=counter, value=v, level="warning") for v in threshold_values]
 
@@ -53,7 +54,7 @@ def make_counter(name: str, threshold_values: list[int]) -> list[Threshold]:
 def test_a_real_worker_retries_with_growing_backoff_until_the_receiver_accepts(worker, builtins):
     receiver = Receiver(statuses=[500, 502])
     try:
-        [threshold] = make_counter("raid_wins", [3])
+        [threshold] = counter_with_thresholds("raid_wins", [3])
         Channel.objects.create(threshold=threshold, kind="webhook", url=f"{receiver.url}/hook", secret="w-secret")
         config.cache.invalidate()
         counter = selectors.counter_get(app_id=threshold.counter.app_id, name="raid_wins")
@@ -96,8 +97,8 @@ def _summary(latencies: list[float]) -> str:
 
 
 def test_a_hanging_receiver_does_not_slow_increments(worker, builtins, make_key):
-    make_counter("calm", [])
-    stormy = make_counter("stormy", list(range(10, 101, 10)))
+    counter_with_thresholds("calm", [])
+    stormy = counter_with_thresholds("stormy", list(range(10, 101, 10)))
     receiver = Receiver(hang=3.0)
     for threshold in stormy:
         Channel.objects.create(threshold=threshold, kind="webhook", url=receiver.url, secret="s")
@@ -145,7 +146,7 @@ def test_a_hanging_receiver_does_not_slow_increments(worker, builtins, make_key)
 
 
 def test_a_broker_outage_neither_stops_the_flush_nor_loses_the_alert(builtins, client, writer, settings):
-    [threshold] = make_counter("quests", [2])
+    [threshold] = counter_with_thresholds("quests", [2])
     Channel.objects.create(threshold=threshold, kind="message")
     Channel.objects.create(threshold=threshold, kind="log")
     for _ in range(3):

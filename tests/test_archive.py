@@ -19,11 +19,11 @@ from archive import services as archive_services
 from archive.models import PeriodArchive, ResetLog
 from archive.services import archive_retention_enforce, period_archive_closed, period_keys_trim
 from counters import keyspace
+from counters.flush import counters_flush
 from counters.models import CounterValue, FlushedBatch, StatBucket, UniqueMember
-from counters.services import counters_flush
 
 from .processes import ROOT, CeleryWorker, service_env, wait_until
-from .test_periods import TAIPEI, bump, make_counter, post, read
+from .test_periods import TAIPEI, bump, post, read
 
 
 def keys_of(store, counter) -> set[str]:
@@ -38,8 +38,8 @@ def fill_days(time_machine, counter, first: datetime, days: int, *, per_day=lamb
 
 
 @pytest.mark.django_db
-def test_running_the_archive_twice_archives_once(time_machine, builtins):
-    counter = make_counter("twice")
+def test_running_the_archive_twice_archives_once(make_daily_counter, time_machine, builtins):
+    counter = make_daily_counter("twice")
     fill_days(time_machine, counter, datetime(2026, 4, 1, 12, tzinfo=TAIPEI), 2)
     time_machine.move_to(datetime(2026, 4, 3, 0, 1, tzinfo=TAIPEI), tick=False)
     first = period_archive_closed()
@@ -51,8 +51,8 @@ def test_running_the_archive_twice_archives_once(time_machine, builtins):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_archive_runs_archive_once(time_machine, builtins):
-    counters = [make_counter(f"busy{i}", scope="user") for i in range(3)]
+def test_concurrent_archive_runs_archive_once(make_daily_counter, time_machine, builtins):
+    counters = [make_daily_counter(f"busy{i}", scope="user") for i in range(3)]
     for counter in counters:
         for player in range(20):
             fill_days(time_machine, counter, datetime(2026, 4, 1, 12, tzinfo=TAIPEI), 3, subject=f"p{player}")
@@ -96,9 +96,9 @@ def test_concurrent_archive_runs_archive_once(time_machine, builtins):
 
 
 @pytest.mark.django_db
-def test_beat_missing_midnights_is_caught_up_by_the_next_run(time_machine, builtins, store):
-    daily = make_counter("daily_games")
-    weekly = make_counter("weekly_games", period="weekly", time_zone="America/Los_Angeles")
+def test_beat_missing_midnights_is_caught_up_by_the_next_run(make_daily_counter, time_machine, builtins, store):
+    daily = make_daily_counter("daily_games")
+    weekly = make_daily_counter("weekly_games", period="weekly", time_zone="America/Los_Angeles")
     fill_days(time_machine, daily, datetime(2026, 4, 1, 12, tzinfo=TAIPEI), 4)
     fill_days(time_machine, weekly, datetime(2026, 4, 1, 12, tzinfo=TAIPEI), 14, per_day=lambda d: 1)
     time_machine.move_to(datetime(2026, 4, 15, 0, 20, tzinfo=TAIPEI), tick=False)
@@ -122,9 +122,9 @@ def test_beat_missing_midnights_is_caught_up_by_the_next_run(time_machine, built
 
 
 @pytest.mark.django_db
-def test_trimming_waits_for_pending_deltas(time_machine, builtins, store):
+def test_trimming_waits_for_pending_deltas(make_daily_counter, time_machine, builtins, store):
     """A closed period whose deltas are not in PostgreSQL yet keeps its Redis keys until they are."""
-    counter = make_counter("late_flush", unique_members=True)
+    counter = make_daily_counter("late_flush", unique_members=True)
     time_machine.move_to(datetime(2026, 4, 1, 23, 59, 59, tzinfo=TAIPEI), tick=False)
     bump(counter, user_id="u1")
     bump(counter, user_id="u2")
@@ -140,8 +140,8 @@ def test_trimming_waits_for_pending_deltas(time_machine, builtins, store):
 
 
 @pytest.mark.django_db
-def test_a_late_update_of_a_trimmed_period_rehydrates_it_exactly(time_machine, builtins):
-    counter = make_counter("straggler", unique_members=True)
+def test_a_late_update_of_a_trimmed_period_rehydrates_it_exactly(make_daily_counter, time_machine, builtins):
+    counter = make_daily_counter("straggler", unique_members=True)
     time_machine.move_to(datetime(2026, 4, 1, 23, 59, 59, tzinfo=TAIPEI), tick=False)
     bump(counter, user_id="u1")
     time_machine.move_to(datetime(2026, 4, 2, 0, 1, tzinfo=TAIPEI), tick=False)
@@ -155,9 +155,11 @@ def test_a_late_update_of_a_trimmed_period_rehydrates_it_exactly(time_machine, b
 
 
 @pytest.mark.django_db
-def test_retention_deletes_what_is_older_than_the_setting_and_never_the_last_week(time_machine, builtins, settings):
-    dropped = make_counter("dropped")
-    carried = make_counter("carried", reset_strategy="keep")
+def test_retention_deletes_what_is_older_than_the_setting_and_never_the_last_week(
+    make_daily_counter, time_machine, builtins, settings
+):
+    dropped = make_daily_counter("dropped")
+    carried = make_daily_counter("carried", reset_strategy="keep")
     fill_days(time_machine, dropped, datetime(2026, 4, 1, 12, tzinfo=TAIPEI), 12)
     fill_days(time_machine, carried, datetime(2026, 4, 1, 12, tzinfo=TAIPEI), 1)
     time_machine.move_to(datetime(2026, 4, 13, 0, 1, tzinfo=TAIPEI), tick=False)
@@ -200,8 +202,8 @@ def test_a_retention_below_seven_days_refuses_to_start():
 
 
 @pytest.mark.django_db
-def test_history_reads_closed_periods_from_the_archive(client, writer, time_machine):
-    counter = make_counter("history_games")
+def test_history_reads_closed_periods_from_the_archive(make_daily_counter, client, writer, time_machine):
+    counter = make_daily_counter("history_games")
     fill_days(time_machine, counter, datetime(2026, 4, 1, 12, tzinfo=TAIPEI), 10)
     time_machine.move_to(datetime(2026, 4, 10, 18, tzinfo=TAIPEI), tick=False)
     period_archive_closed()
@@ -243,8 +245,8 @@ def test_single_reset_takes_a_reason_and_a_value_and_is_logged(client, writer):
 
 
 @pytest.mark.django_db
-def test_batch_reset_validates_everything_before_changing_anything(client, writer, make_key):
-    make_counter("event_points", scope="user", max_value=100)
+def test_batch_reset_validates_everything_before_changing_anything(make_daily_counter, client, writer, make_key):
+    make_daily_counter("event_points", scope="user", max_value=100)
     for name, body in [("total_games_played", {"value": 5}), ("online_players", {"value": 3})]:
         post(client, f"/api/v1/counter/{name}/increment", body, writer)
     post(client, "/api/v1/counter/event_points/increment", {"value": 50, "user_id": "p1"}, writer)
@@ -305,9 +307,9 @@ def test_beat_schedules_are_created_once_with_explicit_time_zones(builtins):
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_a_real_celery_worker_archives_yesterday(builtins):
+def test_a_real_celery_worker_archives_yesterday(make_daily_counter, builtins):
     """The worker runs in real time: the data is written "yesterday" (Taipei) and archived today."""
-    counter = make_counter("worker_games")
+    counter = make_daily_counter("worker_games")
     yesterday = datetime.now(TAIPEI) - timedelta(days=1)
     with time_machine.travel(yesterday, tick=False):
         bump(counter, 4)
@@ -331,8 +333,8 @@ def test_a_real_celery_worker_archives_yesterday(builtins):
 
 
 @pytest.mark.django_db
-def test_history_of_a_user_counter_is_per_player(client, writer, time_machine):
-    counter = make_counter("player_wins", scope="user")
+def test_history_of_a_user_counter_is_per_player(make_daily_counter, client, writer, time_machine):
+    counter = make_daily_counter("player_wins", scope="user")
     time_machine.move_to(datetime(2026, 4, 1, 12, tzinfo=TAIPEI), tick=False)
     bump(counter, 3, subject="p1")
     bump(counter, 5, subject="p2")

@@ -9,10 +9,10 @@ import requests
 from django.test import Client, override_settings
 
 from counters import clock, keyspace
+from counters.flush import counters_flush
 from counters.models import App, Counter, CounterValue, OperationLog, Threshold, ThresholdEvent, UniqueMember
 from counters.periods import window_at
 from counters.serializers import BATCH_UPDATE_LIMIT
-from counters.services import counters_flush
 
 from .http import post
 

@@ -7,9 +7,10 @@ import requests
 from django.test import Client
 from playwright.sync_api import expect
 
+from counters.flush import counters_flush
 from counters.models import App, Counter
 from counters.selectors import counter_config_get
-from counters.services import counter_update, counters_flush
+from counters.services import counter_update
 
 from .browser import chromium_page, screenshot
 

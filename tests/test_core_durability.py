@@ -11,8 +11,8 @@ import requests
 from django.conf import settings
 
 from counters import keyspace
+from counters.flush import counters_flush
 from counters.models import Counter, CounterValue, UniqueMember
-from counters.services import counters_flush
 
 from .processes import ROOT, Gunicorn, service_env, wait_until
 

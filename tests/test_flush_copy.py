@@ -6,8 +6,9 @@ import pytest
 
 from counters import keyspace
 from counters.config import cache
+from counters.flush import COPY_MIN_ROWS, counters_flush
 from counters.models import App, Counter, CounterValue, UniqueMember
-from counters.services import COPY_MIN_ROWS, UpdateRequest, counter_update_many, counters_flush
+from counters.services import UpdateRequest, counter_update_many
 
 from .test_core_durability import flush_in_subprocess
 

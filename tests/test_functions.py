@@ -1,4 +1,4 @@
-"""The cloud functions of seed 001: each reply's fields and types, every error code from a real request
+"""The cloud functions: each reply's fields and types, every error code from a real request
 (with nothing changed), app isolation, user counters and player tokens, bounds, resets, languages."""
 
 import json
@@ -7,11 +7,15 @@ import re
 import pytest
 import time_machine
 from django.test import Client
+from django.utils import translation
 
 from archive.models import ResetLog
 from counters import config
-from counters.models import App, Counter, OperationLog, Threshold
-from counters.services import counters_flush
+from counters.errors import OutOfLimits
+from counters.flush import counters_flush
+from counters.models import App, Counter, CounterValue, OperationLog, Threshold
+from counters.redis_store import breaker
+from counters.services import counter_update
 
 pytestmark = pytest.mark.django_db
 
@@ -81,10 +85,10 @@ def value_of(client, name, counter_type, key, **extra) -> int:
     return ok(call(client, "getCounter", target(name, counter_type, **extra), key))["currentValue"]
 
 
-# --- replies: the seed's fields and types ------------------------------------------------------
+# --- replies: the documented fields and types ------------------------------------------------------
 
 
-def test_get_counter_reply_has_the_seed_fields(client, game):
+def test_get_counter_reply_has_the_documented_fields(client, game):
     data = ok(call(client, "getCounter", target("daily_login", "daily"), game["write"]))
     assert list(data) == [
         "counterId", "counterType", "counterName", "currentValue", "maxValue", "resetPeriod",
@@ -107,7 +111,7 @@ def test_get_counter_reply_has_the_seed_fields(client, game):
     )  # fmt: skip
 
 
-def test_increase_reply_has_the_seed_fields_and_reports_thresholds(client, game):
+def test_increase_reply_has_the_documented_fields_and_reports_thresholds(client, game):
     data = ok(call(client, "increaseCounter", target("gold", increment=49), game["write"]))
     assert list(data) == ["counterId", "oldValue", "newValue", "increment", "updateTime", "hitThreshold", "thresholds"]
     assert (data["counterId"], data["oldValue"], data["newValue"], data["increment"]) == ("gold", 0, 49, 49)
@@ -127,7 +131,7 @@ def test_increase_reply_has_the_seed_fields_and_reports_thresholds(client, game)
     assert ok(call(client, "increaseCounter", target("daily_login", "daily"), game["write"]))["thresholds"] == []
 
 
-def test_decrease_reply_has_the_seed_fields_and_reports_the_minimum(client, game):
+def test_decrease_reply_has_the_documented_fields_and_reports_the_minimum(client, game):
     call(client, "increaseCounter", target("energy_points", "user", playerId="p1", increment=2), game["write"])
     data = ok(call(client, "decreaseCounter", target("energy_points", "user", playerId="p1"), game["write"]))
     assert list(data) == ["counterId", "oldValue", "newValue", "decrement", "updateTime", "reachedMinimum"]
@@ -137,7 +141,7 @@ def test_decrease_reply_has_the_seed_fields_and_reports_the_minimum(client, game
     assert data["newValue"] == 0 and data["reachedMinimum"] is True
 
 
-def test_reset_reply_has_the_seed_fields_and_is_logged(client, game):
+def test_reset_reply_has_the_documented_fields_and_is_logged(client, game):
     call(client, "increaseCounter", target("daily_login", "daily", increment=1251), game["write"])
     body = target("daily_login", "daily", reason="日周期重置", operatorId="admin_123")
     data = ok(call(client, "resetCounter", body, game["manage"]))
@@ -414,3 +418,15 @@ def test_the_operation_log_keeps_its_retention(client, game, settings):
         assert trim_operation_log() == 0
     kept = sorted(entry.created_at.date().isoformat() for entry in OperationLog.objects.all())
     assert kept == ["2024-01-20", "2024-02-15"]
+
+
+def test_a_write_through_refusal_speaks_the_callers_language_like_the_redis_path(make_counter, builtins, settings):
+    """Redis down, writes going to PostgreSQL: going below the minimum is refused in the caller's language."""
+    settings.COUNTER_REDIS_DOWN_WRITES = "write_through"
+    counter = make_counter("lives")
+    for _ in range(settings.REDIS_BREAKER_THRESHOLD):
+        breaker.record_failure()
+    with translation.override("zh-hans"), pytest.raises(OutOfLimits) as refused:
+        counter_update(counter=counter, amount=-1)
+    assert refused.value.message.startswith("计数器“lives”当前为 0") and "不允许低于 0" in refused.value.message
+    assert not CounterValue.objects.filter(counter_id=counter.id).exclude(value=0, operations=0).exists()

@@ -9,9 +9,9 @@ from django.test import Client
 
 from archive.models import ResetLog
 from counters import keyspace
+from counters.flush import counters_flush
 from counters.models import App, Counter
 from counters.redis_store import breaker
-from counters.services import counters_flush
 
 from .http import post
 

@@ -3,8 +3,9 @@
 import pytest
 
 from counters import config, keyspace
+from counters.flush import counters_flush, deleted_counters_purge
 from counters.models import Counter, CounterValue
-from counters.services import counter_update, counters_flush, deleted_counters_purge
+from counters.services import counter_update
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

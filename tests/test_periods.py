@@ -8,21 +8,15 @@ import pytest
 from archive.models import PeriodArchive, ResetLog
 from archive.services import period_archive_closed
 from counters import config, periods
-from counters.models import App, Counter, CounterValue
-from counters.selectors import counter_get, counter_value_get
-from counters.services import counter_update, counters_flush
+from counters.flush import counters_flush
+from counters.models import Counter, CounterValue
+from counters.selectors import counter_value_get
+from counters.services import counter_update
 
 from .http import post
 
 TAIPEI = ZoneInfo("Asia/Taipei")
 LOS_ANGELES = ZoneInfo("America/Los_Angeles")
-
-
-def make_counter(name: str, *, period: str = "daily", time_zone: str = "Asia/Taipei", **fields):
-    app = App.objects.get(slug="default")
-    Counter.objects.create(app=app, name=name, period=period, time_zone=time_zone, **fields)
-    config.cache.invalidate()
-    return counter_get(app_id=app.id, name=name)
 
 
 def fresh(counter):
@@ -44,8 +38,10 @@ def utc(*args) -> str:
 
 
 @pytest.mark.django_db
-def test_increments_either_side_of_midnight_land_in_two_periods_and_the_day_is_archived(client, writer, time_machine):
-    counter = make_counter("games_today", time_zone="Asia/Taipei")
+def test_increments_either_side_of_midnight_land_in_two_periods_and_the_day_is_archived(
+    make_daily_counter, client, writer, time_machine
+):
+    counter = make_daily_counter("games_today", time_zone="Asia/Taipei")
     url = "/api/v1/counter/games_today"
     time_machine.move_to(datetime(2026, 11, 22, 23, 59, 59, tzinfo=TAIPEI), tick=False)
     assert post(client, f"{url}/increment", {"value": 5}, writer).json()["current_value"] == 5
@@ -88,9 +84,11 @@ BOUNDARIES = [
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(("period", "zone", "moment", "start", "end"), BOUNDARIES)
-def test_boundaries_in_real_time_zones(client, writer, time_machine, period, zone, moment, start, end):
+def test_boundaries_in_real_time_zones(
+    make_daily_counter, client, writer, time_machine, period, zone, moment, start, end
+):
     """An update one millisecond before the boundary lands in the old period, one at it in the new."""
-    counter = make_counter("boundary", period=period, time_zone=zone)
+    counter = make_daily_counter("boundary", period=period, time_zone=zone)
     start_utc, end_utc = datetime(*start, tzinfo=UTC), datetime(*end, tzinfo=UTC)
     window = periods.window_at(period, zone, moment)
     assert (window.start, window.end) == (start_utc, end_utc)
@@ -125,10 +123,10 @@ STRATEGIES = [
     ("fields", "next_day", "after_idle_day"), STRATEGIES, ids=[s[0]["reset_strategy"] for s in STRATEGIES]
 )
 def test_strategies_open_the_next_period_the_same_with_or_without_the_archive_task(
-    time_machine, builtins, archive_ran, fields, next_day, after_idle_day
+    make_daily_counter, time_machine, builtins, archive_ran, fields, next_day, after_idle_day
 ):
-    counter = make_counter("carry", **fields)
-    other = make_counter("carry_idle", **fields)
+    counter = make_daily_counter("carry", **fields)
+    other = make_daily_counter("carry_idle", **fields)
     time_machine.move_to(datetime(2026, 5, 1, 12, tzinfo=TAIPEI), tick=False)
     for c in (counter, other):
         assert bump(c, 10 - read(c)) == 10
@@ -149,9 +147,9 @@ def test_strategies_open_the_next_period_the_same_with_or_without_the_archive_ta
 
 
 @pytest.mark.django_db
-def test_an_unflushed_older_period_still_opens_the_next_one(time_machine, builtins):
+def test_an_unflushed_older_period_still_opens_the_next_one(make_daily_counter, time_machine, builtins):
     """The flusher was down: the only trace of 1 May is in Redis, and 3 May carries it over twice."""
-    counter = make_counter("carry_redis_only", reset_strategy="difference", reset_difference=2)
+    counter = make_daily_counter("carry_redis_only", reset_strategy="difference", reset_difference=2)
     time_machine.move_to(datetime(2026, 5, 1, 12, tzinfo=TAIPEI), tick=False)
     bump(counter, 10)
     assert not CounterValue.objects.filter(counter_id=counter.id).exists()
@@ -160,8 +158,8 @@ def test_an_unflushed_older_period_still_opens_the_next_one(time_machine, builti
 
 
 @pytest.mark.django_db
-def test_user_counters_carry_each_players_value(time_machine, builtins):
-    counter = make_counter("stamina", scope="user", reset_strategy="ratio", reset_ratio="0.5")
+def test_user_counters_carry_each_players_value(make_daily_counter, time_machine, builtins):
+    counter = make_daily_counter("stamina", scope="user", reset_strategy="ratio", reset_ratio="0.5")
     time_machine.move_to(datetime(2026, 6, 1, 9, tzinfo=TAIPEI), tick=False)
     bump(counter, 9, subject="p1")
     bump(counter, 4, subject="p2")
@@ -173,8 +171,8 @@ def test_user_counters_carry_each_players_value(time_machine, builtins):
 
 
 @pytest.mark.django_db
-def test_unique_members_count_again_in_the_next_period(time_machine, builtins):
-    counter = make_counter("dau", unique_members=True)
+def test_unique_members_count_again_in_the_next_period(make_daily_counter, time_machine, builtins):
+    counter = make_daily_counter("dau", unique_members=True)
     time_machine.move_to(datetime(2026, 6, 1, 23, 59, 59, tzinfo=TAIPEI), tick=False)
     assert bump(counter, user_id="u1") == 1
     assert bump(counter, user_id="u1") == 1
@@ -186,8 +184,8 @@ def test_unique_members_count_again_in_the_next_period(time_machine, builtins):
     assert PeriodArchive.objects.get(counter_id=counter.id).final_value == 1
 
 
-def test_a_changed_config_is_seen_by_the_strategy(time_machine, builtins):
-    counter = make_counter("switch", reset_strategy="keep")
+def test_a_changed_config_is_seen_by_the_strategy(make_daily_counter, time_machine, builtins):
+    counter = make_daily_counter("switch", reset_strategy="keep")
     time_machine.move_to(datetime(2026, 7, 1, 12, tzinfo=TAIPEI), tick=False)
     bump(counter, 8)
     Counter.objects.filter(id=counter.id).update(reset_strategy="difference", reset_difference=5)
@@ -196,9 +194,9 @@ def test_a_changed_config_is_seen_by_the_strategy(time_machine, builtins):
     assert read(counter) == 3
 
 
-def test_a_counter_that_starts_resetting_opens_its_first_period_cleanly(time_machine, builtins):
+def test_a_counter_that_starts_resetting_opens_its_first_period_cleanly(make_daily_counter, time_machine, builtins):
     """Its value from before (period "") is not a period: the first daily period opens by the strategy."""
-    counter = make_counter("became_daily", period="none", reset_strategy="keep")
+    counter = make_daily_counter("became_daily", period="none", reset_strategy="keep")
     time_machine.move_to(datetime(2026, 7, 1, 12, tzinfo=TAIPEI), tick=False)
     bump(counter, 8)
     counters_flush()

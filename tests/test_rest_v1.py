@@ -1,9 +1,9 @@
-"""REST v1: the shapes of the original spec, byte for byte, and its errors."""
+"""REST v1: the shapes of docs/requirements.md, byte for byte, and its errors."""
 
 import pytest
 
+from counters.flush import counters_flush
 from counters.models import CounterValue
-from counters.services import counters_flush
 
 from .http import post
 

@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import time_machine
 
+from counters.flush import counters_flush
 from counters.models import App, Counter
-from counters.services import counters_flush
 
 pytestmark = pytest.mark.django_db
 

@@ -8,17 +8,13 @@ import requests
 import time_machine
 
 from counters import config, selectors
+from counters.flush import counters_flush
 from counters.models import App, Counter, Threshold, ThresholdEvent
-from counters.services import counter_update, counters_flush
+from counters.services import counter_update
 
 from .http import post
 
 DAY_1 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
-
-
-def make_counter(name: str = "boss_kills", **fields) -> Counter:
-    app = App.objects.get(slug="default")
-    return Counter.objects.create(app=app, name=name, **fields)
 
 
 def bump(name: str, amount: int = 1):
@@ -34,9 +30,9 @@ def events_of(threshold: Threshold) -> list[ThresholdEvent]:
 
 @pytest.mark.django_db
 class TestHotPath:
-    def test_a_crossing_fires_once_per_period_by_default(self, builtins):
+    def test_a_crossing_fires_once_per_period_by_default(self, make_counter, builtins):
         counter = make_counter()
-        threshold = Threshold.objects.create(counter=counter, value=5, level="warning")
+        threshold = Threshold.objects.create(counter_id=counter.id, value=5, level="warning")
         results = [bump("boss_kills") for _ in range(7)]
         assert [r.crossed for r in results] == [(), (), (), (), (threshold.id,), (), ()]
         assert threshold.id in results[-1].threshold_marks
@@ -46,26 +42,26 @@ class TestHotPath:
         assert (event.counter_id, event.subject, event.period) == (counter.id, "", "")
         assert event.triggered_at == results[4].threshold_marks[threshold.id]
 
-    def test_a_jump_over_several_levels_fires_each_of_them(self, builtins):
+    def test_a_jump_over_several_levels_fires_each_of_them(self, make_counter, builtins):
         make_counter()
         counter = Counter.objects.get(name="boss_kills")
-        low = Threshold.objects.create(counter=counter, value=10, level="info")
-        high = Threshold.objects.create(counter=counter, value=20, level="critical")
+        low = Threshold.objects.create(counter_id=counter.id, value=10, level="info")
+        high = Threshold.objects.create(counter_id=counter.id, value=20, level="critical")
         result = bump("boss_kills", 25)
         assert sorted(result.crossed) == sorted([low.id, high.id])
         assert len(events_of(low)) == len(events_of(high)) == 1
 
-    def test_a_down_threshold_fires_when_the_value_falls_to_it(self, builtins):
+    def test_a_down_threshold_fires_when_the_value_falls_to_it(self, make_counter, builtins):
         counter = make_counter(allow_negative=True)
-        threshold = Threshold.objects.create(counter=counter, value=-3, direction="down")
+        threshold = Threshold.objects.create(counter_id=counter.id, value=-3, direction="down")
         assert bump("boss_kills", -2).crossed == ()
         assert bump("boss_kills", -1).crossed == (threshold.id,)
         assert bump("boss_kills", -5).crossed == ()
         assert len(events_of(threshold)) == 1
 
-    def test_rearm_fires_again_after_falling_back_below(self, builtins):
+    def test_rearm_fires_again_after_falling_back_below(self, make_counter, builtins):
         counter = make_counter()
-        threshold = Threshold.objects.create(counter=counter, value=5, rearm=True)
+        threshold = Threshold.objects.create(counter_id=counter.id, value=5, rearm=True)
         with time_machine.travel(DAY_1, tick=False) as clock:
             assert bump("boss_kills", 5).crossed == (threshold.id,)
             clock.shift(1)
@@ -75,9 +71,9 @@ class TestHotPath:
             assert bump("boss_kills", 2).crossed == (threshold.id,)
         assert len(events_of(threshold)) == 2
 
-    def test_without_rearm_falling_back_changes_nothing(self, builtins):
+    def test_without_rearm_falling_back_changes_nothing(self, make_counter, builtins):
         counter = make_counter()
-        threshold = Threshold.objects.create(counter=counter, value=5, cooldown_seconds=0)
+        threshold = Threshold.objects.create(counter_id=counter.id, value=5, cooldown_seconds=0)
         with time_machine.travel(DAY_1, tick=False) as clock:
             bump("boss_kills", 5)
             clock.shift(1)
@@ -85,9 +81,9 @@ class TestHotPath:
             assert bump("boss_kills", 3).crossed == ()
         assert len(events_of(threshold)) == 1
 
-    def test_cooldown_suppresses_repeats_until_it_ends(self, builtins):
+    def test_cooldown_suppresses_repeats_until_it_ends(self, make_counter, builtins):
         counter = make_counter()
-        threshold = Threshold.objects.create(counter=counter, value=5, rearm=True, cooldown_seconds=60)
+        threshold = Threshold.objects.create(counter_id=counter.id, value=5, rearm=True, cooldown_seconds=60)
         with time_machine.travel(DAY_1, tick=False) as clock:
             assert bump("boss_kills", 5).crossed == (threshold.id,)
             for _ in range(3):
@@ -100,9 +96,9 @@ class TestHotPath:
         [first, second] = events_of(threshold)
         assert second.triggered_at - first.triggered_at == timedelta(seconds=61)
 
-    def test_a_new_period_rearms_the_thresholds(self, builtins):
+    def test_a_new_period_rearms_the_thresholds(self, make_counter, builtins):
         counter = make_counter(period="daily")
-        threshold = Threshold.objects.create(counter=counter, value=3)
+        threshold = Threshold.objects.create(counter_id=counter.id, value=3)
         with time_machine.travel(DAY_1, tick=False) as clock:
             assert bump("boss_kills", 3).crossed == (threshold.id,)
             assert bump("boss_kills").crossed == ()
@@ -111,9 +107,9 @@ class TestHotPath:
             assert result.old_value == 0 and result.crossed == (threshold.id,)
         assert [e.period for e in events_of(threshold)] == ["2026-03-10", "2026-03-11"]
 
-    def test_a_cooldown_also_spans_the_period_boundary(self, builtins):
+    def test_a_cooldown_also_spans_the_period_boundary(self, make_counter, builtins):
         counter = make_counter(period="daily")
-        threshold = Threshold.objects.create(counter=counter, value=3, cooldown_seconds=3600)
+        threshold = Threshold.objects.create(counter_id=counter.id, value=3, cooldown_seconds=3600)
         with time_machine.travel(datetime(2026, 3, 10, 23, 50, tzinfo=UTC), tick=False) as clock:
             assert bump("boss_kills", 3).crossed == (threshold.id,)
             clock.shift(timedelta(minutes=20))
@@ -122,18 +118,18 @@ class TestHotPath:
             assert bump("boss_kills", 1).crossed == ()
         assert len(events_of(threshold)) == 1
 
-    def test_user_counters_fire_per_player(self, builtins):
+    def test_user_counters_fire_per_player(self, make_counter, builtins):
         counter = make_counter(scope="user")
-        threshold = Threshold.objects.create(counter=counter, value=2)
+        threshold = Threshold.objects.create(counter_id=counter.id, value=2)
         config.cache.invalidate()
         cfg = selectors.counter_get(app_id=counter.app_id, name="boss_kills")
         for player in ("p1", "p2", "p1", "p2", "p1"):
             counter_update(counter=cfg, amount=1, subject=player)
         assert sorted(e.subject for e in events_of(threshold)) == ["p1", "p2"]
 
-    def test_disabled_thresholds_never_fire(self, builtins):
+    def test_disabled_thresholds_never_fire(self, make_counter, builtins):
         counter = make_counter()
-        threshold = Threshold.objects.create(counter=counter, value=1, enabled=False)
+        threshold = Threshold.objects.create(counter_id=counter.id, value=1, enabled=False)
         assert bump("boss_kills", 5).crossed == ()
         assert events_of(threshold) == []
 
@@ -143,7 +139,7 @@ class TestManagersApi:
     url = "/api/v1/counter/boss_kills/thresholds"
 
     @pytest.fixture
-    def manager(self, builtins, make_key):
+    def manager(self, builtins, make_key, make_counter):
         make_counter()
         return {"HTTP_AUTHORIZATION": f"Bearer {make_key(('counter_manage',))}"}
 
@@ -218,11 +214,11 @@ class TestManagersApi:
 
 @pytest.mark.django_db(transaction=True)
 def test_1000_concurrent_increments_crossing_two_thresholds_fire_exactly_one_event_each(
-    live_server, builtins, make_key
+    make_counter, live_server, builtins, make_key
 ):
     counter = make_counter()
-    low = Threshold.objects.create(counter=counter, value=300, level="warning")
-    high = Threshold.objects.create(counter=counter, value=700, level="critical")
+    low = Threshold.objects.create(counter_id=counter.id, value=300, level="warning")
+    high = Threshold.objects.create(counter_id=counter.id, value=700, level="critical")
     key = make_key(("write",))
     url = f"{live_server.url}/api/v1/counter/boss_kills/increment"
 
@@ -242,10 +238,10 @@ def test_1000_concurrent_increments_crossing_two_thresholds_fire_exactly_one_eve
 
 
 @pytest.mark.django_db
-def test_a_wiped_redis_does_not_record_a_second_event_in_the_period(builtins, store):
+def test_a_wiped_redis_does_not_record_a_second_event_in_the_period(make_counter, builtins, store):
     counter = make_counter()
-    once = Threshold.objects.create(counter=counter, value=5)
-    rearming = Threshold.objects.create(counter=counter, value=6, rearm=True)
+    once = Threshold.objects.create(counter_id=counter.id, value=5)
+    rearming = Threshold.objects.create(counter_id=counter.id, value=6, rearm=True)
     bump("boss_kills", 6)
     counters_flush()
     store.flushdb()
@@ -256,9 +252,9 @@ def test_a_wiped_redis_does_not_record_a_second_event_in_the_period(builtins, st
 
 
 @pytest.mark.django_db
-def test_a_wiped_redis_does_not_break_the_cooldown(builtins, store):
+def test_a_wiped_redis_does_not_break_the_cooldown(make_counter, builtins, store):
     counter = make_counter()
-    threshold = Threshold.objects.create(counter=counter, value=5, rearm=True, cooldown_seconds=60)
+    threshold = Threshold.objects.create(counter_id=counter.id, value=5, rearm=True, cooldown_seconds=60)
     with time_machine.travel(DAY_1, tick=False) as clock:
         bump("boss_kills", 5)
         counters_flush()
@@ -274,13 +270,13 @@ def test_a_wiped_redis_does_not_break_the_cooldown(builtins, store):
 
 
 @pytest.mark.django_db
-def test_writes_through_postgresql_follow_the_same_threshold_rules(builtins, settings):
+def test_writes_through_postgresql_follow_the_same_threshold_rules(make_counter, builtins, settings):
     from counters.redis_store import breaker
 
     settings.COUNTER_REDIS_DOWN_WRITES = "write_through"
     counter = make_counter()
-    once = Threshold.objects.create(counter=counter, value=3)
-    cooling = Threshold.objects.create(counter=counter, value=4, rearm=True, cooldown_seconds=60)
+    once = Threshold.objects.create(counter_id=counter.id, value=3)
+    cooling = Threshold.objects.create(counter_id=counter.id, value=4, rearm=True, cooldown_seconds=60)
     config.cache.get()
     with time_machine.travel(DAY_1, tick=False) as clock:
         for _ in range(settings.REDIS_BREAKER_THRESHOLD):

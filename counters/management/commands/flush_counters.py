@@ -3,7 +3,8 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from counters.services import counters_flush, store_reconcile
+from counters.flush import counters_flush
+from counters.write_through import store_reconcile
 
 
 class Command(BaseCommand):

@@ -1,4 +1,5 @@
-"""The seed's edge cases found by trying the service as a new user would (issue 14, item 3)."""
+"""Edge cases found by trying the service as a new user would (issue 14, item 3): unique counters without
+user_id, monthly counterType, levels in getCounterStats, last_reset after a manual reset."""
 
 import json
 from datetime import UTC, datetime, timedelta
@@ -6,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import time_machine
 
+from counters.flush import counters_flush
 from counters.models import App, Counter
-from counters.services import counters_flush
 
 from .http import post
 

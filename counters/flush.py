@@ -1,0 +1,347 @@
+"""The write-behind flush (Redis pending deltas into PostgreSQL, each exactly once) and the clean-ups after it."""
+
+import contextlib
+import logging
+import os
+import signal
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+
+import orjson
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+
+from . import clock, keyspace
+from .config import cache as config_cache
+from .models import Counter, FlushedBatch, OperationLog
+from .redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
+from .signals import threshold_crossed
+
+logger = logging.getLogger(__name__)
+
+
+def _decode(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(slots=True)
+class FlushStats:
+    locked_out: bool = False
+    batches: int = 0
+    skipped: int = 0
+    values: int = 0
+    members: int = 0
+    operations: int = 0
+    dropped: int = 0
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for tests: die here, as a kill -9 would, when COUNTER_TEST_CRASH_POINT names this point.
+
+    The crash tests set the variable in a flusher subprocess to prove a batch is applied exactly once
+    whichever side of the commit the process dies on; nothing else sets it.
+    """
+    if os.environ.get("COUNTER_TEST_CRASH_POINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _new_batch_id() -> str:
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+
+
+_VALUES_UPSERT = """
+INSERT INTO counters_countervalue (counter_id, subject, period, value, peak, operations, updated_at)
+SELECT %s, x.s, x.p, x.d, x.pk, x.o, to_timestamp(x.t / 1000.0)
+FROM {source} AS x(s, p, d, pk, o, t)
+ON CONFLICT (counter_id, subject, period) DO UPDATE SET
+    value = counters_countervalue.value + EXCLUDED.value,
+    peak = GREATEST(counters_countervalue.peak, EXCLUDED.peak),
+    operations = counters_countervalue.operations + EXCLUDED.operations,
+    updated_at = GREATEST(counters_countervalue.updated_at, EXCLUDED.updated_at)
+"""
+_VALUES_SQL = _VALUES_UPSERT.format(
+    source="unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+)
+
+_MEMBERS_INSERT = """
+INSERT INTO counters_uniquemember (counter_id, period, member)
+SELECT %s, x.p, x.m FROM {source} AS x(p, m)
+ON CONFLICT DO NOTHING
+"""
+_MEMBERS_SQL = _MEMBERS_INSERT.format(source="unnest(%s::text[], %s::text[])")
+
+# Large batches go through COPY into session-local tables instead of array parameters: quoting
+# every array element costs the client more than PostgreSQL's whole upsert (bench/flush_bench.py).
+# Below this many rows the three extra round trips cost more than they save.
+COPY_MIN_ROWS = 1000
+_COPY_TABLES = """
+CREATE TEMP TABLE IF NOT EXISTS counters_flush_values
+    (s text, p text, d bigint, pk bigint, o bigint, t bigint) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS counters_flush_members (p text, m text) ON COMMIT DELETE ROWS;
+TRUNCATE counters_flush_values, counters_flush_members
+"""
+_VALUES_FROM_COPY_SQL = _VALUES_UPSERT.format(source="counters_flush_values")
+_MEMBERS_FROM_COPY_SQL = _MEMBERS_INSERT.format(source="counters_flush_members")
+
+BUCKETS_UPSERT_SQL = """
+INSERT INTO counters_statbucket (counter_id, minute, operations, delta, last_value, max_value)
+SELECT %s, to_timestamp(x.m * 60), x.o, x.d, x.v, x.mx
+FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) AS x(m, o, d, v, mx)
+ON CONFLICT (counter_id, minute) DO UPDATE SET
+    operations = counters_statbucket.operations + EXCLUDED.operations,
+    delta = counters_statbucket.delta + EXCLUDED.delta,
+    last_value = COALESCE(EXCLUDED.last_value, counters_statbucket.last_value),
+    max_value = GREATEST(counters_statbucket.max_value, EXCLUDED.max_value)
+"""
+
+EVENTS_INSERT_SQL = """
+INSERT INTO counters_thresholdevent (threshold_id, counter_id, subject, period, triggered_at)
+SELECT x.t, %s, x.s, x.p, to_timestamp(x.ms / 1000.0)
+FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[]) AS x(t, s, p, ms)
+JOIN counters_threshold th ON th.id = x.t
+-- Once per period (unless re-arming) and the cooldown are also kept here: a Redis that lost its
+-- marks (wiped, restored) cannot record a repeat, and writes through PostgreSQL follow the rules.
+WHERE (th.rearm OR NOT EXISTS (
+    SELECT 1 FROM counters_thresholdevent e WHERE e.threshold_id = x.t AND e.subject = x.s AND e.period = x.p
+))
+AND (th.cooldown_seconds = 0 OR NOT EXISTS (
+    SELECT 1 FROM counters_thresholdevent e WHERE e.threshold_id = x.t AND e.subject = x.s
+    AND e.triggered_at > to_timestamp(x.ms / 1000.0) - th.cooldown_seconds * interval '1 second'
+))
+ON CONFLICT DO NOTHING
+RETURNING id, threshold_id
+"""
+
+
+@dataclass(slots=True)
+class _Batch:
+    values: dict[tuple[str, str], list[int]]
+    members: list[tuple[str, str]]
+    buckets: dict[int, list]
+    events: list[tuple[int, str, str, int]]
+    log: list[bytes]
+
+
+def _parse_batch(fields: dict[bytes, bytes], log: list[bytes]) -> _Batch:
+    values: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    buckets: dict[int, list] = defaultdict(lambda: [0, 0, None, None])
+    members: list[tuple[str, str]] = []
+    events: list[tuple[int, str, str, int]] = []
+    slots = {"d": 0, "o": 1, "p": 2, "t": 3}
+    bucket_slots = {"bo": 0, "bd": 1, "bv": 2, "bm": 3}
+    for raw_field, raw_value in fields.items():
+        kind, _, rest = raw_field.decode().partition("|")
+        slot = slots.get(kind)
+        if slot is not None:
+            period, _, subject = rest.partition("|")
+            values[(period, subject)][slot] = int(raw_value)
+        elif kind in bucket_slots:
+            buckets[int(rest)][bucket_slots[kind]] = int(raw_value)
+        elif kind == "u":
+            period, _subject, member = rest.split("|", 2)
+            members.append((period, member))
+        elif kind == "e":
+            period, subject, threshold_id, _fired_ms = rest.split("|", 3)
+            events.append((int(threshold_id), subject, period, int(raw_value)))
+    return _Batch(values, members, buckets, events, log)
+
+
+def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStats) -> list[int]:
+    """Apply one batch in one transaction; returns the new threshold event ids (empty if skipped)."""
+    event_ids: list[int] = []
+    with transaction.atomic():
+        _, created = FlushedBatch.objects.get_or_create(id=batch_id, defaults={"counter_id": counter_id})
+        if not created:
+            stats.skipped += 1
+            return event_ids
+        with connection.cursor() as cursor:
+            if len(batch.values) + len(batch.members) >= COPY_MIN_ROWS:
+                _copy_values_and_members(cursor, counter_id, batch)
+            else:
+                _insert_values_and_members(cursor, counter_id, batch)
+            if batch.buckets:
+                minutes = sorted(batch.buckets)
+                cols = list(zip(*(batch.buckets[m] for m in minutes), strict=True))
+                cursor.execute(BUCKETS_UPSERT_SQL, [counter_id, minutes, *map(list, cols)])
+            if batch.events:
+                cursor.execute(EVENTS_INSERT_SQL, [counter_id, *map(list, zip(*batch.events, strict=True))])
+                event_ids = [row[0] for row in cursor.fetchall()]
+        if batch.log:
+            operation_log_insert(counter_id=counter_id, lines=batch.log)
+        _crash_point("before_commit")
+    stats.batches += 1
+    stats.values += len(batch.values)
+    stats.members += len(batch.members)
+    stats.operations += sum(v[1] for v in batch.values.values())
+    return event_ids
+
+
+def _insert_values_and_members(cursor, counter_id: int, batch: _Batch) -> None:
+    if batch.values:
+        keys = list(batch.values)
+        rows = [batch.values[k] for k in keys]
+        columns = [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in (0, 2, 1, 3))]
+        cursor.execute(_VALUES_SQL, [counter_id, *columns])
+    if batch.members:
+        cursor.execute(_MEMBERS_SQL, [counter_id, [m[0] for m in batch.members], [m[1] for m in batch.members]])
+
+
+def _copy_values_and_members(cursor, counter_id: int, batch: _Batch) -> None:
+    # Emptied first, not only at commit: inside an outer transaction (tests) batches share them.
+    cursor.execute(_COPY_TABLES)
+    with cursor.cursor.copy("COPY counters_flush_values FROM STDIN") as copy:
+        for (period, subject), (delta, operations, peak, updated) in batch.values.items():
+            copy.write_row((subject, period, delta, peak, operations, updated))
+    with cursor.cursor.copy("COPY counters_flush_members FROM STDIN") as copy:
+        for row in batch.members:
+            copy.write_row(row)
+    if batch.values:
+        cursor.execute(_VALUES_FROM_COPY_SQL, [counter_id])
+    if batch.members:
+        cursor.execute(_MEMBERS_FROM_COPY_SQL, [counter_id])
+
+
+def operation_log_insert(*, counter_id: int, lines: list[bytes]) -> None:
+    """Record operation-log lines (the update script's JSON entries) in PostgreSQL."""
+    entries = []
+    for line in lines:
+        item = orjson.loads(line)
+        entries.append(
+            OperationLog(
+                counter_id=counter_id,
+                subject=item["subject"],
+                period=item["period"],
+                actor=item["actor"],
+                user_id=item["user_id"],
+                old_value=item["old"],
+                new_value=item["new"],
+                metadata=item["metadata"],
+                created_at=clock.from_ms(item["ts"]),
+            )
+        )
+    OperationLog.objects.bulk_create(entries, batch_size=2000)
+
+
+def counter_store_forget(*, counter_id: int) -> None:
+    """Queue a deleted counter's Redis keys for ``deleted_counters_purge``."""
+    # Redis down: the keys stay behind (unused, as the counter is gone), like after a failed purge.
+    with contextlib.suppress(StoreUnavailable):
+        redis_call(lambda r: r.zadd(keyspace.DELETED_COUNTERS_KEY, {str(counter_id): clock.to_ms(clock.now())}))
+
+
+def deleted_counters_purge() -> int:
+    """Drop every Redis key of the counters deleted at least the grace period ago; returns how many.
+
+    Without this each deleted counter (a rotated temporary event, say) would leave its value
+    hashes, member sets and last pending deltas in Redis for good. One SCAN pass serves every
+    counter that is due.
+    """
+    due_ms = clock.to_ms(clock.now()) - int(settings.COUNTER_DELETED_KEYS_GRACE_SECONDS * 1000)
+    queued = redis_call(lambda r: r.zrangebyscore(keyspace.DELETED_COUNTERS_KEY, "-inf", due_ms))
+    if not queued:
+        return 0
+    queued_ids = {int(raw) for raw in queued}
+    due = queued_ids - set(Counter.objects.filter(id__in=queued_ids).values_list("id", flat=True))
+
+    def sweep(r) -> int:
+        dropped, doomed = 0, []
+        for key in r.scan_iter(match=keyspace.ALL_COUNTER_KEYS_PATTERN, count=1000):
+            if keyspace.counter_id_of_key(key) in due:
+                doomed.append(key)
+            if len(doomed) >= 500:
+                dropped += r.unlink(*doomed)
+                doomed = []
+        if doomed:
+            dropped += r.unlink(*doomed)
+        return dropped
+
+    dropped = redis_call(sweep) if due else 0
+    redis_call(lambda r: r.zrem(keyspace.DELETED_COUNTERS_KEY, *queued))
+    return dropped
+
+
+def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
+    """Move every counter's pending deltas to PostgreSQL, each exactly once.
+
+    Pending data is first renamed into a batch with an id (atomically, in Redis); the batch is
+    applied in one transaction that also records its id; only then is it deleted. A batch left
+    behind by a crash is picked up on the next run and applied only if its id is not recorded.
+    """
+    stats = FlushStats()
+    token = uuid.uuid4().hex
+    # The lock only saves duplicate work: exactly-once comes from the batch ids. A short TTL lets
+    # a restarted flusher take over soon after one that was killed while holding it.
+    if not acquire_lock("flush", ttl_seconds=settings.COUNTER_FLUSH_LOCK_SECONDS, token=token):
+        stats.locked_out = True
+        return stats
+    try:
+        ids = counter_ids if counter_ids is not None else sorted(config_cache.get().counters_by_id)
+
+        def move_and_list(r):
+            pipe = r.pipeline(transaction=False)
+            for cid in ids:
+                batch_id = _new_batch_id()
+                keys = [
+                    keyspace.pending_key(cid),
+                    keyspace.oplog_key(cid),
+                    keyspace.batches_key(cid),
+                    keyspace.batch_key(cid, batch_id),
+                    keyspace.batch_log_key(cid, batch_id),
+                ]
+                scripts.move_pending(keys=keys, args=[batch_id], client=pipe)
+            for cid in ids:
+                pipe.smembers(keyspace.batches_key(cid))
+            return pipe.execute()[len(ids) :]
+
+        outstanding = [
+            (cid, _decode(b)) for cid, members in zip(ids, redis_call(move_and_list), strict=True) for b in members
+        ]
+        outstanding.sort(key=lambda item: item[1])
+        for cid, batch_id in outstanding:
+            fields, log = redis_call(
+                lambda r, c=cid, b=batch_id: (
+                    r.pipeline(transaction=False)
+                    .hgetall(keyspace.batch_key(c, b))
+                    .lrange(keyspace.batch_log_key(c, b), 0, -1)
+                    .execute()
+                )
+            )
+            try:
+                event_ids = _apply_batch(cid, batch_id, _parse_batch(fields, log), stats)
+            except IntegrityError:
+                if Counter.objects.filter(id=cid).exists():
+                    raise
+                # The counter was deleted (with its rows) after these deltas were written: they
+                # belong nowhere, and keeping the batch would fail every flush after this one.
+                stats.dropped += 1
+                event_ids = []
+            _crash_point("after_commit")
+            redis_call(
+                lambda r, c=cid, b=batch_id: scripts.drop_batch(
+                    keys=[keyspace.batches_key(c), keyspace.batch_key(c, b), keyspace.batch_log_key(c, b)],
+                    args=[b],
+                    client=r,
+                )
+            )
+            if event_ids:
+                threshold_crossed.send(sender=counters_flush, event_ids=event_ids)
+    finally:
+        with contextlib.suppress(StoreUnavailable):
+            release_lock("flush", token=token)
+    return stats
+
+
+def operation_log_trim(*, batch_size: int = 10_000) -> int:
+    """Delete operation-log entries older than COUNTER_OPERATION_LOG_RETENTION_DAYS, in bounded batches."""
+    cutoff = clock.now() - timedelta(days=settings.COUNTER_OPERATION_LOG_RETENTION_DAYS)
+    deleted = 0
+    while True:
+        ids = list(OperationLog.objects.filter(created_at__lt=cutoff).values_list("id", flat=True)[:batch_size])
+        if not ids:
+            break
+        deleted += OperationLog.objects.filter(id__in=ids).delete()[0]
+        logger.info("operation log: %d entries older than %s deleted so far", deleted, cutoff.isoformat())
+    return deleted
