@@ -1,5 +1,6 @@
 -- wrk script for every bench scenario; run.py sets it up through the environment:
---   BENCH_BODY   none | increment | dau | batch   (what each request carries)
+--   BENCH_BODY   none | increment | keyed | dau | batch   (what each request carries; keyed: an
+--                increment with a new Idempotency-Key per request)
 --   BENCH_METHOD GET | POST,  BENCH_KEY  the API key,  BENCH_RUN  a tag that keeps user ids distinct across runs
 --   BENCH_DELAY_MS  pause after each response (fixed-rate runs: rate ~ connections / delay)
 -- done() prints one line "BENCH {json}" with the figures run.py reads.
@@ -46,6 +47,9 @@ function request()
   local body = nil
   if body_kind == "increment" then
     body = '{"value":1}'
+  elseif body_kind == "keyed" then
+    body = '{"value":1}'
+    headers["Idempotency-Key"] = string.format("%s-%d-%d", run_tag, tid, sent)
   elseif body_kind == "dau" then
     body = '{"user_id":"' .. next_user() .. '"}'
   elseif body_kind == "batch" then

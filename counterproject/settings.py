@@ -170,6 +170,8 @@ COUNTER_CONFIG_CHECK_SECONDS = env.float("COUNTER_CONFIG_CHECK_SECONDS", default
 # config snapshot (at most COUNTER_CONFIG_CACHE_SECONDS old) nor request in flight can write them.
 COUNTER_DELETED_KEYS_GRACE_SECONDS = env.float("COUNTER_DELETED_KEYS_GRACE_SECONDS", default=120.0)
 COUNTER_METADATA_MAX_BYTES = env.int("COUNTER_METADATA_MAX_BYTES", default=4096)
+# An Idempotency-Key is remembered this long after the write that first used it (docs/idempotency.md).
+COUNTER_IDEMPOTENCY_KEY_SECONDS = env.int("COUNTER_IDEMPOTENCY_KEY_SECONDS", default=24 * 3600)
 # How often the live board (/board/) asks for new values.
 BOARD_POLL_MILLISECONDS = env.int("BOARD_POLL_MILLISECONDS", default=1000)
 # Player tokens (Authorization: Player <token>) expire after this many seconds.

@@ -12,6 +12,7 @@ from .auth import checked_name, request_app_id, request_key
 from .clock import iso_utc
 from .config import KeyConfig
 from .errors import AuthenticationRequired, CounterError, InvalidParameter, RuleViolation
+from .idempotency import META_HEADER, REPLAYED_HEADER, REPLAYED_HEADERS, idempotency_parse, request_idempotency
 from .permissions import check_manage, check_read, check_write
 from .redis_store import StoreUnavailable, breaker, redis_call
 from .rendering import json_response, request_json
@@ -36,8 +37,9 @@ def read_response(body: dict, views: list[selectors.ValueView]) -> HttpResponse:
 
 def value_body(view: selectors.ValueView) -> dict:
     body = {"name": view.counter.name, "value": view.value, "last_updated": iso_utc(view.last_updated)}
+    if view.last_reset is not None:
+        body["last_reset"] = iso_utc(view.last_reset)
     if view.window.start is not None:
-        body["last_reset"] = iso_utc(view.window.start)
         body["next_reset"] = iso_utc(view.window.end)
     return body
 
@@ -92,6 +94,9 @@ class CounterViewSet(LeanDispatch, viewsets.ViewSet):
         counter = self._counter(request, checked_name(name), key)
         check_write(key, counter)
         value, user_id, metadata = update_input_parse(request_json(request))
+        idempotency = request_idempotency(
+            request, app_id=key.app_id, parts=update_fingerprint_parts(counter, sign * value, user_id, metadata)
+        )
         result = services.counter_update(
             counter=counter,
             amount=sign * value,
@@ -99,8 +104,10 @@ class CounterViewSet(LeanDispatch, viewsets.ViewSet):
             user_id=user_id,
             actor=key.prefix,
             metadata=metadata,
+            idempotency=idempotency,
         )
-        return json_response({"success": True, "current_value": result.new_value})
+        body = {"success": True, "current_value": result.new_value}
+        return json_response(body, headers=REPLAYED_HEADERS if result.replayed else None)
 
     @lean
     def increment(self, request, name: str) -> HttpResponse:
@@ -117,14 +124,18 @@ class CounterViewSet(LeanDispatch, viewsets.ViewSet):
         counter = self._counter(request, name, key)
         check_manage(key, counter)
         user_id = data.validated_data.get("user_id", "")
+        reset_value, reason = data.validated_data.get("reset_value"), data.validated_data["reason"]
+        parts = ("reset", counter.id, user_id, reset_value, reason)
         result = services.counter_reset(
             counter=counter,
             subject=user_id if counter.is_user_scoped else "",
-            value=data.validated_data.get("reset_value"),
-            reason=data.validated_data["reason"],
+            value=reset_value,
+            reason=reason,
             operator=f"api-key:{key.prefix}",
+            idempotency=request_idempotency(request, app_id=key.app_id, parts=parts),
         )
-        return Response({"success": True, "current_value": result.new_value, "previous_value": result.old_value})
+        body = {"success": True, "current_value": result.new_value, "previous_value": result.old_value}
+        return Response(body, headers=REPLAYED_HEADERS if result.replayed else None)
 
 
 class CounterBatchView(LeanDispatch, APIView):
@@ -150,6 +161,11 @@ class CounterBatchUpdateView(LeanDispatch, APIView):
     The whole request is checked first (shape, names, permissions: any error refuses it all and
     changes nothing); then every item applies in order in one Redis round trip. A bounds refusal
     (4005) is per item: the item changes nothing, the others apply.
+
+    Idempotency is per item: an item's ``id`` is its Idempotency-Key (checked and recorded in its
+    counter's script, so a batch stays one script per counter slot). A retried batch replays the
+    items that carry an id and applies the others; ``Idempotent-Replayed: true`` when every item
+    was replayed. The Idempotency-Key header is refused here (it would name the whole batch).
     """
 
     @lean
@@ -157,6 +173,10 @@ class CounterBatchUpdateView(LeanDispatch, APIView):
         key = request_key(request)
         if key is None:
             raise AuthenticationRequired()
+        if META_HEADER in request.META:
+            raise InvalidParameter(
+                'A batch takes an idempotency key per item (its "id"), not the Idempotency-Key header.'
+            )
         app_id = request_app_id(request, key)
         items = batch_updates_parse(request_json(request))
         counters = {}
@@ -170,10 +190,26 @@ class CounterBatchUpdateView(LeanDispatch, APIView):
                 except CounterError as exc:
                     raise type(exc)(f"updates[{index}]: {exc.message}") from exc
             subject = item.user_id if counter.is_user_scoped else ""
-            updates.append(services.UpdateRequest(counter, item.amount, subject, item.user_id, item.metadata))
+            parts = update_fingerprint_parts(counter, item.amount, item.user_id, item.metadata)
+            idempotency = idempotency_parse(item.id, app_id=key.app_id, parts=parts, field=f"updates[{index}].id")
+            updates.append(
+                services.UpdateRequest(counter, item.amount, subject, item.user_id, item.metadata, idempotency)
+            )
         results = services.counter_update_many(updates=updates, actor=key.prefix)
         bodies = [batch_result_body(u.counter.name, r) for u, r in zip(updates, results, strict=True)]
-        return json_response({"success": True, "results": bodies})
+        replayed = all(_replayed(r) for r in results)
+        return json_response({"success": True, "results": bodies}, headers=REPLAYED_HEADERS if replayed else None)
+
+
+def _replayed(result: UpdateResult | CounterError) -> bool:
+    if isinstance(result, CounterError):
+        return REPLAYED_HEADER in result.headers
+    return result.replayed
+
+
+def update_fingerprint_parts(counter, amount: int, user_id: str, metadata: dict | None) -> tuple:
+    """What makes two REST updates (single or batch item) the same request for an Idempotency-Key."""
+    return ("update", counter.id, amount, user_id, metadata or None)
 
 
 def batch_result_body(name: str, result: UpdateResult | CounterError) -> dict:

@@ -57,6 +57,17 @@ class OutOfLimits(CounterError):
     default_message = _("The value would leave the counter's limits; nothing was changed.")
 
 
+class IdempotencyConflict(CounterError):
+    """The Idempotency-Key was already used for a different request: nothing was changed."""
+
+    code = 4001
+    status = 409
+    default_message = _(
+        "This Idempotency-Key was already used with a different request; nothing was changed. "
+        "Use a new key for a new request."
+    )
+
+
 class MethodNotAllowed(CounterError):
     code = 4001
     status = 405
@@ -75,7 +86,8 @@ class OutcomeUnknown(CounterError):
     status = 504
     default_message = _(
         "The counter store did not answer in time: the update may have been applied. "
-        "Read the counter before retrying, or the update may count twice."
+        "Retry with the same Idempotency-Key: it is applied at most once. (Without a key, read the "
+        "counter before retrying, or the update may count twice.)"
     )
 
 

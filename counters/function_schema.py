@@ -17,9 +17,11 @@ from .functions import (
 from .rest_errors import (
     REST_ERRORS,
     RULE_BOUNDS,
+    RULE_IDEMPOTENCY_CONFLICT,
     RULE_PER_PLAYER,
     RULE_STATS_RANGE,
     RULE_UNIQUE_DECREMENT,
+    RULE_UNIQUE_NEEDS_USER,
     refused_by_rules,
 )
 
@@ -32,7 +34,9 @@ COMMON_ERRORS = {
     500: OpenApiResponse(io.FunctionError, description="5001: internal error (no details are leaked)."),
     503: OpenApiResponse(io.FunctionError, description="5003: the counter store is down; reads still work."),
 }
-UPDATE_RULES = refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER, shape=io.FunctionError)
+UPDATE_RULES = refused_by_rules(
+    RULE_BOUNDS, RULE_PER_PLAYER, RULE_UNIQUE_NEEDS_USER, RULE_IDEMPOTENCY_CONFLICT, shape=io.FunctionError
+)
 AUTH_NOTE = (
     "Authenticate with `Authorization: Bearer <API key>` (or `X-API-Key`); getCounter also accepts "
     "`Authorization: Player <token>` for a player's own values, and no credentials for public counters."
@@ -148,7 +152,14 @@ extend_schema_view(
         responses={
             200: io.envelope("FnDecreaseReply", io.DecreaseData),
             **COMMON_ERRORS,
-            **refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER, RULE_UNIQUE_DECREMENT, shape=io.FunctionError),
+            **refused_by_rules(
+                RULE_BOUNDS,
+                RULE_PER_PLAYER,
+                RULE_UNIQUE_DECREMENT,
+                RULE_UNIQUE_NEEDS_USER,
+                RULE_IDEMPOTENCY_CONFLICT,
+                shape=io.FunctionError,
+            ),
         },
         examples=_example(
             "decrement",

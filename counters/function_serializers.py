@@ -7,8 +7,10 @@ from django.utils.translation import gettext_lazy as _
 from rest_framework import serializers
 
 from . import keyspace
+from .idempotency import KEY_HELP, KEY_PATTERN
 from .models import NAME_PATTERN
 from .serializers import (
+    METADATA_HELP,
     MetadataField,
     QuerySerializer,
     StrictCharField,
@@ -17,7 +19,7 @@ from .serializers import (
     SubjectField,
 )
 
-COUNTER_TYPES = ["global", "app", "user", "daily", "weekly"]
+COUNTER_TYPES = ["global", "app", "user", "daily", "weekly", "monthly"]
 GROUP_BY = ["hour", "day", "week"]
 
 
@@ -41,22 +43,41 @@ class TargetSerializer(serializers.Serializer):
     )
 
 
-class IncreaseSerializer(TargetSerializer):
+class RequestIdField(serializers.CharField):
+    """The Idempotency-Key in the body (a JSON string only: a number is refused, not converted)."""
+
+    def to_internal_value(self, data) -> str:
+        if not isinstance(data, str) or not KEY_PATTERN.match(data):
+            raise serializers.ValidationError(_("Use %(help)s.") % {"help": KEY_HELP})
+        return data
+
+
+REQUEST_ID_HELP = (
+    "The write's Idempotency-Key (or send the Idempotency-Key header): a retry with the same one is "
+    "applied at most once and answers the first reply. See docs/idempotency.md."
+)
+
+
+class WriteSerializer(TargetSerializer):
+    requestId = RequestIdField(required=False, help_text=REQUEST_ID_HELP)
+
+
+class IncreaseSerializer(WriteSerializer):
     increment = StrictIntegerField(min_value=1, default=1)
-    metadata = MetadataField(required=False, help_text="Kept with the operation (operation log); never executed.")
+    metadata = MetadataField(required=False, help_text=METADATA_HELP)
 
 
-class DecreaseSerializer(TargetSerializer):
+class DecreaseSerializer(WriteSerializer):
     decrement = StrictIntegerField(min_value=1, default=1)
     allowNegative = StrictBooleanField(
         default=False,
         help_text="Let this decrement go below the counter's minimum: honoured for keys with counter_manage "
         "(a counter configured to allow negatives allows them anyway).",
     )
-    metadata = MetadataField(required=False)
+    metadata = MetadataField(required=False, help_text=METADATA_HELP)
 
 
-class ResetSerializer(TargetSerializer):
+class ResetSerializer(WriteSerializer):
     resetValue = StrictIntegerField(min_value=-keyspace.MAX_SAFE_VALUE, required=False)
     reason = StrictCharField(max_length=500, trim_whitespace=True)
     operatorId = StrictCharField(
@@ -126,7 +147,9 @@ class GetCounterData(serializers.Serializer):
     currentValue = serializers.IntegerField()
     maxValue = serializers.IntegerField(allow_null=True)
     resetPeriod = serializers.ChoiceField(["none", "daily", "weekly", "monthly"])
-    lastResetTime = serializers.DateTimeField(allow_null=True)
+    lastResetTime = serializers.DateTimeField(
+        allow_null=True, help_text="A manual reset in the current period, else the period's start (null: never)."
+    )
     nextResetTime = serializers.DateTimeField(allow_null=True)
     updateTime = serializers.DateTimeField(allow_null=True)
     metadata = CounterMetadataOut()
@@ -184,8 +207,11 @@ class StatsCounterOut(serializers.Serializer):
 
 class StatsPointOut(serializers.Serializer):
     time = serializers.DateTimeField()
-    value = serializers.IntegerField(help_text="Net change of the selected counters in this slot.")
-    operations = serializers.IntegerField()
+    value = serializers.IntegerField(
+        help_text="Level of the selected counters (the sum of their values) at the end of this slot "
+        "(e.g. 1200 at 10:00 for a counter now at 1251); per-player counters are not part of it."
+    )
+    operations = serializers.IntegerField(help_text="Operations of the selected counters in this slot.")
 
 
 class StatsTopOut(serializers.Serializer):

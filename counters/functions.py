@@ -6,6 +6,7 @@ exception handler in the same envelope with ``data: null``. ``msg`` follows Acce
 (zh-Hans, zh-Hant, en). See docs/cloud-functions.md.
 """
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from django.utils import translation
@@ -20,6 +21,7 @@ from .auth import Caller, request_caller, request_key
 from .clock import iso_ms
 from .config import CounterConfig
 from .errors import CounterNotFound, Forbidden, RuleViolation
+from .idempotency import REPLAYED_HEADERS, Idempotency, request_idempotency
 from .permissions import Role, check_data_view, check_manage, check_read, check_write, require_role
 from .player_tokens import player_token_issue
 
@@ -51,13 +53,27 @@ def _subject(counter: CounterConfig, player_id: str) -> str:
     return player_id
 
 
+@dataclass(frozen=True, slots=True)
+class WriteReply:
+    """A write function's data with the time of the write (the reply's ``timestamp``, so that a
+    replay answers the first reply byte for byte) and whether it was replayed."""
+
+    data: dict
+    at: datetime
+    replayed: bool
+
+
 class FunctionView(APIView):
-    """Base of the five functions: POST only, the function envelope, messages in the caller's language."""
+    """Base of the five functions: POST only, the function envelope, messages in the caller's language.
+
+    The writes (``keyed``) take an Idempotency-Key in the header or as ``requestId`` in the body.
+    """
 
     error_shape = "function"
     http_method_names = ["post", "options"]
     input_serializer: type = io.TargetSerializer
     success_msg = gettext_lazy("Success")
+    keyed = False
 
     def dispatch(self, request, *args, **kwargs):
         with translation.override(translation.get_language_from_request(request)):
@@ -69,11 +85,18 @@ class FunctionView(APIView):
         caller = request_caller(request)
         values = data.validated_data
         app_id = caller_app_id(caller, values["appId"])
-        result = self.call(caller, app_id, values)
-        body = {"code": 0, "msg": str(self.success_msg), "timestamp": clock.to_ms(clock.now()), "data": result}
-        return Response(_times(body))
+        if not self.keyed:
+            result = self.call(caller, app_id, values)
+            body = {"code": 0, "msg": str(self.success_msg), "timestamp": clock.to_ms(clock.now()), "data": result}
+            return Response(_times(body))
+        request_id = values.pop("requestId", None)
+        parts = (type(self).__name__, dict(values))
+        idempotency = request_idempotency(request, app_id=app_id, parts=parts, body_key=request_id)
+        reply = self.call(caller, app_id, values, idempotency=idempotency)
+        body = {"code": 0, "msg": str(self.success_msg), "timestamp": clock.to_ms(reply.at), "data": reply.data}
+        return Response(_times(body), headers=REPLAYED_HEADERS if reply.replayed else None)
 
-    def call(self, caller: Caller, app_id: int, values: dict) -> dict:
+    def call(self, caller: Caller, app_id: int, values: dict, idempotency: Idempotency | None = None):
         raise NotImplementedError
 
     def target(self, app_id: int, values: dict) -> CounterConfig:
@@ -101,7 +124,7 @@ class GetCounterView(FunctionView):
             "currentValue": view.value,
             "maxValue": counter.max_value,
             "resetPeriod": counter.period,
-            "lastResetTime": view.window.start,
+            "lastResetTime": view.last_reset,
             "nextResetTime": view.window.end,
             "updateTime": view.last_updated,
             "metadata": {"description": counter.description, "unit": counter.unit},
@@ -111,8 +134,9 @@ class GetCounterView(FunctionView):
 class IncreaseCounterView(FunctionView):
     input_serializer = io.IncreaseSerializer
     success_msg = gettext_lazy("Increased")
+    keyed = True
 
-    def call(self, caller: Caller, app_id: int, values: dict) -> dict:
+    def call(self, caller: Caller, app_id: int, values: dict, idempotency: Idempotency | None = None) -> WriteReply:
         counter = self.target(app_id, values)
         key = check_write(caller.require_key(), counter)
         player_id = values.get("playerId", "")
@@ -123,11 +147,12 @@ class IncreaseCounterView(FunctionView):
             user_id=player_id,
             actor=key.prefix,
             metadata=values.get("metadata"),
+            idempotency=idempotency,
         )
         marks = result.threshold_marks
-        if result.duplicate and counter.thresholds:
+        if result.duplicate and counter.thresholds and not result.replayed:
             marks = selectors.threshold_marks_get(counter=counter, subject=result.subject, window=result.window)
-        return {
+        data = {
             "counterId": counter.name,
             "oldValue": result.old_value,
             "newValue": result.new_value,
@@ -139,13 +164,15 @@ class IncreaseCounterView(FunctionView):
                 for t in counter.thresholds
             ],
         }
+        return WriteReply(data, result.updated_at, result.replayed)
 
 
 class DecreaseCounterView(FunctionView):
     input_serializer = io.DecreaseSerializer
     success_msg = gettext_lazy("Decreased")
+    keyed = True
 
-    def call(self, caller: Caller, app_id: int, values: dict) -> dict:
+    def call(self, caller: Caller, app_id: int, values: dict, idempotency: Idempotency | None = None) -> WriteReply:
         counter = self.target(app_id, values)
         key = check_write(caller.require_key(), counter)
         player_id = values.get("playerId", "")
@@ -157,8 +184,9 @@ class DecreaseCounterView(FunctionView):
             actor=key.prefix,
             metadata=values.get("metadata"),
             allow_negative=values["allowNegative"] and Role.COUNTER_MANAGE in key.roles,
+            idempotency=idempotency,
         )
-        return {
+        data = {
             "counterId": counter.name,
             "oldValue": result.old_value,
             "newValue": result.new_value,
@@ -166,13 +194,15 @@ class DecreaseCounterView(FunctionView):
             "updateTime": result.updated_at,
             "reachedMinimum": result.new_value <= counter.min_value,
         }
+        return WriteReply(data, result.updated_at, result.replayed)
 
 
 class ResetCounterView(FunctionView):
     input_serializer = io.ResetSerializer
     success_msg = gettext_lazy("Reset done")
+    keyed = True
 
-    def call(self, caller: Caller, app_id: int, values: dict) -> dict:
+    def call(self, caller: Caller, app_id: int, values: dict, idempotency: Idempotency | None = None) -> WriteReply:
         counter = self.target(app_id, values)
         key = check_manage(caller.require_key(), counter)
         operator = values.get("operatorId") or f"api-key:{key.prefix}"
@@ -182,8 +212,9 @@ class ResetCounterView(FunctionView):
             value=values.get("resetValue"),
             reason=values["reason"],
             operator=operator if operator.startswith("api-key:") else f"{operator} (api-key:{key.prefix})",
+            idempotency=idempotency,
         )
-        return {
+        data = {
             "counterId": counter.name,
             "oldValue": result.old_value,
             "newValue": result.new_value,
@@ -191,6 +222,7 @@ class ResetCounterView(FunctionView):
             "reason": result.reason,
             "operatorId": operator,
         }
+        return WriteReply(data, result.reset_at, result.replayed)
 
 
 def _stats(caller: Caller, app_id: int, values: dict) -> dict:

@@ -5,7 +5,8 @@ Nothing else in the project spells a key. All keys of one counter share the hash
 
 Per counter ``c``:
 
-- ``cs:{c}:v:<period>:<subject>`` hash: ``v`` value, ``peak``, ``ops``, ``upd`` (ms). Its existence
+- ``cs:{c}:v:<period>:<subject>`` hash: ``v`` value, ``peak``, ``ops``, ``upd`` (ms), ``rst`` (ms of
+  the last manual reset in the period, if any: what ``lastResetTime`` shows). Its existence
   means "hydrated from PostgreSQL"; the update script refuses to run on a missing one.
 - ``cs:{c}:m:<period>`` set: members already counted in the period (unique counters).
 - ``cs:{c}:t:<period>:<subject>`` hash: threshold id -> time (ms) it fired in the period (deleted
@@ -17,6 +18,8 @@ Per counter ``c``:
   ``u|<period>||<member>`` new unique member, ``e|<period>|<subject>|<threshold id>|<ms>`` crossing,
   ``bo|<minute>`` / ``bd|<minute>`` / ``bv|<minute>`` / ``bm|<minute>`` per-minute stats.
 - ``cs:{c}:log`` list: operation-log entries (JSON) for counters that log operations.
+- ``cs:{c}:ik:<app id>:<Idempotency-Key>`` string: what the update script answered to the write
+  that first used that key (see ``IDEMPOTENT_PROLOGUE``); it expires after the key's lifetime.
 - ``cs:{c}:batches`` set of batch ids moved out of ``pend``/``log`` and not yet deleted;
   ``cs:{c}:b:<id>`` / ``cs:{c}:bl:<id>`` hold one batch.
 
@@ -109,6 +112,12 @@ def counter_id_of_key(key: bytes | str) -> int | None:
     """The counter id in a key of ``ALL_COUNTER_KEYS_PATTERN`` (None for anything else)."""
     parts = (key.decode() if isinstance(key, bytes) else key).split(":", 2)
     return _counter_id_of_tag(parts[1]) if len(parts) > 1 and parts[0] == PREFIX else None
+
+
+def idempotency_key(counter_id: int, app_id: int | None, key: str) -> str:
+    """The record of an Idempotency-Key: in the counter's slot (one script, one Cluster slot),
+    per app (the caller's), so apps sharing a global counter never see each other's keys."""
+    return f"{_tag(counter_id)}:ik:{app_id or 0}:{key}"
 
 
 def lock_key(name: str) -> str:
@@ -214,8 +223,45 @@ if #ARGV >= 12 then marks = redis.call('HGETALL', tkey) end
 return {'OK', old, new, crossed, marks}
 """
 
-# One round trip per update.
-UPDATE_SCRIPT = _UPDATE_BODY
+# Idempotency-Key: a prologue and epilogue around one update, in the same atomic call, so there is
+# no window between "key seen" and "update applied". ``idempotent(K, A, ikey, fp, ttl, at)``: if
+# the record ``ikey`` exists, nothing runs: it answers {'REPLAY', record} when the record is of
+# the same request (fingerprint ``fp``), else {'CONFLICT'}. Otherwise the update runs and, unless
+# it asked for hydration (nothing happened yet), its reply is recorded with the reply time ``at``
+# (ms) for ``ttl`` ms. A record: ``fp|at|status|old|new|crossed ids|threshold marks`` (lists
+# comma-separated); ``idempotency_record_parse`` reads it back into the update's reply.
+IDEMPOTENT_PROLOGUE = """
+local function idempotent(K, A, ikey, fp, ttl, at)
+  local seen = redis.call('GET', ikey)
+  if seen then
+    if string.sub(seen, 1, #fp + 1) ~= fp .. '|' then return {'CONFLICT'} end
+    return {'REPLAY', string.sub(seen, #fp + 2)}
+  end
+  local r = update(K, A)
+  if r[1] ~= 'HYDRATE' then
+    local record = {fp, at, r[1], string.format('%d', r[2]), string.format('%d', r[3]),
+                    table.concat(r[4] or {}, ','), table.concat(r[5] or {}, ',')}
+    redis.call('SET', ikey, table.concat(record, '|'), 'PX', ttl)
+  end
+  return r
+end
+"""
+
+# One round trip per update. A keyed write passes its record as a 7th key and its fingerprint,
+# the record's lifetime (ms) and the reply time (ms) as the last three arguments.
+UPDATE_SCRIPT = (
+    "local function update(KEYS, ARGV)\n"
+    + _UPDATE_BODY
+    + "end\n"
+    + IDEMPOTENT_PROLOGUE
+    + """
+if #KEYS == 7 then
+  local n = #ARGV
+  return idempotent(KEYS, {unpack(ARGV, 1, n - 3)}, KEYS[7], ARGV[n - 2], ARGV[n - 1], ARGV[n])
+end
+return update(KEYS, ARGV)
+"""
+)
 
 # Many updates of one counter and period (their keys share its hash tag) in one call, in order;
 # the reply holds each one's UPDATE_SCRIPT reply. Within such a call only these keys and arguments
@@ -226,32 +272,49 @@ UPDATE_OWN_KEYS = (0, 3, 5)
 UPDATE_OWN_ARGS = (1, 2, 3, 10)
 _OWN_KEYS_LUA, _OWN_ARGS_LUA = (", ".join(str(i + 1) for i in own) for own in (UPDATE_OWN_KEYS, UPDATE_OWN_ARGS))
 # KEYS: the first update's keys, then each update's own keys. ARGV: how many keys and arguments
-# the first update has, its arguments, then each update's own arguments.
+# the first update has, whether the updates carry idempotency keys ('1'/'0'), the records'
+# lifetime (ms), the reply time (ms), the first update's arguments, then each update's own
+# arguments. With idempotency keys each update's own keys end with its record and its own
+# arguments with its fingerprint ('' for an update without a key: its record key is a
+# placeholder in the slot, never touched).
 UPDATE_MANY_SCRIPT = (
     "local function update(KEYS, ARGV)\n"
     + _UPDATE_BODY
-    + f"""end
-
+    + "end\n"
+    + IDEMPOTENT_PROLOGUE
+    + f"""
 local own_keys, own_args = {{{_OWN_KEYS_LUA}}}, {{{_OWN_ARGS_LUA}}}
-local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
-local K, A = {{unpack(KEYS, 1, nk)}}, {{unpack(ARGV, 3, 2 + na)}}
-local results, k, a = {{}}, nk, 2 + na
+local nk, na, keyed, ttl, at = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1', ARGV[4], ARGV[5]
+local K, A = {{unpack(KEYS, 1, nk)}}, {{unpack(ARGV, 6, 5 + na)}}
+local step_k, step_a = #own_keys, #own_args
+if keyed then step_k, step_a = step_k + 1, step_a + 1 end
+local results, k, a = {{}}, nk, 5 + na
 while k < #KEYS do
   for j = 1, #own_keys do K[own_keys[j]] = KEYS[k + j] end
   for j = 1, #own_args do A[own_args[j]] = ARGV[a + j] end
-  k, a = k + #own_keys, a + #own_args
-  results[#results + 1] = update(K, A)
+  local fp = keyed and ARGV[a + step_a] or ''
+  if fp ~= '' then
+    results[#results + 1] = idempotent(K, A, KEYS[k + step_k], fp, ttl, at)
+  else
+    results[#results + 1] = update(K, A)
+  end
+  k, a = k + step_k, a + step_a
 end
 return results
 """
 )
 
 # Load a value from PostgreSQL into Redis unless it is already there (a concurrent hydration won).
+# ARGV[5]: the time (ms) of the period's last manual reset, or ''.
 HYDRATE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'peak', ARGV[2], 'ops', ARGV[3], 'upd', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'rst', ARGV[5]) end
 return 1
 """
+
+# The field of a value hash that holds the time (ms) of the period's last manual reset.
+LAST_RESET_FIELD = "rst"
 
 # Move what is pending into a batch with an id (flusher). KEYS: pend, log, batches, batch, batch log.
 MOVE_PENDING_SCRIPT = """
@@ -297,3 +360,13 @@ local deleted = 0
 for i = 3, #KEYS do deleted = deleted + redis.call('DEL', KEYS[i]) end
 return deleted
 """
+
+
+def idempotency_record_parse(record: bytes) -> tuple[int, list]:
+    """``(reply time in ms, the update's reply)`` of a record written by ``IDEMPOTENT_PROLOGUE``
+    (without its fingerprint, as the script answers it): the reply has the update script's shape."""
+    at, status, old, new, crossed, marks = record.split(b"|")
+    reply = [status, int(old), int(new)]
+    if status == b"OK":
+        reply += [crossed.split(b",") if crossed else [], marks.split(b",") if marks else []]
+    return int(at), reply

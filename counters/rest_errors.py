@@ -39,6 +39,8 @@ RULE_HAS_PERIOD = "4001: only a counter with a reset period has a history"
 RULE_THRESHOLD_COUNT = "4001: a counter has at most ALERTS_MAX_THRESHOLDS_PER_COUNTER thresholds (default 20)"
 RULE_STATS_RANGE = "4001: startDate before endDate, both in the years 1970 to 9998, at most 1000 slots of groupBy"
 RULE_ONCE_PER_BATCH = "4001: each counter (and player) at most once per request"
+RULE_IDEMPOTENCY_CONFLICT = "4001: the Idempotency-Key was already used for another request"
+RULE_UNIQUE_NEEDS_USER = "4001: a unique-member counter (like daily_active_users) needs the user_id it counts"
 RULE_BATCH_READ = "4001: a per-player counter is read one at a time (GET /api/v1/counter/{name})"
 
 

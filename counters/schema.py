@@ -6,18 +6,22 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schem
 from rest_framework import serializers
 
 from .apis import CounterBatchUpdateView, CounterBatchView, CounterViewSet
+from .idempotency import KEY_PATTERN
 from .keyspace import MAX_SAFE_VALUE
 from .rest_errors import (
     REST_ERRORS,
     RULE_BATCH_READ,
     RULE_BOUNDS,
+    RULE_IDEMPOTENCY_CONFLICT,
     RULE_PER_PLAYER,
     RULE_UNIQUE_DECREMENT,
+    RULE_UNIQUE_NEEDS_USER,
     RestErrorDetail,
     refused_by_rules,
 )
 from .serializers import (
     BATCH_UPDATE_LIMIT,
+    METADATA_HELP,
     SUBJECT_PATTERN,
     MetadataField,
     ResetInputSerializer,
@@ -105,7 +109,11 @@ class ValueReply(serializers.Serializer):
     name = serializers.CharField()
     value = serializers.IntegerField()
     last_updated = serializers.DateTimeField(allow_null=True)
-    last_reset = serializers.DateTimeField(required=False, help_text="Periodic counters only.")
+    last_reset = serializers.DateTimeField(
+        required=False,
+        help_text="When the value was last reset: a manual reset in the current period, else the period's start. "
+        "Periodic counters, and others once manually reset.",
+    )
     next_reset = serializers.DateTimeField(required=False, help_text="Periodic counters only.")
 
 
@@ -121,6 +129,15 @@ class BatchReply(serializers.Serializer):
 NAME = OpenApiParameter("name", str, OpenApiParameter.PATH, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 USER_ID = OpenApiParameter("user_id", str, description="The player (user counters).", pattern=SUBJECT_PATTERN.pattern)
 APP = OpenApiParameter("app", str, description="App slug for anonymous reads of public counters (default app).")
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    description="Optional. A retry with the same key is applied at most once and answers the first reply "
+    "(with `Idempotent-Replayed: true`); kept 24 h by default. See docs/idempotency.md.",
+    pattern=KEY_PATTERN.pattern,
+)
+
 AUTH = "Authenticate with `Authorization: Bearer <API key>` or `X-API-Key`."
 
 
@@ -129,9 +146,13 @@ def _update(verb: str, example_value: int, *rules: str):
         tags=["REST v1"],
         summary=f"{verb.capitalize()} a counter",
         description=f"Needs the `write` role (global counters: also `global_admin`). {AUTH}",
-        parameters=[NAME],
+        parameters=[NAME, IDEMPOTENCY_KEY],
         request=UpdateInputSerializer,
-        responses={200: UpdateReply, **REST_ERRORS, **refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER, *rules)},
+        responses={
+            200: UpdateReply,
+            **REST_ERRORS,
+            **refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER, RULE_UNIQUE_NEEDS_USER, RULE_IDEMPOTENCY_CONFLICT, *rules),
+        },
         examples=[
             OpenApiExample(verb, value={"value": 1, "user_id": "u123456", "metadata": {}}, request_only=True),
             OpenApiExample(verb, value={"success": True, "current_value": example_value}, response_only=True),
@@ -161,9 +182,13 @@ for method, annotation in dict(
         tags=["REST v1"],
         summary="Reset a counter (administrator only)",
         description="Needs `counter_manage`; the key may also be given as `admin_token` in the body.",
-        parameters=[NAME],
+        parameters=[NAME, IDEMPOTENCY_KEY],
         request=ResetInputSerializer,
-        responses={200: ResetReply, **REST_ERRORS, **refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER)},
+        responses={
+            200: ResetReply,
+            **REST_ERRORS,
+            **refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER, RULE_IDEMPOTENCY_CONFLICT),
+        },
         examples=[
             OpenApiExample("reset", value={"admin_token": "secret_token", "reason": "event over"}, request_only=True),
             OpenApiExample(
@@ -223,7 +248,13 @@ class BatchUpdateInputItem(ClosedSerializer):
     op = serializers.ChoiceField(["increment", "decrement"], required=False, help_text="Default: increment.")
     value = serializers.IntegerField(min_value=1, max_value=MAX_SAFE_VALUE, required=False, help_text="Default: 1.")
     user_id = SubjectField(required=False)
-    metadata = MetadataField(required=False)
+    metadata = MetadataField(required=False, help_text=METADATA_HELP)
+    id = serializers.RegexField(
+        KEY_PATTERN.pattern,
+        required=False,
+        help_text="The item's Idempotency-Key (unique within the batch): a retried batch replays the item's "
+        "first result instead of applying it again.",
+    )
 
 
 class BatchUpdateInput(ClosedSerializer):

@@ -16,7 +16,7 @@ from .config import cache as config_cache
 from .errors import CounterNotFound, InvalidParameter
 from .models import CounterValue, StatBucket, hash_api_key
 from .redis_store import StoreUnavailable, redis_call
-from .values import counter_check_subject, counter_opening_value, value_hydrate
+from .values import counter_check_subject, counter_opening_value, manual_resets_get, value_hydrate
 from .write_through import store_reconcile_if_due
 
 
@@ -29,6 +29,8 @@ class ValueView:
     window: periods.PeriodWindow
     # True when Redis was unavailable and the value was read from PostgreSQL.
     degraded: bool = False
+    # The period's start, or a manual reset in the period after it (lastResetTime / last_reset).
+    last_reset: datetime | None = None
 
 
 def api_key_get(raw_key: str) -> KeyConfig | None:
@@ -61,14 +63,21 @@ def counter_get(*, app_id: int | None, name: str) -> CounterConfig:
     return counter
 
 
+def _last_reset(window: periods.PeriodWindow, manual: datetime | None) -> datetime | None:
+    if manual is None or (window.start is not None and manual < window.start):
+        return window.start
+    return manual
+
+
 def _to_view(counter: CounterConfig, subject: str, window: periods.PeriodWindow, raw: list) -> ValueView:
-    value, updated = raw
+    value, updated, reset_ms = raw
     return ValueView(
         counter=counter,
         subject=subject,
         value=int(value),
         last_updated=clock.from_ms(int(updated)) if updated and int(updated) else None,
         window=window,
+        last_reset=_last_reset(window, clock.from_ms(int(reset_ms)) if reset_ms else None),
     )
 
 
@@ -103,6 +112,7 @@ def counter_values_from_database(
         (r["counter_id"], r["subject"], r["period"]): r
         for r in CounterValue.objects.filter(wanted).values("counter_id", "subject", "period", "value", "updated_at")
     }
+    resets = manual_resets_get(items=[(c.id, s, w.key) for (c, s), w in zip(items, windows, strict=True)])
     views = []
     for (counter, subject), window in zip(items, windows, strict=True):
         row = rows.get((counter.id, subject, window.key))
@@ -111,7 +121,8 @@ def counter_values_from_database(
             updated = None
         else:
             value, updated = row["value"], row["updated_at"]
-        views.append(ValueView(counter, subject, value, updated, window, degraded=True))
+        last_reset = _last_reset(window, resets.get((counter.id, subject, window.key)))
+        views.append(ValueView(counter, subject, value, updated, window, degraded=True, last_reset=last_reset))
     return views
 
 
@@ -121,7 +132,7 @@ def _values_from_store(items: list[tuple[CounterConfig, str]], windows: list[per
     def read(r):
         pipe = r.pipeline(transaction=False)
         for key in keys:
-            pipe.hmget(key, "v", "upd")
+            pipe.hmget(key, "v", "upd", keyspace.LAST_RESET_FIELD)
         return pipe.execute()
 
     raws = redis_call(read)
@@ -129,7 +140,7 @@ def _values_from_store(items: list[tuple[CounterConfig, str]], windows: list[per
     for (counter, subject), window, key, raw in zip(items, windows, keys, raws, strict=True):
         if raw[0] is None:
             value_hydrate(counter=counter, subject=subject, window=window)
-            raw = redis_call(lambda r, k=key: r.hmget(k, "v", "upd"))
+            raw = redis_call(lambda r, k=key: r.hmget(k, "v", "upd", keyspace.LAST_RESET_FIELD))
         views.append(_to_view(counter, subject, window, raw))
     return views
 
@@ -217,14 +228,14 @@ def counter_type_of(counter: CounterConfig) -> str:
     """The cloud functions' ``counterType`` of a counter: its scope, or its period for periodic app counters."""
     if counter.scope != "app":
         return counter.scope
-    return counter.period if counter.period in (periods.DAILY, periods.WEEKLY) else "app"
+    return counter.period if counter.period in (periods.DAILY, periods.WEEKLY, periods.MONTHLY) else "app"
 
 
 def counter_get_typed(*, app_id: int, counter_type: str, name: str) -> CounterConfig:
     """A counter by the cloud functions' ``(counterType, counterId)``.
 
     ``global`` names a counter of the global app; every other type a counter of the caller's app.
-    ``app`` matches any app counter, ``daily`` / ``weekly`` only an app counter with that period,
+    ``app`` matches any app counter, ``daily`` / ``weekly`` / ``monthly`` only an app counter with that period,
     ``user`` a per-player counter. A type that does not match is "not found" (4004), like an
     unknown name: a (type, id) pair names a counter or nothing.
     """

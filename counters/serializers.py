@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from . import keyspace
 from .errors import InvalidParameter
+from .idempotency import idempotency_key_check
 from .models import NAME_PATTERN
 
 SUBJECT_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
@@ -96,10 +97,17 @@ class MetadataField(serializers.Field):
         return value
 
 
+METADATA_HELP = (
+    "Kept with the operation in the operation log of counters that log operations (`log_operations`); "
+    "never interpreted. Counters that do not log operations, the built-in ones among them, check it and do "
+    "not keep it (docs/cloud-functions.md, Operation log)."
+)
+
+
 class UpdateInputSerializer(serializers.Serializer):
     value = StrictIntegerField(min_value=1, default=1)
-    user_id = SubjectField(required=False)
-    metadata = MetadataField(required=False)
+    user_id = SubjectField(required=False, help_text="Required by unique-member counters (daily_active_users).")
+    metadata = MetadataField(required=False, help_text=METADATA_HELP)
 
 
 _PLAIN_UPDATE_FIELDS = frozenset(("value", "user_id"))
@@ -134,7 +142,7 @@ class ResetInputSerializer(serializers.Serializer):
 
 
 BATCH_UPDATE_LIMIT = 1000
-_BATCH_ITEM_FIELDS = frozenset(("name", "op", "value", "user_id", "metadata"))
+_BATCH_ITEM_FIELDS = frozenset(("name", "op", "value", "user_id", "metadata", "id"))
 _BATCH_OPS = {"increment": 1, "decrement": -1}
 _NAME = re.compile(NAME_PATTERN)
 
@@ -145,6 +153,7 @@ class BatchItem:
     amount: int
     user_id: str
     metadata: dict | None
+    id: str | None = None
 
 
 def _batch_item(index: int, raw) -> BatchItem:
@@ -173,11 +182,15 @@ def _batch_item(index: int, raw) -> BatchItem:
             metadata = MetadataField().to_internal_value(metadata)
         except serializers.ValidationError as exc:
             raise InvalidParameter(f"{where}.metadata: {exc.detail[0]}") from exc
-    return BatchItem(name, sign * value, user_id, metadata)
+    item_id = raw.get("id")
+    if item_id is not None:
+        item_id = idempotency_key_check(item_id, field=f"{where}.id")
+    return BatchItem(name, sign * value, user_id, metadata, item_id)
 
 
 def batch_updates_parse(data) -> list[BatchItem]:
-    """``{"updates": [{"name", "op", "value", "user_id", "metadata"}, ...]}`` (1 to BATCH_UPDATE_LIMIT items).
+    """``{"updates": [{"name", "op", "value", "user_id", "metadata", "id"}, ...]}`` (1 to BATCH_UPDATE_LIMIT items;
+    ``id``: the item's Idempotency-Key, unique within the batch).
 
     Hand-written rather than a nested DRF serializer: for 100 items that one costs more than the
     whole Redis round trip (see bench/README.md); the checks and messages are the same as for a
@@ -190,4 +203,11 @@ def batch_updates_parse(data) -> list[BatchItem]:
     updates = data["updates"]
     if not 1 <= len(updates) <= BATCH_UPDATE_LIMIT:
         raise InvalidParameter(f"Send 1 to {BATCH_UPDATE_LIMIT} updates per request ({len(updates)} given).")
-    return [_batch_item(i, raw) for i, raw in enumerate(updates)]
+    items = [_batch_item(i, raw) for i, raw in enumerate(updates)]
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if item.id is not None:
+            if item.id in seen:
+                raise InvalidParameter(f"updates[{index}].id: {item.id!r} appears twice in the batch.")
+            seen.add(item.id)
+    return items

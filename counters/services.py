@@ -1,5 +1,6 @@
 """Updates and resets of counter values: one Redis round trip each, PostgreSQL through the flusher."""
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +15,16 @@ from archive.models import ResetLog
 
 from . import clock, keyspace, periods
 from .config import CounterConfig
-from .errors import CounterError, CounterNotFound, InvalidParameter, OutOfLimits, RuleViolation, ServiceReadOnly
+from .errors import (
+    CounterError,
+    CounterNotFound,
+    IdempotencyConflict,
+    InvalidParameter,
+    OutOfLimits,
+    RuleViolation,
+    ServiceReadOnly,
+)
+from .idempotency import REPLAYED_HEADERS, Idempotency
 from .redis_store import StoreUnavailable, redis_call, scripts
 from .values import (
     ResetResult,
@@ -35,8 +45,26 @@ def _check_live(counter: CounterConfig, now: datetime) -> None:
         )
 
 
-def _run_update(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow, args: list) -> list:
-    keys = keyspace.update_keys(counter.id, window.key, subject)
+def _keyed_call(
+    counter: CounterConfig, keys: list[str], args: list, idempotency: Idempotency | None, ms: int
+) -> tuple[list[str], list]:
+    """The update script's keys and arguments with the record of an Idempotency-Key appended."""
+    if idempotency is None:
+        return keys, args
+    record = keyspace.idempotency_key(counter.id, idempotency.app_id, idempotency.key)
+    return [*keys, record], [*args, idempotency.fingerprint, idempotency.ttl_ms, ms]
+
+
+def _run_update(
+    *,
+    counter: CounterConfig,
+    subject: str,
+    window: periods.PeriodWindow,
+    args: list,
+    idempotency: Idempotency | None = None,
+    ms: int = 0,
+) -> list:
+    keys, args = _keyed_call(counter, keyspace.update_keys(counter.id, window.key, subject), args, idempotency, ms)
     for _ in range(3):
         result = redis_call(lambda r: scripts.update(keys=keys, args=args, client=r))
         if result[0] != b"HYDRATE":
@@ -60,6 +88,7 @@ class UpdateRequest:
     subject: str = ""
     user_id: str = ""
     metadata: dict | None = None
+    idempotency: Idempotency | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +102,7 @@ class _PreparedUpdate:
     high: int
     member: str
     log: str
+    idempotency: Idempotency | None = None
 
 
 def _prepare_update(
@@ -86,6 +116,7 @@ def _prepare_update(
     allow_negative: bool,
     now: datetime,
     window: periods.PeriodWindow | None = None,
+    idempotency: Idempotency | None = None,
 ) -> _PreparedUpdate:
     """Check an update and build the update script's keys and arguments (no I/O)."""
     if amount == 0 or abs(amount) > keyspace.MAX_SAFE_VALUE:
@@ -95,6 +126,11 @@ def _prepare_update(
     counter_check_subject(counter=counter, subject=subject)
     _check_live(counter, now)
     member = user_id if counter.unique_members else ""
+    if counter.unique_members and not member:
+        raise RuleViolation(
+            gettext("Counter '%(name)s' counts each user once per period: a user_id is required.")
+            % {"name": counter.name}
+        )
     if member and amount < 0:
         raise RuleViolation(
             gettext("Counter '%(name)s' counts unique users: it cannot be decremented per user.")
@@ -113,18 +149,35 @@ def _prepare_update(
     for t in counter.thresholds:
         args += [t.id, t.value, t.direction, t.cooldown_seconds * 1000, int(t.rearm)]
     keys = keyspace.update_keys(counter.id, window.key, subject)
-    return _PreparedUpdate(counter, subject, window, keys, args, low, high, member, log)
+    return _PreparedUpdate(counter, subject, window, keys, args, low, high, member, log, idempotency)
+
+
+def _replayed(result: list, now: datetime) -> tuple[list, datetime, bool]:
+    """The reply to read and its time: a keyed call's recorded reply, or the call's own; a 409 if
+    its key was used for another request."""
+    status = result[0]
+    if status == b"CONFLICT":
+        raise IdempotencyConflict()
+    if status == b"REPLAY":
+        at, reply = keyspace.idempotency_record_parse(result[1])
+        return reply, clock.from_ms(at), True
+    return result, now, False
 
 
 def _update_result(prepared: _PreparedUpdate, result: list, now: datetime) -> UpdateResult:
     """Read the update script's reply; a bounds refusal raises ``OutOfLimits``."""
     counter = prepared.counter
+    result, now, replayed = _replayed(result, now)
     status = result[0]
     old, new = int(result[1]), int(result[2])
-    if status == b"MIN":
-        raise counter_out_of_limits(counter=counter, old=old, bound=prepared.low, below=True)
-    if status == b"MAX":
-        raise counter_out_of_limits(counter=counter, old=old, bound=prepared.high, below=False)
+    if status in (b"MIN", b"MAX"):
+        below = status == b"MIN"
+        refusal = counter_out_of_limits(
+            counter=counter, old=old, bound=prepared.low if below else prepared.high, below=below
+        )
+        if replayed:
+            refusal.headers = REPLAYED_HEADERS
+        raise refusal
     crossed: tuple[int, ...] = ()
     marks: dict[int, datetime] = {}
     if status == b"OK" and len(result) > 3:
@@ -141,6 +194,7 @@ def _update_result(prepared: _PreparedUpdate, result: list, now: datetime) -> Up
         crossed=crossed,
         threshold_marks=marks,
         updated_at=now,
+        replayed=replayed,
     )
 
 
@@ -164,12 +218,15 @@ def counter_update(
     actor: str = "",
     metadata: dict | None = None,
     allow_negative: bool = False,
+    idempotency: Idempotency | None = None,
 ) -> UpdateResult:
     """Add ``amount`` (negative to decrement) to a counter in one Redis round trip.
 
     For unique-member counters ``user_id`` is counted once per period; a repeat changes nothing
     and reports the current value. Bounds are checked atomically: an update that would leave
-    them changes nothing and raises ``OutOfLimits``.
+    them changes nothing and raises ``OutOfLimits``. With an ``idempotency`` key the update is
+    applied at most once per key: a repeat answers the first outcome (``replayed``), another
+    request with the same key raises ``IdempotencyConflict``; both change nothing.
     """
     now = clock.now()
     prepared = _prepare_update(
@@ -181,12 +238,22 @@ def counter_update(
         metadata=metadata,
         allow_negative=allow_negative,
         now=now,
+        idempotency=idempotency,
     )
     try:
         store_reconcile_if_due()
-        result = _run_update(counter=counter, subject=subject, window=prepared.window, args=prepared.args)
+        result = _run_update(
+            counter=counter,
+            subject=subject,
+            window=prepared.window,
+            args=prepared.args,
+            idempotency=idempotency,
+            ms=clock.to_ms(now),
+        )
     except StoreUnavailable as exc:
-        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied:
+        # A key is recorded in Redis only: without it a keyed write could apply twice, so it is
+        # refused (503, not applied) rather than written through.
+        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied or idempotency:
             raise
         store_reconcile_mark_due()
         return counter_update_write_through(
@@ -202,6 +269,35 @@ def counter_update(
     return _update_result(prepared, result, now)
 
 
+_OWN_KEYS, _OWN_ARGS = itemgetter(*keyspace.UPDATE_OWN_KEYS), itemgetter(*keyspace.UPDATE_OWN_ARGS)
+
+
+def update_call(prepared: _PreparedUpdate) -> tuple[list[str], list]:
+    """KEYS and ARGV of the ``UPDATE_SCRIPT`` call of one prepared update (with its Idempotency-Key)."""
+    ms = prepared.args[7]
+    return _keyed_call(prepared.counter, prepared.keys, prepared.args, prepared.idempotency, ms)
+
+
+def update_many_call(group: list[_PreparedUpdate]) -> tuple[list[str], list]:
+    """KEYS and ARGV of one ``UPDATE_MANY_SCRIPT`` call: updates of one counter and period, in order.
+
+    With Idempotency-Keys each item's own keys and arguments end with its record and fingerprint
+    (a placeholder key in the slot and '' for an item without a key).
+    """
+    first = group[0]
+    keyed = any(item.idempotency for item in group)
+    header = [len(first.keys), len(first.args), int(keyed), settings.COUNTER_IDEMPOTENCY_KEY_SECONDS * 1000]
+    keys, args = list(first.keys), [*header, first.args[7], *first.args]
+    for item in group:
+        keys += _OWN_KEYS(item.keys)
+        args += _OWN_ARGS(item.args)
+        if keyed:
+            idem = item.idempotency
+            keys.append(keyspace.idempotency_key(item.counter.id, idem.app_id, idem.key) if idem else item.keys[0])
+            args.append(idem.fingerprint if idem else "")
+    return keys, args
+
+
 def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
     """Run every update, in order, in one round trip: one ``UPDATE_MANY_SCRIPT`` call per counter.
 
@@ -212,16 +308,11 @@ def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
     results: list = [None] * len(prepared)
     todo = list(range(len(prepared)))
     sha = scripts.update_many.sha
-    own_keys, own_args = itemgetter(*keyspace.UPDATE_OWN_KEYS), itemgetter(*keyspace.UPDATE_OWN_ARGS)
 
     def run(r, groups: list[list[int]]) -> list:
         pipe = r.pipeline(transaction=False)
         for group in groups:
-            first = prepared[group[0]]
-            keys, args = list(first.keys), [len(first.keys), len(first.args), *first.args]
-            for i in group:
-                keys += own_keys(prepared[i].keys)
-                args += own_args(prepared[i].args)
+            keys, args = update_many_call([prepared[i] for i in group])
             pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         return pipe.execute(raise_on_error=False)
 
@@ -286,6 +377,7 @@ def counter_update_many(
                     allow_negative=allow_negative,
                     now=now,
                     window=windows[counter.id],
+                    idempotency=update.idempotency,
                 )
             )
         except CounterError as exc:
@@ -295,17 +387,24 @@ def counter_update_many(
     for item, reply in zip(prepared, _run_update_pipeline(prepared), strict=True):
         try:
             results.append(_update_result(item, reply, now))
-        except OutOfLimits as exc:
+        except (OutOfLimits, IdempotencyConflict) as exc:
             results.append(exc)
     return results
 
 
 def counter_reset(
-    *, counter: CounterConfig, subject: str = "", value: int | None = None, reason: str = "", operator: str = ""
+    *,
+    counter: CounterConfig,
+    subject: str = "",
+    value: int | None = None,
+    reason: str = "",
+    operator: str = "",
+    idempotency: Idempotency | None = None,
 ) -> ResetResult:
     """Set the current period's value (default: the counter's reset value), keeping an audit record.
 
-    The period's unique members stay counted, so a reset never lets a player count twice.
+    The period's unique members stay counted, so a reset never lets a player count twice. A repeat
+    with the same ``idempotency`` key answers the first reset and writes no second audit record.
     """
     target = counter_reset_check(counter=counter, subject=subject, value=value)
     now = clock.now()
@@ -314,8 +413,15 @@ def counter_reset(
     store_reconcile_if_due()
     args = ["set", target, f"{window.key}|{subject}", "", "", "", 0, ms, ms // 60000]
     args += [int(not counter.is_user_scoped), ""]
-    result = _run_update(counter=counter, subject=subject, window=window, args=args)
+    result = _run_update(counter=counter, subject=subject, window=window, args=args, idempotency=idempotency, ms=ms)
+    result, now, replayed = _replayed(result, now)
     old = int(result[1])
+    if replayed:
+        return ResetResult(counter, subject, old, int(result[2]), now, reason, operator, replayed=True)
+    # What lastResetTime / last_reset show; a Redis that misses it gets it back on hydration.
+    with contextlib.suppress(StoreUnavailable):
+        value_key = keyspace.value_key(counter.id, window.key, subject)
+        redis_call(lambda r: r.hset(value_key, keyspace.LAST_RESET_FIELD, ms))
     ResetLog.objects.create(
         counter_id=counter.id,
         subject=subject,

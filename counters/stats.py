@@ -126,6 +126,35 @@ def _current_values(counters: list[CounterConfig]) -> dict[int, CurrentValue]:
     return current
 
 
+def _levels(ids: list[int], span: StatsRange, slotted) -> list[tuple[datetime, int]]:
+    """Each slot with the selected counters' level at its end: the sum over counters of the value
+    after the last update up to then (a slot without updates keeps the level before it).
+
+    Levels come from the buckets' ``last_value`` (recorded for counters that are not per player,
+    including the value a reset set), so per-player counters are not part of them.
+    """
+    level = dict(
+        StatBucket.objects.filter(counter_id__in=ids, minute__lt=span.start, last_value__isnull=False)
+        .order_by("counter_id", "-minute")
+        .distinct("counter_id")
+        .values_list("counter_id", "last_value")
+    )
+    at_end: dict[datetime, list[tuple[int, int]]] = {}
+    last_in_slot = (
+        slotted.filter(last_value__isnull=False)
+        .order_by("counter_id", "slot", "-minute")
+        .distinct("counter_id", "slot")
+        .values_list("slot", "counter_id", "last_value")
+    )
+    for slot, counter_id, last_value in last_in_slot:
+        at_end.setdefault(slot, []).append((counter_id, last_value))
+    levels = []
+    for slot in _slots(span):
+        level.update(at_end.get(slot, ()))
+        levels.append((slot, sum(level.values())))
+    return levels
+
+
 def counter_stats(*, counters: list[CounterConfig], span: StatsRange) -> dict:
     """summary, counterList, timeSeries and topCounters of ``counters`` over ``span``."""
     ids = [c.id for c in counters]
@@ -134,12 +163,8 @@ def counter_stats(*, counters: list[CounterConfig], span: StatsRange) -> dict:
         row["counter_id"]: row
         for row in buckets.values("counter_id").annotate(ops=Sum("operations"), peak=Max("max_value"))
     }
-    series = {
-        row["slot"]: row
-        for row in buckets.annotate(slot=Trunc("minute", SLOT_UNITS[span.group_by], tzinfo=span.zone))
-        .values("slot")
-        .annotate(ops=Sum("operations"), delta=Sum("delta"))
-    }
+    slotted = buckets.annotate(slot=Trunc("minute", SLOT_UNITS[span.group_by], tzinfo=span.zone))
+    operations = {row["slot"]: row["ops"] for row in slotted.values("slot").annotate(ops=Sum("operations"))}
     current = _current_values(counters)
 
     counter_list = []
@@ -168,12 +193,8 @@ def counter_stats(*, counters: list[CounterConfig], span: StatsRange) -> dict:
         },
         "counterList": counter_list,
         "timeSeries": [
-            {
-                "time": slot,
-                "value": series[slot]["delta"] if slot in series else 0,
-                "operations": series[slot]["ops"] if slot in series else 0,
-            }
-            for slot in _slots(span)
+            {"time": slot, "value": level, "operations": operations.get(slot) or 0}
+            for slot, level in _levels(ids, span, slotted)
         ],
         "topCounters": [
             {"counterId": item["counterId"], "value": item["currentValue"], "ranking": rank}

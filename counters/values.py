@@ -4,7 +4,10 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.db.models import Q
 from django.utils.translation import gettext
+
+from archive.models import ResetLog
 
 from . import clock, keyspace, periods
 from .config import CounterConfig
@@ -26,6 +29,8 @@ class UpdateResult:
     crossed: tuple[int, ...]
     threshold_marks: dict[int, datetime]
     updated_at: datetime
+    # Answered from the record of its Idempotency-Key: the first request's outcome, nothing changed.
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,7 @@ class ResetResult:
     reset_at: datetime
     reason: str
     operator: str
+    replayed: bool = False
 
 
 def counter_check_subject(*, counter: CounterConfig, subject: str) -> None:
@@ -189,10 +195,28 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
     if counter.unique_members:
         members_to_store(counter, window)
     updated_ms = clock.to_ms(row["updated_at"]) if row["updated_at"] else 0
+    reset_at = manual_resets_get(items=[(counter.id, subject, window.key)]).get((counter.id, subject, window.key))
+    reset_ms = clock.to_ms(reset_at) if reset_at else ""
     redis_call(
         lambda r: scripts.hydrate(
             keys=[keyspace.value_key(counter.id, window.key, subject)],
-            args=[row["value"], max(row["peak"], row["value"]), row["operations"], updated_ms],
+            args=[row["value"], max(row["peak"], row["value"]), row["operations"], updated_ms, reset_ms],
             client=r,
         )
     )
+
+
+def manual_resets_get(*, items: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], datetime]:
+    """The time of the last manual reset of each ``(counter id, subject, period)`` that had one (one query)."""
+    if not items:
+        return {}
+    wanted = Q()
+    for counter_id, subject, period in items:
+        wanted |= Q(counter_id=counter_id, subject=subject, period=period)
+    rows = (
+        ResetLog.objects.filter(wanted, kind=ResetLog.Kind.MANUAL)
+        .order_by("counter_id", "subject", "period", "-created_at")
+        .distinct("counter_id", "subject", "period")
+        .values_list("counter_id", "subject", "period", "created_at")
+    )
+    return {(c, s, p): at for c, s, p, at in rows}

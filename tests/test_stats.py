@@ -82,7 +82,11 @@ def test_series_by_hour_day_and_week_sum_to_the_operations_made(client, week):
     assert [p["time"] for p in days] == [utc_ms(MONDAY + timedelta(days=d)) for d in range(7)]
     assert days[0]["time"] == "2024-03-03T16:00:00.000Z"  # local midnight in Shanghai
     assert [p["operations"] for p in days] == made["per_day"]
-    assert sum(p["value"] for p in days) == sum(made["net"].values())
+    # The level at the end of each day: wins gains 2 * (day + 1) - 1 a day, losses 2 (per-player
+    # counters are not part of levels).
+    levels = [sum(2 * (d + 1) - 1 for d in range(day + 1)) + 2 * (day + 1) for day in range(7)]
+    assert [p["value"] for p in days] == levels
+    assert days[-1]["value"] == made["net"]["wins"] + made["net"]["losses"]
 
     hours = by_hour["timeSeries"]
     assert len(hours) == 7 * 24
