@@ -10,8 +10,8 @@ loaded machine a round in which redis-server lost its core reads high: the table
 round (the least disturbed) and the median, and beside them redis-server's own CPU time
 (``/proc``) per call over all rounds, which includes reading and answering the commands. The
 arguments are the ones ``_prepare_update`` builds for the counter of each case; a flush
-(``MOVE_PENDING_SCRIPT`` for the current script, the old one's RENAME for the baseline) ends each
-round, as the flusher would.
+(``MOVE_PENDING_SCRIPT`` and ``DERIVE_SCRIPT`` for the current script, the old one's RENAME for
+the baseline) ends each round, as the flusher would.
 """
 
 import os
@@ -76,7 +76,11 @@ def flush(r: redis.Redis, counter_id: int, *, current: bool, serial: int) -> Non
         keyspace.batch_log_key(counter_id, batch_id),
     ]
     if current:
-        r.eval(keyspace.MOVE_PENDING_SCRIPT, len(keys), *keys, batch_id, keyspace.value_key_prefix(counter_id))
+        r.eval(keyspace.MOVE_PENDING_SCRIPT, len(keys), *keys, batch_id)
+        marks = [f for f, v in r.hgetall(keys[3]).items() if f.startswith(b"c|") and v == b"1"]
+        for start in range(0, len(marks), 500):
+            chunk = marks[start : start + 500]
+            r.eval(keyspace.DERIVE_SCRIPT, 1, keys[3], keyspace.value_key_prefix(counter_id), *chunk)
     else:
         r.delete(keys[0])
     r.delete(*keys[2:])

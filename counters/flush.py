@@ -358,10 +358,10 @@ def deleted_counters_purge() -> int:
 def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
     """Move every counter's pending deltas to PostgreSQL, each exactly once.
 
-    Pending data is first renamed into a batch with an id, each changed value's delta derived
-    from its value hash (atomically, in Redis); the batch is applied in one transaction that also
-    records its id; only then is it deleted. A batch left behind by a crash is picked up on the
-    next run and applied only if its id is not recorded.
+    Pending data is first renamed into a batch with an id (atomically, in Redis), then each
+    changed value's delta is derived from its value hash into the batch; the batch is applied in
+    one transaction that also records its id; only then is it deleted. A batch left behind by a
+    crash is picked up on the next run and applied only if its id is not recorded.
 
     Each value's delta also carries the version it was taken from, and PostgreSQL applies it only
     on top of that version. A Redis restored from an older snapshot (or an AOF that lost its last
@@ -389,7 +389,7 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
                     keyspace.batch_key(cid, batch_id),
                     keyspace.batch_log_key(cid, batch_id),
                 ]
-                scripts.move_pending(keys=keys, args=[batch_id, keyspace.value_key_prefix(cid)], client=pipe)
+                scripts.move_pending(keys=keys, args=[batch_id], client=pipe)
             for cid in ids:
                 pipe.smembers(keyspace.batches_key(cid))
             return pipe.execute()[len(ids) :]
@@ -407,6 +407,9 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
                     .execute()
                 )
             )
+            marks = [field for field, raw in fields.items() if raw == b"1" and field.startswith(b"c|")]
+            if marks:
+                _derive(cid, batch_id, marks, fields)
             try:
                 applied = _apply_batch(cid, batch_id, _parse_batch(fields, log), stats)
             except IntegrityError:
@@ -432,6 +435,30 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
         with contextlib.suppress(StoreUnavailable):
             release_lock("flush", token=token)
     return stats
+
+
+# Values derived per script call: each call holds Redis for about this many value hashes.
+DERIVE_CHUNK = 500
+
+
+def _derive(counter_id: int, batch_id: str, marks: list[bytes], fields: dict[bytes, bytes]) -> None:
+    """Derive the rows of a batch's changed values (DERIVE_SCRIPT) and put them into ``fields``."""
+    keys = [keyspace.batch_key(counter_id, batch_id)]
+    prefix = keyspace.value_key_prefix(counter_id)
+
+    def derive(r):
+        pipe = r.pipeline(transaction=False)
+        for start in range(0, len(marks), DERIVE_CHUNK):
+            scripts.derive(keys=keys, args=[prefix, *marks[start : start + DERIVE_CHUNK]], client=pipe)
+        return pipe.execute()
+
+    for mark in marks:
+        del fields[mark]  # a value whose hash is gone has no row
+    for out in redis_call(derive):
+        for i in range(0, len(out), 4):
+            fields[out[i]] = out[i + 1]
+            if out[i + 2]:
+                fields[out[i + 2]] = out[i + 3]
 
 
 def _rebase_refused(counter_id: int, refused: set[tuple[str, str]]) -> int:

@@ -308,50 +308,63 @@ redis.call('HSET', KEYS[1], 'v', ARGV[1], 'peak', ARGV[2], 'ops', ARGV[3], 'upd'
 return 1
 """
 
-# Move what is pending into a batch with an id (flusher), and turn each changed value's mark
-# (``c|<period>|<subject>``) into what PostgreSQL has to apply: "delta ops peak updated version",
-# where the delta and ops count what the value gained since the last move (value and ops minus
-# those in ``f``) and version is ``f``'s version + 1: PostgreSQL applies the row only if its row is
-# still at ``f``'s version (see counters_flush). The value's open minute share goes into a bucket field.
-# Moving and deriving are one atomic step, so an update lands either in this batch or the next.
-# KEYS: pend, log, batches, batch, batch log. ARGV: batch id, the counter's value key prefix.
-MOVE_PENDING_SCRIPT = (
-    _BUCKET_ADD
-    + """
+# Move what is pending into a batch with an id (flusher). KEYS: pend, log, batches, batch, batch log.
+MOVE_PENDING_SCRIPT = """
 local moved = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('RENAME', KEYS[1], KEYS[4]); moved = 1 end
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('RENAME', KEYS[2], KEYS[5]); moved = 1 end
-if moved == 0 then return 0 end
-redis.call('SADD', KEYS[3], ARGV[1])
-for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
-  if string.byte(field, 1) == 99 and string.byte(field, 2) == 124 then -- 'c|'
+if moved == 1 then redis.call('SADD', KEYS[3], ARGV[1]) end
+return moved
+"""
+
+# Turn changed values' marks (``c|<period>|<subject>`` = '1') of a moved batch into what PostgreSQL
+# has to apply: "delta ops peak updated version". Delta and ops are what the value gained since
+# the last derivation (value and ops minus those in ``f``); version is ``f``'s + 1, and PostgreSQL
+# applies the row only if its own row is still at ``f``'s version (see counters_flush). The
+# value's open minute share goes into a bucket field of the batch. Each value is derived
+# atomically with its updates: an update lands either in this batch or marks the value in the
+# next one (until its derivation, the value keeps ``mx``, so its updates add no new mark). A
+# mark derived already is skipped, so a flusher that died halfway can run this again. Called in
+# chunks so that Redis never stops for a whole large batch.
+# KEYS: batch. ARGV: the counter's value key prefix, then marks. Returns, per mark derived:
+# mark, row, bucket field ('' if none), bucket text.
+DERIVE_SCRIPT = (
+    _BUCKET_ADD
+    + """
+local out = {}
+for i = 2, #ARGV do
+  local field = ARGV[i]
+  if redis.call('HGET', KEYS[1], field) == '1' then
     local f = string.sub(field, 3)
     local bar = string.find(f, '|', 1, true)
-    local vkey = ARGV[2] .. string.sub(f, 1, bar - 1) .. ':' .. string.sub(f, bar + 1)
+    local vkey = ARGV[1] .. string.sub(f, 1, bar - 1) .. ':' .. string.sub(f, bar + 1)
     local h = redis.call('HMGET', vkey, 'v', 'peak', 'ops', 'upd', 'f', 'm', 'mb', 'mx')
     if h[1] and h[5] then
       local fv, fo, fn = string.match(h[5], '^(%S+) (%S+) (%S+)$')
       local v, ops, version = tonumber(h[1]), tonumber(h[3]), tonumber(fn) + 1
       local peak = tonumber(h[2])
       if h[8] and tonumber(h[8]) > peak then peak = tonumber(h[8]) end
-      local row = {s(v - fv), s(ops - fo), s(peak), h[4], s(version)}
-      redis.call('HSET', KEYS[4], field, table.concat(row, ' '))
-      local opened = h[3] .. ' ' .. h[1]
+      local row = table.concat({s(v - fv), s(ops - fo), s(peak), h[4], s(version)}, ' ')
+      redis.call('HSET', KEYS[1], field, row)
+      local opened, bfield, btext = h[3] .. ' ' .. h[1], '', ''
       if h[6] then
         local mo, mv, last = string.match(h[7], '^(%S+) (%S+) ?(%S*)$')
         if ops > tonumber(mo) then
-          bucket_add(KEYS[4], 'b|' .. h[6] .. '|' .. f, ops - mo, v - mv, last ~= '' and v, tonumber(h[8]))
+          bfield = 'b|' .. h[6] .. '|' .. f
+          bucket_add(KEYS[1], bfield, ops - mo, v - mv, last ~= '' and v, tonumber(h[8]))
+          btext = redis.call('HGET', KEYS[1], bfield)
         end
         if last ~= '' then opened = opened .. ' 1' end
       end
       redis.call('HSET', vkey, 'f', h[1] .. ' ' .. h[3] .. ' ' .. s(version), 'mb', opened, 'peak', peak)
       redis.call('HDEL', vkey, 'mx')
+      out[#out + 1] = field; out[#out + 1] = row; out[#out + 1] = bfield; out[#out + 1] = btext
     else
-      redis.call('HDEL', KEYS[4], field)
+      redis.call('HDEL', KEYS[1], field)
     end
   end
 end
-return 1
+return out
 """
 )
 

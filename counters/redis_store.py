@@ -140,6 +140,10 @@ class _Scripts:
         return self._get("move_pending", keyspace.MOVE_PENDING_SCRIPT)
 
     @property
+    def derive(self):
+        return self._get("derive", keyspace.DERIVE_SCRIPT)
+
+    @property
     def rebase(self):
         return self._get("rebase", keyspace.REBASE_SCRIPT)
 
