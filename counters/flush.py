@@ -155,28 +155,39 @@ _LEGACY_BUCKET_SLOTS = {"bo": 0, "bd": 1, "bv": 2, "bm": 3}
 
 def _parse_batch(fields: dict[bytes, bytes], log: list[bytes]) -> _Batch:
     batch = _Batch({}, [], [], [], log, defaultdict(lambda: [0, 0, 0, 0]), defaultdict(lambda: [0, 0, None, None]))
+    values, shares, members = batch.values, batch.shares, batch.members
     for raw_field, raw_value in fields.items():
-        kind, _, rest = raw_field.decode().partition("|")
-        if kind == "c":
-            period, _, subject = rest.partition("|")
-            batch.values[(period, subject)] = [int(x) for x in raw_value.split()]
-        elif kind == "b":
-            minute, period, subject = rest.split("|", 2)
-            numbers = [int(x) for x in raw_value.split()]
+        kind = raw_field[:2]
+        if kind == b"c|":
+            period, _, subject = raw_field[2:].decode().partition("|")
+            row = list(map(int, raw_value.split()))
+            values[(period, subject)] = row[:5]
+            if len(row) > 5:
+                last, top = (row[8], row[9]) if len(row) == 10 else (None, None)
+                shares.append((period, subject, row[5], row[6], row[7], last, top))
+        elif kind == b"u|":
+            period, _subject, member = raw_field[2:].decode().split("|", 2)
+            members.append((period, member))
+        elif kind == b"b|":
+            minute, period, subject = raw_field[2:].decode().split("|", 2)
+            numbers = list(map(int, raw_value.split()))
             last, top = (numbers[2], numbers[3]) if len(numbers) == 4 else (None, None)
-            batch.shares.append((period, subject, int(minute), numbers[0], numbers[1], last, top))
-        elif kind == "u":
-            period, _subject, member = rest.split("|", 2)
-            batch.members.append((period, member))
-        elif kind == "e":
-            period, subject, threshold_id, _fired_ms = rest.split("|", 3)
-            batch.events.append((int(threshold_id), subject, period, int(raw_value)))
-        elif kind in _LEGACY_VALUE_SLOTS:
-            period, _, subject = rest.partition("|")
-            batch.legacy_values[(period, subject)][_LEGACY_VALUE_SLOTS[kind]] = int(raw_value)
-        elif kind in _LEGACY_BUCKET_SLOTS:
-            batch.legacy_buckets[int(rest)][_LEGACY_BUCKET_SLOTS[kind]] = int(raw_value)
+            shares.append((period, subject, int(minute), numbers[0], numbers[1], last, top))
+        else:
+            _parse_rare(batch, raw_field.decode(), raw_value)
     return batch
+
+
+def _parse_rare(batch: _Batch, field: str, raw_value: bytes) -> None:
+    kind, _, rest = field.partition("|")
+    if kind == "e":
+        period, subject, threshold_id, _fired_ms = rest.split("|", 3)
+        batch.events.append((int(threshold_id), subject, period, int(raw_value)))
+    elif kind in _LEGACY_VALUE_SLOTS:
+        period, _, subject = rest.partition("|")
+        batch.legacy_values[(period, subject)][_LEGACY_VALUE_SLOTS[kind]] = int(raw_value)
+    elif kind in _LEGACY_BUCKET_SLOTS:
+        batch.legacy_buckets[int(rest)][_LEGACY_BUCKET_SLOTS[kind]] = int(raw_value)
 
 
 def _buckets(batch: _Batch, refused: set[tuple[str, str]]) -> dict[int, list]:
@@ -455,10 +466,7 @@ def _derive(counter_id: int, batch_id: str, marks: list[bytes], fields: dict[byt
     for mark in marks:
         del fields[mark]  # a value whose hash is gone has no row
     for out in redis_call(derive):
-        for i in range(0, len(out), 4):
-            fields[out[i]] = out[i + 1]
-            if out[i + 2]:
-                fields[out[i + 2]] = out[i + 3]
+        fields.update(zip(out[::2], out[1::2], strict=True))
 
 
 def _rebase_refused(counter_id: int, refused: set[tuple[str, str]]) -> int:

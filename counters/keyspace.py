@@ -6,12 +6,12 @@ Nothing else in the project spells a key. All keys of one counter share the hash
 Per counter ``c``:
 
 - ``cs:{c}:v:<period>:<subject>`` hash: ``v`` value, ``peak``, ``ops``, ``upd`` (ms); ``f`` "value ops
-  version" when the flusher last moved it (PostgreSQL's row holds that version once it applied
-  the move); ``m`` the open statistics minute, ``mb`` "ops value [1]" when this minute's share opened
-  (or was last moved; "1": its buckets keep last and max), ``mx`` the highest value since then,
-  present only while the value is marked changed in ``pend``. ``peak`` lags: the flusher's move
-  (and a new minute) raise it to ``mx``. The hash's existence means "hydrated from PostgreSQL";
-  the update script refuses to run on a missing one.
+  version" when the flusher last derived its delta (PostgreSQL's row holds that version once it
+  applied it); ``m`` the open statistics minute, ``mb`` "ops value [1]" when this minute's share
+  opened or was last derived ("1": its buckets keep last and max), ``mx`` the highest value since
+  then, set (not empty) only while the value is marked changed and not derived yet. ``peak`` lags:
+  derivation (and a new minute) raise it to ``mx``. The hash's existence means "hydrated from
+  PostgreSQL"; the update script refuses to run on a missing one.
 - ``cs:{c}:m:<period>`` set: members already counted in the period (unique counters).
 - ``cs:{c}:t:<period>:<subject>`` hash: threshold id -> time (ms) it fired in the period (deleted
   when a re-arming threshold falls back).
@@ -204,7 +204,7 @@ if member ~= '' then
 end
 -- Numbers go to redis.call as Lua numbers: Redis writes them with 17 significant digits, exact
 -- for every value up to MAX_SAFE_VALUE (Lua's own tostring would round them to 14).
-local ops, mx = tonumber(h[2]), h[4] and tonumber(h[4])
+local ops, mx = tonumber(h[2]), h[4] and h[4] ~= '' and tonumber(h[4])
 -- No mx: the first update since the flusher's last move, which marks the value as changed.
 if not mx then redis.call('HSET', pkey, 'c|' .. f, '1') end
 if h[3] ~= minute then
@@ -318,19 +318,17 @@ return moved
 """
 
 # Turn changed values' marks (``c|<period>|<subject>`` = '1') of a moved batch into what PostgreSQL
-# has to apply: "delta ops peak updated version". Delta and ops are what the value gained since
-# the last derivation (value and ops minus those in ``f``); version is ``f``'s + 1, and PostgreSQL
-# applies the row only if its own row is still at ``f``'s version (see counters_flush). The
-# value's open minute share goes into a bucket field of the batch. Each value is derived
-# atomically with its updates: an update lands either in this batch or marks the value in the
-# next one (until its derivation, the value keeps ``mx``, so its updates add no new mark). A
-# mark derived already is skipped, so a flusher that died halfway can run this again. Called in
-# chunks so that Redis never stops for a whole large batch.
-# KEYS: batch. ARGV: the counter's value key prefix, then marks. Returns, per mark derived:
-# mark, row, bucket field ('' if none), bucket text.
-DERIVE_SCRIPT = (
-    _BUCKET_ADD
-    + """
+# has to apply: "delta ops peak updated version [minute ops delta [last max]]". Delta and ops are
+# what the value gained since the last derivation (value and ops minus those in ``f``); version
+# is ``f``'s + 1, and PostgreSQL applies the row only if its own row is still at ``f``'s version
+# (see counters_flush); the rest is the value's share of its open statistics minute. Each value
+# is derived atomically with its updates: an update lands either in this batch or marks the value
+# in the next one (until its derivation the value keeps ``mx``, so its updates add no new mark).
+# A mark derived already is skipped, so a flusher that died halfway can run this again. Called
+# in chunks so that Redis never stops for a whole large batch.
+# KEYS: batch. ARGV: the counter's value key prefix, then marks. Returns mark, row per mark derived.
+DERIVE_SCRIPT = """
+local function s(n) return string.format('%d', n) end
 local out = {}
 for i = 2, #ARGV do
   local field = ARGV[i]
@@ -342,23 +340,21 @@ for i = 2, #ARGV do
     if h[1] and h[5] then
       local fv, fo, fn = string.match(h[5], '^(%S+) (%S+) (%S+)$')
       local v, ops, version = tonumber(h[1]), tonumber(h[3]), tonumber(fn) + 1
-      local peak = tonumber(h[2])
-      if h[8] and tonumber(h[8]) > peak then peak = tonumber(h[8]) end
-      local row = table.concat({s(v - fv), s(ops - fo), s(peak), h[4], s(version)}, ' ')
-      redis.call('HSET', KEYS[1], field, row)
-      local opened, bfield, btext = h[3] .. ' ' .. h[1], '', ''
+      local peak, mx = tonumber(h[2]), h[8] and h[8] ~= '' and tonumber(h[8])
+      if mx and mx > peak then peak = mx end
+      local row = s(v - fv) .. ' ' .. s(ops - fo) .. ' ' .. s(peak) .. ' ' .. h[4] .. ' ' .. s(version)
+      local opened = h[3] .. ' ' .. h[1]
       if h[6] then
         local mo, mv, last = string.match(h[7], '^(%S+) (%S+) ?(%S*)$')
         if ops > tonumber(mo) then
-          bfield = 'b|' .. h[6] .. '|' .. f
-          bucket_add(KEYS[1], bfield, ops - mo, v - mv, last ~= '' and v, tonumber(h[8]))
-          btext = redis.call('HGET', KEYS[1], bfield)
+          row = row .. ' ' .. h[6] .. ' ' .. s(ops - mo) .. ' ' .. s(v - mv)
+          if last ~= '' then row = row .. ' ' .. h[1] .. ' ' .. s(mx or v) end
         end
         if last ~= '' then opened = opened .. ' 1' end
       end
-      redis.call('HSET', vkey, 'f', h[1] .. ' ' .. h[3] .. ' ' .. s(version), 'mb', opened, 'peak', peak)
-      redis.call('HDEL', vkey, 'mx')
-      out[#out + 1] = field; out[#out + 1] = row; out[#out + 1] = bfield; out[#out + 1] = btext
+      redis.call('HSET', KEYS[1], field, row)
+      redis.call('HSET', vkey, 'f', h[1] .. ' ' .. h[3] .. ' ' .. s(version), 'mb', opened, 'peak', peak, 'mx', '')
+      out[#out + 1] = field; out[#out + 1] = row
     else
       redis.call('HDEL', KEYS[1], field)
     end
@@ -366,7 +362,6 @@ for i = 2, #ARGV do
 end
 return out
 """
-)
 
 # Forget a batch once PostgreSQL has it. KEYS: batches, batch, batch log.
 DROP_BATCH_SCRIPT = """
@@ -402,7 +397,7 @@ if h[3] then
   local mo, mv, last = string.match(h[3], '^(%S+) (%S+)( ?%S*)$')
   redis.call('HSET', KEYS[1], 'mb', mo .. ' ' .. s(mv + shift) .. last)
 end
-if h[4] then redis.call('HSET', KEYS[1], 'mx', s(tonumber(h[4]) + shift)) end
+if h[4] and h[4] ~= '' then redis.call('HSET', KEYS[1], 'mx', s(tonumber(h[4]) + shift)) end
 if v + shift > tonumber(h[5] or '0') then redis.call('HSET', KEYS[1], 'peak', s(v + shift)) end
 return 1
 """
