@@ -14,6 +14,7 @@ arguments are the ones ``_prepare_update`` builds for the counter of each case; 
 the baseline) ends each round, as the flusher would.
 """
 
+import itertools
 import os
 import statistics
 import subprocess
@@ -33,6 +34,7 @@ BEFORE = (Path(__file__).resolve().parent / "update_script_before.lua").read_tex
 PIPELINE = 200
 PERIOD = "2026-12-01"
 HIGH = keyspace.MAX_SAFE_VALUE
+NEW_MEMBERS = itertools.count(1)
 
 
 def case_args(case: str, i: int, ms: int) -> tuple[str, str, list]:
@@ -41,7 +43,8 @@ def case_args(case: str, i: int, ms: int) -> tuple[str, str, list]:
     if case == "total_games_played +1":
         return "", "", ["add", 1, f"{PERIOD}|", "", 0, HIGH, 0, ms, minute, 1, ""]
     if case == "daily_active_users, new member":
-        return "", f"u{i}", ["add", 1, f"{PERIOD}|", f"u{i}", 0, HIGH, 0, ms, minute, 1, ""]
+        member = f"u{next(NEW_MEMBERS)}"  # never seen in any round
+        return "", member, ["add", 1, f"{PERIOD}|", member, 0, HIGH, 0, ms, minute, 1, ""]
     if case == "daily_active_users, duplicate":
         return "", "u0", ["add", 1, f"{PERIOD}|", "u0", 0, HIGH, 0, ms, minute, 1, ""]
     if case == "per-player score, 1000 players":
