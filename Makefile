@@ -45,6 +45,7 @@ bench: $(BIN)/.installed services
 	command -v wrk >/dev/null && command -v hey >/dev/null || (apt-get update && apt-get install -y wrk hey)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/flush_bench.py
+	$(BIN)/python bench/script_bench.py
 
 # The long memory soak (bench/README-soak.md), with a redis-server and a database of its own.
 SOAK_DATABASE_URL ?= postgres://root@127.0.0.1:5432/counters_soak
