@@ -75,8 +75,8 @@ _VALUES_SQL = _VALUES_UPSERT.format(source=_VALUES_SOURCE)
 
 # Deltas that a flusher from before versions moved into a batch (an upgrade with a batch in flight).
 _LEGACY_VALUES_SQL = """
-INSERT INTO counters_countervalue (counter_id, subject, period, value, peak, operations, updated_at)
-SELECT %s, x.s, x.p, x.d, x.pk, x.o, to_timestamp(x.t / 1000.0)
+INSERT INTO counters_countervalue (counter_id, subject, period, value, peak, operations, updated_at, version)
+SELECT %s, x.s, x.p, x.d, x.pk, x.o, to_timestamp(x.t / 1000.0), 0
 FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) AS x(s, p, d, pk, o, t)
 ON CONFLICT (counter_id, subject, period) DO UPDATE SET
     value = counters_countervalue.value + EXCLUDED.value,

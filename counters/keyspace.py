@@ -219,8 +219,10 @@ if h[3] ~= minute then
   local flushed = r[2]
   if not flushed then
     -- A value hydrated before flushed levels were kept: its pending delta is still a field.
+    -- Those fields are taken into the level here, so the flusher must not apply them too.
     local legacy = tonumber(redis.call('HGET', pkey, 'd|' .. f) or '0')
     local legacy_ops = tonumber(redis.call('HGET', pkey, 'o|' .. f) or '0')
+    redis.call('HDEL', pkey, 'd|' .. f, 'o|' .. f, 'p|' .. f, 't|' .. f)
     flushed = s(old - legacy) .. ' ' .. s(ops - legacy_ops) .. ' 0'
   end
   local opened = s(ops) .. ' ' .. s(old) .. (ARGV[10] == '1' and ' 1' or '')
@@ -389,7 +391,7 @@ else
   -- A value hydrated before flushed levels were kept has its unflushed delta in a pending field.
   fv = v - tonumber(redis.call('HGET', KEYS[3], 'd|' .. ARGV[3]) or '0')
   fo = h[6]
-  redis.call('HDEL', KEYS[3], 'd|' .. ARGV[3], 'o|' .. ARGV[3])
+  redis.call('HDEL', KEYS[3], 'd|' .. ARGV[3], 'o|' .. ARGV[3], 'p|' .. ARGV[3], 't|' .. ARGV[3])
 end
 local shift = base - tonumber(fv)
 redis.call('HSET', KEYS[1], 'v', s(v + shift), 'f', ARGV[1] .. ' ' .. fo .. ' ' .. ARGV[2])

@@ -17,7 +17,7 @@ from django.db.models import Sum
 from django.test import override_settings
 from django_redis import get_redis_connection
 
-from counters import config
+from counters import config, keyspace
 from counters.flush import counters_flush
 from counters.models import CounterValue, OperationLog, StatBucket, UniqueMember
 from counters.redis_store import breaker
@@ -172,3 +172,28 @@ def test_statistics_stay_per_minute_when_the_flusher_lags(builtins, make_counter
     buckets = StatBucket.objects.filter(counter_id=kills.id).order_by("minute")
     got = [(b.minute.minute, b.operations, b.delta, b.last_value, b.max_value) for b in buckets]
     assert got == [(0, 2, 4, 4, 4), (1, 3, 6, 10, 10), (2, 1, 2, 12, 12)]
+
+
+def test_values_and_batches_from_before_versions_are_flushed_once(builtins, make_counter, store, time_machine):
+    """An upgrade: Redis holds a value hydrated by the old script, its old pending fields and an old batch."""
+    time_machine.move_to(datetime(2026, 5, 4, 10, 0, 5, tzinfo=UTC), tick=False)
+    kills = make_counter("boss_kills")
+    CounterValue.objects.create(counter_id=kills.id, value=10, peak=10, operations=10)
+    ms, minute = 1777888805000, 1777888805000 // 60000
+    # PostgreSQL 10 + an old batch in flight 3 + old pending 5 == Redis 18.
+    store.hset(keyspace.value_key(kills.id, "", ""), mapping={"v": 18, "peak": 18, "ops": 18, "upd": ms})
+    old_fields = {"d||": 5, "o||": 5, "p||": 18, "t||": ms, f"bo|{minute}": 5, f"bd|{minute}": 5}
+    store.hset(keyspace.pending_key(kills.id), mapping=old_fields)
+    batch_id = "00000000000000000001-oldbatch0000"
+    in_flight = {"d||": 3, "o||": 3, "p||": 13, "t||": ms, f"bo|{minute}": 3, f"bd|{minute}": 3}
+    store.hset(keyspace.batch_key(kills.id, batch_id), mapping=in_flight)
+    store.sadd(keyspace.batches_key(kills.id), batch_id)
+
+    assert counter_update(counter=kills, amount=1).new_value == 19
+    counters_flush()
+    assert durable(kills).value == live_value(kills) == 19
+    assert durable(kills).operations == 19
+    assert StatBucket.objects.get(counter_id=kills.id).operations == 9
+    counter_update(counter=kills, amount=1)
+    counters_flush()
+    assert durable(kills).value == live_value(kills) == 20
