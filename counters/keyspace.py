@@ -148,15 +148,16 @@ def update_keys(counter_id: int, period: str, subject: str) -> list[str]:
 # It is the whole of UPDATE_SCRIPT, and the body of UPDATE_MANY_SCRIPT's function, whose
 # parameters KEYS and ARGV shadow the globals: the update logic exists once.
 #
-# What the flusher needs is derived from the value hash (see VALUE_FIELDS_DOC): the script
-# changes the value hash and marks the value as changed in the pending hash, two writes.
-# Per-minute statistics stay exact: when an update opens a new minute, the closed minute's
-# bucket of this value goes into the pending hash (once per value and minute).
+# What the flusher needs is derived from the value hash (fields in the module docstring): the
+# script writes the value hash, and marks the value as changed in the pending hash only on its
+# first update since the flusher last derived it. Per-minute statistics stay exact: when an
+# update opens a new minute, the closed minute's share of this value goes into the pending hash
+# (once per value and minute).
 _BUCKET_ADD = """
 local function s(n) return string.format('%d', n) end
 -- Add one value's share of a minute to a bucket field "ops delta [last max]" (last false: the
--- counter's buckets keep no last and max). Shares of one minute from several moves merge: sums,
--- the latest last, the highest max.
+-- counter's buckets keep no last and max). Shares of one minute met twice (a clock stepping back
+-- between web processes) merge: sums, the latest last, the highest max.
 local function bucket_add(hkey, field, o, d, last, mx)
   local prev = redis.call('HGET', hkey, field)
   if prev then
@@ -205,7 +206,7 @@ end
 -- Numbers go to redis.call as Lua numbers: Redis writes them with 17 significant digits, exact
 -- for every value up to MAX_SAFE_VALUE (Lua's own tostring would round them to 14).
 local ops, mx = tonumber(h[2]), h[4] and h[4] ~= '' and tonumber(h[4])
--- No mx: the first update since the flusher's last move, which marks the value as changed.
+-- No mx: the first update since the flusher last derived this value, which marks it changed.
 if not mx then redis.call('HSET', pkey, 'c|' .. f, '1') end
 if h[3] ~= minute then
   -- A new minute: the closed one's share goes to the pending hash, its highest value to the
