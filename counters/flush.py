@@ -16,9 +16,10 @@ from django.db import IntegrityError, connection, transaction
 
 from . import clock, keyspace
 from .config import cache as config_cache
-from .models import Counter, FlushedBatch, OperationLog
+from .models import Counter, CounterValue, FlushedBatch, OperationLog
 from .redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
 from .signals import threshold_crossed
+from .values import value_rebase
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class FlushStats:
     members: int = 0
     operations: int = 0
     dropped: int = 0
+    refused: int = 0
+    rebased: int = 0
 
 
 def _crash_point(name: str) -> None:
@@ -61,19 +64,35 @@ def _new_batch_id() -> str:
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
 
 
+# A value's row carries the version of the last move applied to it; a move is applied only on top
+# of the version it was taken from (its version - 1). A Redis restored from an older snapshot
+# moves what the snapshot held from an older version: refused, never applied twice.
 _VALUES_UPSERT = """
-INSERT INTO counters_countervalue (counter_id, subject, period, value, peak, operations, updated_at)
-SELECT %s, x.s, x.p, x.d, x.pk, x.o, to_timestamp(x.t / 1000.0)
-FROM {source} AS x(s, p, d, pk, o, t)
+INSERT INTO counters_countervalue (counter_id, subject, period, value, peak, operations, updated_at, version)
+SELECT %s, x.s, x.p, x.d, x.pk, x.o, to_timestamp(x.t / 1000.0), x.v
+FROM {source} AS x(s, p, d, pk, o, t, v)
+ON CONFLICT (counter_id, subject, period) DO UPDATE SET
+    value = counters_countervalue.value + EXCLUDED.value,
+    peak = GREATEST(counters_countervalue.peak, EXCLUDED.peak),
+    operations = counters_countervalue.operations + EXCLUDED.operations,
+    updated_at = GREATEST(counters_countervalue.updated_at, EXCLUDED.updated_at),
+    version = EXCLUDED.version
+WHERE counters_countervalue.version = EXCLUDED.version - 1
+"""
+_VALUES_SOURCE = "unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+_VALUES_SQL = _VALUES_UPSERT.format(source=_VALUES_SOURCE)
+
+# Deltas that a flusher from before versions moved into a batch (an upgrade with a batch in flight).
+_LEGACY_VALUES_SQL = """
+INSERT INTO counters_countervalue (counter_id, subject, period, value, peak, operations, updated_at, version)
+SELECT %s, x.s, x.p, x.d, x.pk, x.o, to_timestamp(x.t / 1000.0), 0
+FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) AS x(s, p, d, pk, o, t)
 ON CONFLICT (counter_id, subject, period) DO UPDATE SET
     value = counters_countervalue.value + EXCLUDED.value,
     peak = GREATEST(counters_countervalue.peak, EXCLUDED.peak),
     operations = counters_countervalue.operations + EXCLUDED.operations,
     updated_at = GREATEST(counters_countervalue.updated_at, EXCLUDED.updated_at)
 """
-_VALUES_SQL = _VALUES_UPSERT.format(
-    source="unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
-)
 
 _MEMBERS_INSERT = """
 INSERT INTO counters_uniquemember (counter_id, period, member)
@@ -88,7 +107,7 @@ _MEMBERS_SQL = _MEMBERS_INSERT.format(source="unnest(%s::text[], %s::text[])")
 COPY_MIN_ROWS = 1000
 _COPY_TABLES = """
 CREATE TEMP TABLE IF NOT EXISTS counters_flush_values
-    (s text, p text, d bigint, pk bigint, o bigint, t bigint) ON COMMIT DELETE ROWS;
+    (s text, p text, d bigint, pk bigint, o bigint, t bigint, v bigint) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS counters_flush_members (p text, m text) ON COMMIT DELETE ROWS;
 TRUNCATE counters_flush_values, counters_flush_members
 """
@@ -127,90 +146,174 @@ RETURNING id, threshold_id
 
 @dataclass(slots=True)
 class _Batch:
+    # (period, subject) -> [delta, operations, peak, updated ms, version]
     values: dict[tuple[str, str], list[int]]
+    # one value's share of a minute: (period, subject, minute, operations, delta, last, max)
+    shares: list[tuple[str, str, int, int, int, int | None, int | None]]
     members: list[tuple[str, str]]
-    buckets: dict[int, list]
     events: list[tuple[int, str, str, int]]
     log: list[bytes]
+    # moved by a flusher from before versions: (period, subject) -> [delta, ops, peak, ms]; minute -> bucket
+    legacy_values: dict[tuple[str, str], list[int]]
+    legacy_buckets: dict[int, list]
+
+
+_LEGACY_VALUE_SLOTS = {"d": 0, "o": 1, "p": 2, "t": 3}
+_LEGACY_BUCKET_SLOTS = {"bo": 0, "bd": 1, "bv": 2, "bm": 3}
 
 
 def _parse_batch(fields: dict[bytes, bytes], log: list[bytes]) -> _Batch:
-    values: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    buckets: dict[int, list] = defaultdict(lambda: [0, 0, None, None])
-    members: list[tuple[str, str]] = []
-    events: list[tuple[int, str, str, int]] = []
-    slots = {"d": 0, "o": 1, "p": 2, "t": 3}
-    bucket_slots = {"bo": 0, "bd": 1, "bv": 2, "bm": 3}
+    batch = _Batch({}, [], [], [], log, defaultdict(lambda: [0, 0, 0, 0]), defaultdict(lambda: [0, 0, None, None]))
+    values, shares, members = batch.values, batch.shares, batch.members
     for raw_field, raw_value in fields.items():
-        kind, _, rest = raw_field.decode().partition("|")
-        slot = slots.get(kind)
-        if slot is not None:
-            period, _, subject = rest.partition("|")
-            values[(period, subject)][slot] = int(raw_value)
-        elif kind in bucket_slots:
-            buckets[int(rest)][bucket_slots[kind]] = int(raw_value)
-        elif kind == "u":
-            period, _subject, member = rest.split("|", 2)
+        kind = raw_field[:2]
+        if kind == b"c|":
+            period, _, subject = raw_field[2:].decode().partition("|")
+            row = list(map(int, raw_value.split()))
+            values[(period, subject)] = row[:5]
+            if len(row) > 5:
+                last, top = (row[8], row[9]) if len(row) == 10 else (None, None)
+                shares.append((period, subject, row[5], row[6], row[7], last, top))
+        elif kind == b"u|":
+            period, _subject, member = raw_field[2:].decode().split("|", 2)
             members.append((period, member))
-        elif kind == "e":
-            period, subject, threshold_id, _fired_ms = rest.split("|", 3)
-            events.append((int(threshold_id), subject, period, int(raw_value)))
-    return _Batch(values, members, buckets, events, log)
+        elif kind == b"b|":
+            minute, period, subject = raw_field[2:].decode().split("|", 2)
+            numbers = list(map(int, raw_value.split()))
+            last, top = (numbers[2], numbers[3]) if len(numbers) == 4 else (None, None)
+            shares.append((period, subject, int(minute), numbers[0], numbers[1], last, top))
+        else:
+            _parse_rare(batch, raw_field.decode(), raw_value)
+    return batch
 
 
-def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStats) -> list[int]:
-    """Apply one batch in one transaction; returns the new threshold event ids (empty if skipped)."""
-    event_ids: list[int] = []
+def _parse_rare(batch: _Batch, field: str, raw_value: bytes) -> None:
+    kind, _, rest = field.partition("|")
+    if kind == "e":
+        period, subject, threshold_id, _fired_ms = rest.split("|", 3)
+        batch.events.append((int(threshold_id), subject, period, int(raw_value)))
+    elif kind in _LEGACY_VALUE_SLOTS:
+        period, _, subject = rest.partition("|")
+        batch.legacy_values[(period, subject)][_LEGACY_VALUE_SLOTS[kind]] = int(raw_value)
+    elif kind in _LEGACY_BUCKET_SLOTS:
+        batch.legacy_buckets[int(rest)][_LEGACY_BUCKET_SLOTS[kind]] = int(raw_value)
+
+
+def _buckets(batch: _Batch, refused: set[tuple[str, str]]) -> dict[int, list]:
+    """Per-minute buckets [ops, delta, last, max] of the shares of the values PostgreSQL took."""
+    buckets = batch.legacy_buckets
+    latest: dict[int, str] = {}
+    for period, subject, minute, operations, delta, last, top in batch.shares:
+        if (period, subject) in refused:
+            continue
+        bucket = buckets[minute]
+        bucket[0] += operations
+        bucket[1] += delta
+        if last is not None:
+            # Two values of a counter without subjects share a minute only across a period
+            # boundary: the new period's value is the counter's level at the end of the minute.
+            if period >= latest.get(minute, period):
+                bucket[2], latest[minute] = last, period
+            bucket[3] = top if bucket[3] is None else max(bucket[3], top)
+    return buckets
+
+
+@dataclass(slots=True)
+class _Applied:
+    event_ids: list[int]
+    # values whose Redis copy was not at PostgreSQL's version: their move was refused
+    refused: set[tuple[str, str]]
+
+
+class _NotAllApplied(Exception):
+    pass
+
+
+def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStats) -> _Applied:
+    """Apply one batch in one transaction (nothing if its id is recorded already)."""
+    applied = _Applied([], set())
     with transaction.atomic():
         _, created = FlushedBatch.objects.get_or_create(id=batch_id, defaults={"counter_id": counter_id})
         if not created:
             stats.skipped += 1
-            return event_ids
+            return applied
         with connection.cursor() as cursor:
-            if len(batch.values) + len(batch.members) >= COPY_MIN_ROWS:
-                _copy_values_and_members(cursor, counter_id, batch)
-            else:
-                _insert_values_and_members(cursor, counter_id, batch)
-            if batch.buckets:
-                minutes = sorted(batch.buckets)
-                cols = list(zip(*(batch.buckets[m] for m in minutes), strict=True))
+            copy = len(batch.values) + len(batch.members) >= COPY_MIN_ROWS
+            if copy:
+                _copy_values_and_members(cursor, batch)
+            applied.refused = _upsert_values(cursor, counter_id, batch, copy)
+            if batch.members:
+                if copy:
+                    cursor.execute(_MEMBERS_FROM_COPY_SQL, [counter_id])
+                else:
+                    members = [[m[0] for m in batch.members], [m[1] for m in batch.members]]
+                    cursor.execute(_MEMBERS_SQL, [counter_id, *members])
+            if batch.legacy_values:
+                keys = list(batch.legacy_values)
+                rows = [batch.legacy_values[k] for k in keys]
+                columns = [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in (0, 2, 1, 3))]
+                cursor.execute(_LEGACY_VALUES_SQL, [counter_id, *columns])
+            buckets = _buckets(batch, applied.refused)
+            if buckets:
+                minutes = sorted(buckets)
+                cols = list(zip(*(buckets[m] for m in minutes), strict=True))
                 cursor.execute(BUCKETS_UPSERT_SQL, [counter_id, minutes, *map(list, cols)])
             if batch.events:
                 cursor.execute(EVENTS_INSERT_SQL, [counter_id, *map(list, zip(*batch.events, strict=True))])
-                event_ids = [row[0] for row in cursor.fetchall()]
-        if batch.log:
-            operation_log_insert(counter_id=counter_id, lines=batch.log)
+                applied.event_ids = [row[0] for row in cursor.fetchall()]
+        log = batch.log
+        if applied.refused:
+            log = [line for line in log if _log_value(line) not in applied.refused]
+        if log:
+            operation_log_insert(counter_id=counter_id, lines=log)
         _crash_point("before_commit")
     stats.batches += 1
-    stats.values += len(batch.values)
+    stats.values += len(batch.values) - len(applied.refused) + len(batch.legacy_values)
+    stats.refused += len(applied.refused)
     stats.members += len(batch.members)
-    stats.operations += sum(v[1] for v in batch.values.values())
-    return event_ids
+    stats.operations += sum(v[1] for k, v in batch.values.items() if k not in applied.refused)
+    stats.operations += sum(v[1] for v in batch.legacy_values.values())
+    return applied
 
 
-def _insert_values_and_members(cursor, counter_id: int, batch: _Batch) -> None:
-    if batch.values:
+def _log_value(line: bytes) -> tuple[str, str]:
+    item = orjson.loads(line)
+    return item["period"], item["subject"]
+
+
+def _upsert_values(cursor, counter_id: int, batch: _Batch, copy: bool) -> set[tuple[str, str]]:
+    """Apply the batch's value rows; returns those refused (PostgreSQL's row at another version)."""
+    if not batch.values:
+        return set()
+    if copy:
+        sql, params = _VALUES_FROM_COPY_SQL, [counter_id]
+    else:
         keys = list(batch.values)
         rows = [batch.values[k] for k in keys]
-        columns = [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in (0, 2, 1, 3))]
-        cursor.execute(_VALUES_SQL, [counter_id, *columns])
-    if batch.members:
-        cursor.execute(_MEMBERS_SQL, [counter_id, [m[0] for m in batch.members], [m[1] for m in batch.members]])
+        columns = [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in (0, 2, 1, 3, 4))]
+        sql, params = _VALUES_SQL, [counter_id, *columns]
+    try:
+        # Every row applies unless Redis lost its place (a restore): then undo and find which.
+        with transaction.atomic():
+            cursor.execute(sql, params)
+            if cursor.rowcount != len(batch.values):
+                raise _NotAllApplied
+    except _NotAllApplied:
+        cursor.execute(sql + " RETURNING subject, period", params)
+        taken = {(period, subject) for subject, period in cursor.fetchall()}
+        return set(batch.values) - taken
+    return set()
 
 
-def _copy_values_and_members(cursor, counter_id: int, batch: _Batch) -> None:
+def _copy_values_and_members(cursor, batch: _Batch) -> None:
     # Emptied first, not only at commit: inside an outer transaction (tests) batches share them.
     cursor.execute(_COPY_TABLES)
     with cursor.cursor.copy("COPY counters_flush_values FROM STDIN") as copy:
-        for (period, subject), (delta, operations, peak, updated) in batch.values.items():
-            copy.write_row((subject, period, delta, peak, operations, updated))
+        for (period, subject), (delta, operations, peak, updated, version) in batch.values.items():
+            copy.write_row((subject, period, delta, peak, operations, updated, version))
     with cursor.cursor.copy("COPY counters_flush_members FROM STDIN") as copy:
         for row in batch.members:
             copy.write_row(row)
-    if batch.values:
-        cursor.execute(_VALUES_FROM_COPY_SQL, [counter_id])
-    if batch.members:
-        cursor.execute(_MEMBERS_FROM_COPY_SQL, [counter_id])
 
 
 def operation_log_insert(*, counter_id: int, lines: list[bytes]) -> None:
@@ -275,9 +378,15 @@ def deleted_counters_purge() -> int:
 def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
     """Move every counter's pending deltas to PostgreSQL, each exactly once.
 
-    Pending data is first renamed into a batch with an id (atomically, in Redis); the batch is
-    applied in one transaction that also records its id; only then is it deleted. A batch left
-    behind by a crash is picked up on the next run and applied only if its id is not recorded.
+    Pending data is first renamed into a batch with an id (atomically, in Redis), then each
+    changed value's delta is derived from its value hash into the batch; the batch is applied in
+    one transaction that also records its id; only then is it deleted. A batch left behind by a
+    crash is picked up on the next run and applied only if its id is not recorded.
+
+    Each value's delta also carries the version it was taken from, and PostgreSQL applies it only
+    on top of that version. A Redis restored from an older snapshot (or an AOF that lost its last
+    second) moves deltas from a version PostgreSQL has passed: they are refused, never applied a
+    second time, and that value's Redis copy is rebased on PostgreSQL's row.
     """
     stats = FlushStats()
     token = uuid.uuid4().hex
@@ -319,15 +428,18 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
                     .execute()
                 )
             )
+            marks = [field for field, raw in fields.items() if raw == b"1" and field.startswith(b"c|")]
+            if marks:
+                _derive(cid, batch_id, marks, fields)
             try:
-                event_ids = _apply_batch(cid, batch_id, _parse_batch(fields, log), stats)
+                applied = _apply_batch(cid, batch_id, _parse_batch(fields, log), stats)
             except IntegrityError:
                 if Counter.objects.filter(id=cid).exists():
                     raise
                 # The counter was deleted (with its rows) after these deltas were written: they
                 # belong nowhere, and keeping the batch would fail every flush after this one.
                 stats.dropped += 1
-                event_ids = []
+                applied = _Applied([], set())
             _crash_point("after_commit")
             redis_call(
                 lambda r, c=cid, b=batch_id: scripts.drop_batch(
@@ -337,12 +449,63 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
                 )
             )
             _crash_point("after_drop")
-            if event_ids:
-                threshold_crossed.send(sender=counters_flush, event_ids=event_ids)
+            if applied.refused:
+                stats.rebased += _rebase_refused(cid, applied.refused)
+            if applied.event_ids:
+                threshold_crossed.send(sender=counters_flush, event_ids=applied.event_ids)
     finally:
         with contextlib.suppress(StoreUnavailable):
             release_lock("flush", token=token)
     return stats
+
+
+# Values derived per script call: each call holds Redis for about this many value hashes.
+DERIVE_CHUNK = 500
+
+
+def _derive(counter_id: int, batch_id: str, marks: list[bytes], fields: dict[bytes, bytes]) -> None:
+    """Derive the rows of a batch's changed values (DERIVE_SCRIPT) and put them into ``fields``."""
+    keys = [keyspace.batch_key(counter_id, batch_id)]
+    prefix = keyspace.value_key_prefix(counter_id)
+
+    def derive(r):
+        pipe = r.pipeline(transaction=False)
+        for start in range(0, len(marks), DERIVE_CHUNK):
+            scripts.derive(keys=keys, args=[prefix, *marks[start : start + DERIVE_CHUNK]], client=pipe)
+        return pipe.execute()
+
+    for mark in marks:
+        del fields[mark]  # a value whose hash is gone has no row
+    for out in redis_call(derive):
+        fields.update(zip(out[::2], out[1::2], strict=True))
+
+
+def _rebase_refused(counter_id: int, refused: set[tuple[str, str]]) -> int:
+    """Rebase on PostgreSQL the Redis copies whose move was refused; returns how many."""
+    rebased = 0
+    for period, subject in sorted(refused):
+        with transaction.atomic():
+            row = (
+                CounterValue.objects.select_for_update()
+                .filter(counter_id=counter_id, subject=subject, period=period)
+                .values_list("value", "version")
+                .first()
+            )
+            if row is not None and value_rebase(
+                counter_id=counter_id, period=period, subject=subject, value=row[0], version=row[1]
+            ):
+                rebased += 1
+            else:
+                # Another batch of the counter is in flight: it is refused too, and rebases then.
+                logger.warning("flush: value %s|%s of counter %s not rebased yet", period, subject, counter_id)
+    if rebased:
+        logger.warning(
+            "flush: %d values of counter %s were behind PostgreSQL (Redis restored from an older state?): "
+            "their moved deltas were refused and Redis now continues from PostgreSQL",
+            rebased,
+            counter_id,
+        )
+    return rebased
 
 
 def operation_log_trim(*, batch_size: int = 10_000) -> int:

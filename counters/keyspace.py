@@ -6,17 +6,22 @@ Nothing else in the project spells a key. All keys of one counter share the hash
 Per counter ``c``:
 
 - ``cs:{c}:v:<period>:<subject>`` hash: ``v`` value, ``peak``, ``ops``, ``upd`` (ms), ``rst`` (ms of
-  the last manual reset in the period, if any: what ``lastResetTime`` shows). Its existence
-  means "hydrated from PostgreSQL"; the update script refuses to run on a missing one.
+  the last manual reset in the period, if any: what ``lastResetTime`` shows); ``f`` "value ops
+  version" when the flusher last derived its delta (PostgreSQL's row holds that version once it
+  applied it); ``m`` the open statistics minute, ``mb`` "ops value [1]" when this minute's share
+  opened or was last derived ("1": its buckets keep last and max), ``mx`` the highest value since
+  then, set (not empty) only while the value is marked changed and not derived yet. ``peak`` lags:
+  derivation (and a new minute) raise it to ``mx``. The hash's existence means "hydrated from
+  PostgreSQL"; the update script refuses to run on a missing one.
 - ``cs:{c}:m:<period>`` set: members already counted in the period (unique counters).
 - ``cs:{c}:t:<period>:<subject>`` hash: threshold id -> time (ms) it fired in the period (deleted
   when a re-arming threshold falls back).
 - ``cs:{c}:tc:<subject>`` hash: threshold id -> last firing (ms), for cooldowns; it expires when
   the longest running cooldown ends.
-- ``cs:{c}:pend`` hash: what the flusher still has to write to PostgreSQL, fields
-  ``d|<period>|<subject>`` delta, ``o|…`` operations, ``p|…`` peak, ``t|…`` last update (ms),
-  ``u|<period>||<member>`` new unique member, ``e|<period>|<subject>|<threshold id>|<ms>`` crossing,
-  ``bo|<minute>`` / ``bd|<minute>`` / ``bv|<minute>`` / ``bm|<minute>`` per-minute stats.
+- ``cs:{c}:pend`` hash: what the flusher still has to look at, fields ``c|<period>|<subject>`` (the
+  value changed: the flusher derives its delta from the value hash), ``u|<period>|<subject>|<member>``
+  new unique member, ``e|<period>|<subject>|<threshold id>|<ms>`` crossing,
+  ``b|<minute>|<period>|<subject>`` a closed minute's statistics share ("ops delta [last max]").
 - ``cs:{c}:log`` list: operation-log entries (JSON) for counters that log operations.
 - ``cs:{c}:ik:<app id>:<Idempotency-Key>`` string: what the update script answered to the write
   that first used that key (see ``IDEMPOTENT_PROLOGUE``); it expires after the key's lifetime.
@@ -124,8 +129,14 @@ def lock_key(name: str) -> str:
     return f"{PREFIX}:lock:{name}"
 
 
-def pending_delta_field(period: str, subject: str) -> str:
-    return f"d|{period}|{subject}"
+def value_key_prefix(counter_id: int) -> str:
+    """What ``value_key`` puts before ``<period>:<subject>`` (the flusher's script builds the rest)."""
+    return f"{_tag(counter_id)}:v:"
+
+
+def value_field(period: str, subject: str) -> str:
+    """How the pending hash and the update script's ARGV[3] name one value of a counter."""
+    return f"{period}|{subject}"
 
 
 def update_keys(counter_id: int, period: str, subject: str) -> list[str]:
@@ -139,20 +150,51 @@ def update_keys(counter_id: int, period: str, subject: str) -> list[str]:
     ]
 
 
-# One update. Returns {status, old, new, crossed threshold ids, threshold marks}.
+# One update. Returns {status, old, new, crossed threshold ids, threshold marks} (the last two only
+# for a counter with thresholds).
 # status: OK, DUP (member already counted: nothing changes), MIN / MAX (bounds: nothing changes),
 # HYDRATE (value not loaded from PostgreSQL yet: the caller hydrates and retries).
 # It is the whole of UPDATE_SCRIPT, and the body of UPDATE_MANY_SCRIPT's function, whose
 # parameters KEYS and ARGV shadow the globals: the update logic exists once.
-_UPDATE_BODY = """
+#
+# What the flusher needs is derived from the value hash (fields in the module docstring): the
+# script writes the value hash, and marks the value as changed in the pending hash only on its
+# first update since the flusher last derived it. Per-minute statistics stay exact: when an
+# update opens a new minute, the closed minute's share of this value goes into the pending hash
+# (once per value and minute).
+_BUCKET_ADD = """
+local function s(n) return string.format('%d', n) end
+-- Add one value's share of a minute to a bucket field "ops delta [last max]" (last false: the
+-- counter's buckets keep no last and max). Shares of one minute met twice (a clock stepping back
+-- between web processes) merge: sums, the latest last, the highest max.
+local function bucket_add(hkey, field, o, d, last, mx)
+  local prev = redis.call('HGET', hkey, field)
+  if prev then
+    local po, pd, _, pm = string.match(prev, '^(%S+) (%S+) ?(%S*) ?(%S*)$')
+    o, d = o + tonumber(po), d + tonumber(pd)
+    if last and pm ~= '' and tonumber(pm) > mx then mx = tonumber(pm) end
+  end
+  local text = s(o) .. ' ' .. s(d)
+  if last then text = text .. ' ' .. s(last) .. ' ' .. s(mx) end
+  redis.call('HSET', hkey, field, text)
+end
+"""
+
+_UPDATE_BODY = (
+    _BUCKET_ADD
+    + """
 local vkey, pkey, mkey, tkey, lkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local mode, amount, f, member = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local ms, minute = ARGV[8], ARGV[9]
-local function s(n) return string.format('%d', n) end
 
-if redis.call('EXISTS', vkey) == 0 then return {'HYDRATE'} end
-local old = tonumber(redis.call('HGET', vkey, 'v'))
-if member ~= '' and redis.call('SISMEMBER', mkey, member) == 1 then return {'DUP', old, old} end
+if member ~= '' and redis.call('SISMEMBER', mkey, member) == 1 then
+  local v = redis.call('HGET', vkey, 'v')
+  if not v then return {'HYDRATE'} end
+  return {'DUP', tonumber(v), tonumber(v)}
+end
+local h = redis.call('HMGET', vkey, 'v', 'ops', 'm', 'mx')
+if not h[1] then return {'HYDRATE'} end
+local old = tonumber(h[1])
 
 local delta = amount
 if mode == 'set' then delta = amount - old end
@@ -170,22 +212,36 @@ if member ~= '' then
   redis.call('SADD', mkey, member)
   redis.call('HSET', pkey, 'u|' .. f .. '|' .. member, '1')
 end
-new = redis.call('HINCRBY', vkey, 'v', s(delta))
-redis.call('HINCRBY', vkey, 'ops', 1)
-local peak = tonumber(redis.call('HGET', vkey, 'peak'))
-if new > peak then peak = new; redis.call('HSET', vkey, 'peak', s(peak)) end
-redis.call('HSET', vkey, 'upd', ms)
-
-redis.call('HINCRBY', pkey, 'd|' .. f, s(delta))
-redis.call('HINCRBY', pkey, 'o|' .. f, 1)
-redis.call('HSET', pkey, 'p|' .. f, s(peak), 't|' .. f, ms)
-redis.call('HINCRBY', pkey, 'bo|' .. minute, 1)
-redis.call('HINCRBY', pkey, 'bd|' .. minute, s(delta))
-if ARGV[10] == '1' then
-  redis.call('HSET', pkey, 'bv|' .. minute, s(new))
-  local bm = redis.call('HGET', pkey, 'bm|' .. minute)
-  if not bm or tonumber(bm) < new then redis.call('HSET', pkey, 'bm|' .. minute, s(new)) end
+-- Numbers go to redis.call as Lua numbers: Redis writes them with 17 significant digits, exact
+-- for every value up to MAX_SAFE_VALUE (Lua's own tostring would round them to 14).
+local ops, mx = tonumber(h[2]), h[4] and h[4] ~= '' and tonumber(h[4])
+-- No mx: the first update since the flusher last derived this value, which marks it changed.
+if not mx then redis.call('HSET', pkey, 'c|' .. f, '1') end
+if h[3] ~= minute then
+  -- A new minute: the closed one's share goes to the pending hash, its highest value to the
+  -- peak; the new share opens here ("ops value", and "1" if buckets keep last and max).
+  local r = redis.call('HMGET', vkey, 'mb', 'f', 'peak')
+  if h[3] and ops > tonumber(string.match(r[1], '^%S+')) then
+    local mo, mv, last = string.match(r[1], '^(%S+) (%S+) ?(%S*)$')
+    bucket_add(pkey, 'b|' .. h[3] .. '|' .. f, ops - mo, old - mv, last ~= '' and old, mx)
+  end
+  if mx and mx > tonumber(r[3]) then redis.call('HSET', vkey, 'peak', mx) end
+  local flushed = r[2]
+  if not flushed then
+    -- A value hydrated before flushed levels were kept: its pending delta is still a field.
+    -- Those fields are taken into the level here, so the flusher must not apply them too.
+    local legacy = tonumber(redis.call('HGET', pkey, 'd|' .. f) or '0')
+    local legacy_ops = tonumber(redis.call('HGET', pkey, 'o|' .. f) or '0')
+    redis.call('HDEL', pkey, 'd|' .. f, 'o|' .. f, 'p|' .. f, 't|' .. f)
+    flushed = s(old - legacy) .. ' ' .. s(ops - legacy_ops) .. ' 0'
+  end
+  local opened = s(ops) .. ' ' .. s(old) .. (ARGV[10] == '1' and ' 1' or '')
+  redis.call('HSET', vkey, 'm', minute, 'mb', opened, 'f', flushed)
+  mx = new
+elseif not mx or new > mx then
+  mx = new
 end
+redis.call('HSET', vkey, 'v', new, 'ops', ops + 1, 'upd', ms, 'mx', mx)
 if ARGV[11] ~= '' then
   redis.call('RPUSH', lkey, ARGV[11] .. ',"old":' .. s(old) .. ',"new":' .. s(new) .. '}')
 end
@@ -218,10 +274,10 @@ while i + 4 <= #ARGV do
   end
   i = i + 5
 end
-local marks = {}
-if #ARGV >= 12 then marks = redis.call('HGETALL', tkey) end
-return {'OK', old, new, crossed, marks}
+if #ARGV < 12 then return {'OK', old, new} end
+return {'OK', old, new, crossed, redis.call('HGETALL', tkey)}
 """
+)
 
 # Idempotency-Key: a prologue and epilogue around one update, in the same atomic call, so there is
 # no window between "key seen" and "update applied". ``idempotent(K, A, ikey, fp, ttl, at)``: if
@@ -305,11 +361,13 @@ return results
 )
 
 # Load a value from PostgreSQL into Redis unless it is already there (a concurrent hydration won).
-# ARGV[5]: the time (ms) of the period's last manual reset, or ''.
+# ARGV: value, peak, operations, last update (ms), PostgreSQL's flush version of the row, and the
+# time (ms) of the period's last manual reset or ''.
 HYDRATE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'peak', ARGV[2], 'ops', ARGV[3], 'upd', ARGV[4])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'rst', ARGV[5]) end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'peak', ARGV[2], 'ops', ARGV[3], 'upd', ARGV[4],
+  'f', ARGV[1] .. ' ' .. ARGV[3] .. ' ' .. ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'rst', ARGV[6]) end
 return 1
 """
 
@@ -325,25 +383,88 @@ if moved == 1 then redis.call('SADD', KEYS[3], ARGV[1]) end
 return moved
 """
 
+# Turn changed values' marks (``c|<period>|<subject>`` = '1') of a moved batch into what PostgreSQL
+# has to apply: "delta ops peak updated version [minute ops delta [last max]]". Delta and ops are
+# what the value gained since the last derivation (value and ops minus those in ``f``); version
+# is ``f``'s + 1, and PostgreSQL applies the row only if its own row is still at ``f``'s version
+# (see counters_flush); the rest is the value's share of its open statistics minute. Each value
+# is derived atomically with its updates: an update lands either in this batch or marks the value
+# in the next one (until its derivation the value keeps ``mx``, so its updates add no new mark).
+# A mark derived already is skipped, so a flusher that died halfway can run this again. Called
+# in chunks so that Redis never stops for a whole large batch.
+# KEYS: batch. ARGV: the counter's value key prefix, then marks. Returns mark, row per mark derived.
+DERIVE_SCRIPT = """
+local function s(n) return string.format('%d', n) end
+local out = {}
+for i = 2, #ARGV do
+  local field = ARGV[i]
+  if redis.call('HGET', KEYS[1], field) == '1' then
+    local f = string.sub(field, 3)
+    local bar = string.find(f, '|', 1, true)
+    local vkey = ARGV[1] .. string.sub(f, 1, bar - 1) .. ':' .. string.sub(f, bar + 1)
+    local h = redis.call('HMGET', vkey, 'v', 'peak', 'ops', 'upd', 'f', 'm', 'mb', 'mx')
+    if h[1] and h[5] then
+      local fv, fo, fn = string.match(h[5], '^(%S+) (%S+) (%S+)$')
+      local v, ops, version = tonumber(h[1]), tonumber(h[3]), tonumber(fn) + 1
+      local peak, mx = tonumber(h[2]), h[8] and h[8] ~= '' and tonumber(h[8])
+      if mx and mx > peak then peak = mx end
+      local row = s(v - fv) .. ' ' .. s(ops - fo) .. ' ' .. s(peak) .. ' ' .. h[4] .. ' ' .. s(version)
+      local opened = h[3] .. ' ' .. h[1]
+      if h[6] then
+        local mo, mv, last = string.match(h[7], '^(%S+) (%S+) ?(%S*)$')
+        if ops > tonumber(mo) then
+          row = row .. ' ' .. h[6] .. ' ' .. s(ops - mo) .. ' ' .. s(v - mv)
+          if last ~= '' then row = row .. ' ' .. h[1] .. ' ' .. s(mx or v) end
+        end
+        if last ~= '' then opened = opened .. ' 1' end
+      end
+      redis.call('HSET', KEYS[1], field, row)
+      redis.call('HSET', vkey, 'f', h[1] .. ' ' .. h[3] .. ' ' .. s(version), 'mb', opened, 'peak', peak, 'mx', '')
+      out[#out + 1] = field; out[#out + 1] = row
+    else
+      redis.call('HDEL', KEYS[1], field)
+    end
+  end
+end
+return out
+"""
+
 # Forget a batch once PostgreSQL has it. KEYS: batches, batch, batch log.
 DROP_BATCH_SCRIPT = """
 redis.call('DEL', KEYS[2], KEYS[3])
 return redis.call('SREM', KEYS[1], ARGV[1])
 """
 
-# Correct a value Redis kept through an outage during which PostgreSQL was written directly:
-# Redis value := PostgreSQL value + what Redis has not flushed yet. Refused (0) while a flush
-# batch is in flight, because PostgreSQL may or may not contain it yet. The caller holds the
-# PostgreSQL row lock, so no flush can change the row meanwhile.
-# KEYS: value, pend, batches. ARGV: PostgreSQL value, pending delta field.
-RECONCILE_SCRIPT = """
-if redis.call('SCARD', KEYS[3]) > 0 then return 0 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
-local v = tonumber(ARGV[1]) + tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
-redis.call('HSET', KEYS[1], 'v', string.format('%d', v))
-if v > tonumber(redis.call('HGET', KEYS[1], 'peak') or '0') then
-  redis.call('HSET', KEYS[1], 'peak', string.format('%d', v))
+# Rebase a value's Redis copy on PostgreSQL: value := PostgreSQL value + what Redis has not moved
+# to a batch yet (value minus ``f``'s value); ``f`` := PostgreSQL's value and version.
+# Used after an outage during which PostgreSQL was written directly, and after a flush refused a
+# value whose Redis copy had lost its place (a restored snapshot). Refused (0) while a flush batch
+# is in flight, because PostgreSQL may or may not contain it yet. The caller holds the PostgreSQL
+# row lock, so no flush can change the row meanwhile.
+# KEYS: value, batches, pend. ARGV: PostgreSQL value, PostgreSQL version, the value's field.
+REBASE_SCRIPT = """
+if redis.call('SCARD', KEYS[2]) > 0 then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'v', 'f', 'mb', 'mx', 'peak', 'ops')
+if not h[1] then return 1 end
+local function s(n) return string.format('%d', n) end
+local v, base = tonumber(h[1]), tonumber(ARGV[1])
+local fv, fo
+if h[2] then
+  fv, fo = string.match(h[2], '^(%S+) (%S+)')
+else
+  -- A value hydrated before flushed levels were kept has its unflushed delta in a pending field.
+  fv = v - tonumber(redis.call('HGET', KEYS[3], 'd|' .. ARGV[3]) or '0')
+  fo = h[6]
+  redis.call('HDEL', KEYS[3], 'd|' .. ARGV[3], 'o|' .. ARGV[3], 'p|' .. ARGV[3], 't|' .. ARGV[3])
 end
+local shift = base - tonumber(fv)
+redis.call('HSET', KEYS[1], 'v', s(v + shift), 'f', ARGV[1] .. ' ' .. fo .. ' ' .. ARGV[2])
+if h[3] then
+  local mo, mv, last = string.match(h[3], '^(%S+) (%S+)( ?%S*)$')
+  redis.call('HSET', KEYS[1], 'mb', mo .. ' ' .. s(mv + shift) .. last)
+end
+if h[4] and h[4] ~= '' then redis.call('HSET', KEYS[1], 'mx', s(tonumber(h[4]) + shift)) end
+if v + shift > tonumber(h[5] or '0') then redis.call('HSET', KEYS[1], 'peak', s(v + shift)) end
 return 1
 """
 

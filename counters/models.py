@@ -121,6 +121,11 @@ class CounterValue(models.Model):
     peak = models.BigIntegerField(default=0)
     operations = models.BigIntegerField(default=0)
     updated_at = models.DateTimeField(null=True, blank=True)
+    version = models.BigIntegerField(
+        default=0,
+        help_text="How many flushes of this value were applied; a flush applies only on top of the version it "
+        "was taken from, so a Redis restored from an older snapshot can never apply a delta twice.",
+    )
 
     class Meta:
         constraints = [

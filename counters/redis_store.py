@@ -140,8 +140,12 @@ class _Scripts:
         return self._get("move_pending", keyspace.MOVE_PENDING_SCRIPT)
 
     @property
-    def reconcile(self):
-        return self._get("reconcile", keyspace.RECONCILE_SCRIPT)
+    def derive(self):
+        return self._get("derive", keyspace.DERIVE_SCRIPT)
+
+    @property
+    def rebase(self):
+        return self._get("rebase", keyspace.REBASE_SCRIPT)
 
     @property
     def drop_batch(self):

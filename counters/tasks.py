@@ -14,6 +14,7 @@ def flush() -> dict:
         "batches": stats.batches,
         "skipped": stats.skipped,
         "values": stats.values,
+        "refused_behind_postgresql": stats.refused,
         "reconciled": reconciled,
         "purged_keys": purged,
     }

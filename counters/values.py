@@ -177,7 +177,7 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
     """Load a value (and the period's unique members) from PostgreSQL into Redis."""
     row = (
         CounterValue.objects.filter(counter_id=counter.id, subject=subject, period=window.key)
-        .values("value", "peak", "operations", "updated_at")
+        .values("value", "peak", "operations", "updated_at", "version")
         .first()
     )
     if row is None:
@@ -190,8 +190,9 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
                 defaults={"value": opening, "peak": opening, "updated_at": clock.now()},
             )
             row = {"value": obj.value, "peak": obj.peak, "operations": obj.operations, "updated_at": obj.updated_at}
+            row["version"] = obj.version
         else:
-            row = {"value": 0, "peak": 0, "operations": 0, "updated_at": None}
+            row = {"value": 0, "peak": 0, "operations": 0, "updated_at": None, "version": 0}
     if counter.unique_members:
         members_to_store(counter, window)
     updated_ms = clock.to_ms(row["updated_at"]) if row["updated_at"] else 0
@@ -200,7 +201,14 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
     redis_call(
         lambda r: scripts.hydrate(
             keys=[keyspace.value_key(counter.id, window.key, subject)],
-            args=[row["value"], max(row["peak"], row["value"]), row["operations"], updated_ms, reset_ms],
+            args=[
+                row["value"],
+                max(row["peak"], row["value"]),
+                row["operations"],
+                updated_ms,
+                row["version"],
+                reset_ms,
+            ],
             client=r,
         )
     )
@@ -220,3 +228,20 @@ def manual_resets_get(*, items: list[tuple[int, str, str]]) -> dict[tuple[int, s
         .values_list("counter_id", "subject", "period", "created_at")
     )
     return {(c, s, p): at for c, s, p, at in rows}
+
+
+def value_rebase(*, counter_id: int, period: str, subject: str, value: int, version: int) -> bool:
+    """Make a value's Redis copy continue from PostgreSQL's row (``value`` at ``version``).
+
+    Redis keeps what it has not moved to a flush batch yet on top of PostgreSQL's value. The
+    caller holds the row's lock (``SELECT ... FOR UPDATE``), so no flush changes the row meanwhile.
+    False while a flush batch of the counter is in flight (PostgreSQL may or may not hold it yet):
+    try again after it.
+    """
+    keys = [
+        keyspace.value_key(counter_id, period, subject),
+        keyspace.batches_key(counter_id),
+        keyspace.pending_key(counter_id),
+    ]
+    args = [value, version, keyspace.value_field(period, subject)]
+    return bool(redis_call(lambda r: scripts.rebase(keys=keys, args=args, client=r)))

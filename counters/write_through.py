@@ -9,14 +9,13 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 
-from . import clock, keyspace, periods
+from . import clock, periods
 from .config import CounterConfig
 from .config import cache as config_cache
 from .flush import BUCKETS_UPSERT_SQL, EVENTS_INSERT_SQL, operation_log_insert
 from .models import CounterValue, ThresholdEvent, WrittenThroughValue
-from .redis_store import redis_call, scripts
 from .signals import threshold_crossed
-from .values import UpdateResult, counter_opening_value, counter_out_of_limits, members_to_store
+from .values import UpdateResult, counter_opening_value, counter_out_of_limits, members_to_store, value_rebase
 
 # Set in a process that saw Redis fail in write-through mode: before it uses Redis again it
 # corrects the values written straight to PostgreSQL meanwhile (see store_reconcile).
@@ -177,18 +176,15 @@ def _reconcile_one(counter: CounterConfig, mark: WrittenThroughValue) -> bool:
         row = (
             CounterValue.objects.select_for_update()
             .filter(counter_id=counter.id, subject=mark.subject, period=mark.period)
-            .values_list("value", flat=True)
+            .values_list("value", "version")
             .first()
         )
         if row is None:
             return True
-        keys = [
-            keyspace.value_key(counter.id, mark.period, mark.subject),
-            keyspace.pending_key(counter.id),
-            keyspace.batches_key(counter.id),
-        ]
-        field = keyspace.pending_delta_field(mark.period, mark.subject)
-        return bool(redis_call(lambda r: scripts.reconcile(keys=keys, args=[row, field], client=r)))
+        value, version = row
+        return value_rebase(
+            counter_id=counter.id, period=mark.period, subject=mark.subject, value=value, version=version
+        )
 
 
 def store_reconcile_mark_due() -> None:

@@ -80,5 +80,9 @@ def test_warm_updates_and_reads_query_no_database_and_make_one_redis_round_trip(
         assert response.status_code == 200, response.content
         assert len(round_trips) == 1
         assert [q["sql"] for q in queries.captured_queries] == []
-        assert delta(before, commands(private_store)) == expected
+        sent = delta(before, commands(private_store))
+        if "evalsha" in expected:
+            # The update script reads the value hash with HMGET itself: the server counts those too.
+            sent.pop("hmget", None)
+        assert sent == expected
     assert client.get("/api/v1/counter/online_players").json()["value"] == 1 + 3 + 2 + 3

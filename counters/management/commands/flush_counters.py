@@ -24,6 +24,7 @@ class Command(BaseCommand):
                 self.stdout.write(
                     f"flushed {stats.batches} batches ({stats.values} values, {stats.operations} operations, "
                     f"{stats.members} members); skipped {stats.skipped} already applied; "
+                    f"refused {stats.refused} values behind PostgreSQL ({stats.rebased} rebased); "
                     f"reconciled {reconciled.corrected} written-through values"
                 )
                 return
