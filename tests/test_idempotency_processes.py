@@ -18,7 +18,6 @@ from counters import keyspace
 from counters.models import Counter
 
 from .processes import Gunicorn, PrivateRedis, wait_until
-from .test_outcome_unknown import SPIN_TWO_SECONDS
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -135,13 +134,15 @@ def test_a_retry_after_redis_stopped_mid_request_and_restarted_from_its_aof_coun
         warm = {"Authorization": headers["Authorization"]}
         wait_until(lambda: requests.post(url, json={}, headers=warm, timeout=10).status_code == 200, what="warm-up")
         before = requests.get(f"{web.url}/api/v1/counter/online_players", timeout=10).json()["value"]
-        # A script keeps Redis busy: the keyed increment waits in its queue, the web process times
-        # out (5004: outcome unknown), then Redis applies it; and then Redis is killed.
-        stall = threading.Thread(target=lambda: redis.Redis(port=store.port).eval(SPIN_TWO_SECONDS, 0))
-        stall.start()
-        time.sleep(0.5)
-        unknown = requests.post(url, json={}, headers=headers, timeout=10)
-        stall.join()
+        # A stopped Redis (SIGSTOP) leaves the keyed increment in its socket: the web process times
+        # out (5004: outcome unknown), then Redis runs again and applies it; and then Redis is killed.
+        store.freeze()
+        try:
+            unknown = requests.post(url, json={}, headers=headers, timeout=10)
+        finally:
+            store.thaw()
+        counter = Counter.objects.get(name="online_players")
+        wait_until(lambda: redis_value(store.port, counter.id) == before + 1, what="the timed-out update applied")
         store.kill()
         store.start()  # from its AOF (appendfsync always)
 
