@@ -4,6 +4,7 @@ import re
 from datetime import date, datetime
 
 from django.utils.translation import gettext_lazy as _
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from . import keyspace
@@ -43,6 +44,7 @@ class TargetSerializer(serializers.Serializer):
     )
 
 
+@extend_schema_field({"type": "string", "pattern": KEY_PATTERN.pattern})
 class RequestIdField(serializers.CharField):
     """The Idempotency-Key in the body (a JSON string only: a number is refused, not converted)."""
 
