@@ -99,10 +99,11 @@ class Services:
             name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
             for name, cmd in commands.items()
         }
-        deadline = time.monotonic() + 30
+        # Generous: on a loaded machine three Django processes take a while to start.
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if requests.get(f"{self.url}/healthz", timeout=5).status_code == 200:
                     return
             except requests.RequestException:
                 pass

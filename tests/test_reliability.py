@@ -77,8 +77,13 @@ def run_through(traffic: Traffic, failure, replies: int = OUTAGE_REPLIES) -> flo
 BREAKER_RESET_SECONDS = 0.5
 
 
+# A Redis with an AOF fsyncs every write: on a loaded machine a reply can outlast the default socket
+# timeout (a 504). These tests kill Redis (refused at once), so a patient timeout costs them nothing.
+PATIENT = {"REDIS_SOCKET_TIMEOUT": "10"}
+
+
 def web_on(store: PrivateRedis, *, access_log: bool = False, **env: str) -> Gunicorn:
-    env = {"TEST_REDIS_URL": store.url, "REDIS_BREAKER_RESET_SECONDS": str(BREAKER_RESET_SECONDS), **env}
+    env = {"TEST_REDIS_URL": store.url, "REDIS_BREAKER_RESET_SECONDS": str(BREAKER_RESET_SECONDS), **PATIENT, **env}
     if not access_log:
         return Gunicorn(env=env)
     return Gunicorn(env={**env, "GUNICORN_ACCESSLOG": "-"}, extra_args=["--access-logformat", ACCESS_FORMAT])
@@ -128,7 +133,7 @@ def test_redis_down_read_only_from_postgresql_then_empty_redis_rehydrates(builti
         inc = f"{web.url}/api/v1/counter/online_players/increment"
         traffic = Traffic(inc, key)
         wait_until(lambda: traffic.count(200) >= 50, what="traffic before the kill")
-        assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
+        assert flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).returncode == 0
         flushed = CounterValue.objects.get(counter__name="online_players").value
         killed_at = run_through(traffic, store.kill)
 
@@ -166,7 +171,7 @@ def test_redis_down_read_only_from_postgresql_then_empty_redis_rehydrates(builti
         reply = get(web, "counter/online_players")
         assert reply.json()["value"] == flushed + 10 and "X-Counter-Source" not in reply.headers
         assert "degraded" not in reply.json()
-        assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
+        assert flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).returncode == 0
         assert CounterValue.objects.get(counter__name="online_players").value == flushed + 10
     finally:
         web.stop()
@@ -183,7 +188,7 @@ def test_redis_back_with_its_data_loses_no_acknowledged_increment_and_doubles_no
         inc = f"{web.url}/api/v1/counter/total_games_played/increment"
         traffic = Traffic(inc, key, threads=threads)
         wait_until(lambda: traffic.count(200) >= 40, what="traffic before a flush")
-        assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
+        assert flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).returncode == 0
         wait_until(lambda: traffic.count(200) >= 80, what="traffic after the flush")
         killed_at = run_through(traffic, store.kill)
         acknowledged = traffic.count(200)
@@ -198,7 +203,7 @@ def test_redis_back_with_its_data_loses_no_acknowledged_increment_and_doubles_no
         after = wait_for_writes(web, headers, "total_games_played") - 1
         assert acknowledged <= after <= acknowledged + threads
         for _ in range(2):  # the second flush finds nothing: nothing is applied twice
-            assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
+            assert flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).returncode == 0
             assert CounterValue.objects.get(counter__name="total_games_played").value == after + 1
         assert get(web, "counter/total_games_played").json()["value"] == after + 1
     finally:
@@ -217,7 +222,7 @@ def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_r
     try:
         for user in ("a", "b"):
             assert requests.post(dau, json={"user_id": user}, headers=headers, timeout=10).status_code == 200
-        assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
+        assert flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).returncode == 0
         # Acknowledged before the outage but only in Redis (its AOF): pending for the flusher.
         assert requests.post(dau, json={"user_id": "c"}, headers=headers, timeout=10).status_code == 200
         for _ in range(10):
@@ -243,7 +248,7 @@ def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_r
         # Redis returns with its old data, stale for the values written through; the flusher's
         # run corrects them (a web process that saw the outage also does before it writes again).
         store.start()
-        assert "reconciled 3 written-through values" in flush_in_subprocess(TEST_REDIS_URL=store.url).stdout
+        assert "reconciled 3 written-through values" in flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).stdout
         assert WrittenThroughValue.objects.count() == 0
         hot = redis.Redis.from_url(store.url)
         for name, value in [("total_games_played", 210), ("daily_active_users", 4)]:
@@ -265,7 +270,7 @@ def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_r
         for user in ("a", "b", "c", "d"):
             assert requests.post(dau, json={"user_id": user}, headers=headers, timeout=10).json()["current_value"] == 4
         assert requests.post(dau, json={"user_id": "e"}, headers=headers, timeout=10).json()["current_value"] == 5
-        assert flush_in_subprocess(TEST_REDIS_URL=store.url).returncode == 0
+        assert flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).returncode == 0
         assert CounterValue.objects.get(counter__name="total_games_played").value == 211
         assert CounterValue.objects.get(counter__name="daily_active_users").value == 5
         assert sorted(UniqueMember.objects.values_list("member", flat=True)) == ["a", "b", "c", "d", "e"]
