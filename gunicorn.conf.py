@@ -1,6 +1,16 @@
 """gunicorn settings for the web process (values can be overridden by the environment)."""
 
 import os
+import shutil
+import tempfile
+
+# Prometheus metrics of all workers are merged from files in one directory (docs/metrics.md). It
+# must be set before any worker imports prometheus_client; a Celery worker on the same host that
+# shares it shows up in the same /metrics.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir = tempfile.mkdtemp(prefix="counterservice-metrics-")
+else:
+    _own_metrics_dir = None
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"
 
@@ -32,3 +42,15 @@ control_socket_disable = True
 
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 errorlog = "-"
+
+
+def child_exit(server, worker) -> None:
+    """A worker that exited (recycled, killed) no longer counts in the live gauges of /metrics."""
+    from metrics.processes import process_dead
+
+    process_dead(pid=worker.pid)
+
+
+def on_exit(server) -> None:
+    if _own_metrics_dir:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)

@@ -18,6 +18,7 @@ from counters import clock
 from counters.config import CounterConfig
 from counters.errors import CounterNotFound, RuleViolation
 from counters.models import Threshold, ThresholdEvent
+from metrics.recorders import alert_delivery_record
 
 from .http import DELIVERY_HEADER, DeliveryError, post_json
 from .models import Channel, Delivery, DeliveryAttempt, Message
@@ -234,6 +235,7 @@ def delivery_attempt(*, delivery_id: int) -> AttemptOutcome | None:
             delivery.status, delivery.last_error = Delivery.Status.RETRYING, error[:MAX_ERROR_CHARS]
             delivery.next_attempt_at = clock.now() + timedelta(seconds=retry_in)
         delivery.save()
+    alert_delivery_record(channel=str(delivery.channel.kind), outcome=str(delivery.status))
     return AttemptOutcome(delivery.id, delivery.status, retry_in)
 
 

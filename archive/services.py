@@ -218,6 +218,8 @@ def period_archive_closed() -> ArchiveStats:
         for counter in _periodic(config_cache.get().counters_by_id):
             _archive_counter(counter, now, stats)
         stats.keys_trimmed, stats.trims_deferred = period_keys_trim(now=now)
+        # Every boundary up to ``now`` is archived: /metrics measures the archive lag from here.
+        redis_call(lambda r: r.set(keyspace.ARCHIVE_DONE_KEY, clock.to_ms(now)))
         logger.info(
             "archive: %d periods (%d values) archived, %d automatic resets logged, %d redis keys trimmed, %d deferred",
             stats.periods,

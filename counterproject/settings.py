@@ -3,6 +3,7 @@
 Production differs from development by environment variables only (see README).
 """
 
+import ipaddress
 from pathlib import Path
 
 import environ
@@ -35,6 +36,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost, so that it times the whole stack and sees the final status of every response.
+    "metrics.middleware.RequestMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -218,3 +221,23 @@ COUNTER_ARCHIVE_RETENTION_DAYS = retention_days_checked(
     env.int("COUNTER_ARCHIVE_RETENTION_DAYS", default=90), COUNTER_ARCHIVE_MIN_RETENTION_DAYS
 )
 COUNTER_ARCHIVE_LOCK_SECONDS = env.float("COUNTER_ARCHIVE_LOCK_SECONDS", default=600.0)
+
+# /metrics (docs/metrics.md): open to callers on these networks (the TCP peer's address) or with
+# "Authorization: Bearer <METRICS_TOKEN>". Empty token: networks only.
+METRICS_TOKEN = env("METRICS_TOKEN", default="")
+try:
+    METRICS_ALLOWED_NETWORKS = [
+        ipaddress.ip_network(n, strict=False)
+        for n in env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.1/32", "::1/128"])
+    ]
+except ValueError as exc:
+    raise ImproperlyConfigured(f"METRICS_ALLOWED_NETWORKS: {exc}") from exc
+# Public counters whose values /metrics exports, as "app/name" ("app/*": every public counter of
+# the app). Per-player counters are never exported; at most METRICS_COUNTERS_MAX series.
+METRICS_COUNTERS_MAX = env.int("METRICS_COUNTERS_MAX", default=100)
+METRICS_COUNTERS = []
+for _entry in env.list("METRICS_COUNTERS", default=[]):
+    _app, _, _name = _entry.partition("/")
+    if not _app or not _name:
+        raise ImproperlyConfigured(f"METRICS_COUNTERS: {_entry!r} is not 'app/name' or 'app/*'.")
+    METRICS_COUNTERS.append((_app, _name))

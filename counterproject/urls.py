@@ -6,6 +6,7 @@ from alerts.apis import MessageListView, ThresholdDetailView, ThresholdListView
 from archive.apis import CounterBatchResetView, CounterHistoryView
 from counters import functions
 from counters.apis import CounterBatchUpdateView, CounterBatchView, CounterViewSet, healthz
+from metrics.views import metrics
 
 counter_read = CounterViewSet.as_view({"get": "retrieve"})
 counter_increment = CounterViewSet.as_view({"post": "increment"})
@@ -39,6 +40,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("api/v1/counters/batch", CounterBatchUpdateView.as_view(), name="counter-batch-update"),
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics, name="metrics"),
     path("admin/", admin.site.urls),
     path("board/", include("board.urls")),
 ]

@@ -21,7 +21,9 @@ Per counter ``c``:
 - ``cs:{c}:pend`` hash: what the flusher still has to look at, fields ``c|<period>|<subject>`` (the
   value changed: the flusher derives its delta from the value hash), ``u|<period>|<subject>|<member>``
   new unique member, ``e|<period>|<subject>|<threshold id>|<ms>`` crossing,
-  ``b|<minute>|<period>|<subject>`` a closed minute's statistics share ("ops delta [last max]").
+  ``b|<minute>|<period>|<subject>`` a closed minute's statistics share ("ops delta [last max]"),
+  ``since`` time (ms) of its first change mark and ``n`` how many values it marks changed (read by
+  ``/metrics``: flush lag and pending deltas; the flusher skips them).
 - ``cs:{c}:log`` list: operation-log entries (JSON) for counters that log operations.
 - ``cs:{c}:ik:<app id>:<Idempotency-Key>`` string: what the update script answered to the write
   that first used that key (see ``IDEMPOTENT_PROLOGUE``); it expires after the key's lifetime.
@@ -32,8 +34,9 @@ The value hashes, member sets and threshold marks of a closed period are deleted
 task (``TRIM_PERIOD_SCRIPT``) once nothing of that period is pending; every key of a deleted
 counter by the flush task (``cs:deleted`` queues them).
 
-Global: ``cs:cfg:gen`` (config generation, bumped on every config change), ``cs:lock:<name>`` and
-``cs:deleted`` (deleted counters whose keys are still to be dropped).
+Global: ``cs:cfg:gen`` (config generation, bumped on every config change), ``cs:lock:<name>``,
+``cs:deleted`` (deleted counters whose keys are still to be dropped) and ``cs:archive:done`` (start
+time, ms, of the last archive run that completed: ``/metrics`` derives the archive lag from it).
 """
 
 PREFIX = "cs"
@@ -123,6 +126,13 @@ def idempotency_key(counter_id: int, app_id: int | None, key: str) -> str:
     """The record of an Idempotency-Key: in the counter's slot (one script, one Cluster slot),
     per app (the caller's), so apps sharing a global counter never see each other's keys."""
     return f"{_tag(counter_id)}:ik:{app_id or 0}:{key}"
+
+
+ARCHIVE_DONE_KEY = f"{PREFIX}:archive:done"
+
+# Fields of the pending hash that describe it as a whole (no '|': the flusher's parser skips them).
+PENDING_SINCE_FIELD = "since"
+PENDING_VALUES_FIELD = "n"
 
 
 def lock_key(name: str) -> str:
@@ -216,7 +226,12 @@ end
 -- for every value up to MAX_SAFE_VALUE (Lua's own tostring would round them to 14).
 local ops, mx = tonumber(h[2]), h[4] and h[4] ~= '' and tonumber(h[4])
 -- No mx: the first update since the flusher last derived this value, which marks it changed.
-if not mx then redis.call('HSET', pkey, 'c|' .. f, '1') end
+-- "since" and "n" (for /metrics) cost a write only then: once per value between two flushes.
+if not mx then
+  redis.call('HSET', pkey, 'c|' .. f, '1')
+  redis.call('HSETNX', pkey, 'since', ms)
+  redis.call('HINCRBY', pkey, 'n', 1)
+end
 if h[3] ~= minute then
   -- A new minute: the closed one's share goes to the pending hash, its highest value to the
   -- peak; the new share opens here ("ops value", and "1" if buckets keep last and max).

@@ -16,6 +16,8 @@ import redis
 from django.conf import settings
 from django_redis import get_redis_connection
 
+from metrics.recorders import breaker_state_record, redis_round_trip_record
+
 from . import keyspace
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class CircuitBreaker:
             with self._lock:
                 if self._opened_at is not None:
                     logger.warning("redis is reachable again: circuit closed")
+                    breaker_state_record(is_open=False)
                 self._failures = 0
                 self._opened_at = None
                 self._probing = False
@@ -80,6 +83,7 @@ class CircuitBreaker:
             if self._probing or (self._opened_at is None and self._failures >= self.threshold):
                 if self._opened_at is None:
                     logger.error("redis unreachable: circuit opened, the service is read-only")
+                    breaker_state_record(is_open=True)
                 self._opened_at = time.monotonic()
                 self._probing = False
 
@@ -88,12 +92,14 @@ class CircuitBreaker:
             self._failures = 0
             self._opened_at = None
             self._probing = False
+        breaker_state_record(is_open=False)
 
 
 breaker = CircuitBreaker(
     threshold=getattr(settings, "REDIS_BREAKER_THRESHOLD", 3),
     reset_seconds=getattr(settings, "REDIS_BREAKER_RESET_SECONDS", 2.0),
 )
+breaker_state_record(is_open=False)
 
 
 def client() -> redis.Redis:
@@ -105,8 +111,10 @@ def redis_call(fn: Callable[[redis.Redis], T]) -> T:
     try:
         result = fn(client())
     except CONNECTION_ERRORS as exc:
+        redis_round_trip_record(ok=False)
         breaker.record_failure()
         raise StoreUnavailable(str(exc), maybe_applied=not _failed_while_connecting(exc)) from exc
+    redis_round_trip_record(ok=True)
     breaker.record_success()
     return result
 

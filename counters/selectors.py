@@ -9,6 +9,7 @@ from django.db.models.functions import TruncHour
 from django.utils.translation import gettext as _
 
 from archive.models import PeriodArchive
+from metrics.recorders import degraded_read_record
 
 from . import clock, keyspace, periods
 from .config import DEFAULT_APP_SLUG, GLOBAL_APP_SLUG, CounterConfig, KeyConfig
@@ -94,6 +95,7 @@ def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[ValueV
         store_reconcile_if_due()
         return _values_from_store(items, windows)
     except StoreUnavailable:
+        degraded_read_record()
         return counter_values_from_database(items=items, windows=windows)
 
 

@@ -1,0 +1,88 @@
+"""What the request path, the store, the flusher, the archive and the alerts call to be counted.
+
+Each function is cheap (a label lookup and an add in this process's memory or mmap file) and never
+raises into its caller's work.
+"""
+
+import time
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+from . import definitions as m
+
+REST_PREFIX = "/api/v1/"
+FUNCTIONS_PREFIX = "/api/v1/functions/"
+
+
+def surface_of(path: str) -> str:
+    """The API surface of a request path (a fixed, small set: safe as a label)."""
+    if path.startswith(FUNCTIONS_PREFIX):
+        return "functions"
+    if path.startswith(REST_PREFIX):
+        return "rest"
+    if path.startswith("/board/"):
+        return "board"
+    if path.startswith("/admin/"):
+        return "admin"
+    return "other"
+
+
+def request_record(*, surface: str, endpoint: str, method: str, status: int, seconds: float) -> None:
+    """One answered request. Also the hook for a server that answers outside Django (a fast lane)."""
+    m.http_requests.labels(surface, endpoint, method, str(status)).inc()
+    m.http_request_duration.labels(surface, endpoint).observe(seconds)
+
+
+def redis_round_trip_record(*, ok: bool) -> None:
+    m.redis_round_trips.labels("ok" if ok else "error").inc()
+
+
+def redis_batch_record(*, size: int) -> None:
+    """Updates that shared one pipelined round trip (the batch endpoint; a coalescing lane)."""
+    m.redis_batch_size.observe(size)
+
+
+def redis_node() -> str:
+    parts = urlsplit(settings.REDIS_URL)
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
+
+
+def breaker_state_record(*, is_open: bool) -> None:
+    m.redis_breaker_open.labels(redis_node()).set(1 if is_open else 0)
+
+
+def degraded_read_record() -> None:
+    m.degraded_reads.inc()
+
+
+def flush_record(*, outcome: str, seconds: float = 0.0, deltas: int = 0, rows: int = 0) -> None:
+    m.flush_runs.labels(outcome).inc()
+    if outcome == "ok":
+        m.flush_duration.observe(seconds)
+        m.flush_deltas.observe(deltas)
+        m.flush_rows.observe(rows)
+
+
+def archive_record(*, outcome: str, seconds: float = 0.0, periods: int = 0) -> None:
+    m.archive_runs.labels(outcome).inc()
+    if outcome == "ok":
+        m.archive_duration.observe(seconds)
+        m.archived_periods.inc(periods)
+
+
+def alert_delivery_record(*, channel: str, outcome: str) -> None:
+    m.alert_deliveries.labels(channel, outcome).inc()
+
+
+class Stopwatch:
+    """Seconds since it was made (monotonic)."""
+
+    __slots__ = ("_start",)
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self._start
