@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PORT ?= 8080
 export PORT
 
-.PHONY: run test test-midnight lint format services browser migrate bench soak clean
+.PHONY: run test test-midnight lint format services browser prometheus migrate bench soak clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,10 @@ migrate: $(BIN)/.installed services
 	$(BIN)/python manage.py setup_schedules
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 
+# web and worker share one directory for their Prometheus metrics (docs/metrics.md).
 run: migrate
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start -f Procfile
+	mkdir -p .metrics-multiproc
+	PROMETHEUS_MULTIPROC_DIR="$(abspath .metrics-multiproc)" PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start -f Procfile
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -39,7 +41,11 @@ format: $(BIN)/.installed
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
-test: $(BIN)/.installed services browser lint
+# The metrics tests scrape a live instance with Debian's Prometheus (and check the rules with promtool).
+prometheus:
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || (apt-get update && apt-get install -y prometheus)
+
+test: $(BIN)/.installed services browser prometheus lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Each test starts at TEST_CLOCK_UTC (time-machine, in-process and in the Python processes it

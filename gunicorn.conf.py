@@ -44,6 +44,13 @@ accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 errorlog = "-"
 
 
+def on_starting(server) -> None:
+    """A shared metrics directory may hold live gauges of processes of an earlier run: drop them."""
+    from metrics.processes import dead_processes_forget
+
+    dead_processes_forget()
+
+
 def child_exit(server, worker) -> None:
     """A worker that exited (recycled, killed) no longer counts in the live gauges of /metrics."""
     from metrics.processes import process_dead

@@ -229,6 +229,7 @@ try:
     METRICS_ALLOWED_NETWORKS = [
         ipaddress.ip_network(n, strict=False)
         for n in env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.1/32", "::1/128"])
+        if n
     ]
 except ValueError as exc:
     raise ImproperlyConfigured(f"METRICS_ALLOWED_NETWORKS: {exc}") from exc

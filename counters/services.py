@@ -12,6 +12,7 @@ from django.conf import settings
 from django.utils.translation import gettext
 
 from archive.models import ResetLog
+from metrics.recorders import redis_batch_record
 
 from . import clock, keyspace, periods
 from .config import CounterConfig
@@ -383,6 +384,7 @@ def counter_update_many(
         except CounterError as exc:
             raise type(exc)(f"updates[{index}]: {exc.message}") from exc
     store_reconcile_if_due()
+    redis_batch_record(size=len(prepared))
     results: list[UpdateResult | OutOfLimits] = []
     for item, reply in zip(prepared, _run_update_pipeline(prepared), strict=True):
         try:

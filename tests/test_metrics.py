@@ -91,6 +91,8 @@ def test_requests_are_counted_once_each_by_surface_endpoint_and_status(client, w
     body = {"appId": "default", "counterType": "app", "counterId": "online_players", "increment": 2}
     reply = client.post("/api/v1/functions/increaseCounter", body, content_type="application/json", **writer)
     assert reply.json()["code"] == 0
+    batch = {"updates": [{"name": "online_players", "value": 1}] * 4}
+    assert client.post("/api/v1/counters/batch", batch, content_type="application/json", **writer).status_code == 200
     after = scrape(client)
 
     def grew(name: str, **labels) -> float:
@@ -110,6 +112,7 @@ def test_requests_are_counted_once_each_by_surface_endpoint_and_status(client, w
     assert grew(f"{hist}_bucket", surface="rest", endpoint="counter-increment", le="+Inf") == n + 1
     # One update is one Redis round trip at least; a scrape's own reads come on top.
     assert grew(f"{P}_redis_round_trips_total", outcome="ok") >= n
+    assert grew(f"{P}_redis_batch_size_count") == 1 and grew(f"{P}_redis_batch_size_sum") == 4
     # A path never becomes a label: the counter's name appears in no request series.
     assert "no_such_counter" not in after
 
