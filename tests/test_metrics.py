@@ -296,3 +296,21 @@ def test_alert_deliveries_are_counted_by_channel_and_outcome(client, builtins):
     key = {"channel": "message", "outcome": "sent"}
     sent = sample(after, f"{P}_alert_deliveries_total", **key) - sample(before, f"{P}_alert_deliveries_total", **key)
     assert sent == 1
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+@pytest.mark.django_db(transaction=True)
+async def test_requests_served_by_the_async_handler_are_counted(async_client):
+    from prometheus_client import REGISTRY, generate_latest
+
+    labels = {"surface": "other", "endpoint": "healthz", "method": "GET", "status": "200"}
+    before = sample(generate_latest(REGISTRY).decode(), f"{P}_http_requests_total", **labels)
+    for _ in range(3):
+        assert (await async_client.get("/healthz")).status_code == 200
+    after = sample(generate_latest(REGISTRY).decode(), f"{P}_http_requests_total", **labels)
+    assert after - before == 3
