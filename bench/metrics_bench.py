@@ -44,8 +44,9 @@ def main(updates: int, counters: int) -> int:
 
         from counters import clock, keyspace
         from counters.config import cache
+        from counters.flush import counters_flush
         from counters.models import App, Counter
-        from counters.services import UpdateRequest, counter_update_many, counters_flush
+        from counters.services import UpdateRequest, counter_update_many
         from metrics.recorders import request_record
         from metrics.scrape import StoreCollector
 

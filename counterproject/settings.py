@@ -3,12 +3,12 @@
 Production differs from development by environment variables only (see README).
 """
 
-import ipaddress
 from pathlib import Path
 
 import environ
 
 from archive.retention import MIN_RETENTION_DAYS, retention_days_checked
+from metrics.access import allowed_networks_parsed, exported_counters_parsed
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -225,20 +225,10 @@ COUNTER_ARCHIVE_LOCK_SECONDS = env.float("COUNTER_ARCHIVE_LOCK_SECONDS", default
 # /metrics (docs/metrics.md): open to callers on these networks (the TCP peer's address) or with
 # "Authorization: Bearer <METRICS_TOKEN>". Empty token: networks only.
 METRICS_TOKEN = env("METRICS_TOKEN", default="")
-try:
-    METRICS_ALLOWED_NETWORKS = [
-        ipaddress.ip_network(n, strict=False)
-        for n in env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.1/32", "::1/128"])
-        if n
-    ]
-except ValueError as exc:
-    raise ImproperlyConfigured(f"METRICS_ALLOWED_NETWORKS: {exc}") from exc
+METRICS_ALLOWED_NETWORKS = allowed_networks_parsed(
+    env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.1/32", "::1/128"])
+)
 # Public counters whose values /metrics exports, as "app/name" ("app/*": every public counter of
 # the app). Per-player counters are never exported; at most METRICS_COUNTERS_MAX series.
+METRICS_COUNTERS = exported_counters_parsed(env.list("METRICS_COUNTERS", default=[]))
 METRICS_COUNTERS_MAX = env.int("METRICS_COUNTERS_MAX", default=100)
-METRICS_COUNTERS = []
-for _entry in env.list("METRICS_COUNTERS", default=[]):
-    _app, _, _name = _entry.partition("/")
-    if not _app or not _name:
-        raise ImproperlyConfigured(f"METRICS_COUNTERS: {_entry!r} is not 'app/name' or 'app/*'.")
-    METRICS_COUNTERS.append((_app, _name))
