@@ -33,7 +33,7 @@ def pending_state(*, counter_ids: list[int]) -> PendingState:
     """Values changed and not yet in PostgreSQL (one delta each) and the time of the oldest change,
     over the live pending hashes and the batches in flight."""
 
-    def read(r) -> tuple[list, list[tuple[int, bytes]]]:
+    def read(r) -> list[list[bytes | None]]:
         pipe = r.pipeline(transaction=False)
         for cid in counter_ids:
             pipe.hmget(keyspace.pending_key(cid), keyspace.PENDING_SINCE_FIELD, keyspace.PENDING_VALUES_FIELD)
@@ -42,7 +42,7 @@ def pending_state(*, counter_ids: list[int]) -> PendingState:
         live = replies[0::2]
         batches = [(cid, b) for cid, members in zip(counter_ids, replies[1::2], strict=True) for b in members]
         if not batches:
-            return live, []
+            return live
         pipe = r.pipeline(transaction=False)
         for cid, batch_id in batches:
             pipe.hmget(
@@ -50,9 +50,9 @@ def pending_state(*, counter_ids: list[int]) -> PendingState:
                 keyspace.PENDING_SINCE_FIELD,
                 keyspace.PENDING_VALUES_FIELD,
             )
-        return live + pipe.execute(), batches
+        return live + pipe.execute()
 
-    fields, _ = redis_call(read)
+    fields = redis_call(read)
     values, oldest = 0, None
     for since, count in fields:
         if count is not None:
