@@ -233,6 +233,11 @@ def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStat
     """Apply one batch in one transaction (nothing if its id is recorded already)."""
     applied = _Applied([], set())
     with transaction.atomic():
+        # Hold the counter's row for this transaction: a deletion (which locks the row first, see
+        # receivers.counter_deleting) then waits for this flush and removes its rows too, and a flush
+        # that comes after a deletion finds the row gone instead of failing the deletion at its commit.
+        if not Counter.objects.filter(id=counter_id).select_for_update(no_key=True).values_list("id"):
+            raise IntegrityError(f"counter {counter_id} was deleted")
         _, created = FlushedBatch.objects.get_or_create(id=batch_id, defaults={"counter_id": counter_id})
         if not created:
             stats.skipped += 1
