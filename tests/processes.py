@@ -122,7 +122,7 @@ class Gunicorn:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="gunicorn-", suffix=".log", delete=False)  # noqa: SIM115
-        args = [str(BIN / "gunicorn"), "counterproject.wsgi", "-c", str(ROOT / "gunicorn.conf.py")]
+        args = [str(BIN / "gunicorn"), "counterproject.asgi", "-c", str(ROOT / "gunicorn.conf.py")]
         args += ["--bind", f"127.0.0.1:{self.port}", "--workers", str(workers), *extra_args]
         self.process = subprocess.Popen(
             args, cwd=ROOT, env=service_env(**(env or {})), stdout=self.log, stderr=self.log

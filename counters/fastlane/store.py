@@ -1,0 +1,126 @@
+"""Redis for the fast lane: every command issued during one turn of the event loop goes out as one
+pipelined round trip (not a transaction: each script stays atomic on its own).
+
+The circuit breaker is the one of ``counters.redis_store`` (shared with the threads of the same
+process): an open breaker fails a call at once; a connection error or timeout counts as one
+failure per round trip and fails every call of that round trip with ``StoreUnavailable``. An
+error reply of one command (a script error, a wrong key type) fails only the request that made it.
+"""
+
+import asyncio
+import hashlib
+
+import redis
+import redis.asyncio
+from django.conf import settings
+
+from .. import keyspace
+from ..redis_store import CONNECTION_ERRORS, StoreUnavailable, _failed_while_connecting, breaker
+
+# At most this many commands per round trip: a burst larger than that is split, so one huge
+# pipeline never delays every reply behind the parsing of all of them.
+MAX_PIPELINE = 512
+
+SCRIPTS = {
+    "update": keyspace.UPDATE_SCRIPT,
+    "update_many": keyspace.UPDATE_MANY_SCRIPT,
+}
+_SHA = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
+
+
+class Coalescer:
+    """Commands queued by any number of requests, sent once per loop turn, each reply to its caller."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self._queue: list[tuple[tuple, asyncio.Future]] = []
+        self._scheduled = False
+        self._sending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+        # Observability for the tests and benchmarks: how many round trips carried how many commands.
+        self.round_trips = 0
+        self.commands = 0
+
+    def call(self, *command) -> asyncio.Future:
+        breaker.before_call()
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        queue, self._queue = self._queue, []
+        for start in range(0, len(queue), MAX_PIPELINE):
+            task = asyncio.ensure_future(self._send(queue[start : start + MAX_PIPELINE]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+        self.round_trips += 1
+        self.commands += len(batch)
+        pipe = self.client.pipeline(transaction=False)
+        for command, _ in batch:
+            pipe.execute_command(*command)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except CONNECTION_ERRORS as exc:
+            breaker.record_failure()
+            error = StoreUnavailable(str(exc), maybe_applied=not _failed_while_connecting(exc))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        breaker.record_success()
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
+class LaneStore:
+    """One per event loop (a gunicorn worker has one): its connection pool and coalescer."""
+
+    def __init__(self) -> None:
+        pool = redis.asyncio.ConnectionPool.from_url(
+            settings.REDIS_URL,
+            socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
+            socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
+            max_connections=None,
+        )
+        self.client = redis.asyncio.Redis(connection_pool=pool)
+        self.coalescer = Coalescer(self.client)
+
+    def command(self, *command) -> asyncio.Future:
+        return self.coalescer.call(*command)
+
+    async def script(self, name: str, keys: list, args: list):
+        """EVALSHA of one of ``SCRIPTS``; loads it once if Redis does not know it (a restarted Redis)."""
+        command = ("EVALSHA", _SHA[name], len(keys), *keys, *args)
+        try:
+            return await self.command(*command)
+        except redis.exceptions.NoScriptError:
+            await self.command("SCRIPT", "LOAD", SCRIPTS[name])
+            return await self.command(*command)
+
+
+_stores: dict[int, LaneStore] = {}
+
+
+def lane_store() -> LaneStore:
+    """The store of the running event loop (created on first use, inside the worker process)."""
+    loop_id = id(asyncio.get_running_loop())
+    store = _stores.get(loop_id)
+    if store is None:
+        _stores.clear()
+        store = _stores[loop_id] = LaneStore()
+    return store
