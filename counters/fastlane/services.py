@@ -120,26 +120,36 @@ async def counter_update_many(
     now = clock.now()
     prepared = []
     windows: dict[int, periods.PeriodWindow] = {}
+    # Game servers send the same update many times in a batch (50 x "a game was played"): the
+    # checks and script arguments depend only on the item and the request's time, so an item
+    # equal to an earlier one (without metadata) reuses its preparation.
+    seen: dict[tuple, services._PreparedUpdate] = {}
     for index, update in enumerate(updates):
         counter = update.counter
+        same = (counter.id, update.amount, update.subject, update.user_id) if update.metadata is None else None
+        earlier = seen.get(same) if same is not None else None
+        if earlier is not None:
+            prepared.append(earlier)
+            continue
         if counter.id not in windows:
             windows[counter.id] = periods.window_at(counter.period, counter.time_zone, now)
         try:
-            prepared.append(
-                services._prepare_update(
-                    counter=counter,
-                    amount=update.amount,
-                    subject=update.subject,
-                    user_id=update.user_id,
-                    actor=actor,
-                    metadata=update.metadata,
-                    allow_negative=allow_negative,
-                    now=now,
-                    window=windows[counter.id],
-                )
+            item = services._prepare_update(
+                counter=counter,
+                amount=update.amount,
+                subject=update.subject,
+                user_id=update.user_id,
+                actor=actor,
+                metadata=update.metadata,
+                allow_negative=allow_negative,
+                now=now,
+                window=windows[counter.id],
             )
         except CounterError as exc:
             raise type(exc)(f"updates[{index}]: {exc.message}") from exc
+        prepared.append(item)
+        if same is not None:
+            seen[same] = item
     await _reconcile_if_due()
     results = []
     for item, reply in zip(prepared, await _run_update_many(prepared), strict=True):
