@@ -45,6 +45,9 @@ EXTRA_COUNTERS = [f"bench_{i}" for i in range(7)]
 WEB_PID = {}
 WEB_URL = {}
 REDIS_URL = [""]
+# The servers keep the production socket timeout; this process, which flushes a whole run's backlog
+# at once on a loaded machine, waits longer (see django_setup).
+SERVER_REDIS_TIMEOUT = os.environ.get("REDIS_SOCKET_TIMEOUT")
 GET_BATCH_NAMES = ["online_players", "daily_active_users", "total_games_played", *EXTRA_COUNTERS]
 
 
@@ -144,6 +147,8 @@ class Processes:
         env = dict(os.environ, DATABASE_URL=DATABASE_URL, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
         env["DJANGO_SETTINGS_MODULE"] = "bench.settings"
         env.setdefault("WEB_CONCURRENCY", "1")
+        if SERVER_REDIS_TIMEOUT is None:
+            env.pop("REDIS_SOCKET_TIMEOUT", None)
         env.update(extra)
         return env
 
@@ -185,6 +190,7 @@ def script_usec(redis_url: str) -> tuple[int, int]:
 def django_setup(redis_url: str) -> str:
     """Migrate the bench database, make sure the bench counters exist, return a fresh write key."""
     os.environ.update(DATABASE_URL=DATABASE_URL, REDIS_URL=redis_url, DJANGO_SETTINGS_MODULE="counterproject.settings")
+    os.environ.setdefault("REDIS_SOCKET_TIMEOUT", "10")
     sys.path.insert(0, str(ROOT))
     import django
 

@@ -11,7 +11,7 @@ import re
 import orjson
 from django.utils import translation
 
-from .. import apis, clock, functions, selectors
+from .. import apis, auth, clock, functions, selectors
 from ..api_errors import error_response
 from ..config import pinned
 from ..errors import AuthenticationRequired, CounterError, Forbidden, InvalidParameter
@@ -36,8 +36,8 @@ def _body(data) -> bytes:
 
 
 async def rest_read(request: LaneRequest, name: str):
-    key = apis.request_key(request)
-    counter = selectors.counter_get(app_id=apis.request_app_id(request, key), name=apis.checked_name(name))
+    key = auth.request_key(request)
+    counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=auth.checked_name(name))
     check_read(key, counter)
     subject = apis.checked_user_id(request.GET.get("user_id")) if counter.is_user_scoped else ""
     view = await lane.counter_value_get(counter=counter, subject=subject)
@@ -51,9 +51,9 @@ def _read_reply(body: dict, views: list):
 
 
 async def _rest_update(request: LaneRequest, name: str, sign: int):
-    key = apis.request_key(request)
-    checked = apis.checked_name(name)
-    counter = selectors.counter_get(app_id=apis.request_app_id(request, key), name=apis.checked_name(checked))
+    key = auth.request_key(request)
+    checked = auth.checked_name(name)
+    counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=auth.checked_name(checked))
     check_write(key, counter)
     value, user_id, metadata = update_input_parse(request_json(request))
     result = await lane.counter_update(
@@ -76,9 +76,9 @@ async def rest_decrement(request: LaneRequest, name: str):
 
 
 async def rest_read_many(request: LaneRequest):
-    key = apis.request_key(request)
-    app_id = apis.request_app_id(request, key)
-    names = [apis.checked_name(n) for n in selectors.parse_names(request.GET.get("names", ""))]
+    key = auth.request_key(request)
+    app_id = auth.request_app_id(request, key)
+    names = [auth.checked_name(n) for n in selectors.parse_names(request.GET.get("names", ""))]
     counters = [selectors.counter_get(app_id=app_id, name=n) for n in names]
     for counter in counters:
         check_read(key, counter)
@@ -89,10 +89,10 @@ async def rest_read_many(request: LaneRequest):
 
 
 async def rest_batch_update(request: LaneRequest):
-    key = apis.request_key(request)
+    key = auth.request_key(request)
     if key is None:
         raise AuthenticationRequired()
-    app_id = apis.request_app_id(request, key)
+    app_id = auth.request_app_id(request, key)
     items = batch_updates_parse(request_json(request))
     counters = {}
     updates = []
@@ -118,7 +118,7 @@ async def _function(request: LaneRequest, view: type[functions.FunctionView], ca
     """``FunctionView.post``: parse with the view's serializer, resolve the caller and app, call."""
     data = view.input_serializer(data=request_json(request))
     data.is_valid(raise_exception=True)
-    caller = functions.request_caller(request)
+    caller = auth.request_caller(request)
     values = data.validated_data
     app_id = functions.caller_app_id(caller, values["appId"])
     result = await call(caller, app_id, values)

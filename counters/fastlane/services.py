@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from django.conf import settings
 
-from .. import clock, keyspace, periods, selectors, services
+from .. import clock, keyspace, periods, selectors, services, values, write_through
 from ..config import CounterConfig
 from ..errors import CounterError, OutOfLimits
 from ..redis_store import StoreUnavailable
@@ -20,8 +20,8 @@ from .store import lane_store
 
 
 async def _reconcile_if_due() -> None:
-    if services._reconcile_due.is_set():
-        await offload(services.store_reconcile_if_due)
+    if write_through._reconcile_due.is_set():
+        await offload(write_through.store_reconcile_if_due)
 
 
 async def _run_update(prepared: services._PreparedUpdate) -> list:
@@ -31,7 +31,7 @@ async def _run_update(prepared: services._PreparedUpdate) -> list:
         if result[0] != b"HYDRATE":
             return result
         counter, subject, window = prepared.counter, prepared.subject, prepared.window
-        await offload(services.value_hydrate, counter=counter, subject=subject, window=window)
+        await offload(values.value_hydrate, counter=counter, subject=subject, window=window)
     raise StoreUnavailable("value could not be hydrated")
 
 
@@ -44,7 +44,7 @@ async def counter_update(
     actor: str = "",
     metadata: dict | None = None,
     allow_negative: bool = False,
-) -> services.UpdateResult:
+) -> values.UpdateResult:
     """``services.counter_update``: one script call, in the worker's shared round trip."""
     now = clock.now()
     prepared = services._prepare_update(
@@ -63,9 +63,9 @@ async def counter_update(
     except StoreUnavailable as exc:
         if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied:
             raise
-        services._reconcile_due.set()
+        write_through.store_reconcile_mark_due()
         return await offload(
-            services._update_write_through,
+            write_through.counter_update_write_through,
             counter=counter,
             amount=amount,
             subject=subject,
@@ -108,7 +108,7 @@ async def _run_update_many(prepared: list) -> list[list]:
         if not retry:
             return results
         for item in cold.values():
-            await offload(services.value_hydrate, counter=item.counter, subject=item.subject, window=item.window)
+            await offload(values.value_hydrate, counter=item.counter, subject=item.subject, window=item.window)
         todo = sorted(retry)
     raise StoreUnavailable("values could not be hydrated")
 
@@ -163,7 +163,7 @@ async def counter_update_many(
 async def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[selectors.ValueView]:
     """``selectors.counter_values_get``: one HMGET per value in the shared round trip; PostgreSQL off the loop."""
     for counter, subject in items:
-        services.counter_check_subject(counter=counter, subject=subject)
+        values.counter_check_subject(counter=counter, subject=subject)
     now = clock.now()
     windows = [periods.window_at(c.period, c.time_zone, now) for c, _ in items]
     try:
@@ -180,7 +180,7 @@ async def _values_from_store(items, windows) -> list[selectors.ValueView]:
     views = []
     for (counter, subject), window, key, raw in zip(items, windows, keys, replies, strict=True):
         if raw[0] is None:
-            await offload(services.value_hydrate, counter=counter, subject=subject, window=window)
+            await offload(values.value_hydrate, counter=counter, subject=subject, window=window)
             raw = await store.command("HMGET", key, "v", "upd")
         views.append(selectors._to_view(counter, subject, window, raw))
     return views
