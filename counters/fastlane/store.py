@@ -59,53 +59,51 @@ class Coalescer:
             task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+        """Every command written at once (packed by hiredis), then each reply read and handed over in order.
+
+        redis-py's own pipeline packs arguments in Python, which cost more than the rest of an
+        increment's handling (bench/README.md); the replies are its parser's, unconverted. A reply
+        read before a connection failure still reaches its request: that command did run.
+        """
         self.round_trips += 1
         self.commands += len(batch)
+        pool = self.client.connection_pool
+        answered = 0
         try:
-            replies = await self._round_trip([command for command, _ in batch])
+            connection = await pool.get_connection()
+            try:
+                packed = b"".join(hiredis.pack_command(command) for command, _ in batch)
+                await connection.send_packed_command(packed, check_health=False)
+                for _, future in batch:
+                    try:
+                        reply = await connection.read_response()
+                    except redis.exceptions.ResponseError as exc:
+                        reply = exc
+                    answered += 1
+                    if future.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(connection)
         except CONNECTION_ERRORS as exc:
             breaker.record_failure()
             error = StoreUnavailable(str(exc), maybe_applied=not _failed_while_connecting(exc))
-            for _, future in batch:
+            for _, future in batch[answered:]:
                 if not future.done():
                     future.set_exception(error)
             return
         except BaseException as exc:
-            for _, future in batch:
+            for _, future in batch[answered:]:
                 if not future.done():
                     future.set_exception(exc)
             raise
         breaker.record_success()
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-
-    async def _round_trip(self, commands: list[tuple]) -> list:
-        """Every command written at once (packed by hiredis), then every reply read in order.
-
-        redis-py's own pipeline packs arguments in Python, which cost more than the rest of an
-        increment's handling (bench/README.md); the replies are its parser's, unconverted.
-        """
-        pool = self.client.connection_pool
-        connection = await pool.get_connection()
-        try:
-            await connection.send_packed_command(b"".join(map(hiredis.pack_command, commands)), check_health=False)
-            replies = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except redis.exceptions.ResponseError as exc:
-                    replies.append(exc)
-            return replies
-        except BaseException:
-            await connection.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(connection)
 
 
 class LaneStore:
