@@ -14,7 +14,7 @@ from django.db import connections
 from counterproject.asgi import application
 from counters import keyspace
 from counters.fastlane import offload
-from counters.fastlane.store import MAX_PIPELINE, LaneStore, lane_store
+from counters.fastlane.store import MAX_PIPELINE, MAX_PIPELINE_ARGS, LaneStore, lane_store
 from counters.models import Counter
 from counters.redis_store import breaker
 
@@ -43,6 +43,15 @@ def test_a_round_trip_is_bounded(store):
 
     assert asyncio.run(main()) == 3
     assert store.get("lane:n") == str(2 * MAX_PIPELINE + 1).encode()
+
+    async def large():
+        lane = LaneStore()
+        arguments = [f"m{i}" for i in range(MAX_PIPELINE_ARGS // 4)]
+        await asyncio.gather(*(lane.command("SADD", f"lane:set{i}", *arguments) for i in range(6)))
+        return lane.coalescer.round_trips
+
+    # Six commands of a quarter of the argument bound each: two round trips, not one.
+    assert asyncio.run(large()) == 2
 
 
 def test_one_failed_call_fails_only_its_own_caller(store):

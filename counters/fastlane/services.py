@@ -165,7 +165,15 @@ async def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[
     for counter, subject in items:
         values.counter_check_subject(counter=counter, subject=subject)
     now = clock.now()
-    windows = [periods.window_at(c.period, c.time_zone, now) for c, _ in items]
+    # Counters of one period and time zone share their window (most of a 10-name read).
+    by_zone: dict[tuple[str, str], periods.PeriodWindow] = {}
+    windows = []
+    for counter, _ in items:
+        zone = (counter.period, counter.time_zone)
+        window = by_zone.get(zone)
+        if window is None:
+            window = by_zone[zone] = periods.window_at(counter.period, counter.time_zone, now)
+        windows.append(window)
     try:
         await _reconcile_if_due()
         return await _values_from_store(items, windows)

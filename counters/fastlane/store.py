@@ -18,9 +18,11 @@ from django.conf import settings
 from .. import keyspace
 from ..redis_store import CONNECTION_ERRORS, StoreUnavailable, _failed_while_connecting, breaker
 
-# At most this many commands per round trip: a burst larger than that is split, so one huge
-# pipeline never delays every reply behind the parsing of all of them.
+# At most this many commands, and arguments, per round trip: a burst larger than that is split.
+# Redis answers a pipeline only once it has run all of it, so one huge round trip (many batch
+# updates of 100) would make every request in it wait for all of it, up to the socket timeout.
 MAX_PIPELINE = 512
+MAX_PIPELINE_ARGS = 8192
 
 SCRIPTS = {
     "update": keyspace.UPDATE_SCRIPT,
@@ -53,10 +55,20 @@ class Coalescer:
     def _flush(self) -> None:
         self._scheduled = False
         queue, self._queue = self._queue, []
-        for start in range(0, len(queue), MAX_PIPELINE):
-            task = asyncio.ensure_future(self._send(queue[start : start + MAX_PIPELINE]))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+        batch: list[tuple[tuple, asyncio.Future]] = []
+        size = 0
+        for item in queue:
+            if batch and (len(batch) >= MAX_PIPELINE or size + len(item[0]) > MAX_PIPELINE_ARGS):
+                self._start(batch)
+                batch, size = [], 0
+            batch.append(item)
+            size += len(item[0])
+        self._start(batch)
+
+    def _start(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
         """Every command written at once (packed by hiredis), then each reply read and handed over in order.
