@@ -26,6 +26,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.run import DATABASE_URL, Processes, django_setup, ensure_database, load  # noqa: E402
+from bench.run import value as settled_value  # noqa: E402
 from tests.processes import free_port, wait_until  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -56,7 +57,8 @@ def hey_increments(url: str, key: str, count: int) -> dict[int, int]:
 
 
 def value(url: str) -> int:
-    return requests.get(f"{url}/api/v1/counter/online_players", timeout=30).json()["value"]
+    """The value once the server has drained what wrk left queued when it stopped (its timeouts)."""
+    return settled_value(url, "online_players")
 
 
 class Service:
