@@ -40,8 +40,8 @@ def test_the_rest_v1_and_cloud_function_suites_pass_through_the_real_server():
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
     passed = int(re.search(r"(\d+) passed", summary).group(1))
-    # Every test but the two that move the clock of the test's own process.
-    assert passed >= 40 and "2 skipped" in summary, summary
+    # Every test but those that move the clock of the test's own process (marked in_process).
+    assert passed >= 40 and "failed" not in summary, summary
 
 
 # --- the same requests with and without the fast lane ------------------------------------------

@@ -14,7 +14,8 @@ from django.utils import translation
 from .. import apis, auth, clock, functions, selectors
 from ..api_errors import error_response
 from ..config import pinned
-from ..errors import AuthenticationRequired, CounterError, Forbidden, InvalidParameter
+from ..errors import AuthenticationRequired, CounterError, Forbidden, InvalidParameter, RuleViolation
+from ..idempotency import META_HEADER, REPLAYED_HEADERS, idempotency_parse, request_idempotency
 from ..permissions import Role, check_read, check_write
 from ..rendering import request_json
 from ..serializers import batch_updates_parse, update_input_parse
@@ -26,6 +27,7 @@ from .snapshot import current_snapshot
 DEGRADED = [(b"x-counter-source", b"database")]
 # DRF adds the view's allowed methods to every reply of a function view (APIView.default_response_headers).
 FUNCTION_HEADERS = [(b"allow", b"POST, OPTIONS")]
+REPLAYED = [(k.lower().encode(), v.encode()) for k, v in REPLAYED_HEADERS.items()]
 
 
 def _body(data) -> bytes:
@@ -39,7 +41,8 @@ async def rest_read(request: LaneRequest, name: str):
     key = auth.request_key(request)
     counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=auth.checked_name(name))
     check_read(key, counter)
-    subject = apis.checked_user_id(request.GET.get("user_id")) if counter.is_user_scoped else ""
+    user_id = apis.checked_user_id(request.GET.get("user_id"))
+    subject = user_id if counter.is_user_scoped else ""
     view = await lane.counter_value_get(counter=counter, subject=subject)
     return _read_reply(apis.value_body(view), [view])
 
@@ -56,6 +59,9 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
     counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=auth.checked_name(checked))
     check_write(key, counter)
     value, user_id, metadata = update_input_parse(request_json(request))
+    idempotency = request_idempotency(
+        request, app_id=key.app_id, parts=apis.update_fingerprint_parts(counter, sign * value, user_id, metadata)
+    )
     result = await lane.counter_update(
         counter=counter,
         amount=sign * value,
@@ -63,8 +69,9 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
         user_id=user_id,
         actor=key.prefix,
         metadata=metadata,
+        idempotency=idempotency,
     )
-    return 200, b'{"success":true,"current_value":%d}' % result.new_value, []
+    return 200, b'{"success":true,"current_value":%d}' % result.new_value, REPLAYED if result.replayed else []
 
 
 async def rest_increment(request: LaneRequest, name: str):
@@ -83,7 +90,7 @@ async def rest_read_many(request: LaneRequest):
     for counter in counters:
         check_read(key, counter)
         if counter.is_user_scoped:
-            raise InvalidParameter(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
+            raise RuleViolation(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
     views = await lane.counter_values_get(items=[(c, "") for c in counters])
     return _read_reply({"counters": [{"name": v.counter.name, "value": v.value} for v in views]}, views)
 
@@ -92,6 +99,8 @@ async def rest_batch_update(request: LaneRequest):
     key = auth.request_key(request)
     if key is None:
         raise AuthenticationRequired()
+    if META_HEADER in request.META:
+        raise InvalidParameter('A batch takes an idempotency key per item (its "id"), not the Idempotency-Key header.')
     app_id = auth.request_app_id(request, key)
     items = batch_updates_parse(request_json(request))
     counters = {}
@@ -105,10 +114,13 @@ async def rest_batch_update(request: LaneRequest):
             except CounterError as exc:
                 raise type(exc)(f"updates[{index}]: {exc.message}") from exc
         subject = item.user_id if counter.is_user_scoped else ""
-        updates.append(UpdateRequest(counter, item.amount, subject, item.user_id, item.metadata))
+        parts = apis.update_fingerprint_parts(counter, item.amount, item.user_id, item.metadata)
+        idempotency = idempotency_parse(item.id, app_id=key.app_id, parts=parts, field=f"updates[{index}].id")
+        updates.append(UpdateRequest(counter, item.amount, subject, item.user_id, item.metadata, idempotency))
     results = await lane.counter_update_many(updates=updates, actor=key.prefix)
     bodies = [apis.batch_result_body(u.counter.name, r) for u, r in zip(updates, results, strict=True)]
-    return 200, _body({"success": True, "results": bodies}), []
+    replayed = all(apis._replayed(r) for r in results)
+    return 200, _body({"success": True, "results": bodies}), REPLAYED if replayed else []
 
 
 # --- cloud functions --------------------------------------------------------------------------
@@ -121,9 +133,16 @@ async def _function(request: LaneRequest, view: type[functions.FunctionView], ca
     caller = auth.request_caller(request)
     values = data.validated_data
     app_id = functions.caller_app_id(caller, values["appId"])
-    result = await call(caller, app_id, values)
-    body = {"code": 0, "msg": str(view.success_msg), "timestamp": clock.to_ms(clock.now()), "data": result}
-    return 200, _body(functions._times(body)), FUNCTION_HEADERS
+    if not view.keyed:
+        result = await call(caller, app_id, values)
+        body = {"code": 0, "msg": str(view.success_msg), "timestamp": clock.to_ms(clock.now()), "data": result}
+        return 200, _body(functions._times(body)), FUNCTION_HEADERS
+    request_id = values.pop("requestId", None)
+    parts = (view.__name__, dict(values))
+    idempotency = request_idempotency(request, app_id=app_id, parts=parts, body_key=request_id)
+    data, at, replayed = await call(caller, app_id, values, idempotency)
+    body = {"code": 0, "msg": str(view.success_msg), "timestamp": clock.to_ms(at), "data": data}
+    return 200, _body(functions._times(body)), FUNCTION_HEADERS + (REPLAYED if replayed else [])
 
 
 def _target(app_id: int, values: dict):
@@ -149,14 +168,14 @@ async def _get_counter(caller, app_id: int, values: dict) -> dict:
         "currentValue": view.value,
         "maxValue": counter.max_value,
         "resetPeriod": counter.period,
-        "lastResetTime": view.window.start,
+        "lastResetTime": view.last_reset,
         "nextResetTime": view.window.end,
         "updateTime": view.last_updated,
         "metadata": {"description": counter.description, "unit": counter.unit},
     }
 
 
-async def _increase_counter(caller, app_id: int, values: dict) -> dict:
+async def _increase_counter(caller, app_id: int, values: dict, idempotency):
     counter = _target(app_id, values)
     key = check_write(caller.require_key(), counter)
     player_id = values.get("playerId", "")
@@ -167,11 +186,12 @@ async def _increase_counter(caller, app_id: int, values: dict) -> dict:
         user_id=player_id,
         actor=key.prefix,
         metadata=values.get("metadata"),
+        idempotency=idempotency,
     )
     marks = result.threshold_marks
-    if result.duplicate and counter.thresholds:
+    if result.duplicate and counter.thresholds and not result.replayed:
         marks = await lane.threshold_marks_get(counter=counter, subject=result.subject, window=result.window)
-    return {
+    data = {
         "counterId": counter.name,
         "oldValue": result.old_value,
         "newValue": result.new_value,
@@ -182,9 +202,10 @@ async def _increase_counter(caller, app_id: int, values: dict) -> dict:
             {"value": t.value, "triggered": t.id in marks, "triggerTime": marks.get(t.id)} for t in counter.thresholds
         ],
     }
+    return data, result.updated_at, result.replayed
 
 
-async def _decrease_counter(caller, app_id: int, values: dict) -> dict:
+async def _decrease_counter(caller, app_id: int, values: dict, idempotency):
     counter = _target(app_id, values)
     key = check_write(caller.require_key(), counter)
     player_id = values.get("playerId", "")
@@ -196,8 +217,9 @@ async def _decrease_counter(caller, app_id: int, values: dict) -> dict:
         actor=key.prefix,
         metadata=values.get("metadata"),
         allow_negative=values["allowNegative"] and Role.COUNTER_MANAGE in key.roles,
+        idempotency=idempotency,
     )
-    return {
+    data = {
         "counterId": counter.name,
         "oldValue": result.old_value,
         "newValue": result.new_value,
@@ -205,6 +227,7 @@ async def _decrease_counter(caller, app_id: int, values: dict) -> dict:
         "updateTime": result.updated_at,
         "reachedMinimum": result.new_value <= counter.min_value,
     }
+    return data, result.updated_at, result.replayed
 
 
 async def get_counter(request: LaneRequest):

@@ -13,7 +13,7 @@ from django.conf import settings
 
 from .. import clock, keyspace, periods, selectors, services, values, write_through
 from ..config import CounterConfig
-from ..errors import CounterError, OutOfLimits
+from ..errors import CounterError, IdempotencyConflict, OutOfLimits
 from ..redis_store import StoreUnavailable
 from .offload import offload
 from .store import lane_store
@@ -26,8 +26,9 @@ async def _reconcile_if_due() -> None:
 
 async def _run_update(prepared: services._PreparedUpdate) -> list:
     store = lane_store()
+    keys, args = services.update_call(prepared)
     for _ in range(3):
-        result = await store.script("update", prepared.keys, prepared.args)
+        result = await store.script("update", keys, args)
         if result[0] != b"HYDRATE":
             return result
         counter, subject, window = prepared.counter, prepared.subject, prepared.window
@@ -44,6 +45,7 @@ async def counter_update(
     actor: str = "",
     metadata: dict | None = None,
     allow_negative: bool = False,
+    idempotency=None,
 ) -> values.UpdateResult:
     """``services.counter_update``: one script call, in the worker's shared round trip."""
     now = clock.now()
@@ -56,12 +58,14 @@ async def counter_update(
         metadata=metadata,
         allow_negative=allow_negative,
         now=now,
+        idempotency=idempotency,
     )
     try:
         await _reconcile_if_due()
         result = await _run_update(prepared)
     except StoreUnavailable as exc:
-        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied:
+        # A key is recorded in Redis only: a keyed write is refused rather than written through.
+        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied or idempotency:
             raise
         write_through.store_reconcile_mark_due()
         return await offload(
@@ -83,19 +87,13 @@ async def _run_update_many(prepared: list) -> list[list]:
     store = lane_store()
     results: list = [None] * len(prepared)
     todo = list(range(len(prepared)))
-    own_keys, own_args = keyspace.UPDATE_OWN_KEYS, keyspace.UPDATE_OWN_ARGS
     for _ in range(3):
         groups: dict[tuple[int, str], list[int]] = defaultdict(list)
         for i in todo:
             groups[(prepared[i].counter.id, prepared[i].window.key)].append(i)
         calls = []
         for group in groups.values():
-            first = prepared[group[0]]
-            keys, args = list(first.keys), [len(first.keys), len(first.args), *first.args]
-            for i in group:
-                item = prepared[i]
-                keys += [item.keys[k] for k in own_keys]
-                args += [item.args[a] for a in own_args]
+            keys, args = services.update_many_call([prepared[i] for i in group])
             calls.append(store.script("update_many", keys, args))
         retry, cold = [], {}
         for group, replies in zip(groups.values(), await asyncio.gather(*calls), strict=True):
@@ -126,7 +124,8 @@ async def counter_update_many(
     seen: dict[tuple, services._PreparedUpdate] = {}
     for index, update in enumerate(updates):
         counter = update.counter
-        same = (counter.id, update.amount, update.subject, update.user_id) if update.metadata is None else None
+        plain = update.metadata is None and update.idempotency is None
+        same = (counter.id, update.amount, update.subject, update.user_id) if plain else None
         earlier = seen.get(same) if same is not None else None
         if earlier is not None:
             prepared.append(earlier)
@@ -144,6 +143,7 @@ async def counter_update_many(
                 allow_negative=allow_negative,
                 now=now,
                 window=windows[counter.id],
+                idempotency=update.idempotency,
             )
         except CounterError as exc:
             raise type(exc)(f"updates[{index}]: {exc.message}") from exc
@@ -155,7 +155,7 @@ async def counter_update_many(
     for item, reply in zip(prepared, await _run_update_many(prepared), strict=True):
         try:
             results.append(services._update_result(item, reply, now))
-        except OutOfLimits as exc:
+        except (OutOfLimits, IdempotencyConflict) as exc:
             results.append(exc)
     return results
 
@@ -184,12 +184,13 @@ async def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[
 async def _values_from_store(items, windows) -> list[selectors.ValueView]:
     store = lane_store()
     keys = [keyspace.value_key(c.id, w.key, s) for (c, s), w in zip(items, windows, strict=True)]
-    replies = await asyncio.gather(*(store.command("HMGET", key, "v", "upd") for key in keys))
+    fields = ("v", "upd", keyspace.LAST_RESET_FIELD)
+    replies = await asyncio.gather(*(store.command("HMGET", key, *fields) for key in keys))
     views = []
     for (counter, subject), window, key, raw in zip(items, windows, keys, replies, strict=True):
         if raw[0] is None:
             await offload(values.value_hydrate, counter=counter, subject=subject, window=window)
-            raw = await store.command("HMGET", key, "v", "upd")
+            raw = await store.command("HMGET", key, *fields)
         views.append(selectors._to_view(counter, subject, window, raw))
     return views
 
