@@ -2,18 +2,22 @@
 pipelined round trip (not a transaction: each script stays atomic on its own).
 
 The circuit breaker is the one of ``counters.redis_store`` (shared with the threads of the same
-process): an open breaker fails a call at once; a connection error or timeout counts as one
-failure per round trip and fails every call of that round trip with ``StoreUnavailable``. An
+process): an open breaker fails a call at once; a connection error or timeout fails every call of
+that round trip with ``StoreUnavailable`` and counts one failure per failed call, so the breaker
+opens after as many failed requests as on the threaded path, however they were coalesced. An
 error reply of one command (a script error, a wrong key type) fails only the request that made it.
 """
 
 import asyncio
 import hashlib
+import select
 
 import hiredis
 import redis
 import redis.asyncio
 from django.conf import settings
+
+from metrics.recorders import redis_batch_record, redis_round_trip_record
 
 from .. import keyspace
 from ..redis_store import CONNECTION_ERRORS, StoreUnavailable, _failed_while_connecting, breaker
@@ -79,13 +83,21 @@ class Coalescer:
         """
         self.round_trips += 1
         self.commands += len(batch)
+        redis_batch_record(size=len(batch))
         pool = self.client.connection_pool
         answered = 0
+        sent = False
         try:
             connection = await pool.get_connection()
             try:
+                if _peer_closed(connection):
+                    # A pooled connection Redis closed (it died or restarted): nothing was sent on
+                    # it; connect afresh, a refusal is then a clean "not applied" failure.
+                    await connection.disconnect(nowait=True)
+                    await connection.connect()
                 packed = b"".join(hiredis.pack_command(command) for command, _ in batch)
                 await connection.send_packed_command(packed, check_health=False)
+                sent = True
                 for _, future in batch:
                     try:
                         reply = await connection.read_response()
@@ -104,9 +116,12 @@ class Coalescer:
             finally:
                 await pool.release(connection)
         except CONNECTION_ERRORS as exc:
-            breaker.record_failure()
-            error = StoreUnavailable(str(exc), maybe_applied=not _failed_while_connecting(exc))
+            # Only a failure once the commands were written leaves their outcome unknown (a 504);
+            # failing to connect or to write is a clean failure (write-through or a 503).
+            error = StoreUnavailable(str(exc), maybe_applied=sent and not _failed_while_connecting(exc))
+            redis_round_trip_record(ok=False)
             for _, future in batch[answered:]:
+                breaker.record_failure()
                 if not future.done():
                     future.set_exception(error)
             return
@@ -115,7 +130,23 @@ class Coalescer:
                 if not future.done():
                     future.set_exception(exc)
             raise
+        redis_round_trip_record(ok=True)
         breaker.record_success()
+
+
+def _peer_closed(connection) -> bool:
+    """Whether the kernel already knows the other end closed this connection (or left bytes on it).
+
+    Asked of the socket itself: the stream's own end-of-file flag waits for the event loop to have
+    run the socket's callbacks, which a request handled in the same loop turn as the close precedes.
+    """
+    writer = getattr(connection, "_writer", None)
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    return bool(poller.poll(0))
 
 
 class LaneStore:
