@@ -9,7 +9,11 @@ import contextlib
 import re
 
 import orjson
+from django.urls import Resolver404, resolve
 from django.utils import translation
+
+from metrics.middleware import UNMATCHED
+from metrics.recorders import Stopwatch, request_record, surface_of
 
 from .. import apis, auth, clock, functions, selectors
 from ..api_errors import error_response
@@ -270,7 +274,25 @@ def route(method: str, path: str):
     return None
 
 
+# The Django route name of each handler's requests (found once): the lane's requests are counted
+# under the labels Django would give them, so a dashboard does not depend on which server answered.
+_ENDPOINTS: dict = {}
+
+
+def _endpoint(handler, path: str) -> str:
+    name = _ENDPOINTS.get(handler)
+    if name is None:
+        try:
+            match = resolve(path)
+            name = match.url_name or match.view_name or UNMATCHED
+        except Resolver404:
+            name = UNMATCHED
+        _ENDPOINTS[handler] = name
+    return name
+
+
 async def serve(scope, body: bytes, send, handler, shape: str, params: dict) -> None:
+    watch = Stopwatch()
     request = LaneRequest(scope, body)
     language = translation.get_language_from_request(request) if shape == "function" else None
     extra_on_error = FUNCTION_HEADERS if shape == "function" else []
@@ -288,3 +310,10 @@ async def serve(scope, body: bytes, send, handler, shape: str, params: dict) -> 
             extra += extra_on_error
             log_error_reply(status, response.reason_phrase, request.path)
     await send_json(send, status, payload, extra)
+    request_record(
+        surface=surface_of(scope["path"]),
+        endpoint=_endpoint(handler, scope["path"]),
+        method=scope["method"],
+        status=status,
+        seconds=watch.seconds,
+    )
