@@ -10,4 +10,4 @@ COPY . .
 RUN DJANGO_SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput
 
 EXPOSE 8080
-CMD ["gunicorn", "counterproject.wsgi", "-c", "gunicorn.conf.py"]
+CMD ["gunicorn", "counterproject.asgi", "-c", "gunicorn.conf.py"]

@@ -2,13 +2,14 @@
 # make test  — the same set-up, then ruff and the whole test suite
 # make test-midnight — the same with every test's clock starting at 23:59:30 UTC (tests/clock.py)
 # make bench — the hot endpoints next to a DRF baseline, latency below saturation, exactness, outages (bench/README.md)
+# make bench-seed — the seed's wrk command against make run's processes, beside a raw reference (bench/README.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 export PORT
 
-.PHONY: run test test-midnight lint format services browser prometheus migrate bench soak clean
+.PHONY: run test test-midnight lint format services browser prometheus migrate bench bench-seed soak clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +61,11 @@ bench: $(BIN)/.installed services
 	$(BIN)/python bench/flush_bench.py
 	$(BIN)/python bench/outage.py
 	$(BIN)/python bench/script_bench.py
+
+# The seed's wrk -t12 -c400 -d30s against make run's processes, beside a raw reference handler.
+bench-seed: $(BIN)/.installed services
+	command -v wrk >/dev/null && command -v hey >/dev/null || (apt-get update && apt-get install -y wrk hey)
+	$(BIN)/python bench/seed.py
 
 # The long memory soak (bench/README-soak.md), with a redis-server and a database of its own.
 SOAK_DATABASE_URL ?= postgres://root@127.0.0.1:5432/counters_soak

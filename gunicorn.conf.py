@@ -14,14 +14,12 @@ else:
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"
 
-# Tuned with `make bench` (bench/README.md). A request spends about half its wall time waiting on
-# Redis, and sync workers also close every connection: one sync worker per core left the core
-# half idle (increment 108 req/s, 4 sync workers 324 req/s on one loaded core), while gthread
-# overlaps those waits and keeps connections alive (844-971 req/s on the same core, lower P99).
-# One process per usable core (taskset/cgroup aware) with 8 threads, enough to cover the Redis
-# waits (2 x 4 and 1 x 8 measured alike on one core).
+# Each worker is one uvicorn event loop (counterproject.workers): the hot endpoints are served by
+# the async fast lane, whose Redis round trips are shared by every request in flight; the rest of
+# Django runs on a pool of GUNICORN_THREADS threads per worker (counterproject.threaded_wsgi), as
+# gthread ran it before. One process per usable core (taskset/cgroup aware). bench/README.md.
 workers = int(os.environ.get("WEB_CONCURRENCY", len(os.sched_getaffinity(0))))
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "counterproject.workers.CounterWorker")
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # Game servers keep connections open: keep them longer than a typical client pause.
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "30"))

@@ -48,7 +48,7 @@ class Web:
         env |= {"DJANGO_SETTINGS_MODULE": "counterproject.settings", "GUNICORN_ACCESSLOG": "-"}
         env |= {"REDIS_SOCKET_TIMEOUT": str(SOCKET_TIMEOUT), "REDIS_CONNECT_TIMEOUT": str(SOCKET_TIMEOUT)}
         env |= {"REDIS_BREAKER_RESET_SECONDS": "600"}  # no probe during a phase
-        args = [str(BIN / "gunicorn"), "counterproject.wsgi", "-c", str(ROOT / "gunicorn.conf.py")]
+        args = [str(BIN / "gunicorn"), "counterproject.asgi", "-c", str(ROOT / "gunicorn.conf.py")]
         args += ["--bind", f"127.0.0.1:{self.port}", "--access-logformat", ACCESS_FORMAT]
         self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
         wait_until(lambda: requests.get(f"{self.url}/healthz", timeout=1).ok, timeout=60, what="gunicorn")

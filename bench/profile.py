@@ -29,14 +29,16 @@ def main(name: str) -> None:
     stacks = tempfile.NamedTemporaryFile(prefix=f"profile-{name}-", suffix=".txt", delete=False).name  # noqa: SIM115
     try:
         processes.start_redis()
+        run.REDIS_URL[0] = processes.redis_url
         key = run.django_setup(processes.redis_url)
-        processes.start_web()
-        run.wrk(processes.url, scenario, key, connections=16, seconds=2)
-        worker = int(subprocess.check_output(["pgrep", "-P", str(processes.web.pid)], text=True).split()[0])
+        processes.start_web(scenario.server)
+        run.wrk(scenario, key, connections=16, seconds=2)
+        master = run.WEB_PID[scenario.server]
+        worker = int(subprocess.check_output(["pgrep", "-P", str(master)], text=True).split()[0])
         spy = [str(run.BIN / "py-spy"), "record", "--pid", str(worker), "--duration", str(SECONDS)]
         spy += ["--format", "raw", "--rate", "500", "--output", stacks, "--nonblocking"]
         load = threading.Thread(
-            target=run.wrk, args=(processes.url, scenario, key), kwargs={"connections": 16, "seconds": SECONDS + 1}
+            target=run.wrk, args=(scenario, key), kwargs={"connections": 64, "seconds": SECONDS + 1}
         )
         load.start()
         subprocess.run(spy, check=True, capture_output=True)

@@ -1,8 +1,11 @@
 """make bench: the service's hot endpoints next to a minimal DRF baseline, measured in the same run.
 
-Starts a private redis-server and the service under the production ``gunicorn.conf.py`` (with the
-bench-only URL conf, which adds the baseline) on loopback, pins the server and the load generator
-to different cores, runs wrk (``bench/scenario.lua``) and prints one table. Then checks exactness:
+Starts a private redis-server and two servers on loopback, pinned to the same core: the service under
+the production ``gunicorn.conf.py`` (``counterproject.asgi``, one worker) and the **baseline**, a
+fixed configuration that does not follow the production one: gunicorn gthread, 1 worker x 8
+threads, serving the bench-only URL conf (``bench/urls.py``: a DRF view with one INCRBY). The load
+generator runs on the other core; wrk (``bench/scenario.lua``) drives each endpoint and one table
+is printed, with the Redis CPU per script call from Redis's own ``INFO commandstats``. Then checks exactness:
 every value the API shows equals what the load generators were told was applied, and equals
 PostgreSQL after a flush.
 
@@ -39,7 +42,12 @@ FIXED_RATE_SHARE = 0.7
 FIXED_RATE_DELAY_MS = 10
 BATCH_SIZE = 100
 EXTRA_COUNTERS = [f"bench_{i}" for i in range(7)]
-WEB_PID = [0]
+WEB_PID = {}
+WEB_URL = {}
+REDIS_URL = [""]
+# The servers keep the production socket timeout; this process, which flushes a whole run's backlog
+# at once on a loaded machine, waits longer (see django_setup).
+SERVER_REDIS_TIMEOUT = os.environ.get("REDIS_SOCKET_TIMEOUT")
 GET_BATCH_NAMES = ["online_players", "daily_active_users", "total_games_played", *EXTRA_COUNTERS]
 
 
@@ -53,6 +61,7 @@ class Scenario:
     counter: str = ""  # the counter a POST adds to, and how much per 2xx response
     per_request: int = 0
     compare_to: str = "baseline"
+    server: str = "service"
     runs: dict = field(default_factory=dict)
 
 
@@ -71,6 +80,7 @@ SCENARIOS[3].counter, SCENARIOS[3].per_request = "daily_active_users", 1
 SCENARIOS[6].counter, SCENARIOS[6].per_request = "total_games_played", BATCH_SIZE // 2
 SCENARIOS[5].compare_to = "get"
 SCENARIOS[2].compare_to = "increment"
+SCENARIOS[0].server = "baseline"
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
 if ONLY:  # a quicker run of some scenarios (and what they are compared to), e.g. to try gunicorn settings
     SCENARIOS = [
@@ -115,16 +125,15 @@ def ensure_database(url: str) -> None:
 
 
 class Processes:
-    """A private redis-server (on the client cores) and gunicorn (on the server cores)."""
+    """A private redis-server (on the client cores), the service and the baseline (on the server cores)."""
 
     def __init__(self) -> None:
         self.redis_port = free_port()
         self.redis_dir = tempfile.mkdtemp(prefix="bench-redis-")
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="bench-gunicorn-", suffix=".log", delete=False)  # noqa: SIM115
-        self.redis = self.web = None
+        self.redis = None
+        self.webs: list[subprocess.Popen] = []
 
     def start_redis(self) -> None:
         args = ["taskset", "-c", CLIENT_CPUS, "redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1"]
@@ -134,20 +143,32 @@ class Processes:
 
         wait_until(lambda: redis.Redis(port=self.redis_port).ping(), timeout=30, what="redis-server")
 
-    def env(self) -> dict[str, str]:
+    def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ, DATABASE_URL=DATABASE_URL, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
         env["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+        env.setdefault("WEB_CONCURRENCY", "1")
+        if SERVER_REDIS_TIMEOUT is None:
+            env.pop("REDIS_SOCKET_TIMEOUT", None)
+        env.update(extra)
         return env
 
-    def start_web(self) -> None:
-        args = ["taskset", "-c", SERVER_CPUS, str(BIN / "gunicorn"), "counterproject.wsgi"]
-        args += ["-c", str(ROOT / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{self.port}"]
-        self.web = subprocess.Popen(args, cwd=ROOT, env=self.env(), stdout=self.log, stderr=self.log)
-        wait_until(lambda: requests.get(f"{self.url}/healthz", timeout=1).ok, timeout=30, what="gunicorn")
-        WEB_PID[0] = self.web.pid
+    def start_web(self, name: str) -> None:
+        """``service``: the production config; ``baseline``: gthread 1 x 8 whatever the production config says."""
+        port = free_port()
+        app, extra = "counterproject.asgi", {}
+        if name == "baseline":
+            app = "counterproject.wsgi"
+            extra = {"GUNICORN_WORKER_CLASS": "gthread", "GUNICORN_THREADS": "8", "WEB_CONCURRENCY": "1"}
+        args = ["taskset", "-c", SERVER_CPUS, str(BIN / "gunicorn"), app]
+        args += ["-c", str(ROOT / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{port}"]
+        web = subprocess.Popen(args, cwd=ROOT, env=self.env(**extra), stdout=self.log, stderr=self.log)
+        self.webs.append(web)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: requests.get(f"{url}/healthz", timeout=1).ok, timeout=30, what=f"gunicorn ({name})")
+        WEB_PID[name], WEB_URL[name] = web.pid, url
 
     def stop(self) -> None:
-        for process in (self.web, self.redis):
+        for process in (*self.webs, self.redis):
             if process and process.poll() is None:
                 process.terminate()
                 try:
@@ -158,9 +179,18 @@ class Processes:
         Path(self.log.name).unlink(missing_ok=True)
 
 
+def script_usec(redis_url: str) -> tuple[int, int]:
+    """Redis's own count and CPU time (µs) of script calls (EVALSHA), from INFO commandstats."""
+    import redis
+
+    stats = redis.Redis.from_url(redis_url).info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
 def django_setup(redis_url: str) -> str:
     """Migrate the bench database, make sure the bench counters exist, return a fresh write key."""
     os.environ.update(DATABASE_URL=DATABASE_URL, REDIS_URL=redis_url, DJANGO_SETTINGS_MODULE="counterproject.settings")
+    os.environ.setdefault("REDIS_SOCKET_TIMEOUT", "10")
     sys.path.insert(0, str(ROOT))
     import django
 
@@ -177,8 +207,11 @@ def django_setup(redis_url: str) -> str:
     return raw
 
 
-def wrk(url: str, scenario: Scenario, key: str, *, connections: int, seconds: int, delay_ms: int = 0) -> dict:
-    cpu_before = cpu_seconds(WEB_PID[0])
+def wrk(scenario: Scenario, key: str, *, connections: int, seconds: int, delay_ms: int = 0) -> dict:
+    url = WEB_URL[scenario.server]
+    pid = WEB_PID[scenario.server]
+    cpu_before = cpu_seconds(pid)
+    calls_before, usec_before = script_usec(REDIS_URL[0])
     env = dict(os.environ, BENCH_BODY=scenario.body, BENCH_METHOD=scenario.method, BENCH_KEY=key)
     env.update(BENCH_RUN=f"r{time.time_ns()}", BENCH_DELAY_MS=str(delay_ms), BENCH_BATCH_SIZE=str(BATCH_SIZE))
     args = ["taskset", "-c", CLIENT_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
@@ -187,7 +220,10 @@ def wrk(url: str, scenario: Scenario, key: str, *, connections: int, seconds: in
     line = next(line for line in out.splitlines() if line.startswith("BENCH "))
     result = json.loads(line[6:])
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
-    result["cpu_ms"] = (cpu_seconds(WEB_PID[0]) - cpu_before) * 1000 / max(1, result["requests"])
+    result["cpu_ms"] = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, result["requests"])
+    calls, usec = script_usec(REDIS_URL[0])
+    result["script_calls"] = calls - calls_before
+    result["script_us"] = (usec - usec_before) / max(1, calls - calls_before)
     result["connections"] = connections
     return result
 
@@ -239,17 +275,19 @@ def main() -> int:
     problems: list[str] = []
     try:
         processes.start_redis()
+        REDIS_URL[0] = processes.redis_url
         key = django_setup(processes.redis_url)
-        processes.start_web()
-        url = processes.url
+        processes.start_web("service")
+        processes.start_web("baseline")
+        url = WEB_URL["service"]
         print(f"bench: server cores {SERVER_CPUS}, load generator and redis cores {CLIENT_CPUS}, {SECONDS}s a run")
         print(f"bench: load average before {load()}")
         for scenario in SCENARIOS:  # warm every worker: config snapshot, hydration, connections
-            wrk(url, scenario, key, connections=16, seconds=2)
+            wrk(scenario, key, connections=16, seconds=2)
         for scenario in SCENARIOS:
             for connections in CONCURRENCIES:
                 before = value(url, scenario.counter) if scenario.counter else 0
-                run = wrk(url, scenario, key, connections=connections, seconds=SECONDS)
+                run = wrk(scenario, key, connections=connections, seconds=SECONDS)
                 if scenario.counter:
                     check_window(scenario, before, value(url, scenario.counter), run, problems)
                 scenario.runs[connections] = run
@@ -258,10 +296,10 @@ def main() -> int:
             # Each connection waits FIXED_RATE_DELAY_MS after an answer: calibrate the number of
             # connections on a short run, since the answer's own latency slows each connection.
             connections = max(1, round(target * FIXED_RATE_DELAY_MS / 1000))
-            trial = wrk(url, scenario, key, connections=connections, seconds=3, delay_ms=FIXED_RATE_DELAY_MS)
+            trial = wrk(scenario, key, connections=connections, seconds=3, delay_ms=FIXED_RATE_DELAY_MS)
             connections = max(1, round(connections * target / max(1.0, trial["rps"])))
             before = value(url, scenario.counter) if scenario.counter else 0
-            run = wrk(url, scenario, key, connections=connections, seconds=SECONDS, delay_ms=FIXED_RATE_DELAY_MS)
+            run = wrk(scenario, key, connections=connections, seconds=SECONDS, delay_ms=FIXED_RATE_DELAY_MS)
             if scenario.counter:
                 check_window(scenario, before, value(url, scenario.counter), run, problems)
             run["share"] = run["rps"] / peak["rps"]
@@ -314,6 +352,7 @@ def print_table() -> None:
     by_name = {s.name: s for s in SCENARIOS}
     head = f"{'endpoint':34} {'peak req/s':>10} {'x base':>6} {'c16 req/s':>9} {'p50':>6} {'p99':>6}"
     head += f" {'c400 p99':>8} | {'70% rate':>8} {'p50':>6} {'p99':>6} | {'CPU ms':>6} {'/core/s':>7}"
+    head += f" | {'script us':>9} {'calls/req':>9}"
     print()
     print(head + "   (latencies in ms)")
     print("-" * len(head))
@@ -326,12 +365,15 @@ def print_table() -> None:
         line = f"{scenario.label:34} {peak['rps']:>10.0f} {ratio:>6} {c16['rps']:>9.0f} {ms(c16['p50_us']):>6}"
         line += f" {ms(c16['p99_us']):>6} {ms(c400['p99_us']):>8} | {fixed['rps']:>8.0f} {ms(fixed['p50_us']):>6}"
         line += f" {ms(fixed['p99_us']):>6} | {peak['cpu_ms']:>6.2f} {1000 / peak['cpu_ms']:>7.0f}"
+        per_request = peak["script_calls"] / max(1, peak["requests"])
+        line += f" | {peak['script_us']:>9.1f} {per_request:>9.2f}" if peak["script_calls"] else f" | {'-':>9} {'-':>9}"
         print(line)
     if "batch" in by_name:
         best = max(r["rps"] for c, r in by_name["batch"].runs.items() if c != "fixed")
         print(f"\nbatch updates: {best * BATCH_SIZE:.0f} counter updates/s at {best:.0f} requests/s of {BATCH_SIZE}")
     print("x base: against the baseline's peak (GET 10 against GET one, keyed increment against increment)")
     print("CPU ms: gunicorn CPU per request at peak; /core/s: requests one fully busy core serves at that cost")
+    print("script us: Redis CPU per script call (EVALSHA) at peak (INFO commandstats); calls/req: calls per request")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ class Services:
         subprocess.run(
             [str(BIN / "python"), "manage.py", "setup_schedules"], cwd=ROOT, env=env, check=True, stdout=self.log
         )
-        web = ["counterproject.wsgi", "-c", config, "--bind", f"127.0.0.1:{self.port}"]
+        web = ["counterproject.asgi", "-c", config, "--bind", f"127.0.0.1:{self.port}"]
         worker = ["worker", "--loglevel=WARNING", f"--concurrency={worker_concurrency}"]
         beat = [str(BIN / "celery"), "-A", "counterproject", "beat", "--loglevel=WARNING", "--scheduler", SCHEDULER]
         commands = {

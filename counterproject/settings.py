@@ -175,6 +175,9 @@ COUNTER_DELETED_KEYS_GRACE_SECONDS = env.float("COUNTER_DELETED_KEYS_GRACE_SECON
 COUNTER_METADATA_MAX_BYTES = env.int("COUNTER_METADATA_MAX_BYTES", default=4096)
 # An Idempotency-Key is remembered this long after the write that first used it (docs/idempotency.md).
 COUNTER_IDEMPOTENCY_KEY_SECONDS = env.int("COUNTER_IDEMPOTENCY_KEY_SECONDS", default=24 * 3600)
+# The largest request body the web process reads (413 above it): a batch of 1,000 updates with
+# the largest metadata each is about 4.2 MB.
+COUNTER_MAX_BODY_BYTES = env.int("COUNTER_MAX_BODY_BYTES", default=8 * 1024 * 1024)
 # How often the live board (/board/) asks for new values.
 BOARD_POLL_MILLISECONDS = env.int("BOARD_POLL_MILLISECONDS", default=1000)
 # Player tokens (Authorization: Player <token>) expire after this many seconds.

@@ -93,3 +93,9 @@ class OutcomeUnknown(CounterError):
 
 class InternalError(CounterError):
     pass
+
+
+class RequestTooLarge(CounterError):
+    code = 4001
+    status = 413
+    default_message = _("The request body is too large.")

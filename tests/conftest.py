@@ -1,3 +1,5 @@
+import os
+import secrets
 from functools import partial
 
 import pytest
@@ -5,7 +7,7 @@ import redis
 import time_machine
 from django.conf import settings
 
-from counters import config
+from counters import config, keyspace
 from counters.builtins import ensure_builtins
 from counters.config import CounterConfig
 from counters.models import ApiKey, App, Counter
@@ -36,7 +38,12 @@ def midday(test_clock):
 @pytest.fixture(autouse=True)
 def clean_store():
     """Every test starts with an empty Redis database of its own and a closed circuit."""
-    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    store = redis.Redis.from_url(settings.REDIS_URL)
+    store.flushdb()
+    if CONTRACT_RUN:
+        # A generation the server has never seen: after a flush, counting up from nothing again
+        # would repeat the previous test's numbers and the server would keep its old snapshot.
+        store.set(keyspace.CONFIG_GENERATION_KEY, secrets.randbits(48))
     breaker.reset()
     config.cache.invalidate()
     yield
@@ -104,3 +111,36 @@ def private_redis():
     server = PrivateRedis()
     yield server
     server.close()
+
+
+# The contract run: COUNTER_CONTRACT_SERVER=1 sends every ``client`` request of the suites it runs
+# to a real server (gunicorn + uvicorn workers, the production config) instead of Django's test
+# client; the data the server must see is committed (transactional tests).
+CONTRACT_RUN = os.environ.get("COUNTER_CONTRACT_SERVER") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not CONTRACT_RUN:
+        return
+    in_process = pytest.mark.skip(reason="needs the service in the test's own process")
+    for item in items:
+        if item.get_closest_marker("in_process"):
+            item.add_marker(in_process)
+        item.add_marker(pytest.mark.django_db(transaction=True), append=False)
+
+
+if CONTRACT_RUN:
+
+    @pytest.fixture(scope="session")
+    def contract_server(django_db_setup, django_db_blocker):
+        from .processes import Gunicorn
+
+        web = Gunicorn(workers=2)
+        yield web
+        web.stop()
+
+    @pytest.fixture
+    def client(contract_server):
+        from .http import ServerClient
+
+        return ServerClient(contract_server.url)

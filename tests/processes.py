@@ -70,13 +70,18 @@ def children(pid: int) -> list[int]:
 
 def accepts_on(pid: int, port: int) -> bool:
     """Whether process ``pid`` still waits for new connections on the loopback socket listening on ``port``:
-    its epoll set (``/proc/<pid>/fdinfo``) watches that socket. gunicorn's gthread worker drops it from
-    the set when it stops accepting (SIGTERM)."""
+    its epoll set (``/proc/<pid>/fdinfo``) watches that socket. On SIGTERM the uvicorn worker closes the
+    socket (with the arbiter's copy closed too, nothing listens on the port any more): it accepts nothing."""
     inode = next(
-        fields[9]
-        for fields in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
-        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port
+        (
+            fields[9]
+            for fields in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+            if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port
+        ),
+        None,
     )
+    if inode is None:
+        return False
     targets = {}
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(OSError):
@@ -122,7 +127,7 @@ class Gunicorn:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="gunicorn-", suffix=".log", delete=False)  # noqa: SIM115
-        args = [str(BIN / "gunicorn"), "counterproject.wsgi", "-c", str(ROOT / "gunicorn.conf.py")]
+        args = [str(BIN / "gunicorn"), "counterproject.asgi", "-c", str(ROOT / "gunicorn.conf.py")]
         args += ["--bind", f"127.0.0.1:{self.port}", "--workers", str(workers), *extra_args]
         self.process = subprocess.Popen(
             args, cwd=ROOT, env=service_env(**(env or {})), stdout=self.log, stderr=self.log

@@ -231,7 +231,7 @@ def test_global_counters_need_global_admin_to_write(client, game, builtins):
 def test_an_internal_error_is_5001_without_details(client, game):
     # A broken configuration row (written around the model's validation) makes the service fail.
     Counter.objects.filter(name="daily_login").update(time_zone="Mars/Olympus_Mons")
-    config.cache.invalidate()
+    config.bump_generation()
     body = error(call(client, "increaseCounter", target("daily_login", "daily"), game["write"]), 500, 5001)
     assert "Mars" not in body["msg"] and "Error" not in body["msg"]
 
@@ -317,6 +317,7 @@ def test_user_counters_are_independent_and_a_player_token_reads_only_its_own(cli
     assert value_of(client, "energy_points", "user", game["write"], playerId="p1") == 3
 
 
+@pytest.mark.in_process  # moves the clock of this process
 def test_a_player_token_expires(client, game, settings):
     with time_machine.travel("2024-03-01 12:00:00+00:00", tick=False) as traveller:
         r = client.post(
@@ -406,6 +407,7 @@ def test_error_messages_are_translated(client, game):
     assert body["code"] == 4003 and "API" in body["msg"] and "需要" in body["msg"]
 
 
+@pytest.mark.in_process  # moves the clock of this process
 def test_the_operation_log_keeps_its_retention(client, game, settings):
     settings.COUNTER_OPERATION_LOG_RETENTION_DAYS = 30
     for day in ["2024-01-01", "2024-01-20", "2024-02-15"]:

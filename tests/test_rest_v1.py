@@ -34,6 +34,7 @@ def test_increment_decrement_and_read_have_the_spec_shapes(client, writer):
 
 
 @pytest.mark.django_db
+@pytest.mark.in_process  # moves the clock of this process
 def test_periodic_counter_says_when_it_resets(client, builtins):
     from counters.models import App, Counter
 

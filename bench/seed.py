@@ -1,0 +1,171 @@
+"""make bench-seed: the seed's acceptance command as written, against the production configuration.
+
+``wrk -t12 -c400 -d30s --latency`` POSTs increments (with a key, bench/seed.lua) to the service
+started as ``make run`` starts it (honcho with the Procfile: gunicorn on every core, the Celery
+worker and beat), then, in the same run and under the same server configuration, to the
+**reference**: a raw ASGI handler of a few lines (bench/reference.py) that does one INCRBY through
+the same coalescing, with no validation, auth or Lua, the Python ceiling of the machine. Then
+exactness: hey sends exactly 5,000 increments; the value must grow by exactly the 200s seen, and
+PostgreSQL (written by the worker's flush) must equal the API.
+
+Environment: ``BENCH_DATABASE_URL`` (default as bench/run.py), ``SEED_DURATION`` (default 30s),
+``SEED_ARGS`` to change wrk's arguments.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.run import DATABASE_URL, Processes, django_setup, ensure_database, load  # noqa: E402
+from bench.run import value as settled_value  # noqa: E402
+from tests.processes import free_port, wait_until  # noqa: E402
+
+BIN = Path(sys.executable).parent
+WRK_ARGS = os.environ.get("SEED_ARGS", f"-t12 -c400 -d{os.environ.get('SEED_DURATION', '30s')} --latency").split()
+INCREMENT = "/api/v1/counter/online_players/increment"
+
+
+def wrk(url: str, key: str) -> dict:
+    args = ["wrk", *WRK_ARGS, "-s", str(ROOT / "bench" / "seed.lua"), url]
+    out = subprocess.run(args, env=dict(os.environ, SEED_KEY=key), capture_output=True, text=True, check=True).stdout
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.MULTILINE))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": latency.get("50", "?"),
+        "p99": latency.get("99", "?"),
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else "none",
+    }
+
+
+def hey_increments(url: str, key: str, count: int) -> dict[int, int]:
+    args = ["hey", "-n", str(count), "-c", "50", "-m", "POST", "-H", f"Authorization: Bearer {key}"]
+    args += ["-T", "application/json", "-d", '{"value":1}', url + INCREMENT]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600, check=True).stdout
+    return {int(code): int(n) for code, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
+
+
+def value(url: str) -> int:
+    """The value once the server has drained what wrk left queued when it stopped (its timeouts)."""
+    return settled_value(url, "online_players")
+
+
+class Service:
+    """``make run``'s processes (honcho, the Procfile) on a free port, with the bench database and Redis."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-seed-", suffix=".log", delete=False)  # noqa: SIM115
+        env = dict(os.environ, DATABASE_URL=DATABASE_URL, REDIS_URL=redis_url, PORT=str(self.port))
+        env.update(CELERY_BROKER_URL=redis_url[:-1] + "1", PATH=f"{BIN}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [str(BIN / "honcho"), "start", "-f", "Procfile"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,
+        )
+        wait_until(lambda: requests.get(f"{self.url}/healthz", timeout=1).ok, timeout=60, what="make run's web")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+class Reference:
+    """bench/reference.py under the same gunicorn.conf.py."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, DATABASE_URL=DATABASE_URL, REDIS_URL=redis_url, PYTHONPATH=str(ROOT))
+        args = [str(BIN / "gunicorn"), "bench.reference:application", "-c", str(ROOT / "gunicorn.conf.py")]
+        args += ["--bind", f"127.0.0.1:{self.port}"]
+        self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: requests.post(self.url, timeout=1).ok, timeout=60, what="the reference")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def main() -> int:
+    for tool in ("wrk", "hey", "redis-server"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench-seed: {tool} is missing (make bench-seed installs wrk and hey)")
+    ensure_database(DATABASE_URL)
+    stores = Processes()  # only its private redis-server is used here
+    problems = []
+    try:
+        stores.start_redis()
+        key = django_setup(stores.redis_url)
+        from django.core.management import call_command
+
+        call_command("setup_schedules", verbosity=0)  # as make run does: beat schedules the flush
+        print(f"bench-seed: wrk {' '.join(WRK_ARGS)}; load average before {load()}", flush=True)
+        service = Service(stores.redis_url)
+        try:
+            for _ in range(2):  # warm every worker (config snapshot, hydration, connections)
+                hey_increments(service.url, key, 200)
+            seed = wrk(service.url + INCREMENT, key)
+            print(f"bench-seed: service done, load {load()}", flush=True)
+            before = value(service.url)
+            statuses = hey_increments(service.url, key, 5000)
+            applied = value(service.url) - before
+            if applied != statuses.get(200, 0) or set(statuses) != {200}:
+                problems.append(f"hey: {statuses}, applied {applied}")
+            from counters.models import CounterValue
+
+            def flushed() -> bool:
+                row = CounterValue.objects.filter(counter__app__slug="default", counter__name="online_players").first()
+                return row is not None and row.value == value(service.url)
+
+            try:
+                wait_until(flushed, timeout=30, interval=0.5, what="the worker's flush")
+            except AssertionError:
+                problems.append("PostgreSQL != API 30 s after the last increment")
+        finally:
+            service.stop()
+        reference_server = Reference(stores.redis_url)
+        try:
+            requests.post(reference_server.url, timeout=5)
+            reference = wrk(reference_server.url, key)
+        finally:
+            reference_server.stop()
+        print(f"bench-seed: load average after {load()}")
+    finally:
+        stores.stop()
+
+    print()
+    print(f"{'':28} {'req/s':>9} {'P50':>9} {'P99':>9} {'non-2xx':>8}  socket errors")
+    for label, run in (("service (make run)", seed), ("reference (raw, coalesced)", reference)):
+        print(
+            f"{label:28} {run['rps']:>9.0f} {run['p50']:>9} {run['p99']:>9} {run['non2xx']:>8}  {run['socket_errors']}"
+        )
+    print(f"service / reference: {seed['rps'] / reference['rps']:.2f}")
+    print(
+        "exactness: "
+        + ("OK (hey's 200s == applied; PostgreSQL == API)" if not problems else "FAILED: " + "; ".join(problems))
+    )
+    return 1 if problems or seed["non2xx"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The gunicorn worker of the web process: uvicorn (uvloop + httptools) serving ``counterproject.asgi``.
+
+gunicorn stays the process manager (worker count, SIGTERM, max_requests recycling); this class maps
+the rest of ``gunicorn.conf.py`` onto uvicorn: the graceful timeout bounds how long requests in
+flight may finish after SIGTERM, ``worker_connections`` bounds the connections a worker holds, and
+the access log keeps gunicorn's ``access_log_format`` (uvicorn's own access log is off).
+"""
+
+import time
+from datetime import timedelta
+
+from uvicorn_worker import UvicornWorker
+
+
+class CounterWorker(UvicornWorker):
+    CONFIG_KWARGS = {"loop": "uvloop", "http": "httptools", "access_log": False}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.timeout_graceful_shutdown = self.cfg.graceful_timeout
+        self.config.limit_concurrency = self.cfg.worker_connections
+
+    async def _serve(self) -> None:
+        if self.log.access_log_enabled:
+            self.wsgi = AccessLog(self.wsgi, self.log)
+        await super()._serve()
+
+
+class _Reply:
+    """What gunicorn's access-log atoms read from a response."""
+
+    __slots__ = ("headers", "sent", "status")
+
+    def __init__(self) -> None:
+        self.status, self.sent, self.headers = 500, 0, []
+
+
+class AccessLog:
+    """One gunicorn access-log line per HTTP request, in the configured ``access_log_format``."""
+
+    def __init__(self, app, log) -> None:
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        reply = _Reply()
+
+        async def logged_send(message) -> None:
+            if message["type"] == "http.response.start":
+                reply.status = message["status"]
+                reply.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", ())]
+            elif message["type"] == "http.response.body":
+                reply.sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            headers = [(k.decode("latin-1").upper(), v.decode("latin-1")) for k, v in scope["headers"]]
+            self.log.access(reply, headers, _environ(scope), timedelta(seconds=time.perf_counter() - started))
+
+
+def _environ(scope) -> dict:
+    query = scope["query_string"].decode("latin-1")
+    raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    environ = {
+        "REQUEST_METHOD": scope["method"],
+        "RAW_URI": raw_path + (f"?{query}" if query else ""),
+        "PATH_INFO": scope["path"],
+        "QUERY_STRING": query,
+        "SERVER_PROTOCOL": f"HTTP/{scope['http_version']}",
+        "REMOTE_ADDR": (scope.get("client") or ("-",))[0],
+    }
+    for name, value in scope["headers"]:
+        environ["HTTP_" + name.decode("latin-1").upper().replace("-", "_")] = value.decode("latin-1")
+    return environ

@@ -1,0 +1,319 @@
+"""The hot endpoints, answered as the DRF views answer them (``counters.apis``, ``counters.functions``).
+
+Each handler runs the view's own helpers in the view's order (key, app, name, counter, permission,
+body), awaits Redis and PostgreSQL through ``fastlane.services``, and renders through the one error
+path. Requests the lane does not own (other methods, other hosts, other paths) never reach here.
+"""
+
+import contextlib
+import re
+
+import orjson
+from django.urls import Resolver404, resolve
+from django.utils import translation
+
+from metrics.middleware import UNMATCHED
+from metrics.recorders import Stopwatch, request_record, surface_of
+
+from .. import apis, auth, clock, functions, selectors
+from ..api_errors import error_response
+from ..config import pinned
+from ..errors import AuthenticationRequired, CounterError, Forbidden, InvalidParameter, RuleViolation
+from ..idempotency import META_HEADER, REPLAYED_HEADERS, idempotency_parse, request_idempotency
+from ..permissions import Role, check_read, check_write
+from ..rendering import request_json
+from ..serializers import batch_updates_parse, update_input_parse
+from ..services import UpdateRequest
+from . import services as lane
+from .http import LaneRequest, log_error_reply, send_json
+from .snapshot import current_snapshot
+
+DEGRADED = [(b"x-counter-source", b"database")]
+# DRF adds the view's allowed methods to every reply of a function view (APIView.default_response_headers).
+FUNCTION_HEADERS = [(b"allow", b"POST, OPTIONS")]
+REPLAYED = [(k.lower().encode(), v.encode()) for k, v in REPLAYED_HEADERS.items()]
+
+
+def _body(data) -> bytes:
+    return orjson.dumps(data)
+
+
+# --- REST v1 ----------------------------------------------------------------------------------
+
+
+async def rest_read(request: LaneRequest, name: str):
+    key = auth.request_key(request)
+    counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=auth.checked_name(name))
+    check_read(key, counter)
+    user_id = apis.checked_user_id(request.GET.get("user_id"))
+    subject = user_id if counter.is_user_scoped else ""
+    view = await lane.counter_value_get(counter=counter, subject=subject)
+    return _read_reply(apis.value_body(view), [view])
+
+
+def _read_reply(body: dict, views: list):
+    if any(view.degraded for view in views):
+        return 200, _body({**body, "degraded": True}), DEGRADED
+    return 200, _body(body), []
+
+
+async def _rest_update(request: LaneRequest, name: str, sign: int):
+    key = auth.request_key(request)
+    checked = auth.checked_name(name)
+    counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=auth.checked_name(checked))
+    check_write(key, counter)
+    value, user_id, metadata = update_input_parse(request_json(request))
+    idempotency = request_idempotency(
+        request, app_id=key.app_id, parts=apis.update_fingerprint_parts(counter, sign * value, user_id, metadata)
+    )
+    result = await lane.counter_update(
+        counter=counter,
+        amount=sign * value,
+        subject=user_id if counter.is_user_scoped else "",
+        user_id=user_id,
+        actor=key.prefix,
+        metadata=metadata,
+        idempotency=idempotency,
+    )
+    return 200, b'{"success":true,"current_value":%d}' % result.new_value, REPLAYED if result.replayed else []
+
+
+async def rest_increment(request: LaneRequest, name: str):
+    return await _rest_update(request, name, 1)
+
+
+async def rest_decrement(request: LaneRequest, name: str):
+    return await _rest_update(request, name, -1)
+
+
+async def rest_read_many(request: LaneRequest):
+    key = auth.request_key(request)
+    app_id = auth.request_app_id(request, key)
+    names = [auth.checked_name(n) for n in selectors.parse_names(request.GET.get("names", ""))]
+    counters = [selectors.counter_get(app_id=app_id, name=n) for n in names]
+    for counter in counters:
+        check_read(key, counter)
+        if counter.is_user_scoped:
+            raise RuleViolation(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
+    views = await lane.counter_values_get(items=[(c, "") for c in counters])
+    return _read_reply({"counters": [{"name": v.counter.name, "value": v.value} for v in views]}, views)
+
+
+async def rest_batch_update(request: LaneRequest):
+    key = auth.request_key(request)
+    if key is None:
+        raise AuthenticationRequired()
+    if META_HEADER in request.META:
+        raise InvalidParameter('A batch takes an idempotency key per item (its "id"), not the Idempotency-Key header.')
+    app_id = auth.request_app_id(request, key)
+    items = batch_updates_parse(request_json(request))
+    counters = {}
+    updates = []
+    for index, item in enumerate(items):
+        counter = counters.get(item.name)
+        if counter is None:
+            try:
+                counter = counters[item.name] = selectors.counter_get(app_id=app_id, name=item.name)
+                check_write(key, counter)
+            except CounterError as exc:
+                raise type(exc)(f"updates[{index}]: {exc.message}") from exc
+        subject = item.user_id if counter.is_user_scoped else ""
+        parts = apis.update_fingerprint_parts(counter, item.amount, item.user_id, item.metadata)
+        idempotency = idempotency_parse(item.id, app_id=key.app_id, parts=parts, field=f"updates[{index}].id")
+        updates.append(UpdateRequest(counter, item.amount, subject, item.user_id, item.metadata, idempotency))
+    results = await lane.counter_update_many(updates=updates, actor=key.prefix)
+    bodies = [apis.batch_result_body(u.counter.name, r) for u, r in zip(updates, results, strict=True)]
+    replayed = all(apis._replayed(r) for r in results)
+    return 200, _body({"success": True, "results": bodies}), REPLAYED if replayed else []
+
+
+# --- cloud functions --------------------------------------------------------------------------
+
+
+async def _function(request: LaneRequest, view: type[functions.FunctionView], call):
+    """``FunctionView.post``: parse with the view's serializer, resolve the caller and app, call."""
+    data = view.input_serializer(data=request_json(request))
+    data.is_valid(raise_exception=True)
+    caller = auth.request_caller(request)
+    values = data.validated_data
+    app_id = functions.caller_app_id(caller, values["appId"])
+    if not view.keyed:
+        result = await call(caller, app_id, values)
+        body = {"code": 0, "msg": str(view.success_msg), "timestamp": clock.to_ms(clock.now()), "data": result}
+        return 200, _body(functions._times(body)), FUNCTION_HEADERS
+    request_id = values.pop("requestId", None)
+    parts = (view.__name__, dict(values))
+    idempotency = request_idempotency(request, app_id=app_id, parts=parts, body_key=request_id)
+    data, at, replayed = await call(caller, app_id, values, idempotency)
+    body = {"code": 0, "msg": str(view.success_msg), "timestamp": clock.to_ms(at), "data": data}
+    return 200, _body(functions._times(body)), FUNCTION_HEADERS + (REPLAYED if replayed else [])
+
+
+def _target(app_id: int, values: dict):
+    return selectors.counter_get_typed(app_id=app_id, counter_type=values["counterType"], name=values["counterId"])
+
+
+async def _get_counter(caller, app_id: int, values: dict) -> dict:
+    counter = _target(app_id, values)
+    player_id = values.get("playerId", "")
+    if caller.player is not None:
+        player_id = player_id or caller.player.player_id
+        own = counter.is_user_scoped and player_id == caller.player.player_id
+        if not (own or (counter.public and not counter.is_user_scoped)):
+            message = translation.gettext("A player token reads only that player's own values and public counters.")
+            raise Forbidden(message)
+    else:
+        check_read(caller.key, counter)
+    view = await lane.counter_value_get(counter=counter, subject=functions._subject(counter, player_id))
+    return {
+        "counterId": counter.name,
+        "counterType": selectors.counter_type_of(counter),
+        "counterName": counter.display_name or counter.name,
+        "currentValue": view.value,
+        "maxValue": counter.max_value,
+        "resetPeriod": counter.period,
+        "lastResetTime": view.last_reset,
+        "nextResetTime": view.window.end,
+        "updateTime": view.last_updated,
+        "metadata": {"description": counter.description, "unit": counter.unit},
+    }
+
+
+async def _increase_counter(caller, app_id: int, values: dict, idempotency):
+    counter = _target(app_id, values)
+    key = check_write(caller.require_key(), counter)
+    player_id = values.get("playerId", "")
+    result = await lane.counter_update(
+        counter=counter,
+        amount=values["increment"],
+        subject=functions._subject(counter, player_id),
+        user_id=player_id,
+        actor=key.prefix,
+        metadata=values.get("metadata"),
+        idempotency=idempotency,
+    )
+    marks = result.threshold_marks
+    if result.duplicate and counter.thresholds and not result.replayed:
+        marks = await lane.threshold_marks_get(counter=counter, subject=result.subject, window=result.window)
+    data = {
+        "counterId": counter.name,
+        "oldValue": result.old_value,
+        "newValue": result.new_value,
+        "increment": values["increment"],
+        "updateTime": result.updated_at,
+        "hitThreshold": bool(result.crossed),
+        "thresholds": [
+            {"value": t.value, "triggered": t.id in marks, "triggerTime": marks.get(t.id)} for t in counter.thresholds
+        ],
+    }
+    return data, result.updated_at, result.replayed
+
+
+async def _decrease_counter(caller, app_id: int, values: dict, idempotency):
+    counter = _target(app_id, values)
+    key = check_write(caller.require_key(), counter)
+    player_id = values.get("playerId", "")
+    result = await lane.counter_update(
+        counter=counter,
+        amount=-values["decrement"],
+        subject=functions._subject(counter, player_id),
+        user_id=player_id,
+        actor=key.prefix,
+        metadata=values.get("metadata"),
+        allow_negative=values["allowNegative"] and Role.COUNTER_MANAGE in key.roles,
+        idempotency=idempotency,
+    )
+    data = {
+        "counterId": counter.name,
+        "oldValue": result.old_value,
+        "newValue": result.new_value,
+        "decrement": values["decrement"],
+        "updateTime": result.updated_at,
+        "reachedMinimum": result.new_value <= counter.min_value,
+    }
+    return data, result.updated_at, result.replayed
+
+
+async def get_counter(request: LaneRequest):
+    return await _function(request, functions.GetCounterView, _get_counter)
+
+
+async def increase_counter(request: LaneRequest):
+    return await _function(request, functions.IncreaseCounterView, _increase_counter)
+
+
+async def decrease_counter(request: LaneRequest):
+    return await _function(request, functions.DecreaseCounterView, _decrease_counter)
+
+
+# --- routing and the one error path -----------------------------------------------------------
+
+_NAME = r"(?P<name>[^/]+)"
+# (method, path pattern) -> (handler, error shape); the same URLs as counterproject/urls.py.
+ROUTES = [
+    ("GET", re.compile(rf"/api/v1/counter/{_NAME}"), rest_read, "rest"),
+    ("POST", re.compile(rf"/api/v1/counter/{_NAME}/increment"), rest_increment, "rest"),
+    ("POST", re.compile(rf"/api/v1/counter/{_NAME}/decrement"), rest_decrement, "rest"),
+    ("GET", re.compile(r"/api/v1/counters"), rest_read_many, "rest"),
+    ("POST", re.compile(r"/api/v1/counters/batch"), rest_batch_update, "rest"),
+    ("POST", re.compile(r"/api/v1/functions/getCounter"), get_counter, "function"),
+    ("POST", re.compile(r"/api/v1/functions/increaseCounter"), increase_counter, "function"),
+    ("POST", re.compile(r"/api/v1/functions/decreaseCounter"), decrease_counter, "function"),
+]
+
+
+def route(method: str, path: str):
+    """``(handler, shape, path parameters)`` of a hot request, else None."""
+    if not path.startswith("/api/v1/"):
+        return None
+    for route_method, pattern, handler, shape in ROUTES:
+        if method == route_method:
+            match = pattern.fullmatch(path)
+            if match is not None:
+                return handler, shape, match.groupdict()
+    return None
+
+
+# The Django route name of each handler's requests (found once): the lane's requests are counted
+# under the labels Django would give them, so a dashboard does not depend on which server answered.
+_ENDPOINTS: dict = {}
+
+
+def _endpoint(handler, path: str) -> str:
+    name = _ENDPOINTS.get(handler)
+    if name is None:
+        try:
+            match = resolve(path)
+            name = match.url_name or match.view_name or UNMATCHED
+        except Resolver404:
+            name = UNMATCHED
+        _ENDPOINTS[handler] = name
+    return name
+
+
+async def serve(scope, body: bytes, send, handler, shape: str, params: dict) -> None:
+    watch = Stopwatch()
+    request = LaneRequest(scope, body)
+    language = translation.get_language_from_request(request) if shape == "function" else None
+    extra_on_error = FUNCTION_HEADERS if shape == "function" else []
+    with translation.override(language) if language else contextlib.nullcontext():
+        try:
+            token = pinned.set(await current_snapshot())
+            try:
+                status, payload, extra = await handler(request, **params)
+            finally:
+                pinned.reset(token)
+        except Exception as exc:
+            response = error_response(exc, shape)
+            status, payload = response.status_code, response.content
+            extra = [(k.lower().encode(), v.encode()) for k, v in response.items() if k.lower() != "content-type"]
+            extra += extra_on_error
+            log_error_reply(status, response.reason_phrase, request.path)
+    await send_json(send, status, payload, extra)
+    request_record(
+        surface=surface_of(scope["path"]),
+        endpoint=_endpoint(handler, scope["path"]),
+        method=scope["method"],
+        status=status,
+        seconds=watch.seconds,
+    )

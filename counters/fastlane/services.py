@@ -1,0 +1,211 @@
+"""The updates and reads of ``counters.services`` / ``counters.selectors``, awaiting Redis through the
+coalesced round trip and running every PostgreSQL step on the pool.
+
+Each function follows its blocking twin step for step and reuses its checks, its script arguments
+and its reading of the script's reply (``_prepare_update`` / ``_update_result``): only the waits
+differ.
+"""
+
+import asyncio
+from collections import defaultdict
+
+from django.conf import settings
+
+from .. import clock, keyspace, periods, selectors, services, values, write_through
+from ..config import CounterConfig
+from ..errors import CounterError, IdempotencyConflict, OutOfLimits
+from ..redis_store import StoreUnavailable
+from .offload import offload
+from .store import lane_store
+
+
+async def _reconcile_if_due() -> None:
+    if write_through._reconcile_due.is_set():
+        await offload(write_through.store_reconcile_if_due)
+
+
+async def _run_update(prepared: services._PreparedUpdate) -> list:
+    store = lane_store()
+    keys, args = services.update_call(prepared)
+    for _ in range(3):
+        result = await store.script("update", keys, args)
+        if result[0] != b"HYDRATE":
+            return result
+        counter, subject, window = prepared.counter, prepared.subject, prepared.window
+        await offload(values.value_hydrate, counter=counter, subject=subject, window=window)
+    raise StoreUnavailable("value could not be hydrated")
+
+
+async def counter_update(
+    *,
+    counter: CounterConfig,
+    amount: int,
+    subject: str = "",
+    user_id: str = "",
+    actor: str = "",
+    metadata: dict | None = None,
+    allow_negative: bool = False,
+    idempotency=None,
+) -> values.UpdateResult:
+    """``services.counter_update``: one script call, in the worker's shared round trip."""
+    now = clock.now()
+    prepared = services._prepare_update(
+        counter=counter,
+        amount=amount,
+        subject=subject,
+        user_id=user_id,
+        actor=actor,
+        metadata=metadata,
+        allow_negative=allow_negative,
+        now=now,
+        idempotency=idempotency,
+    )
+    try:
+        await _reconcile_if_due()
+        result = await _run_update(prepared)
+    except StoreUnavailable as exc:
+        # A key is recorded in Redis only: a keyed write is refused rather than written through.
+        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied or idempotency:
+            raise
+        write_through.store_reconcile_mark_due()
+        return await offload(
+            write_through.counter_update_write_through,
+            counter=counter,
+            amount=amount,
+            subject=subject,
+            member=prepared.member,
+            window=prepared.window,
+            now=now,
+            bounds=(prepared.low, prepared.high),
+            log=prepared.log,
+        )
+    return services._update_result(prepared, result, now)
+
+
+async def _run_update_many(prepared: list) -> list[list]:
+    """``services._run_update_pipeline``: one ``update_many`` call per counter (one hash slot)."""
+    store = lane_store()
+    results: list = [None] * len(prepared)
+    todo = list(range(len(prepared)))
+    for _ in range(3):
+        groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+        for i in todo:
+            groups[(prepared[i].counter.id, prepared[i].window.key)].append(i)
+        calls = []
+        for group in groups.values():
+            keys, args = services.update_many_call([prepared[i] for i in group])
+            calls.append(store.script("update_many", keys, args))
+        retry, cold = [], {}
+        for group, replies in zip(groups.values(), await asyncio.gather(*calls), strict=True):
+            for i, reply in zip(group, replies, strict=True):
+                if reply[0] == b"HYDRATE":
+                    retry.append(i)
+                    cold[prepared[i].keys[0]] = prepared[i]
+                else:
+                    results[i] = reply
+        if not retry:
+            return results
+        for item in cold.values():
+            await offload(values.value_hydrate, counter=item.counter, subject=item.subject, window=item.window)
+        todo = sorted(retry)
+    raise StoreUnavailable("values could not be hydrated")
+
+
+async def counter_update_many(
+    *, updates: list[services.UpdateRequest], actor: str = "", allow_negative: bool = False
+) -> list:
+    """``services.counter_update_many``: every item checked first, then one script call per counter."""
+    now = clock.now()
+    prepared = []
+    windows: dict[int, periods.PeriodWindow] = {}
+    # Game servers send the same update many times in a batch (50 x "a game was played"): the
+    # checks and script arguments depend only on the item and the request's time, so an item
+    # equal to an earlier one (without metadata) reuses its preparation.
+    seen: dict[tuple, services._PreparedUpdate] = {}
+    for index, update in enumerate(updates):
+        counter = update.counter
+        plain = update.metadata is None and update.idempotency is None
+        same = (counter.id, update.amount, update.subject, update.user_id) if plain else None
+        earlier = seen.get(same) if same is not None else None
+        if earlier is not None:
+            prepared.append(earlier)
+            continue
+        if counter.id not in windows:
+            windows[counter.id] = periods.window_at(counter.period, counter.time_zone, now)
+        try:
+            item = services._prepare_update(
+                counter=counter,
+                amount=update.amount,
+                subject=update.subject,
+                user_id=update.user_id,
+                actor=actor,
+                metadata=update.metadata,
+                allow_negative=allow_negative,
+                now=now,
+                window=windows[counter.id],
+                idempotency=update.idempotency,
+            )
+        except CounterError as exc:
+            raise type(exc)(f"updates[{index}]: {exc.message}") from exc
+        prepared.append(item)
+        if same is not None:
+            seen[same] = item
+    await _reconcile_if_due()
+    results = []
+    for item, reply in zip(prepared, await _run_update_many(prepared), strict=True):
+        try:
+            results.append(services._update_result(item, reply, now))
+        except (OutOfLimits, IdempotencyConflict) as exc:
+            results.append(exc)
+    return results
+
+
+async def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[selectors.ValueView]:
+    """``selectors.counter_values_get``: one HMGET per value in the shared round trip; PostgreSQL off the loop."""
+    for counter, subject in items:
+        values.counter_check_subject(counter=counter, subject=subject)
+    now = clock.now()
+    # Counters of one period and time zone share their window (most of a 10-name read).
+    by_zone: dict[tuple[str, str], periods.PeriodWindow] = {}
+    windows = []
+    for counter, _ in items:
+        zone = (counter.period, counter.time_zone)
+        window = by_zone.get(zone)
+        if window is None:
+            window = by_zone[zone] = periods.window_at(counter.period, counter.time_zone, now)
+        windows.append(window)
+    try:
+        await _reconcile_if_due()
+        return await _values_from_store(items, windows)
+    except StoreUnavailable:
+        return await offload(selectors.counter_values_from_database, items=items, windows=windows)
+
+
+async def _values_from_store(items, windows) -> list[selectors.ValueView]:
+    store = lane_store()
+    keys = [keyspace.value_key(c.id, w.key, s) for (c, s), w in zip(items, windows, strict=True)]
+    fields = ("v", "upd", keyspace.LAST_RESET_FIELD)
+    replies = await asyncio.gather(*(store.command("HMGET", key, *fields) for key in keys))
+    views = []
+    for (counter, subject), window, key, raw in zip(items, windows, keys, replies, strict=True):
+        if raw[0] is None:
+            await offload(values.value_hydrate, counter=counter, subject=subject, window=window)
+            raw = await store.command("HMGET", key, *fields)
+        views.append(selectors._to_view(counter, subject, window, raw))
+    return views
+
+
+async def counter_value_get(*, counter: CounterConfig, subject: str = "") -> selectors.ValueView:
+    return (await counter_values_get(items=[(counter, subject)]))[0]
+
+
+async def threshold_marks_get(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow) -> dict:
+    raw = await lane_store().command("HGETALL", keyspace.threshold_marks_key(counter.id, window.key, subject))
+    return {int(k): clock.from_ms(int(v)) for k, v in _pairs(raw)}
+
+
+def _pairs(raw):
+    # HGETALL through a raw pipeline command comes back as a dict (redis-py's reply callback) or a flat list.
+    if isinstance(raw, dict):
+        return raw.items()
+    return zip(raw[::2], raw[1::2], strict=True)

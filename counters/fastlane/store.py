@@ -1,0 +1,191 @@
+"""Redis for the fast lane: every command issued during one turn of the event loop goes out as one
+pipelined round trip (not a transaction: each script stays atomic on its own).
+
+The circuit breaker is the one of ``counters.redis_store`` (shared with the threads of the same
+process): an open breaker fails a call at once; a connection error or timeout fails every call of
+that round trip with ``StoreUnavailable`` and counts one failure per failed call, so the breaker
+opens after as many failed requests as on the threaded path, however they were coalesced. An
+error reply of one command (a script error, a wrong key type) fails only the request that made it.
+"""
+
+import asyncio
+import hashlib
+import select
+
+import hiredis
+import redis
+import redis.asyncio
+from django.conf import settings
+
+from metrics.recorders import redis_batch_record, redis_round_trip_record
+
+from .. import keyspace
+from ..redis_store import CONNECTION_ERRORS, StoreUnavailable, _failed_while_connecting, breaker
+
+# At most this many commands, and arguments, per round trip: a burst larger than that is split.
+# Redis answers a pipeline only once it has run all of it, so one huge round trip (many batch
+# updates of 100) would make every request in it wait for all of it, up to the socket timeout.
+MAX_PIPELINE = 512
+MAX_PIPELINE_ARGS = 8192
+
+SCRIPTS = {
+    "update": keyspace.UPDATE_SCRIPT,
+    "update_many": keyspace.UPDATE_MANY_SCRIPT,
+}
+_SHA = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
+
+
+class Coalescer:
+    """Commands queued by any number of requests, sent once per loop turn, each reply to its caller."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self._queue: list[tuple[tuple, asyncio.Future]] = []
+        self._scheduled = False
+        self._sending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+        # Observability for the tests and benchmarks: how many round trips carried how many commands.
+        self.round_trips = 0
+        self.commands = 0
+
+    def call(self, *command) -> asyncio.Future:
+        breaker.before_call()
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        queue, self._queue = self._queue, []
+        batch: list[tuple[tuple, asyncio.Future]] = []
+        size = 0
+        for item in queue:
+            if batch and (len(batch) >= MAX_PIPELINE or size + len(item[0]) > MAX_PIPELINE_ARGS):
+                self._start(batch)
+                batch, size = [], 0
+            batch.append(item)
+            size += len(item[0])
+        self._start(batch)
+
+    def _start(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+        """Every command written at once (packed by hiredis), then each reply read and handed over in order.
+
+        redis-py's own pipeline packs arguments in Python, which cost more than the rest of an
+        increment's handling (bench/README.md); the replies are its parser's, unconverted. A reply
+        read before a connection failure still reaches its request: that command did run.
+        """
+        self.round_trips += 1
+        self.commands += len(batch)
+        redis_batch_record(size=len(batch))
+        pool = self.client.connection_pool
+        answered = 0
+        sent = False
+        try:
+            connection = await pool.get_connection()
+            try:
+                if _peer_closed(connection):
+                    # A pooled connection Redis closed (it died or restarted): nothing was sent on
+                    # it; connect afresh, a refusal is then a clean "not applied" failure.
+                    await connection.disconnect(nowait=True)
+                    await connection.connect()
+                packed = b"".join(hiredis.pack_command(command) for command, _ in batch)
+                await connection.send_packed_command(packed, check_health=False)
+                sent = True
+                for _, future in batch:
+                    try:
+                        reply = await connection.read_response()
+                    except redis.exceptions.ResponseError as exc:
+                        reply = exc
+                    answered += 1
+                    if future.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(connection)
+        except CONNECTION_ERRORS as exc:
+            # Only a failure once the commands were written leaves their outcome unknown (a 504);
+            # failing to connect or to write is a clean failure (write-through or a 503).
+            error = StoreUnavailable(str(exc), maybe_applied=sent and not _failed_while_connecting(exc))
+            redis_round_trip_record(ok=False)
+            for _, future in batch[answered:]:
+                breaker.record_failure()
+                if not future.done():
+                    future.set_exception(error)
+            return
+        except BaseException as exc:
+            for _, future in batch[answered:]:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        redis_round_trip_record(ok=True)
+        breaker.record_success()
+
+
+def _peer_closed(connection) -> bool:
+    """Whether the kernel already knows the other end closed this connection (or left bytes on it).
+
+    Asked of the socket itself: the stream's own end-of-file flag waits for the event loop to have
+    run the socket's callbacks, which a request handled in the same loop turn as the close precedes.
+    """
+    writer = getattr(connection, "_writer", None)
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    return bool(poller.poll(0))
+
+
+class LaneStore:
+    """One per event loop (a gunicorn worker has one): its connection pool and coalescer.
+
+    No retries on the connections: a script sent again after a timeout could apply twice.
+    """
+
+    def __init__(self) -> None:
+        pool = redis.asyncio.ConnectionPool.from_url(
+            settings.REDIS_URL,
+            socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
+            socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
+            max_connections=None,
+        )
+        self.client = redis.asyncio.Redis(connection_pool=pool)
+        self.coalescer = Coalescer(self.client)
+
+    def command(self, *command) -> asyncio.Future:
+        return self.coalescer.call(*command)
+
+    async def script(self, name: str, keys: list, args: list):
+        """EVALSHA of one of ``SCRIPTS``; loads it once if Redis does not know it (a restarted Redis)."""
+        command = ("EVALSHA", _SHA[name], len(keys), *keys, *args)
+        try:
+            return await self.command(*command)
+        except redis.exceptions.NoScriptError:
+            await self.command("SCRIPT", "LOAD", SCRIPTS[name])
+            return await self.command(*command)
+
+
+_stores: dict[int, LaneStore] = {}
+
+
+def lane_store() -> LaneStore:
+    """The store of the running event loop (created on first use, inside the worker process)."""
+    loop_id = id(asyncio.get_running_loop())
+    store = _stores.get(loop_id)
+    if store is None:
+        _stores.clear()
+        store = _stores[loop_id] = LaneStore()
+    return store

@@ -1,0 +1,221 @@
+"""The fast lane's shared round trips, one failure per request, the breaker, and requests that wait on
+PostgreSQL (hot or not) holding up nobody else."""
+
+import asyncio
+import contextlib
+import threading
+
+import psycopg
+import pytest
+import redis
+import requests
+from django.db import connections
+
+from counterproject.asgi import application
+from counters import keyspace
+from counters.fastlane import offload
+from counters.fastlane.store import MAX_PIPELINE, MAX_PIPELINE_ARGS, LaneStore, lane_store
+from counters.models import Counter
+from counters.redis_store import breaker
+
+from . import processes
+from .processes import Gunicorn, wait_until
+
+
+def test_the_calls_of_one_loop_turn_share_one_round_trip_and_each_gets_its_own_reply(store):
+    async def main():
+        lane = LaneStore()
+        replies = await asyncio.gather(*(lane.command("INCRBY", f"lane:k{i % 3}", 1) for i in range(99)))
+        return lane.coalescer.round_trips, replies
+
+    round_trips, replies = asyncio.run(main())
+    assert round_trips == 1
+    # In order, each key's own count: the k-th call on a key got k.
+    assert [replies[i] for i in range(0, 99, 3)] == list(range(1, 34))
+    assert store.get("lane:k2") == b"33"
+
+
+def test_a_round_trip_is_bounded(store):
+    async def main():
+        lane = LaneStore()
+        await asyncio.gather(*(lane.command("INCR", "lane:n") for _ in range(2 * MAX_PIPELINE + 1)))
+        return lane.coalescer.round_trips
+
+    assert asyncio.run(main()) == 3
+    assert store.get("lane:n") == str(2 * MAX_PIPELINE + 1).encode()
+
+    async def large():
+        lane = LaneStore()
+        arguments = [f"m{i}" for i in range(MAX_PIPELINE_ARGS // 4)]
+        await asyncio.gather(*(lane.command("SADD", f"lane:set{i}", *arguments) for i in range(6)))
+        return lane.coalescer.round_trips
+
+    # Six commands of a quarter of the argument bound each: two round trips, not one.
+    assert asyncio.run(large()) == 2
+
+
+def test_one_failed_call_fails_only_its_own_caller(store):
+    store.set("lane:string", "x")
+
+    async def main():
+        lane = LaneStore()
+        calls = [
+            lane.command("INCR", "lane:a"),
+            lane.command("HGET", "lane:string", "f"),
+            lane.command("INCR", "lane:a"),
+        ]
+        return lane.coalescer.round_trips, await asyncio.gather(*calls, return_exceptions=True), lane
+
+    _, (first, failed, third), lane = asyncio.run(main())
+    assert (first, third) == (1, 2)
+    assert isinstance(failed, redis.ResponseError) and "WRONGTYPE" in str(failed)
+    assert lane.coalescer.round_trips == 1
+
+
+# --- through the ASGI application, in this process ------------------------------------------
+
+
+@pytest.fixture
+def lane_threads():
+    """Close the database connections the fast lane's threads opened (the test database is dropped after)."""
+    yield
+    barrier = threading.Barrier(offload.THREADS)
+
+    def close() -> None:
+        barrier.wait(timeout=10)
+        connections.close_all()
+
+    for future in [offload._pool.submit(close) for _ in range(offload.THREADS)]:
+        future.result(timeout=30)
+
+
+async def _request(method: str, path: str, key: str, body: bytes = b"", query: bytes = b""):
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"authorization", f"Bearer {key}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 1),
+        "root_path": "",
+    }
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await application(scope, receive, send)
+    return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_script_call_fails_only_its_request_among_those_sharing_its_round_trip(
+    builtins, make_key, store, settings, lane_threads
+):
+    # No config generation check in between: the requests' only Redis calls are their scripts.
+    settings.COUNTER_CONFIG_CHECK_SECONDS = 60
+    key = make_key(("write",))
+    broken = Counter.objects.get(name="online_players")
+    # A value key of the wrong type makes the update script fail inside Redis for this counter only.
+    store.set(keyspace.value_key(broken.id, "", ""), "not a hash")
+
+    async def main():
+        # Warm up: config snapshot loaded, the other value hydrated.
+        await _request("POST", "/api/v1/counter/total_games_played/increment", key)
+        before = lane_store().coalescer.round_trips
+        calls = [_request("POST", "/api/v1/counter/total_games_played/increment", key) for _ in range(20)]
+        calls.insert(7, _request("POST", "/api/v1/counter/online_players/increment", key))
+        replies = await asyncio.gather(*calls)
+        return replies, lane_store().coalescer.round_trips - before
+
+    replies, round_trips = asyncio.run(main())
+    statuses = [status for status, _, _ in replies]
+    assert statuses[7] == 500 and b'"code":5001' in replies[7][2]
+    assert statuses[:7] + statuses[8:] == [200] * 20
+    assert round_trips == 1
+    assert sorted(int(body.split(b":")[-1][:-1]) for _, _, body in replies[:7] + replies[8:]) == list(range(2, 22))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_open_breaker_answers_503_at_once_without_a_round_trip(builtins, make_key, store, lane_threads):
+    key = make_key(("write",))
+
+    async def main():
+        await _request("POST", "/api/v1/counter/online_players/increment", key)
+        for _ in range(breaker.threshold):
+            breaker.record_failure()
+        before = lane_store().coalescer.round_trips
+        reply = await _request("POST", "/api/v1/counter/online_players/increment", key)
+        return reply, lane_store().coalescer.round_trips - before
+
+    (status, headers, body), round_trips = asyncio.run(main())
+    assert status == 503 and b'"code":5003' in body
+    assert headers[b"retry-after"] == b"5"
+    assert round_trips == 0
+    assert store.hget(keyspace.value_key(Counter.objects.get(name="online_players").id, "", ""), "v") == b"1"
+
+
+# --- through the real server: waiting on PostgreSQL holds up nobody else ---------------------
+
+
+@contextlib.contextmanager
+def tables_locked(*tables: str):
+    url = processes.test_database_url()
+    with psycopg.connect(url) as locker, psycopg.connect(url, autocommit=True) as watcher:
+        locker.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield watcher
+        finally:
+            locker.rollback()
+
+
+def waiting_on_locks(watcher) -> int:
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    return watcher.execute(sql).fetchone()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_requests_waiting_on_postgresql_hold_up_neither_hot_nor_other_requests(builtins, make_key):
+    key = make_key(("write", "data_view"))
+    bearer = {"Authorization": f"Bearer {key}"}
+    web = Gunicorn(workers=1)
+    slow: list[int] = []
+    try:
+        increment = f"{web.url}/api/v1/counter/online_players/increment"
+        assert requests.post(increment, json={}, headers=bearer, timeout=10).status_code == 200
+        with tables_locked("counters_countervalue", "counters_statbucket") as watcher:
+
+            def slow_get(path: str, headers: dict) -> None:
+                slow.append(requests.get(f"{web.url}{path}", headers=headers, timeout=60).status_code)
+
+            # Django (not on the lane): statistics read the locked tables. The lane: a value not in
+            # Redis yet is hydrated from the locked table, off the event loop.
+            waiting = [("/api/v1/stats", bearer)] * 3 + [("/api/v1/counter/total_games_played", {})]
+            threads = [threading.Thread(target=slow_get, args=call) for call in waiting]
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: waiting_on_locks(watcher) == 4, what="four requests waiting on PostgreSQL")
+            # Meanwhile the same worker answers hot requests and other Django requests.
+            for _ in range(20):
+                assert requests.post(increment, json={}, headers=bearer, timeout=5).json()["current_value"] > 1
+            assert requests.get(f"{web.url}/healthz", timeout=5).status_code == 200
+            assert requests.get(f"{web.url}/api/v1/counter/online_players", timeout=5).json()["value"] == 21
+            assert slow == []
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        web.stop()
+    assert slow == [200, 200, 200, 200]
