@@ -60,6 +60,13 @@ class CounterConfig:
     log_operations: bool
     expires_at: datetime | None
     thresholds: tuple[ThresholdConfig, ...]
+    kind: str
+    lease_seconds: int
+    presence_counts: str
+
+    @property
+    def is_presence(self) -> bool:
+        return self.kind == Counter.Kind.PRESENCE
 
     @property
     def is_user_scoped(self) -> bool:
