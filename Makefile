@@ -60,6 +60,7 @@ bench: $(BIN)/.installed services
 	$(BIN)/python bench/flush_bench.py
 	$(BIN)/python bench/outage.py
 	$(BIN)/python bench/script_bench.py
+	$(BIN)/python bench/presence_bench.py
 
 # The long memory soak (bench/README-soak.md), with a redis-server and a database of its own.
 SOAK_DATABASE_URL ?= postgres://root@127.0.0.1:5432/counters_soak
