@@ -19,11 +19,7 @@ CHUNK = 1000
 
 
 def main(subjects: int, members: int) -> int:
-    run.ensure_database(run.DATABASE_URL)
-    processes = run.Processes()
-    try:
-        processes.start_redis()
-        run.django_setup(processes.redis_url)
+    with run.in_process_store():
         from counters.config import cache
         from counters.flush import counters_flush
         from counters.models import App, Counter, CounterValue, UniqueMember
@@ -59,8 +55,6 @@ def main(subjects: int, members: int) -> int:
         exact = rows.count() == subjects and stored == [5] and known == members
         print("exactness: " + ("OK" if exact else f"FAILED ({rows.count()} rows, values {stored}, {known} members)"))
         return 0 if exact else 1
-    finally:
-        processes.stop()
 
 
 if __name__ == "__main__":

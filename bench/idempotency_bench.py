@@ -20,11 +20,7 @@ from bench import run
 
 
 def main(rounds: int, per_round: int) -> int:
-    run.ensure_database(run.DATABASE_URL)
-    processes = run.Processes()
-    try:
-        processes.start_redis()
-        run.django_setup(processes.redis_url)
+    with run.in_process_store():
         from counters.config import cache
         from counters.idempotency import idempotency_parse
         from counters.models import App
@@ -73,8 +69,6 @@ def main(rounds: int, per_round: int) -> int:
         ok = applied == expected
         print("exactness: " + ("OK" if ok else f"FAILED: {applied} applied, expected {expected} (replays add 0)"))
         return 0 if ok else 1
-    finally:
-        processes.stop()
 
 
 if __name__ == "__main__":

@@ -35,11 +35,7 @@ def per_call_us(fn, count: int) -> float:
 
 
 def main(updates: int, counters: int) -> int:
-    run.ensure_database(run.DATABASE_URL)
-    processes = run.Processes()
-    try:
-        processes.start_redis()
-        run.django_setup(processes.redis_url)
+    with run.in_process_store() as processes:
         import redis
         from prometheus_client import CollectorRegistry, generate_latest
 
@@ -118,8 +114,6 @@ def main(updates: int, counters: int) -> int:
         # The bench database is shared with bench/run.py: leave no extra counters for it to flush.
         Counter.objects.filter(name__startswith="bench_metrics_").delete()
         return 0
-    finally:
-        processes.stop()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Environment: ``BENCH_DATABASE_URL`` (a database of its own; created and migrated
 and gunicorn's own knobs (``WEB_CONCURRENCY``, ``GUNICORN_THREADS``, ...) to compare settings.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -185,6 +186,20 @@ def script_usec(redis_url: str) -> tuple[int, int]:
 
     stats = redis.Redis.from_url(redis_url).info("commandstats").get("cmdstat_evalsha", {})
     return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
+@contextlib.contextmanager
+def in_process_store():
+    """The bench database and a private redis-server, with Django set up against them, for the
+    benches that call the services in this process; the server stops on the way out."""
+    ensure_database(DATABASE_URL)
+    processes = Processes()
+    try:
+        processes.start_redis()
+        django_setup(processes.redis_url)
+        yield processes
+    finally:
+        processes.stop()
 
 
 def django_setup(redis_url: str) -> str:
