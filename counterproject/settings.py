@@ -180,6 +180,12 @@ COUNTER_IDEMPOTENCY_KEY_SECONDS = env.int("COUNTER_IDEMPOTENCY_KEY_SECONDS", def
 COUNTER_MAX_BODY_BYTES = env.int("COUNTER_MAX_BODY_BYTES", default=8 * 1024 * 1024)
 # How often the live board (/board/) asks for new values.
 BOARD_POLL_MILLISECONDS = env.int("BOARD_POLL_MILLISECONDS", default=1000)
+# Server-sent events (GET /api/v1/stream): at most one event per counter per this many ms on a
+# stream (the last value always follows), a comment line every this many seconds on an idle stream
+# (so that proxies keep it open), and whether the board streams (else it only polls).
+COUNTER_STREAM_MIN_INTERVAL_MS = env.int("COUNTER_STREAM_MIN_INTERVAL_MS", default=250)
+COUNTER_STREAM_HEARTBEAT_SECONDS = env.float("COUNTER_STREAM_HEARTBEAT_SECONDS", default=15.0)
+BOARD_STREAM = env.bool("BOARD_STREAM", default=True)
 # Player tokens (Authorization: Player <token>) expire after this many seconds.
 COUNTER_PLAYER_TOKEN_SECONDS = env.int("COUNTER_PLAYER_TOKEN_SECONDS", default=24 * 3600)
 # Operation-log entries older than this are deleted by the hourly trim task.

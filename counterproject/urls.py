@@ -5,7 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from alerts.apis import MessageListView, ThresholdDetailView, ThresholdListView
 from archive.apis import CounterBatchResetView, CounterHistoryView
 from counters import functions
-from counters.apis import CounterBatchUpdateView, CounterBatchView, CounterViewSet, healthz
+from counters.apis import CounterBatchUpdateView, CounterBatchView, CounterStreamView, CounterViewSet, healthz
 from metrics.views import metrics
 
 counter_read = CounterViewSet.as_view({"get": "retrieve"})
@@ -27,6 +27,7 @@ urlpatterns = [
     ),
     path("api/v1/alerts/messages", MessageListView.as_view(), name="alert-messages"),
     path("api/v1/counters", CounterBatchView.as_view(), name="counter-batch"),
+    path("api/v1/stream", CounterStreamView.as_view(), name="counter-stream"),
     path("api/v1/counters/reset", CounterBatchResetView.as_view(), name="counter-batch-reset"),
     path("api/v1/functions/getCounter", functions.GetCounterView.as_view(), name="fn-getCounter"),
     path("api/v1/functions/increaseCounter", functions.IncreaseCounterView.as_view(), name="fn-increaseCounter"),

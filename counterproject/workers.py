@@ -6,10 +6,24 @@ flight may finish after SIGTERM, ``worker_connections`` bounds the connections a
 the access log keeps gunicorn's ``access_log_format`` (uvicorn's own access log is off).
 """
 
+import sys
 import time
 from datetime import timedelta
 
+from gunicorn.arbiter import Arbiter
+from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
+
+
+class CounterServer(Server):
+    """uvicorn's server; on shutdown it first ends the open event streams (GET /api/v1/stream),
+    which would otherwise hold the worker until the graceful timeout."""
+
+    async def shutdown(self, sockets=None) -> None:
+        from counters.fastlane.streams import streams_close_all
+
+        streams_close_all()
+        await super().shutdown(sockets=sockets)
 
 
 class CounterWorker(UvicornWorker):
@@ -23,7 +37,13 @@ class CounterWorker(UvicornWorker):
     async def _serve(self) -> None:
         if self.log.access_log_enabled:
             self.wsgi = AccessLog(self.wsgi, self.log)
-        await super()._serve()
+        # UvicornWorker._serve, with the server that ends the streams on shutdown.
+        self.config.app = self.wsgi
+        server = CounterServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
 
 class _Reply:

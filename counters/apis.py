@@ -1,5 +1,6 @@
 """REST v1: the exact request and response shapes of docs/requirements.md."""
 
+import orjson
 from django.db import connection
 from django.http import HttpResponse, JsonResponse
 from rest_framework import viewsets
@@ -153,6 +154,64 @@ class CounterBatchView(LeanDispatch, APIView):
                 raise RuleViolation(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
         views = selectors.counter_values_get(items=[(c, "") for c in counters])
         return read_response({"counters": [{"name": v.counter.name, "value": v.value} for v in views]}, views)
+
+
+def stream_targets(request) -> tuple[list, int]:
+    """The counters a stream (GET /api/v1/stream) watches and the id its events continue from.
+
+    Exactly the checks of GET /api/v1/counters (names, app, permissions, per-player counters),
+    then the ``Last-Event-ID`` a reconnecting client sends (the last id it saw; 0 without one).
+    """
+    key = request_key(request)
+    app_id = request_app_id(request, key)
+    names = [checked_name(n) for n in selectors.parse_names(request.GET.get("names", ""))]
+    counters = [selectors.counter_get(app_id=app_id, name=n) for n in names]
+    for counter in counters:
+        check_read(key, counter)
+        if counter.is_user_scoped:
+            raise RuleViolation(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
+    return counters, stream_last_event_id(request.META.get("HTTP_LAST_EVENT_ID"))
+
+
+STREAM_MAX_EVENT_ID = 2**53 - 1
+
+
+def stream_last_event_id(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return 0
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16 and int(raw) <= STREAM_MAX_EVENT_ID):
+        raise InvalidParameter("Last-Event-ID: give the id of the last event received (an integer).")
+    return int(raw)
+
+
+def stream_event(event_id: int, name: str, value: int, *, degraded: bool = False) -> bytes:
+    """One server-sent event: a counter's value, with the id a reconnecting client resumes from."""
+    data = {"name": name, "value": value, "degraded": True} if degraded else {"name": name, "value": value}
+    return b"id: %d\ndata: %s\n\n" % (event_id, orjson.dumps(data))
+
+
+STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+# Served by Django (the fast lane off): the current values, then the stream ends and the browser
+# reconnects after this long (EventSource's ``retry``), which makes it a poll.
+STREAM_RETRY_MS = 1000
+
+
+class CounterStreamView(LeanDispatch, APIView):
+    """GET /api/v1/stream?names=a,b: server-sent events, the current values then every change.
+
+    The web process serves it live from ``counters.fastlane.streams``; this view answers when
+    Django serves it (fast lane off, tests' live server): the current values and a ``retry``, so an
+    EventSource polls.
+    """
+
+    @lean
+    def get(self, request) -> HttpResponse:
+        counters, last_id = stream_targets(request)
+        views = selectors.counter_values_get(items=[(c, "") for c in counters])
+        body = [b"retry: %d\n\n" % STREAM_RETRY_MS]
+        for i, view in enumerate(views, start=last_id + 1):
+            body.append(stream_event(i, view.counter.name, view.value, degraded=view.degraded))
+        return HttpResponse(b"".join(body), content_type="text/event-stream", headers=STREAM_HEADERS)
 
 
 class CounterBatchUpdateView(LeanDispatch, APIView):

@@ -34,6 +34,10 @@ The value hashes, member sets and threshold marks of a closed period are deleted
 task (``TRIM_PERIOD_SCRIPT``) once nothing of that period is pending; every key of a deleted
 counter by the flush task (``cs:deleted`` queues them).
 
+Per counter also the shard channel ``cs:{c}:ev`` (``stream_channel``): every change of one of its
+values is published there (``SPUBLISH``, by the script that made it) as "<value> <ms> <period>|<subject>"
+for the server-sent event streams (``counters.fastlane.streams``).
+
 Global: ``cs:cfg:gen`` (config generation, bumped on every config change), ``cs:lock:<name>``,
 ``cs:deleted`` (deleted counters whose keys are still to be dropped) and ``cs:archive:done`` (start
 time, ms, of the last archive run that completed: ``/metrics`` derives the archive lag from it).
@@ -135,6 +139,34 @@ PENDING_SINCE_FIELD = "since"
 PENDING_VALUES_FIELD = "n"
 
 
+# Server-sent events: the change of a value is published, by the script that changed it, on its
+# counter's channel. A shard channel (SPUBLISH, Redis 7) with the counter's hash tag: in a Redis
+# Cluster it lives in the slot of the keys the script touches, so the script stays single-slot and
+# a message reaches only the node that owns the slot (plain PUBLISH would be broadcast over the
+# cluster bus to every node). Standalone Redis 7 serves shard channels as well.
+STREAM_CHANNEL_SUFFIX = ":ev"
+
+
+def stream_channel(counter_id: int) -> str:
+    return f"{_tag(counter_id)}{STREAM_CHANNEL_SUFFIX}"
+
+
+def stream_message_parse(message: bytes) -> tuple[int, int, str, str]:
+    """``(value, ms, period, subject)`` of a message published by ``_PUBLISH_LUA``."""
+    value, ms, field = message.split(b" ", 2)
+    period, _, subject = field.decode().partition("|")
+    return int(value), int(ms), period, subject
+
+
+# ``publish(vkey, value, ms, field)``: the channel is the value key's hash tag plus the suffix.
+_PUBLISH_LUA = f"""
+local function publish(vkey, value, ms, field)
+  redis.call('SPUBLISH', string.sub(vkey, 1, string.find(vkey, '}}', 1, true)) .. '{STREAM_CHANNEL_SUFFIX}',
+    string.format('%d', value) .. ' ' .. ms .. ' ' .. field)
+end
+"""
+
+
 def lock_key(name: str) -> str:
     return f"{PREFIX}:lock:{name}"
 
@@ -192,6 +224,7 @@ end
 
 _UPDATE_BODY = (
     _BUCKET_ADD
+    + _PUBLISH_LUA
     + """
 local vkey, pkey, mkey, tkey, lkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local mode, amount, f, member = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
@@ -257,6 +290,7 @@ elseif not mx or new > mx then
   mx = new
 end
 redis.call('HSET', vkey, 'v', new, 'ops', ops + 1, 'upd', ms, 'mx', mx)
+if new ~= old then publish(vkey, new, ms, f) end
 if ARGV[11] ~= '' then
   redis.call('RPUSH', lkey, ARGV[11] .. ',"old":' .. s(old) .. ',"new":' .. s(new) .. '}')
 end
@@ -457,7 +491,9 @@ return redis.call('SREM', KEYS[1], ARGV[1])
 # is in flight, because PostgreSQL may or may not contain it yet. The caller holds the PostgreSQL
 # row lock, so no flush can change the row meanwhile.
 # KEYS: value, batches, pend. ARGV: PostgreSQL value, PostgreSQL version, the value's field.
-REBASE_SCRIPT = """
+REBASE_SCRIPT = (
+    _PUBLISH_LUA
+    + """
 if redis.call('SCARD', KEYS[2]) > 0 then return 0 end
 local h = redis.call('HMGET', KEYS[1], 'v', 'f', 'mb', 'mx', 'peak', 'ops')
 if not h[1] then return 1 end
@@ -480,8 +516,10 @@ if h[3] then
 end
 if h[4] and h[4] ~= '' then redis.call('HSET', KEYS[1], 'mx', s(tonumber(h[4]) + shift)) end
 if v + shift > tonumber(h[5] or '0') then redis.call('HSET', KEYS[1], 'peak', s(v + shift)) end
+if shift ~= 0 then publish(KEYS[1], v + shift, redis.call('HGET', KEYS[1], 'upd') or '0', ARGV[3]) end
 return 1
 """
+)
 
 # Delete the keys of a closed period (KEYS[3..]) only if nothing of that period waits for the
 # flusher: no field of ARGV[1] (the period) in the pending hash (KEYS[1]) and no batch in flight

@@ -97,3 +97,17 @@ celery_task_duration = Histogram(
     ["task"],
     buckets=TASK_BUCKETS,
 )
+streams_open = Gauge(
+    f"{PREFIX}_streams_open",
+    "Server-sent event streams (GET /api/v1/stream) open, summed over the live web processes.",
+    multiprocess_mode="livesum",
+)
+stream_channels = Gauge(
+    f"{PREFIX}_stream_channels",
+    "Redis channels (one per counter watched) the web processes' stream hubs subscribe to, summed.",
+    multiprocess_mode="livesum",
+)
+stream_events = Counter(
+    f"{PREFIX}_stream_events",
+    "Values sent on server-sent event streams (the initial values and every change).",
+)

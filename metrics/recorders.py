@@ -75,6 +75,20 @@ def alert_delivery_record(*, channel: str, outcome: str) -> None:
     m.alert_deliveries.labels(channel, outcome).inc()
 
 
+def stream_open_record(*, delta: int) -> None:
+    """A server-sent event stream opened (+1) or closed (-1)."""
+    m.streams_open.inc(delta)
+
+
+def stream_channels_record(*, count: int) -> None:
+    """How many counter channels this process's stream hub subscribes to now."""
+    m.stream_channels.set(count)
+
+
+def stream_events_record(*, count: int) -> None:
+    m.stream_events.inc(count)
+
+
 class Stopwatch:
     """Seconds since it was made (monotonic)."""
 

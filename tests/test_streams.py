@@ -1,0 +1,342 @@
+"""Server-sent events (GET /api/v1/stream) through a real server: the current values first, then each
+change in order, throttled per counter with the last value always sent, resumed with Last-Event-ID,
+the read rules of GET /api/v1/counters, and nothing left behind by a client that goes away."""
+
+import json
+import signal
+import threading
+import time
+
+import pytest
+import redis
+import requests
+from django.conf import settings
+
+from counters import keyspace, services
+from counters.models import App, Counter
+from counters.redis_store import redis_call
+
+from .metrics_text import sample
+from .processes import Gunicorn, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class EventStream:
+    """A blocking SSE client: ``next()`` answers the next event (or comment) as a dict."""
+
+    def __init__(self, url: str, headers: dict | None = None, read_timeout: float = 15) -> None:
+        self.response = requests.get(url, headers=headers or {}, stream=True, timeout=(5, read_timeout))
+        self._chunks = self.response.iter_content(chunk_size=None)
+        self._buffer = b""
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    def next(self) -> dict:
+        while b"\n\n" not in self._buffer:
+            self._buffer += next(self._chunks)
+        raw, self._buffer = self._buffer.split(b"\n\n", 1)
+        event: dict = {}
+        for line in raw.decode().split("\n"):
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "":
+                event["comment"] = value
+            elif field == "data":
+                event["data"] = json.loads(value)
+            else:
+                event[field] = value
+        return event
+
+    def next_data(self) -> dict:
+        """The next event that carries a value (heartbeats skipped)."""
+        while True:
+            event = self.next()
+            if "data" in event:
+                return event
+
+    def close(self) -> None:
+        self.response.close()
+
+
+@pytest.fixture
+def web_factory():
+    started = []
+
+    def start(**env) -> Gunicorn:
+        server = Gunicorn(workers=1, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def bearer(builtins, make_key):
+    return {"Authorization": f"Bearer {make_key(('write', 'counter_manage', 'data_view'))}"}
+
+
+def increment(web: Gunicorn, headers: dict, name: str, value: int = 1) -> int:
+    reply = requests.post(f"{web.url}/api/v1/counter/{name}/increment", json={"value": value}, headers=headers)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["current_value"]
+
+
+def shard_subscribers(channel: str) -> int:
+    store = redis.Redis.from_url(settings.REDIS_URL)
+    return int(store.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1])
+
+
+def shard_channels() -> list:
+    return redis.Redis.from_url(settings.REDIS_URL).execute_command("PUBSUB", "SHARDCHANNELS")
+
+
+def metric(web: Gunicorn, name: str) -> float:
+    return sample(requests.get(f"{web.url}/metrics", timeout=10).text, name)
+
+
+def test_the_current_values_come_first_then_every_change_in_order(web_factory, bearer, make_counter):
+    make_counter("boss_kills")
+    web = web_factory()
+    increment(web, bearer, "online_players", 5)
+    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players,boss_kills", bearer)
+    try:
+        assert stream.status == 200
+        assert stream.response.headers["Content-Type"] == "text/event-stream"
+        assert stream.response.headers["Cache-Control"] == "no-store"
+        first, second = stream.next(), stream.next()
+        assert (first["id"], first["data"]) == ("1", {"name": "online_players", "value": 5})
+        assert (second["id"], second["data"]) == ("2", {"name": "boss_kills", "value": 0})
+        seen = []
+        for expected in (6, 7, 8):
+            # Spaced beyond the 250 ms throttle: every change is an event of its own.
+            time.sleep(0.3)
+            assert increment(web, bearer, "online_players") == expected
+            seen.append(stream.next_data())
+        assert [e["data"] for e in seen] == [{"name": "online_players", "value": v} for v in (6, 7, 8)]
+        assert [e["id"] for e in seen] == ["3", "4", "5"]
+        time.sleep(0.3)
+        increment(web, bearer, "boss_kills", 2)
+        assert stream.next_data()["data"] == {"name": "boss_kills", "value": 2}
+        # A reset writes a value too: it is published like an update.
+        reset = requests.post(f"{web.url}/api/v1/counter/online_players/reset", json={"value": 0}, headers=bearer)
+        assert reset.status_code == 200, reset.text
+        assert stream.next_data()["data"] == {"name": "online_players", "value": 0}
+    finally:
+        stream.close()
+
+
+def test_many_changes_within_the_interval_make_few_events_and_the_last_value_arrives(web_factory, bearer):
+    web = web_factory(COUNTER_STREAM_MIN_INTERVAL_MS="1000")
+    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", bearer)
+    try:
+        assert stream.next_data()["data"]["value"] == 0
+        started = time.monotonic()
+        session = requests.Session()
+        for _ in range(60):
+            reply = session.post(f"{web.url}/api/v1/counter/online_players/increment", json={}, headers=bearer)
+            assert reply.status_code == 200
+        # 60 singles and a batch of 100 more: 160 changes.
+        batch = {"updates": [{"name": "online_players", "op": "increment", "value": 1}] * 100}
+        reply = session.post(f"{web.url}/api/v1/counters/batch", json=batch, headers=bearer)
+        assert reply.status_code == 200, reply.text
+        elapsed = time.monotonic() - started
+        values = []
+        while not values or values[-1] != 160:
+            values.append(stream.next_data()["data"]["value"])
+        # At most one event per second (the leading edge of each interval and the trailing edge).
+        assert len(values) <= int(elapsed) + 2, (values, elapsed)
+        assert values == sorted(values) and values[-1] == 160
+        # Nothing more follows: the last value was the trailing event.
+        time.sleep(1.2)
+        increment(web, bearer, "online_players")
+        assert stream.next_data()["data"]["value"] == 161
+    finally:
+        stream.close()
+
+
+def test_last_event_id_resumes_with_the_current_values_and_ids_continue(web_factory, bearer):
+    web = web_factory()
+    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", bearer)
+    try:
+        assert stream.next_data()["id"] == "1"
+        time.sleep(0.3)
+        increment(web, bearer, "online_players", 3)
+        last = stream.next_data()
+        assert (last["id"], last["data"]["value"]) == ("2", 3)
+    finally:
+        stream.close()
+    # Changes while the client was away: the resumed stream starts with the current value.
+    increment(web, bearer, "online_players", 4)
+    resumed = EventStream(f"{web.url}/api/v1/stream?names=online_players", {**bearer, "Last-Event-ID": last["id"]})
+    try:
+        event = resumed.next_data()
+        assert (event["id"], event["data"]) == ("3", {"name": "online_players", "value": 7})
+    finally:
+        resumed.close()
+    for bad in ("abc", "-1", "1.5", "99999999999999999999"):
+        reply = requests.get(f"{web.url}/api/v1/stream?names=online_players", headers={**bearer, "Last-Event-ID": bad})
+        assert reply.status_code == 400, bad
+        assert "Last-Event-ID" in reply.text
+
+
+def test_bad_input_is_refused_exactly_as_get_counters_refuses_it(web_factory, bearer, make_counter):
+    make_counter("per_player", scope="user")
+    web = web_factory()
+    queries = [
+        "",
+        "?names=",
+        "?names=" + ",".join(f"c{i}" for i in range(11)),
+        "?names=bad%20name",
+        "?names=no_such_counter",
+        "?names=per_player",
+    ]
+    # (With a key the app is the key's: ?app= speaks only for anonymous reads.)
+    cases = [(q, h) for q in queries for h in (bearer, {})] + [("?names=online_players&app=no_such_app", {})]
+    for query, headers in cases:
+        stream = requests.get(f"{web.url}/api/v1/stream{query}", headers=headers, timeout=10, stream=True)
+        assert stream.status_code >= 400, (query, headers)
+        read = requests.get(f"{web.url}/api/v1/counters{query}", headers=headers, timeout=10)
+        assert stream.status_code == read.status_code, (query, stream.text)
+        assert stream.json() == read.json(), query
+    assert shard_channels() == []
+
+
+def test_private_counters_need_a_key_and_another_apps_counter_is_never_visible(web_factory, builtins, make_key):
+    default = App.objects.get(slug="default")
+    other = App.objects.create(slug="other", name="other")
+    Counter.objects.create(app=default, name="secret_boss", public=False)
+    Counter.objects.create(app=other, name="secret_boss", public=False)
+    Counter.objects.create(app=other, name="public_boss", public=True)
+    mine = {"Authorization": f"Bearer {make_key(('write', 'data_view'))}"}
+    theirs = {"Authorization": f"Bearer {make_key(('write', 'data_view'), app='other')}"}
+    web = web_factory()
+    url = f"{web.url}/api/v1/stream?names=secret_boss"
+    anonymous = requests.get(url, timeout=10)
+    assert anonymous.status_code == requests.get(f"{web.url}/api/v1/counters?names=secret_boss").status_code
+    assert anonymous.status_code in (401, 403)
+    # Another app's public counter under this app's key: not found, as for a read.
+    refused = requests.get(f"{web.url}/api/v1/stream?names=public_boss", headers=mine, timeout=10)
+    assert refused.status_code == 404
+    stream = EventStream(url, mine)
+    try:
+        assert stream.next_data()["data"] == {"name": "secret_boss", "value": 0}
+        # The other app's counter of the same name changes: never seen on this stream.
+        for _ in range(3):
+            increment(web, theirs, "secret_boss", 10)
+        time.sleep(0.3)
+        assert increment(web, mine, "secret_boss", 1) == 1
+        assert stream.next_data()["data"] == {"name": "secret_boss", "value": 1}
+    finally:
+        stream.close()
+
+
+def test_a_client_that_goes_away_leaves_no_subscription_and_no_open_stream(web_factory, bearer, make_counter):
+    counter = make_counter("boss_kills")
+    web = web_factory(COUNTER_STREAM_HEARTBEAT_SECONDS="0.5")
+    channel = keyspace.stream_channel(counter.id)
+    streams = [EventStream(f"{web.url}/api/v1/stream?names=boss_kills,online_players", bearer) for _ in range(3)]
+    try:
+        for stream in streams:
+            stream.next_data(), stream.next_data()
+        # One subscriber connection for the worker, whatever the number of its streams.
+        assert shard_subscribers(channel) == 1
+        assert metric(web, "counterservice_streams_open") == 3
+        assert metric(web, "counterservice_stream_channels") == 2
+        # An idle stream gets heartbeats.
+        assert streams[0].next() == {"comment": "heartbeat"}
+        streams[0].close()
+        wait_until(lambda: metric(web, "counterservice_streams_open") == 2, what="one stream closed")
+        assert shard_subscribers(channel) == 1
+    finally:
+        for stream in streams:
+            stream.close()
+    wait_until(lambda: metric(web, "counterservice_streams_open") == 0, what="every stream closed")
+    wait_until(lambda: shard_channels() == [], what="every channel unsubscribed")
+    assert metric(web, "counterservice_stream_channels") == 0
+    assert metric(web, "counterservice_stream_events_total") >= 6
+    # The worker is still fine: a new stream subscribes again and gets changes.
+    stream = EventStream(f"{web.url}/api/v1/stream?names=boss_kills", bearer)
+    try:
+        assert stream.next_data()["data"] == {"name": "boss_kills", "value": 0}
+        time.sleep(0.3)
+        increment(web, bearer, "boss_kills")
+        assert stream.next_data()["data"] == {"name": "boss_kills", "value": 1}
+    finally:
+        stream.close()
+
+
+def test_sigterm_ends_open_streams_and_the_worker_exits(builtins, bearer):
+    web = Gunicorn(workers=1, env={"GUNICORN_GRACEFUL_TIMEOUT": "120"})
+    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", bearer)
+    try:
+        stream.next_data()
+        started = time.monotonic()
+        web.process.send_signal(signal.SIGTERM)
+        # The stream ends (its reply is complete), well before the 120 s graceful timeout.
+        ended = threading.Event()
+
+        def drain():
+            try:
+                while True:
+                    stream.next()
+            except (StopIteration, requests.RequestException):
+                ended.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        assert ended.wait(60)
+        assert web.stop(timeout=60) == 0
+        assert time.monotonic() - started < 120
+    finally:
+        stream.close()
+        web.stop(sig=signal.SIGKILL)
+
+
+def test_a_stream_refuses_while_redis_is_down_and_ends_when_it_goes(builtins, make_key, private_redis):
+    key = {"Authorization": f"Bearer {make_key(('write', 'data_view'))}"}
+    web = Gunicorn(workers=1, env={"TEST_REDIS_URL": private_redis.url})
+    try:
+        stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", key)
+        assert stream.next_data()["data"]["name"] == "online_players"
+        private_redis.kill()
+        # The hub lost Redis: the stream ends, and a new one is refused with 503 (the board polls).
+        with pytest.raises((StopIteration, requests.RequestException)):
+            while True:
+                stream.next()
+        reply = requests.get(f"{web.url}/api/v1/stream?names=online_players", headers=key, timeout=30)
+        assert reply.status_code == 503, reply.text
+    finally:
+        web.stop()
+
+
+# --- in process: every writer of a value publishes, the Django view answers once ---------------
+
+
+@pytest.mark.django_db
+def test_updates_and_resets_publish_on_the_counters_channel_and_only_changes(builtins, make_counter, store):
+    counter = make_counter("boss_kills")
+    pubsub = store.pubsub()
+    pubsub.ssubscribe(keyspace.stream_channel(counter.id))
+    assert pubsub.get_message(timeout=5)["type"] == "ssubscribe"
+    services.counter_update(counter=counter, amount=3)
+    services.counter_reset(counter=counter, value=3, reason="test")  # no change: nothing published
+    services.counter_reset(counter=counter, value=1, reason="test")
+    messages = []
+    while (message := pubsub.get_message(timeout=1)) is not None:
+        messages.append(keyspace.stream_message_parse(message["data"]))
+    assert [(value, subject) for value, _ms, _period, subject in messages] == [(3, ""), (1, "")]
+    pubsub.close()
+
+
+@pytest.mark.django_db
+def test_the_django_view_answers_the_current_values_once_with_a_retry(client, builtins):
+    redis_call(lambda r: r.ping())
+    reply = client.get("/api/v1/stream?names=online_players", HTTP_LAST_EVENT_ID="9")
+    assert reply.status_code == 200
+    assert reply["Content-Type"] == "text/event-stream"
+    assert reply.content == b'retry: 1000\n\nid: 10\ndata: {"name":"online_players","value":0}\n\n'
+    assert client.get("/api/v1/stream").status_code == 400
