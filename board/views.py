@@ -1,4 +1,5 @@
-"""The ops-room board: a read-only page of an app's public counters that polls a small JSON endpoint."""
+"""The ops-room board: a read-only page of an app's public counters. It reads a small JSON endpoint,
+then follows the values over server-sent events (GET /api/v1/stream), polling if a stream fails."""
 
 from django.conf import settings
 from django.http import Http404
@@ -21,7 +22,7 @@ def board_page(request):
     slug = _app_slug(request)
     if selectors.app_id_get(slug) is None:
         raise Http404(f"App {slug!r} not found.")
-    context = {"app_slug": slug, "poll_ms": settings.BOARD_POLL_MILLISECONDS}
+    context = {"app_slug": slug, "poll_ms": settings.BOARD_POLL_MILLISECONDS, "stream": settings.BOARD_STREAM}
     return render(request, "board/board.html", context)
 
 

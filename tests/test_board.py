@@ -1,4 +1,4 @@
-"""The ops-room live board: an app's public counters, refreshed by polling, degraded while Redis is down."""
+"""The ops-room live board: public counters over server-sent events or polling, degraded while Redis is down."""
 
 import pytest
 import requests
@@ -105,3 +105,43 @@ def test_board_values_pass_the_degraded_state_through(builtins, private_redis, s
     assert r["X-Counter-Source"] == "database" and r.json()["degraded"] is True
     values = {c["name"]: c["value"] for c in r.json()["counters"]}
     assert values == {"daily_active_users": 0, "online_players": 5, "total_games_played": 0}
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_board_gets_an_increment_over_the_stream_with_polling_all_but_off(builtins, make_key):
+    """The production server (the stream is the ASGI layer's); the board polls once at load, then
+    only every ten minutes: the new value can only come over the event stream."""
+    from .processes import Gunicorn
+
+    key = make_key(("write",))
+    web = Gunicorn(workers=1, env={"BOARD_POLL_MILLISECONDS": "600000"})
+    try:
+        with chromium_page() as page:
+            page.goto(f"{web.url}/board/")
+            online = page.locator('.counter[data-name="online_players"] .value')
+            expect(online).to_have_attribute("data-value", "0")
+            expect(page.locator("body")).to_have_attribute("data-transport", "stream")
+            # The stream is open (its first values arrived) before the increment is sent.
+            expect(page.locator("#status")).to_have_text("live · streaming")
+            page.evaluate(
+                """() => new MutationObserver(() => { window.changedAt = window.changedAt || Date.now(); })
+                     .observe(document.querySelector('.counter[data-name="online_players"] .value'),
+                              {attributes: true})"""
+            )
+            sent = page.evaluate("Date.now()")  # the browser's clock (this process's is pinned)
+            r = requests.post(
+                f"{web.url}/api/v1/counter/online_players/increment",
+                json={"value": 42},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=5,
+            )
+            assert r.json() == {"success": True, "current_value": 42}
+            expect(online).to_have_attribute("data-value", "42", timeout=10_000)
+            expect(online).to_have_text("42")
+            latency_ms = page.evaluate("window.changedAt") - sent
+            print(f"increment -> browser over the stream: {latency_ms:.0f} ms")
+            assert page.evaluate("document.body.dataset.transport") == "stream"
+            screenshot(page, "board-stream")
+    finally:
+        web.stop()
