@@ -19,7 +19,7 @@ from counters.redis_store import redis_call
 from .metrics_text import sample
 from .processes import Gunicorn, wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
 class EventStream:
@@ -159,6 +159,21 @@ def test_many_changes_within_the_interval_make_few_events_and_the_last_value_arr
         stream.close()
 
 
+def test_the_throttle_is_per_counter(web_factory, bearer, make_counter):
+    make_counter("boss_kills")
+    web = web_factory(COUNTER_STREAM_MIN_INTERVAL_MS="60000")
+    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players,boss_kills", bearer)
+    try:
+        stream.next_data(), stream.next_data()
+        # Within one (minute-long) interval: the first change of each counter goes out at once.
+        increment(web, bearer, "online_players")
+        increment(web, bearer, "boss_kills")
+        events = [stream.next_data()["data"] for _ in range(2)]
+        assert sorted(e["name"] for e in events) == ["boss_kills", "online_players"]
+    finally:
+        stream.close()
+
+
 def test_last_event_id_resumes_with_the_current_values_and_ids_continue(web_factory, bearer):
     web = web_factory()
     stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", bearer)
@@ -252,6 +267,15 @@ def test_a_client_that_goes_away_leaves_no_subscription_and_no_open_stream(web_f
         streams[0].close()
         wait_until(lambda: metric(web, "counterservice_streams_open") == 2, what="one stream closed")
         assert shard_subscribers(channel) == 1
+        # A stream alone on its counter: when it goes, so does that channel, and only that one.
+        other = make_counter("dragon_kills")
+        alone = EventStream(f"{web.url}/api/v1/stream?names=dragon_kills", bearer)
+        alone.next_data()
+        assert shard_subscribers(keyspace.stream_channel(other.id)) == 1
+        alone.close()
+        wait_until(lambda: shard_subscribers(keyspace.stream_channel(other.id)) == 0, what="its channel dropped")
+        assert shard_subscribers(channel) == 1
+        assert metric(web, "counterservice_stream_channels") == 2
     finally:
         for stream in streams:
             stream.close()
@@ -332,6 +356,7 @@ def test_updates_and_resets_publish_on_the_counters_channel_and_only_changes(bui
     pubsub.close()
 
 
+@pytest.mark.in_process
 @pytest.mark.django_db
 def test_the_django_view_answers_the_current_values_once_with_a_retry(client, builtins):
     redis_call(lambda r: r.ping())
