@@ -337,6 +337,22 @@ def test_a_stream_refuses_while_redis_is_down_and_ends_when_it_goes(builtins, ma
         web.stop()
 
 
+def test_a_frozen_redis_ends_the_streams(builtins, make_key, private_redis):
+    """SIGSTOP: the TCP connection stays up and nothing is answered; the hub's PING goes unanswered."""
+    key = {"Authorization": f"Bearer {make_key(('write', 'data_view'))}"}
+    web = Gunicorn(workers=1, env={"TEST_REDIS_URL": private_redis.url, "COUNTER_STREAM_HEARTBEAT_SECONDS": "0.5"})
+    try:
+        stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", key)
+        assert stream.next_data()["data"]["name"] == "online_players"
+        private_redis.freeze()
+        with pytest.raises((StopIteration, requests.RequestException)):
+            while True:
+                stream.next()
+    finally:
+        private_redis.thaw()
+        web.stop()
+
+
 # --- in process: every writer of a value publishes, the Django view answers once ---------------
 
 

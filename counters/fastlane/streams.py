@@ -13,7 +13,8 @@ an id, and a client that reconnects with ``Last-Event-ID`` gets the current valu
 continuing from there. An idle stream gets a comment line every
 ``COUNTER_STREAM_HEARTBEAT_SECONDS``. A client that goes away leaves nothing behind: its stream's
 watcher task ends, and the hub unsubscribes the channels only it watched. When the hub loses Redis
-every stream ends (the client reconnects; while Redis is down it is refused with 503, and the
+(the connection drops, or a PING after a quiet heartbeat interval goes unanswered for another) every
+stream ends (the client reconnects; while Redis is down it is refused with 503, and the
 board polls). On shutdown (SIGTERM) every stream ends so the worker can exit.
 """
 
@@ -211,9 +212,21 @@ class Hub:
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = hiredis.Reader()
+        pinged = False
         try:
             while True:
-                data = await reader.read(65536)
+                # Quiet for a heartbeat's time: PING; quiet for another (a frozen Redis keeps the
+                # TCP connection up): the connection counts as lost.
+                try:
+                    async with asyncio.timeout(settings.COUNTER_STREAM_HEARTBEAT_SECONDS):
+                        data = await reader.read(65536)
+                except TimeoutError:
+                    if pinged:
+                        raise ConnectionError("Redis did not answer the stream hub's PING") from None
+                    self._send("PING")
+                    pinged = True
+                    continue
+                pinged = False
                 if not data:
                     raise ConnectionError("Redis closed the stream hub's connection")
                 parser.feed(data)
