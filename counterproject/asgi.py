@@ -2,9 +2,7 @@
 
 A small router: the hot requests (REST v1 increment, decrement, GET one, GET up to 10, batch
 update; getCounter, increaseCounter, decreaseCounter) go to the fast lane's async handlers
-(``counters.fastlane``), and so do the server-sent event streams (GET /api/v1/stream,
-``counters.fastlane.streams``: a thread per stream could not hold a thousand); everything else,
-and any hot request whose Host Django would refuse, to
+(``counters.fastlane``); everything else, and any hot request whose Host Django would refuse, to
 Django, served as WSGI on a bounded thread pool (``counterproject.threaded_wsgi``).
 """
 
@@ -20,10 +18,9 @@ from django.conf import settings  # noqa: E402 (after Django is set up)
 
 from counters.api_errors import error_response  # noqa: E402
 from counters.errors import RequestTooLarge  # noqa: E402
+from counters.fastlane import streams  # noqa: E402
 from counters.fastlane.handlers import route, serve  # noqa: E402
 from counters.fastlane.http import host_allowed, send_json  # noqa: E402
-from counters.fastlane.streams import PATH as STREAM_PATH  # noqa: E402
-from counters.fastlane.streams import serve_stream  # noqa: E402
 
 from .request_body import BodyTooLarge, read_body  # noqa: E402
 from .threaded_wsgi import ThreadedWsgi  # noqa: E402
@@ -53,8 +50,9 @@ async def application(scope, receive, send) -> None:
     if scope["type"] != "http":
         return None
     lane = FAST_LANE and not scope.get("root_path")
-    if lane and scope["path"] == STREAM_PATH and scope["method"] == "GET" and host_allowed(scope):
-        return await serve_stream(scope, receive, send)
+    # Server-sent event streams are the ASGI layer's too: Django's thread pool could not hold 1,000.
+    if lane and scope["path"] == streams.PATH and scope["method"] == "GET" and host_allowed(scope):
+        return await streams.serve_stream(scope, receive, send)
     hot = route(scope["method"], scope["path"]) if lane else None
     if hot is None or not host_allowed(scope):
         return await django_app(scope, receive, send)

@@ -231,60 +231,6 @@ extend_schema_view(
 )(CounterBatchView)
 
 
-NAMES = OpenApiParameter(
-    "names",
-    str,
-    required=True,
-    description="Comma-separated, 1 to 10 names.",
-    pattern=r"^[A-Za-z0-9_.:-]{1,64}(,[A-Za-z0-9_.:-]{1,64}){0,9}$",
-)
-
-extend_schema_view(
-    get=extend_schema(
-        tags=["REST v1"],
-        summary="Stream values as server-sent events",
-        description=(
-            "`text/event-stream` (for `EventSource`): first one event per counter with its current value, "
-            "then an event whenever a value changes, at most one per counter per 250 ms "
-            "(`COUNTER_STREAM_MIN_INTERVAL_MS`; the last value always follows). Each event is "
-            '`id: <n>` and `data: {"name": ..., "value": ...}`; a comment line (`: heartbeat`) keeps an idle '
-            "stream open. A client that reconnects with `Last-Event-ID` gets the current values again, its ids "
-            "continuing from that one. The same names, app and permission rules and the same errors as "
-            "GET /api/v1/counters. Served live by the web process's ASGI layer; where Django serves it (fast "
-            "lane off) the reply holds the current values and a `retry: 1000`, so an EventSource polls. "
-            f"See docs/streams.md. {AUTH}"
-        ),
-        parameters=[
-            NAMES,
-            APP,
-            OpenApiParameter(
-                "Last-Event-ID",
-                str,
-                OpenApiParameter.HEADER,
-                description="The id of the last event received (EventSource sends it when it reconnects).",
-                pattern=r"^[0-9]{1,16}$",
-            ),
-        ],
-        responses={
-            (200, "text/event-stream"): OpenApiResponse(
-                response=OpenApiTypes.STR,
-                description="Server-sent events.",
-                examples=[
-                    OpenApiExample(
-                        "current values, then a change",
-                        value='id: 1\ndata: {"name":"online_players","value":12344}\n\n'
-                        'id: 2\ndata: {"name":"online_players","value":12345}\n\n',
-                        response_only=True,
-                    )
-                ],
-            ),
-            **REST_ERRORS,
-            **refused_by_rules(RULE_BATCH_READ),
-        },
-    )
-)(CounterStreamView)
-
-
 # An object whose unknown fields the server refuses (``batch_updates_parse``): the schema says so.
 class ClosedSerializer(serializers.Serializer):
     pass
@@ -338,3 +284,57 @@ extend_schema_view(
         responses={200: BatchUpdateReply, **REST_ERRORS, **refused_by_rules(RULE_PER_PLAYER, RULE_UNIQUE_DECREMENT)},
     )
 )(CounterBatchUpdateView)
+
+
+NAMES = OpenApiParameter(
+    "names",
+    str,
+    required=True,
+    description="Comma-separated, 1 to 10 names.",
+    pattern=r"^[A-Za-z0-9_.:-]{1,64}(,[A-Za-z0-9_.:-]{1,64}){0,9}$",
+)
+
+extend_schema_view(
+    get=extend_schema(
+        tags=["REST v1"],
+        summary="Stream values as server-sent events",
+        description=(
+            "`text/event-stream` (for `EventSource`): first one event per counter with its current value, "
+            "then an event whenever a value changes, at most one per counter per 250 ms "
+            "(`COUNTER_STREAM_MIN_INTERVAL_MS`; the last value always follows). Each event is "
+            '`id: <n>` and `data: {"name": ..., "value": ...}`; a comment line (`: heartbeat`) keeps an idle '
+            "stream open. A client that reconnects with `Last-Event-ID` gets the current values again, its ids "
+            "continuing from that one. The same names, app and permission rules and the same errors as "
+            "GET /api/v1/counters. Served live by the web process's ASGI layer; where Django serves it (fast "
+            "lane off) the reply holds the current values and a `retry: 1000`, so an EventSource polls. "
+            f"See docs/streams.md. {AUTH}"
+        ),
+        parameters=[
+            NAMES,
+            APP,
+            OpenApiParameter(
+                "Last-Event-ID",
+                str,
+                OpenApiParameter.HEADER,
+                description="The id of the last event received (EventSource sends it when it reconnects).",
+                pattern=r"^[0-9]{1,16}$",
+            ),
+        ],
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(
+                response=OpenApiTypes.STR,
+                description="Server-sent events.",
+                examples=[
+                    OpenApiExample(
+                        "current values, then a change",
+                        value='id: 1\ndata: {"name":"online_players","value":12344}\n\n'
+                        'id: 2\ndata: {"name":"online_players","value":12345}\n\n',
+                        response_only=True,
+                    )
+                ],
+            ),
+            **REST_ERRORS,
+            **refused_by_rules(RULE_BATCH_READ),
+        },
+    )
+)(CounterStreamView)

@@ -76,6 +76,12 @@ def web_factory():
 
 
 @pytest.fixture
+def kills(builtins, make_counter):
+    """A plain public counter of the default app (the built-ins may change kind: presence, unique)."""
+    return make_counter("kills", public=True)
+
+
+@pytest.fixture
 def bearer(builtins, make_key):
     return {"Authorization": f"Bearer {make_key(('write', 'counter_manage', 'data_view'))}"}
 
@@ -99,49 +105,49 @@ def metric(web: Gunicorn, name: str) -> float:
     return sample(requests.get(f"{web.url}/metrics", timeout=10).text, name)
 
 
-def test_the_current_values_come_first_then_every_change_in_order(web_factory, bearer, make_counter):
+def test_the_current_values_come_first_then_every_change_in_order(web_factory, bearer, make_counter, kills):
     make_counter("boss_kills")
     web = web_factory()
-    increment(web, bearer, "online_players", 5)
-    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players,boss_kills", bearer)
+    increment(web, bearer, "kills", 5)
+    stream = EventStream(f"{web.url}/api/v1/stream?names=kills,boss_kills", bearer)
     try:
         assert stream.status == 200
         assert stream.response.headers["Content-Type"] == "text/event-stream"
         assert stream.response.headers["Cache-Control"] == "no-store"
         first, second = stream.next(), stream.next()
-        assert (first["id"], first["data"]) == ("1", {"name": "online_players", "value": 5})
+        assert (first["id"], first["data"]) == ("1", {"name": "kills", "value": 5})
         assert (second["id"], second["data"]) == ("2", {"name": "boss_kills", "value": 0})
         seen = []
         for expected in (6, 7, 8):
             # Spaced beyond the 250 ms throttle: every change is an event of its own.
             time.sleep(0.3)
-            assert increment(web, bearer, "online_players") == expected
+            assert increment(web, bearer, "kills") == expected
             seen.append(stream.next_data())
-        assert [e["data"] for e in seen] == [{"name": "online_players", "value": v} for v in (6, 7, 8)]
+        assert [e["data"] for e in seen] == [{"name": "kills", "value": v} for v in (6, 7, 8)]
         assert [e["id"] for e in seen] == ["3", "4", "5"]
         time.sleep(0.3)
         increment(web, bearer, "boss_kills", 2)
         assert stream.next_data()["data"] == {"name": "boss_kills", "value": 2}
         # A reset writes a value too: it is published like an update.
-        reset = requests.post(f"{web.url}/api/v1/counter/online_players/reset", json={"value": 0}, headers=bearer)
+        reset = requests.post(f"{web.url}/api/v1/counter/kills/reset", json={"value": 0}, headers=bearer)
         assert reset.status_code == 200, reset.text
-        assert stream.next_data()["data"] == {"name": "online_players", "value": 0}
+        assert stream.next_data()["data"] == {"name": "kills", "value": 0}
     finally:
         stream.close()
 
 
-def test_many_changes_within_the_interval_make_few_events_and_the_last_value_arrives(web_factory, bearer):
+def test_many_changes_within_the_interval_make_few_events_and_the_last_value_arrives(web_factory, bearer, kills):
     web = web_factory(COUNTER_STREAM_MIN_INTERVAL_MS="1000")
-    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", bearer)
+    stream = EventStream(f"{web.url}/api/v1/stream?names=kills", bearer)
     try:
         assert stream.next_data()["data"]["value"] == 0
         started = time.monotonic()
         session = requests.Session()
         for _ in range(60):
-            reply = session.post(f"{web.url}/api/v1/counter/online_players/increment", json={}, headers=bearer)
+            reply = session.post(f"{web.url}/api/v1/counter/kills/increment", json={}, headers=bearer)
             assert reply.status_code == 200
         # 60 singles and a batch of 100 more: 160 changes.
-        batch = {"updates": [{"name": "online_players", "op": "increment", "value": 1}] * 100}
+        batch = {"updates": [{"name": "kills", "op": "increment", "value": 1}] * 100}
         reply = session.post(f"{web.url}/api/v1/counters/batch", json=batch, headers=bearer)
         assert reply.status_code == 200, reply.text
         elapsed = time.monotonic() - started
@@ -153,53 +159,53 @@ def test_many_changes_within_the_interval_make_few_events_and_the_last_value_arr
         assert values == sorted(values) and values[-1] == 160
         # Nothing more follows: the last value was the trailing event.
         time.sleep(1.2)
-        increment(web, bearer, "online_players")
+        increment(web, bearer, "kills")
         assert stream.next_data()["data"]["value"] == 161
     finally:
         stream.close()
 
 
-def test_the_throttle_is_per_counter(web_factory, bearer, make_counter):
+def test_the_throttle_is_per_counter(web_factory, bearer, make_counter, kills):
     make_counter("boss_kills")
     web = web_factory(COUNTER_STREAM_MIN_INTERVAL_MS="60000")
-    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players,boss_kills", bearer)
+    stream = EventStream(f"{web.url}/api/v1/stream?names=kills,boss_kills", bearer)
     try:
         stream.next_data(), stream.next_data()
         # Within one (minute-long) interval: the first change of each counter goes out at once.
-        increment(web, bearer, "online_players")
+        increment(web, bearer, "kills")
         increment(web, bearer, "boss_kills")
         events = [stream.next_data()["data"] for _ in range(2)]
-        assert sorted(e["name"] for e in events) == ["boss_kills", "online_players"]
+        assert sorted(e["name"] for e in events) == ["boss_kills", "kills"]
     finally:
         stream.close()
 
 
-def test_last_event_id_resumes_with_the_current_values_and_ids_continue(web_factory, bearer):
+def test_last_event_id_resumes_with_the_current_values_and_ids_continue(web_factory, bearer, kills):
     web = web_factory()
-    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", bearer)
+    stream = EventStream(f"{web.url}/api/v1/stream?names=kills", bearer)
     try:
         assert stream.next_data()["id"] == "1"
         time.sleep(0.3)
-        increment(web, bearer, "online_players", 3)
+        increment(web, bearer, "kills", 3)
         last = stream.next_data()
         assert (last["id"], last["data"]["value"]) == ("2", 3)
     finally:
         stream.close()
     # Changes while the client was away: the resumed stream starts with the current value.
-    increment(web, bearer, "online_players", 4)
-    resumed = EventStream(f"{web.url}/api/v1/stream?names=online_players", {**bearer, "Last-Event-ID": last["id"]})
+    increment(web, bearer, "kills", 4)
+    resumed = EventStream(f"{web.url}/api/v1/stream?names=kills", {**bearer, "Last-Event-ID": last["id"]})
     try:
         event = resumed.next_data()
-        assert (event["id"], event["data"]) == ("3", {"name": "online_players", "value": 7})
+        assert (event["id"], event["data"]) == ("3", {"name": "kills", "value": 7})
     finally:
         resumed.close()
     for bad in ("abc", "-1", "1.5", "99999999999999999999"):
-        reply = requests.get(f"{web.url}/api/v1/stream?names=online_players", headers={**bearer, "Last-Event-ID": bad})
+        reply = requests.get(f"{web.url}/api/v1/stream?names=kills", headers={**bearer, "Last-Event-ID": bad})
         assert reply.status_code == 400, bad
         assert "Last-Event-ID" in reply.text
 
 
-def test_bad_input_is_refused_exactly_as_get_counters_refuses_it(web_factory, bearer, make_counter):
+def test_bad_input_is_refused_exactly_as_get_counters_refuses_it(web_factory, bearer, make_counter, kills):
     make_counter("per_player", scope="user")
     web = web_factory()
     queries = [
@@ -211,7 +217,7 @@ def test_bad_input_is_refused_exactly_as_get_counters_refuses_it(web_factory, be
         "?names=per_player",
     ]
     # (With a key the app is the key's: ?app= speaks only for anonymous reads.)
-    cases = [(q, h) for q in queries for h in (bearer, {})] + [("?names=online_players&app=no_such_app", {})]
+    cases = [(q, h) for q in queries for h in (bearer, {})] + [("?names=kills&app=no_such_app", {})]
     for query, headers in cases:
         stream = requests.get(f"{web.url}/api/v1/stream{query}", headers=headers, timeout=10, stream=True)
         assert stream.status_code >= 400, (query, headers)
@@ -250,11 +256,11 @@ def test_private_counters_need_a_key_and_another_apps_counter_is_never_visible(w
         stream.close()
 
 
-def test_a_client_that_goes_away_leaves_no_subscription_and_no_open_stream(web_factory, bearer, make_counter):
+def test_a_client_that_goes_away_leaves_no_subscription_and_no_open_stream(web_factory, bearer, make_counter, kills):
     counter = make_counter("boss_kills")
     web = web_factory(COUNTER_STREAM_HEARTBEAT_SECONDS="0.5")
     channel = keyspace.stream_channel(counter.id)
-    streams = [EventStream(f"{web.url}/api/v1/stream?names=boss_kills,online_players", bearer) for _ in range(3)]
+    streams = [EventStream(f"{web.url}/api/v1/stream?names=boss_kills,kills", bearer) for _ in range(3)]
     try:
         for stream in streams:
             stream.next_data(), stream.next_data()
@@ -294,9 +300,9 @@ def test_a_client_that_goes_away_leaves_no_subscription_and_no_open_stream(web_f
         stream.close()
 
 
-def test_sigterm_ends_open_streams_and_the_worker_exits(builtins, bearer):
+def test_sigterm_ends_open_streams_and_the_worker_exits(builtins, bearer, kills):
     web = Gunicorn(workers=1, env={"GUNICORN_GRACEFUL_TIMEOUT": "120"})
-    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", bearer)
+    stream = EventStream(f"{web.url}/api/v1/stream?names=kills", bearer)
     try:
         stream.next_data()
         started = time.monotonic()
@@ -320,30 +326,30 @@ def test_sigterm_ends_open_streams_and_the_worker_exits(builtins, bearer):
         web.stop(sig=signal.SIGKILL)
 
 
-def test_a_stream_refuses_while_redis_is_down_and_ends_when_it_goes(builtins, make_key, private_redis):
+def test_a_stream_refuses_while_redis_is_down_and_ends_when_it_goes(builtins, make_key, private_redis, kills):
     key = {"Authorization": f"Bearer {make_key(('write', 'data_view'))}"}
     web = Gunicorn(workers=1, env={"TEST_REDIS_URL": private_redis.url})
     try:
-        stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", key)
-        assert stream.next_data()["data"]["name"] == "online_players"
+        stream = EventStream(f"{web.url}/api/v1/stream?names=kills", key)
+        assert stream.next_data()["data"]["name"] == "kills"
         private_redis.kill()
         # The hub lost Redis: the stream ends, and a new one is refused with 503 (the board polls).
         with pytest.raises((StopIteration, requests.RequestException)):
             while True:
                 stream.next()
-        reply = requests.get(f"{web.url}/api/v1/stream?names=online_players", headers=key, timeout=30)
+        reply = requests.get(f"{web.url}/api/v1/stream?names=kills", headers=key, timeout=30)
         assert reply.status_code == 503, reply.text
     finally:
         web.stop()
 
 
-def test_a_frozen_redis_ends_the_streams(builtins, make_key, private_redis):
+def test_a_frozen_redis_ends_the_streams(builtins, make_key, private_redis, kills):
     """SIGSTOP: the TCP connection stays up and nothing is answered; the hub's PING goes unanswered."""
     key = {"Authorization": f"Bearer {make_key(('write', 'data_view'))}"}
     web = Gunicorn(workers=1, env={"TEST_REDIS_URL": private_redis.url, "COUNTER_STREAM_HEARTBEAT_SECONDS": "0.5"})
     try:
-        stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", key)
-        assert stream.next_data()["data"]["name"] == "online_players"
+        stream = EventStream(f"{web.url}/api/v1/stream?names=kills", key)
+        assert stream.next_data()["data"]["name"] == "kills"
         private_redis.freeze()
         with pytest.raises((StopIteration, requests.RequestException)):
             while True:
@@ -357,7 +363,7 @@ def test_a_frozen_redis_ends_the_streams(builtins, make_key, private_redis):
 
 
 @pytest.mark.django_db
-def test_updates_and_resets_publish_on_the_counters_channel_and_only_changes(builtins, make_counter, store):
+def test_updates_and_resets_publish_on_the_counters_channel_and_only_changes(builtins, make_counter, store, kills):
     counter = make_counter("boss_kills")
     pubsub = store.pubsub()
     pubsub.ssubscribe(keyspace.stream_channel(counter.id))
@@ -374,10 +380,10 @@ def test_updates_and_resets_publish_on_the_counters_channel_and_only_changes(bui
 
 @pytest.mark.in_process
 @pytest.mark.django_db
-def test_the_django_view_answers_the_current_values_once_with_a_retry(client, builtins):
+def test_the_django_view_answers_the_current_values_once_with_a_retry(client, builtins, kills):
     redis_call(lambda r: r.ping())
-    reply = client.get("/api/v1/stream?names=online_players", HTTP_LAST_EVENT_ID="9")
+    reply = client.get("/api/v1/stream?names=kills", HTTP_LAST_EVENT_ID="9")
     assert reply.status_code == 200
     assert reply["Content-Type"] == "text/event-stream"
-    assert reply.content == b'retry: 1000\n\nid: 10\ndata: {"name":"online_players","value":0}\n\n'
+    assert reply.content == b'retry: 1000\n\nid: 10\ndata: {"name":"kills","value":0}\n\n'
     assert client.get("/api/v1/stream").status_code == 400
