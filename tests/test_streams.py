@@ -11,11 +11,13 @@ import pytest
 import redis
 import requests
 from django.conf import settings
+from playwright.sync_api import expect
 
 from counters import keyspace, services
 from counters.models import App, Counter
 from counters.redis_store import redis_call
 
+from .browser import chromium_page, screenshot
 from .metrics_text import sample
 from .processes import Gunicorn, wait_until
 
@@ -356,6 +358,45 @@ def test_a_frozen_redis_ends_the_streams(builtins, make_key, private_redis, kill
                 stream.next()
     finally:
         private_redis.thaw()
+        web.stop()
+
+
+# --- the live board ---------------------------------------------------------------------------
+
+
+def test_board_gets_an_increment_over_the_stream_with_polling_all_but_off(builtins, make_key, kills):
+    """The live board in Debian's Chromium (Playwright) on the production server: it polls once at
+    load, then only every ten minutes, so the new value can only come over the event stream."""
+    key = make_key(("write",))
+    web = Gunicorn(workers=1, env={"BOARD_POLL_MILLISECONDS": "600000"})
+    try:
+        with chromium_page() as page:
+            page.goto(f"{web.url}/board/")
+            online = page.locator('.counter[data-name="kills"] .value')
+            expect(online).to_have_attribute("data-value", "0")
+            expect(page.locator("body")).to_have_attribute("data-transport", "stream")
+            # The stream is open (its first values arrived) before the increment is sent.
+            expect(page.locator("#status")).to_have_text("live · streaming")
+            page.evaluate(
+                """() => new MutationObserver(() => { window.changedAt = window.changedAt || Date.now(); })
+                     .observe(document.querySelector('.counter[data-name="kills"] .value'),
+                              {attributes: true})"""
+            )
+            sent = page.evaluate("Date.now()")  # the browser's clock (this process's is pinned)
+            r = requests.post(
+                f"{web.url}/api/v1/counter/kills/increment",
+                json={"value": 42},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=5,
+            )
+            assert r.json() == {"success": True, "current_value": 42}
+            expect(online).to_have_attribute("data-value", "42", timeout=10_000)
+            expect(online).to_have_text("42")
+            latency_ms = page.evaluate("window.changedAt") - sent
+            print(f"increment -> browser over the stream: {latency_ms:.0f} ms")
+            assert page.evaluate("document.body.dataset.transport") == "stream"
+            screenshot(page, "board-stream")
+    finally:
         web.stop()
 
 
