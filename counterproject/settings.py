@@ -161,7 +161,9 @@ CELERY_TASK_ACKS_LATE = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A safety net like gunicorn's max_requests (bench/README-soak.md shows memory is flat without it):
 # a pool process is replaced after this many tasks (the flush runs once a second). 0 switches it off.
-CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=50000) or None
+# Not named CELERY_WORKER_...: Celery's command line reads every CELERY_<COMMAND>_<OPTION> variable as
+# that option, and `celery worker --max-tasks-per-child 0` refuses to start.
+CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("WORKER_MAX_TASKS_PER_CHILD", default=50000) or None
 
 # Counter service knobs.
 COUNTER_DEFAULT_TIME_ZONE = env("COUNTER_DEFAULT_TIME_ZONE", default="UTC")
