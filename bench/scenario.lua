@@ -32,12 +32,12 @@ local function next_user()
 end
 
 local function batch_body()
-  -- Half games played, a quarter logins, a quarter distinct daily active users.
+  -- Half games played, a quarter plain increments (bench_0), a quarter distinct daily active users.
   local items = {}
-  local games, logins = math.floor(batch_size / 2), math.floor(batch_size / 4)
+  local games, plain = math.floor(batch_size / 2), math.floor(batch_size / 4)
   for _ = 1, games do items[#items + 1] = '{"name":"total_games_played"}' end
-  for _ = 1, logins do items[#items + 1] = '{"name":"online_players","op":"increment","value":1}' end
-  for i = 1, batch_size - games - logins do
+  for _ = 1, plain do items[#items + 1] = '{"name":"bench_0","op":"increment","value":1}' end
+  for i = 1, batch_size - games - plain do
     items[#items + 1] = string.format('{"name":"daily_active_users","user_id":"%s-%d"}', next_user(), i)
   end
   return '{"updates":[' .. table.concat(items, ",") .. "]}"

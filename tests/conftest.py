@@ -56,10 +56,18 @@ def store():
     return redis.Redis.from_url(settings.REDIS_URL)
 
 
+# online_players is a presence counter (docs/presence.md): tests of plain counting use this one.
+PLAIN_COUNTER = {"name": "matches_running", "display_name": "Matches running", "unit": "matches", "public": True}
+
+
 @pytest.fixture
 def builtins(db):
-    """The default and global apps with the three built-in counters (transactional tests truncate them)."""
+    """The default and global apps with the built-in counters (transactional tests truncate them),
+    and ``matches_running``, a public counter of the default app without period."""
     ensure_builtins(App, Counter)
+    Counter.objects.get_or_create(
+        app=App.objects.get(slug="default"), name=PLAIN_COUNTER["name"], defaults=PLAIN_COUNTER
+    )
     config.cache.invalidate()
 
 
