@@ -6,6 +6,8 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.core.management import call_command
+from django_celery_beat.models import PeriodicTask
 
 from counters import config, keyspace
 from counters.errors import InvalidParameter
@@ -222,3 +224,10 @@ def test_storms_racing_with_expiry_stay_exact(builtins, clock_at, store):
     assert count() == expected
     counters_flush()
     assert CounterValue.objects.get(counter_id=online().id, subject="", period="").value == expected
+
+
+@pytest.mark.django_db
+def test_beat_sweeps_presence_counters(builtins):
+    call_command("setup_schedules")
+    task = PeriodicTask.objects.get(task="counters.presence_sweep")
+    assert task.interval.every == 15 and task.enabled
