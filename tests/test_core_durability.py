@@ -154,7 +154,9 @@ CRASHES = {
 
 
 @pytest.mark.parametrize("crash_point", list(CRASHES))
-def test_a_flusher_killed_mid_flush_applies_each_delta_exactly_once(client, writer, store, settings, crash_point):
+def test_a_flusher_killed_mid_flush_applies_each_delta_exactly_once(
+    client, writer, store, settings, plain_flushed_first, crash_point
+):
     online = Counter.objects.get(name="matches_running")
     threshold = Threshold.objects.create(counter=online, value=10)
     Channel.objects.create(threshold=threshold, kind="message")

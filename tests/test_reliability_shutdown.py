@@ -132,7 +132,9 @@ def test_sigterm_lets_the_celery_worker_finish_a_running_flush(client, writer, s
 
 
 @pytest.mark.parametrize("moment", ["before_commit", "after_commit"])
-def test_a_celery_worker_killed_mid_flush_then_restarted_gives_exact_values(client, writer, store, broker, moment):
+def test_a_celery_worker_killed_mid_flush_then_restarted_gives_exact_values(
+    client, writer, store, broker, plain_flushed_first, moment
+):
     increment(client, writer, "matches_running", 12)
     increment(client, writer, "daily_active_users", 1, user_id="u1")
     counter = Counter.objects.get(name="matches_running")
