@@ -70,11 +70,11 @@ def main() -> int:
     for scenario in SCENARIOS:
         c16, c64 = scenario.runs[16], scenario.runs[64]
         peak = max(c16, c64, key=lambda r: r["rps"])
-        bad = sum(r["non2xx"] + r["errors"] for r in (c16, c64))
+        non2xx, errors = sum(r["non2xx"] for r in (c16, c64)), sum(r["errors"] for r in (c16, c64))
         line = f"{scenario.label:32} {c16['rps']:>9.0f} {ms(c16['p50_us']):>6} {ms(c16['p99_us']):>6}"
         line += f" | {c64['rps']:>9.0f} {ms(c64['p50_us']):>6} {ms(c64['p99_us']):>6}"
         line += f" | {peak['cpu_ms']:>6.2f} {peak['cpu_ms'] / base_cpu:>6.2f}"
-        print(line + (f"   {bad} non-2xx/errors" if bad else ""))
+        print(line + (f"   {non2xx} non-2xx, {errors} socket errors/timeouts" if non2xx or errors else ""))
     print("CPU ms: gunicorn CPU per request at the better of the two; x incr: against the plain increment")
     return 0
 
