@@ -16,7 +16,7 @@ from django.utils.translation import gettext
 from . import clock, keyspace, periods
 from .config import CounterConfig
 from .config import cache as config_cache
-from .errors import InvalidParameter
+from .errors import InvalidParameter, RuleViolation
 from .models import Counter
 from .redis_store import StoreUnavailable, redis_call, scripts
 from .services import _log_prefix
@@ -49,7 +49,7 @@ class PresenceResult:
 
 def presence_check(*, counter: CounterConfig) -> None:
     if not counter.is_presence:
-        raise InvalidParameter(
+        raise RuleViolation(
             gettext("Counter '%(name)s' is not a presence counter: it has no leases.") % {"name": counter.name}
         )
 
@@ -70,7 +70,7 @@ def _check_leases(counter: CounterConfig, op: str, leases: list[Lease]) -> None:
     if op == READ:
         return
     if not leases:
-        raise InvalidParameter(gettext("Give at least one user_id (or a node_id to renew a node)."))
+        raise RuleViolation(gettext("Give at least one user_id (or a node_id to renew a node)."))
     if len(leases) > MAX_BATCH_LEASES:
         raise InvalidParameter(
             gettext("At most %(max)d leases per request (%(count)d given).")
@@ -78,7 +78,7 @@ def _check_leases(counter: CounterConfig, op: str, leases: list[Lease]) -> None:
         )
     for lease in leases:
         if not lease.user_id and (op != HEARTBEAT or not lease.node_id or lease.session_id):
-            raise InvalidParameter(
+            raise RuleViolation(
                 gettext("Counter '%(name)s' counts players online: a user_id is required.") % {"name": counter.name}
             )
 

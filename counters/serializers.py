@@ -8,7 +8,7 @@ from django.utils.translation import gettext, gettext_lazy
 from rest_framework import serializers
 
 from . import keyspace
-from .errors import InvalidParameter
+from .errors import InvalidParameter, RuleViolation
 from .idempotency import idempotency_key_check
 from .models import NAME_PATTERN
 from .presence import MAX_BATCH_LEASES, Lease
@@ -242,11 +242,13 @@ def presence_update_input_parse(data) -> tuple[Lease, dict | None]:
     """
     data = _presence_fields(data, _PRESENCE_UPDATE_FIELDS)
     value = data.get("value", 1)
-    if isinstance(value, bool) or value != 1:
-        raise InvalidParameter("value: a presence counter counts leases, a login or logout is always 1.")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= keyspace.MAX_SAFE_VALUE:
+        raise InvalidParameter(f"value: must be an integer from 1 to {keyspace.MAX_SAFE_VALUE}.")
+    if value != 1:
+        raise RuleViolation("value: a presence counter counts leases, a login or logout is always 1.")
     user_id = _presence_id(data, "user_id")
     if not user_id:
-        raise InvalidParameter("user_id: required by a presence counter (whose lease is it?).")
+        raise RuleViolation("user_id: required by a presence counter (whose lease is it?).")
     metadata = data.get("metadata")
     if metadata is not None:
         try:
@@ -267,7 +269,7 @@ def heartbeat_input_parse(data) -> tuple[list[Lease], int | None]:
     node_id, session_id = _presence_id(data, "node_id"), _presence_id(data, "session_id")
     if "user_ids" in data:
         if "user_id" in data or session_id:
-            raise InvalidParameter("user_ids: send either user_ids (a batch, no session_id) or user_id.")
+            raise RuleViolation("user_ids: send either user_ids (a batch, no session_id) or user_id.")
         user_ids = data["user_ids"]
         if not isinstance(user_ids, list) or not 1 <= len(user_ids) <= MAX_BATCH_LEASES:
             raise InvalidParameter(f"user_ids: a list of 1 to {MAX_BATCH_LEASES} user ids.")
@@ -278,6 +280,6 @@ def heartbeat_input_parse(data) -> tuple[list[Lease], int | None]:
     else:
         user_id = _presence_id(data, "user_id")
         if not user_id and (session_id or not node_id):
-            raise InvalidParameter("user_id: required (or user_ids, or node_id alone to renew a node).")
+            raise RuleViolation("user_id: required (or user_ids, or node_id alone to renew a node).")
         leases = [Lease(user_id, session_id, node_id)]
     return leases, data.get("lease_seconds")

@@ -126,6 +126,11 @@ def _prepare_update(
         )
     counter_check_subject(counter=counter, subject=subject)
     _check_live(counter, now)
+    if counter.is_presence:
+        raise RuleViolation(
+            gettext("Counter '%(name)s' counts live leases: log players in and out one at a time.")
+            % {"name": counter.name}
+        )
     member = user_id if counter.unique_members else ""
     if counter.unique_members and not member:
         raise RuleViolation(
@@ -202,6 +207,11 @@ def _update_result(prepared: _PreparedUpdate, result: list, now: datetime) -> Up
 def counter_reset_check(*, counter: CounterConfig, subject: str = "", value: int | None = None) -> int:
     """Validate a reset without changing anything; returns the value the counter would be set to."""
     counter_check_subject(counter=counter, subject=subject)
+    if counter.is_presence:
+        raise RuleViolation(
+            gettext("Counter '%(name)s' counts live leases: it cannot be reset, players log out or lapse.")
+            % {"name": counter.name}
+        )
     target = counter.reset_value if value is None else value
     low, high = counter_value_bounds(counter=counter)
     if not low <= target <= high:
@@ -228,7 +238,13 @@ def counter_update(
     them changes nothing and raises ``OutOfLimits``. With an ``idempotency`` key the update is
     applied at most once per key: a repeat answers the first outcome (``replayed``), another
     request with the same key raises ``IdempotencyConflict``; both change nothing.
+
+    On a presence counter an increment logs ``user_id`` in and a decrement logs them out
+    (``counters.presence``); the amount must be 1 (an Idempotency-Key changes nothing there: a
+    repeated login or logout has the same effect).
     """
+    if counter.is_presence:
+        return _presence_update(counter=counter, amount=amount, user_id=user_id, actor=actor, metadata=metadata)
     now = clock.now()
     prepared = _prepare_update(
         counter=counter,
@@ -297,6 +313,18 @@ def update_many_call(group: list[_PreparedUpdate]) -> tuple[list[str], list]:
             keys.append(keyspace.idempotency_key(item.counter.id, idem.app_id, idem.key) if idem else item.keys[0])
             args.append(idem.fingerprint if idem else "")
     return keys, args
+
+
+def _presence_update(*, counter: CounterConfig, amount: int, user_id: str, actor: str, metadata: dict | None):
+    # Imported here: counters.presence builds on this module (its operation-log entries).
+    from .presence import LOGIN, LOGOUT, Lease, presence_update
+
+    if abs(amount) != 1:
+        raise RuleViolation(
+            gettext("Counter '%(name)s' counts live leases: a login or logout is always 1.") % {"name": counter.name}
+        )
+    op = LOGIN if amount > 0 else LOGOUT
+    return presence_update(counter=counter, op=op, leases=[Lease(user_id)], actor=actor, metadata=metadata).update
 
 
 def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
