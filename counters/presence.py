@@ -19,8 +19,7 @@ from .config import cache as config_cache
 from .errors import InvalidParameter, RuleViolation
 from .models import Counter
 from .redis_store import StoreUnavailable, redis_call, scripts
-from .services import _log_prefix
-from .values import UpdateResult, value_hydrate
+from .values import UpdateResult, operation_log_prefix, value_hydrate
 
 LOGIN, LOGOUT, HEARTBEAT, READ = "in", "out", "hb", "read"
 
@@ -133,7 +132,7 @@ def presence_update(
     log = ""
     if counter.log_operations and op in (LOGIN, LOGOUT) and len(leases) == 1:
         ms = clock.to_ms(now)
-        log = _log_prefix(
+        log = operation_log_prefix(
             actor=actor, user_id=leases[0].user_id, subject="", period=window.key, ms=ms, metadata=metadata
         )
     keys, args = _script_call(

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from operator import itemgetter
 
-import orjson
 import redis
 from django.conf import settings
 from django.utils.translation import gettext
@@ -26,6 +25,7 @@ from .errors import (
     ServiceReadOnly,
 )
 from .idempotency import REPLAYED_HEADERS, Idempotency
+from .presence import LOGIN, LOGOUT, Lease, presence_update
 from .redis_store import StoreUnavailable, redis_call, scripts
 from .values import (
     ResetResult,
@@ -33,6 +33,7 @@ from .values import (
     counter_check_subject,
     counter_out_of_limits,
     counter_value_bounds,
+    operation_log_prefix,
     value_hydrate,
 )
 from .write_through import counter_update_write_through, store_reconcile_if_due, store_reconcile_mark_due
@@ -72,12 +73,6 @@ def _run_update(
             return result
         value_hydrate(counter=counter, subject=subject, window=window)
     raise StoreUnavailable("value could not be hydrated")
-
-
-def _log_prefix(*, actor: str, user_id: str, subject: str, period: str, ms: int, metadata: dict | None) -> str:
-    entry = {"ts": ms, "actor": actor, "user_id": user_id, "subject": subject, "period": period}
-    entry["metadata"] = metadata or {}
-    return orjson.dumps(entry).decode()[:-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +141,7 @@ def _prepare_update(
     ms = clock.to_ms(now)
     low, high = counter_value_bounds(counter=counter, allow_negative=allow_negative)
     log = (
-        _log_prefix(actor=actor, user_id=user_id, subject=subject, period=window.key, ms=ms, metadata=metadata)
+        operation_log_prefix(actor=actor, user_id=user_id, subject=subject, period=window.key, ms=ms, metadata=metadata)
         if counter.log_operations
         else ""
     )
@@ -316,9 +311,6 @@ def update_many_call(group: list[_PreparedUpdate]) -> tuple[list[str], list]:
 
 
 def _presence_update(*, counter: CounterConfig, amount: int, user_id: str, actor: str, metadata: dict | None):
-    # Imported here: counters.presence builds on this module (its operation-log entries).
-    from .presence import LOGIN, LOGOUT, Lease, presence_update
-
     if abs(amount) != 1:
         raise RuleViolation(
             gettext("Counter '%(name)s' counts live leases: a login or logout is always 1.") % {"name": counter.name}

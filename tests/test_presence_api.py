@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import redis
 import requests
 from django.db import connection
 from django.test import Client
@@ -122,8 +123,13 @@ class TestCalls:
         }
         assert post(client, f"{ONLINE}/decrement", {"user_id": "u1"}, auth).json()["current_value"] == 0
 
-    def test_a_batch_heartbeat_of_a_thousand_players_is_one_round_trip(self, client, auth, clock_at, store, settings):
+    def test_a_batch_heartbeat_of_a_thousand_players_is_one_round_trip(
+        self, client, auth, clock_at, private_redis, settings
+    ):
+        # A Redis of its own, so that every command it counts is this test's.
+        settings.CACHES = {**settings.CACHES, "default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
         settings.COUNTER_CONFIG_CHECK_SECONDS = 60  # no config-generation check in the counted request
+        store = redis.Redis.from_url(private_redis.url)
         ids = [f"p{i}" for i in range(1000)]
         post(client, f"{ONLINE}/heartbeat", {"user_ids": ids[:1], "node_id": "eu-7"}, auth)  # warm
         sent, reply = client_commands(
