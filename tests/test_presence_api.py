@@ -282,3 +282,17 @@ def test_after_redis_loses_its_data_presence_relearns_from_heartbeats_within_one
     assert value(client) == 5
     counters_flush()
     assert CounterValue.objects.get(counter__name="online_players", counter__app__slug="default").value == 5
+
+
+@pytest.mark.django_db
+def test_a_read_is_served_by_a_redis_that_lost_the_script_or_the_value(client, auth, private_redis, settings):
+    # A Redis of its own: a SCRIPT FLUSH empties every database of a server.
+    settings.CACHES = {**settings.CACHES, "default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
+    store = redis.Redis.from_url(private_redis.url)
+    for user in ("u1", "u2"):
+        post(client, f"{ONLINE}/increment", {"user_id": user}, auth)
+    store.script_flush()
+    assert client.get("/api/v1/counters?names=online_players,total_games_played").json()["counters"][0]["value"] == 2
+    counters_flush()
+    store.delete(keyspace.value_key(Counter.objects.get(app__slug="default", name="online_players").id, "", ""))
+    assert value(client) == 2  # hydrated from PostgreSQL, then counted from the leases
