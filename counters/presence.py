@@ -106,7 +106,17 @@ def _result(counter: CounterConfig, window: periods.PeriodWindow, reply: list, n
     crossed = tuple(int(t) for t in reply[3])
     flat = reply[4]
     marks = {int(flat[i]): clock.from_ms(int(flat[i + 1])) for i in range(0, len(flat), 2)}
-    return UpdateResult(counter, "", window, int(reply[1]), int(reply[2]), False, crossed, marks, now)
+    return UpdateResult(
+        counter=counter,
+        subject="",
+        window=window,
+        old_value=int(reply[1]),
+        new_value=int(reply[2]),
+        duplicate=False,
+        crossed=crossed,
+        threshold_marks=marks,
+        updated_at=now,
+    )
 
 
 def presence_update(
