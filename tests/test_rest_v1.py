@@ -46,7 +46,7 @@ def test_periodic_counter_says_when_it_resets(client, builtins):
         daily = client.get("/api/v1/counter/total_games_played").json()
         weekly = client.get("/api/v1/counter/weekly_raids").json()
         monthly = client.get("/api/v1/counter/monthly_quests").json()
-        plain = client.get("/api/v1/counter/online_players").json()
+        plain = client.get("/api/v1/counter/matches_running").json()
     assert (daily["value"], daily["last_reset"], daily["next_reset"]) == (
         0, "2026-03-29T00:00:00Z", "2026-03-30T00:00:00Z"
     )  # fmt: skip
