@@ -103,8 +103,9 @@ def _script_call(
 
 
 def _result(counter: CounterConfig, window: periods.PeriodWindow, reply: list, now: datetime) -> UpdateResult:
-    crossed = tuple(int(t) for t in reply[3])
-    flat = reply[4]
+    # Crossed thresholds and marks come only for a counter with thresholds.
+    crossed = tuple(int(t) for t in reply[3]) if len(reply) > 3 else ()
+    flat = reply[4] if len(reply) > 4 else []
     marks = {int(flat[i]): clock.from_ms(int(flat[i + 1])) for i in range(0, len(flat), 2)}
     return UpdateResult(
         counter=counter,

@@ -16,7 +16,7 @@ def online_players_to_plain(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-    dependencies = [("counters", "0006_drop_indexes_covered_by_unique_constraints")]
+    dependencies = [("counters", "0007_countervalue_version")]
 
     operations = [
         migrations.AddField(
