@@ -144,7 +144,20 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 AUTH = "Authenticate with `Authorization: Bearer <API key>` or `X-API-Key`."
 
 
-class HeartbeatInput(serializers.Serializer):
+# An object whose unknown fields the server refuses (``batch_updates_parse``): the schema says so.
+class ClosedSerializer(serializers.Serializer):
+    pass
+
+
+class ClosedSerializerSchema(OpenApiSerializerExtension):
+    target_class = ClosedSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema, direction):
+        return {**auto_schema._map_basic_serializer(self.target, direction), "additionalProperties": False}
+
+
+class HeartbeatInput(ClosedSerializer):
     user_id = serializers.RegexField(SUBJECT_PATTERN.pattern, required=False, help_text="One player...")
     session_id = serializers.RegexField(SUBJECT_PATTERN.pattern, required=False, help_text="...on this session.")
     user_ids = serializers.ListField(
@@ -292,19 +305,6 @@ extend_schema_view(
         ],
     )
 )(CounterBatchView)
-
-
-# An object whose unknown fields the server refuses (``batch_updates_parse``): the schema says so.
-class ClosedSerializer(serializers.Serializer):
-    pass
-
-
-class ClosedSerializerSchema(OpenApiSerializerExtension):
-    target_class = ClosedSerializer
-    match_subclasses = True
-
-    def map_serializer(self, auto_schema, direction):
-        return {**auto_schema._map_basic_serializer(self.target, direction), "additionalProperties": False}
 
 
 class BatchUpdateInputItem(ClosedSerializer):

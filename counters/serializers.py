@@ -109,6 +109,8 @@ class UpdateInputSerializer(serializers.Serializer):
     value = StrictIntegerField(min_value=1, default=1)
     user_id = SubjectField(required=False, help_text="Required by unique-member counters (daily_active_users).")
     metadata = MetadataField(required=False, help_text=METADATA_HELP)
+    session_id = SubjectField(required=False, help_text="Presence counters: the session of a login or logout.")
+    node_id = SubjectField(required=False, help_text="Presence counters: the game server carrying the player.")
 
 
 _PLAIN_UPDATE_FIELDS = frozenset(("value", "user_id"))
@@ -214,7 +216,6 @@ def batch_updates_parse(data) -> list[BatchItem]:
     return items
 
 
-_PRESENCE_UPDATE_FIELDS = frozenset(("value", "user_id", "session_id", "node_id", "metadata"))
 _HEARTBEAT_FIELDS = frozenset(("user_id", "user_ids", "session_id", "node_id", "lease_seconds"))
 
 
@@ -240,7 +241,8 @@ def presence_update_input_parse(data) -> tuple[Lease, dict | None]:
     ``{"user_id": "u1", "session_id": "s1", "node_id": "n1"}``: a user_id is required; ``value``
     may only be 1 (a lease is there or not); session_id and node_id are optional.
     """
-    data = _presence_fields(data, _PRESENCE_UPDATE_FIELDS)
+    if not isinstance(data, dict):
+        raise InvalidParameter("The body must be a JSON object.")
     value = data.get("value", 1)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= keyspace.MAX_SAFE_VALUE:
         raise InvalidParameter(f"value: must be an integer from 1 to {keyspace.MAX_SAFE_VALUE}.")

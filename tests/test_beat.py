@@ -26,6 +26,7 @@ SCHEDULED = {
     "archive.close_periods",
     "archive.enforce_retention",
     "alerts.sweep",
+    "counters.presence_sweep",
 }
 
 

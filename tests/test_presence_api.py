@@ -176,7 +176,7 @@ BAD = [  # (path, body, status): 400 breaks the schema, 409 a rule it cannot sta
     ("increment", {"user_id": "u2", "value": 2}, 409),
     ("increment", {"user_id": "u2", "value": "1"}, 400),
     ("increment", {"user_id": "u2", "session_id": ["s"]}, 400),
-    ("increment", {"user_id": "u2", "colour": "red"}, 400),
+    ("heartbeat", {"user_id": "u2", "colour": "red"}, 400),
     ("decrement", {}, 409),
     ("decrement", {"user_id": "x" * 65}, 400),
     ("heartbeat", {}, 409),
