@@ -101,6 +101,8 @@ class CounterViewSet(LeanDispatch, viewsets.ViewSet):
         counter = self._counter(request, checked_name(name), key)
         check_write(key, counter)
         if counter.is_presence:
+            # A malformed Idempotency-Key is refused as anywhere; a valid one is not needed here.
+            request_idempotency(request, app_id=key.app_id, parts=("presence", counter.id))
             lease, metadata = presence_update_input_parse(request_json(request))
             result = presence.presence_update(
                 counter=counter,
