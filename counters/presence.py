@@ -120,6 +120,49 @@ def _result(counter: CounterConfig, window: periods.PeriodWindow, reply: list, n
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceCall:
+    """A checked presence operation: the script's keys and arguments, and what its reply is read with."""
+
+    counter: CounterConfig
+    keys: list[str]
+    args: list
+    window: periods.PeriodWindow
+    now: datetime
+    lease_seconds: int
+
+    def result(self, reply: list) -> PresenceResult:
+        update = _result(self.counter, self.window, reply, self.now)
+        return PresenceResult(update, self.lease_seconds, self.now + timedelta(seconds=self.lease_seconds))
+
+
+def presence_prepare(
+    *,
+    counter: CounterConfig,
+    op: str,
+    leases: list[Lease],
+    lease_seconds: int | None = None,
+    actor: str = "",
+    metadata: dict | None = None,
+) -> PresenceCall:
+    """Every check of ``presence_update`` and its script call, nothing sent (the fast lane awaits it)."""
+    presence_check(counter=counter)
+    _check_leases(counter, op, leases)
+    lease_seconds = presence_lease_seconds(counter=counter, requested=lease_seconds)
+    now = clock.now()
+    window = periods.window_at(counter.period, counter.time_zone, now)
+    log = ""
+    if counter.log_operations and op in (LOGIN, LOGOUT) and len(leases) == 1:
+        ms = clock.to_ms(now)
+        log = operation_log_prefix(
+            actor=actor, user_id=leases[0].user_id, subject="", period=window.key, ms=ms, metadata=metadata
+        )
+    keys, args = _script_call(
+        counter, op=op, leases=leases, lease_seconds=lease_seconds, now=now, window=window, log=log
+    )
+    return PresenceCall(counter, keys, args, window, now, lease_seconds)
+
+
 def presence_update(
     *,
     counter: CounterConfig,
@@ -135,34 +178,38 @@ def presence_update(
     of live leases right after the operation. Without Redis the leases cannot be known: the
     store error propagates (503, read-only), even in write-through mode.
     """
-    presence_check(counter=counter)
-    _check_leases(counter, op, leases)
-    lease_seconds = presence_lease_seconds(counter=counter, requested=lease_seconds)
-    now = clock.now()
-    window = periods.window_at(counter.period, counter.time_zone, now)
-    log = ""
-    if counter.log_operations and op in (LOGIN, LOGOUT) and len(leases) == 1:
-        ms = clock.to_ms(now)
-        log = operation_log_prefix(
-            actor=actor, user_id=leases[0].user_id, subject="", period=window.key, ms=ms, metadata=metadata
-        )
-    keys, args = _script_call(
-        counter, op=op, leases=leases, lease_seconds=lease_seconds, now=now, window=window, log=log
+    call = presence_prepare(
+        counter=counter, op=op, leases=leases, lease_seconds=lease_seconds, actor=actor, metadata=metadata
     )
     for _ in range(3):
-        reply = redis_call(lambda r: scripts.presence(keys=keys, args=args, client=r))
+        reply = redis_call(lambda r: scripts.presence(keys=call.keys, args=call.args, client=r))
         if reply[0] != b"HYDRATE":
-            update = _result(counter, window, reply, now)
-            return PresenceResult(update, lease_seconds, now + timedelta(seconds=lease_seconds))
-        value_hydrate(counter=counter, subject="", window=window)
+            return call.result(reply)
+        value_hydrate(counter=counter, subject="", window=call.window)
     raise StoreUnavailable("value could not be hydrated")
+
+
+def presence_login_op(*, counter: CounterConfig, amount: int) -> str:
+    """What an increment (login) or decrement (logout) of a presence counter does; the amount must be 1."""
+    if abs(amount) != 1:
+        raise RuleViolation(
+            gettext("Counter '%(name)s' counts live leases: a login or logout is always 1.") % {"name": counter.name}
+        )
+    return LOGIN if amount > 0 else LOGOUT
+
+
+def presence_read_call(
+    *, counter: CounterConfig, window: periods.PeriodWindow, now: datetime
+) -> tuple[list[str], list]:
+    """The keys and arguments of a sweeping count of a presence counter (no lease changes)."""
+    return _script_call(counter, op=READ, leases=[], lease_seconds=0, now=now, window=window, log="")
 
 
 def presence_read_pipeline(
     *, pipe: redis.client.Pipeline, counter: CounterConfig, window: periods.PeriodWindow, now: datetime
 ) -> None:
     """Queue a sweeping count of a presence counter in a read pipeline (``presence_read_reply`` reads it)."""
-    keys, args = _script_call(counter, op=READ, leases=[], lease_seconds=0, now=now, window=window, log="")
+    keys, args = presence_read_call(counter=counter, window=window, now=now)
     pipe.execute_command("EVALSHA", scripts.presence.sha, len(keys), *keys, *args)
 
 
@@ -172,9 +219,19 @@ def presence_read_reply(*, counter: CounterConfig, window: periods.PeriodWindow,
     if isinstance(reply, Exception):
         if not isinstance(reply, redis.exceptions.NoScriptError):
             raise reply
-    elif reply[0] != b"HYDRATE":
+    elif not presence_read_cold(reply):
         return _result(counter, window, reply, now)
     return presence_update(counter=counter, op=READ, leases=[]).update
+
+
+def presence_read_cold(reply) -> bool:
+    """Whether a sweeping count found no value in Redis (it is hydrated, then counted again)."""
+    return reply[0] == b"HYDRATE"
+
+
+def presence_read_result(*, counter: CounterConfig, window: periods.PeriodWindow, reply, now: datetime) -> UpdateResult:
+    """The count from a sweeping count's reply (not a cold one)."""
+    return _result(counter, window, reply, now)
 
 
 def presence_sweep() -> int:

@@ -82,6 +82,11 @@ def _to_view(counter: CounterConfig, subject: str, window: periods.PeriodWindow,
     )
 
 
+def presence_view(counter: CounterConfig, subject: str, window: periods.PeriodWindow, result) -> ValueView:
+    """A presence counter's value as read: the live leases counted at ``result.updated_at``, the read."""
+    return ValueView(counter, subject, result.new_value, result.updated_at, window)
+
+
 def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[ValueView]:
     """Current values of several (counter, subject) pairs in one Redis round trip (hydrating misses).
 
@@ -148,7 +153,7 @@ def _values_from_store(
     for (counter, subject), window, key, raw in zip(items, windows, keys, raws, strict=True):
         if counter.is_presence:
             result = presence.presence_read_reply(counter=counter, window=window, reply=raw, now=now)
-            views.append(ValueView(counter, subject, result.new_value, result.updated_at, window))
+            views.append(presence_view(counter, subject, window, result))
             continue
         if isinstance(raw, Exception):
             raise raw

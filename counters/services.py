@@ -25,7 +25,7 @@ from .errors import (
     ServiceReadOnly,
 )
 from .idempotency import REPLAYED_HEADERS, Idempotency
-from .presence import LOGIN, LOGOUT, Lease, presence_update
+from .presence import Lease, presence_login_op, presence_update
 from .redis_store import StoreUnavailable, redis_call, scripts
 from .values import (
     ResetResult,
@@ -311,11 +311,7 @@ def update_many_call(group: list[_PreparedUpdate]) -> tuple[list[str], list]:
 
 
 def _presence_update(*, counter: CounterConfig, amount: int, user_id: str, actor: str, metadata: dict | None):
-    if abs(amount) != 1:
-        raise RuleViolation(
-            gettext("Counter '%(name)s' counts live leases: a login or logout is always 1.") % {"name": counter.name}
-        )
-    op = LOGIN if amount > 0 else LOGOUT
+    op = presence_login_op(counter=counter, amount=amount)
     return presence_update(counter=counter, op=op, leases=[Lease(user_id)], actor=actor, metadata=metadata).update
 
 

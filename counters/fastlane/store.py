@@ -31,6 +31,7 @@ MAX_PIPELINE_ARGS = 8192
 SCRIPTS = {
     "update": keyspace.UPDATE_SCRIPT,
     "update_many": keyspace.UPDATE_MANY_SCRIPT,
+    "presence": keyspace.PRESENCE_SCRIPT,
 }
 _SHA = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
 
