@@ -220,8 +220,12 @@ _HEARTBEAT_FIELDS = frozenset(("user_id", "user_ids", "session_id", "node_id", "
 
 
 def _presence_id(data: dict, field: str) -> str:
-    raw = data.get(field, "")
-    if raw != "" and (not isinstance(raw, str) or not SUBJECT_PATTERN.match(raw)):
+    """The id in ``field``, "" when the field is absent; given, it must be an id (an empty one is
+    refused as the schema refuses it, not taken as absent)."""
+    if field not in data:
+        return ""
+    raw = data[field]
+    if not isinstance(raw, str) or not SUBJECT_PATTERN.match(raw):
         raise InvalidParameter(f"{field}: use {SUBJECT_HELP}.")
     return raw
 

@@ -1,6 +1,9 @@
 """Presence over HTTP: logins, heartbeats and logouts of online_players through the REST v1 and
 cloud-function surfaces (a live server for the concurrent logins), bad input, persistence and
-Redis failures. Time is moved (time-machine), never slept."""
+Redis failures. Time is moved (time-machine), never slept.
+
+The contract run (tests/test_contract.py) sends these requests to the real server, fast lane
+included, and moves its clock with the test's (``server_clock``)."""
 
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +25,11 @@ ONLINE = "/api/v1/counter/online_players"
 
 
 @pytest.fixture
-def clock_at(time_machine):
+def clock_at(time_machine, server_clock):
     def move(seconds: float) -> None:
         time_machine.move_to(T0 + timedelta(seconds=seconds), tick=False)
+        if server_clock is not None:
+            server_clock.move_to(T0 + timedelta(seconds=seconds))
 
     move(0)
     return move
@@ -77,10 +82,10 @@ def lease_state(store) -> dict:
 
 @pytest.mark.django_db(transaction=True)
 def test_a_thousand_concurrent_logins_count_while_they_heartbeat_and_leave_within_one_lease(
-    live_server, builtins, make_key, clock_at
+    server_url, builtins, make_key, clock_at
 ):
     headers = {"Authorization": f"Bearer {make_key(('write',))}"}
-    url = live_server.url + ONLINE
+    url = server_url + ONLINE
 
     def send(session: requests.Session, path: str, user: str) -> int:
         # Django's test server listens with a backlog of 5: a connection reset in a burst of 50
@@ -137,6 +142,7 @@ class TestCalls:
         }
         assert post(client, f"{ONLINE}/decrement", {"user_id": "u1"}, auth).json()["current_value"] == 0
 
+    @pytest.mark.in_process  # counts this process's Redis commands (test_fast_lane counts the lane's)
     def test_a_batch_heartbeat_of_a_thousand_players_is_one_round_trip(
         self, client, auth, clock_at, private_redis, settings
     ):
@@ -176,6 +182,13 @@ BAD = [  # (path, body, status): 400 breaks the schema, 409 a rule it cannot sta
     ("increment", {"user_id": "u2", "value": 2}, 409),
     ("increment", {"user_id": "u2", "value": "1"}, 400),
     ("increment", {"user_id": "u2", "session_id": ["s"]}, 400),
+    ("increment", {"user_id": ""}, 400),
+    ("increment", {"user_id": "u2", "session_id": ""}, 400),
+    ("increment", {"user_id": "u2", "node_id": ""}, 400),
+    ("decrement", {"user_id": "u1", "session_id": ""}, 400),
+    ("heartbeat", {"node_id": ""}, 400),
+    ("heartbeat", {"user_id": "u2", "session_id": ""}, 400),
+    ("heartbeat", {"user_ids": ["u2"], "node_id": ""}, 400),
     ("heartbeat", {"user_id": "u2", "colour": "red"}, 400),
     ("decrement", {}, 409),
     ("decrement", {"user_id": "x" * 65}, 400),
@@ -266,6 +279,7 @@ class TestWithTheRest:
         assert (row.value, row.peak) == (2, 4)
 
 
+@pytest.mark.in_process  # a Redis of its own, which a server started earlier does not use
 @pytest.mark.django_db
 def test_redis_down_reads_show_the_last_flushed_count_and_writes_are_refused(
     client, auth, private_redis, settings, clock_at
@@ -298,6 +312,7 @@ def test_after_redis_loses_its_data_presence_relearns_from_heartbeats_within_one
     assert CounterValue.objects.get(counter__name="online_players", counter__app__slug="default").value == 5
 
 
+@pytest.mark.in_process  # a Redis of its own, which a server started earlier does not use
 @pytest.mark.django_db
 def test_a_read_is_served_by_a_redis_that_lost_the_script_or_the_value(client, auth, private_redis, settings):
     # A Redis of its own: a SCRIPT FLUSH empties every database of a server.
