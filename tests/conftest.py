@@ -1,6 +1,8 @@
 import os
 import secrets
+import tempfile
 from functools import partial
+from pathlib import Path
 
 import pytest
 import redis
@@ -13,7 +15,7 @@ from counters.config import CounterConfig
 from counters.models import ApiKey, App, Counter
 from counters.redis_store import breaker
 
-from .clock import midday_utc, start_of_test, zone_at_midday
+from .clock import ServerClock, midday_utc, start_of_test, zone_at_midday
 from .processes import PrivateRedis
 
 
@@ -146,13 +148,35 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.django_db(transaction=True), append=False)
 
 
+# The contract server's wall clock, which a test moves with its own (``server_clock``).
+SERVER_CLOCK = ServerClock(Path(tempfile.mkdtemp(prefix="server-clock-")) / "now") if CONTRACT_RUN else None
+
+
+@pytest.fixture
+def server_clock():
+    """The clock of the server the requests go to when it is another process (the contract run),
+    else None (the test's own clock is the service's); the real clock again after the test."""
+    yield SERVER_CLOCK
+    if SERVER_CLOCK is not None:
+        SERVER_CLOCK.release()
+
+
+@pytest.fixture
+def server_url(request):
+    """Where a test sends real HTTP requests: the contract server in the contract run, else Django's
+    live server in this process."""
+    if CONTRACT_RUN:
+        return request.getfixturevalue("contract_server").url
+    return request.getfixturevalue("live_server").url
+
+
 if CONTRACT_RUN:
 
     @pytest.fixture(scope="session")
     def contract_server(django_db_setup, django_db_blocker):
         from .processes import Gunicorn
 
-        web = Gunicorn(workers=2)
+        web = Gunicorn(workers=2, env=SERVER_CLOCK.env())
         yield web
         web.stop()
 

@@ -1,6 +1,7 @@
-"""The fast lane and the DRF views cannot drift: the REST v1 and cloud-function suites run through the
-real server (gunicorn + uvicorn workers, the production config), and every hot endpoint answers the
-same bytes and headers with the fast lane as with Django alone."""
+"""The fast lane and the DRF views cannot drift: the REST v1, cloud-function and presence suites run
+through the real server (gunicorn + uvicorn workers, the production config, its clock moved with the
+test's), and every hot endpoint answers the same bytes and headers with the fast lane as with Django
+alone."""
 
 import os
 import re
@@ -28,7 +29,7 @@ def test_the_rest_v1_and_cloud_function_suites_pass_through_the_real_server():
         "TEST_REDIS_URL": settings.REDIS_URL,
         "TEST_BROKER_URL": settings.CELERY_BROKER_URL,
     }
-    suites = ["tests/test_rest_v1.py", "tests/test_functions.py"]
+    suites = ["tests/test_rest_v1.py", "tests/test_functions.py", "tests/test_presence_api.py"]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider", "--create-db"],
         cwd=ROOT,
@@ -40,7 +41,7 @@ def test_the_rest_v1_and_cloud_function_suites_pass_through_the_real_server():
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
     passed = int(re.search(r"(\d+) passed", summary).group(1))
-    # Every test but those that move the clock of the test's own process (marked in_process).
+    # Every test but those that need the service in the test's own process (marked in_process).
     assert passed >= 40 and "failed" not in summary, summary
 
 
