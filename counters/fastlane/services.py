@@ -9,6 +9,7 @@ differ.
 import asyncio
 from collections import defaultdict
 
+import redis
 from django.conf import settings
 
 from .. import clock, keyspace, periods, presence, selectors, services, values, write_through
@@ -218,19 +219,25 @@ async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
     for (counter, _), window, key in zip(items, windows, keys, strict=True):
         if counter.is_presence:
             keys_args = presence.presence_read_call(counter=counter, window=window, now=now)
-            calls.append(store.script("presence", *keys_args))
+            calls.append(store.script_now("presence", *keys_args))
         else:
             calls.append(store.command("HMGET", key, *fields))
-    replies = await asyncio.gather(*calls)
+    replies = await asyncio.gather(*calls, return_exceptions=True)
     views = []
     for (counter, subject), window, key, raw in zip(items, windows, keys, replies, strict=True):
         if counter.is_presence:
-            if presence.presence_read_cold(raw):
+            # presence.presence_read_reply: a cold value or a Redis that lost the script is
+            # answered by a call of its own (which hydrates or loads it).
+            if isinstance(raw, BaseException) and not isinstance(raw, redis.exceptions.NoScriptError):
+                raise raw
+            if isinstance(raw, Exception) or presence.presence_read_cold(raw):
                 result = (await presence_update(counter=counter, op=presence.READ, leases=[])).update
             else:
                 result = presence.presence_read_result(counter=counter, window=window, reply=raw, now=now)
             views.append(selectors.presence_view(counter, subject, window, result))
             continue
+        if isinstance(raw, BaseException):
+            raise raw
         if raw[0] is None:
             await offload(values.value_hydrate, counter=counter, subject=subject, window=window)
             raw = await store.command("HMGET", key, *fields)

@@ -169,6 +169,12 @@ class LaneStore:
     def command(self, *command) -> asyncio.Future:
         return self.coalescer.call(*command)
 
+    def script_now(self, name: str, keys: list, args: list) -> asyncio.Future:
+        """EVALSHA of one of ``SCRIPTS``, queued at once like ``command`` (so it shares the round trip
+        of commands queued after it in the same step); a Redis without the script answers
+        ``NoScriptError``, which ``script`` then handles."""
+        return self.command("EVALSHA", _SHA[name], len(keys), *keys, *args)
+
     async def script(self, name: str, keys: list, args: list):
         """EVALSHA of one of ``SCRIPTS``; loads it once if Redis does not know it (a restarted Redis)."""
         command = ("EVALSHA", _SHA[name], len(keys), *keys, *args)
