@@ -255,10 +255,10 @@ def presence_update_input_parse(data) -> tuple[Lease, dict | None]:
     user_id = _presence_id(data, "user_id")
     if not user_id:
         raise RuleViolation("user_id: required by a presence counter (whose lease is it?).")
-    metadata = data.get("metadata")
-    if metadata is not None:
+    metadata = None
+    if "metadata" in data:  # given, it must be an object (null too is refused, as the schema says)
         try:
-            metadata = MetadataField().to_internal_value(metadata)
+            metadata = MetadataField().to_internal_value(data["metadata"])
         except serializers.ValidationError as exc:
             raise InvalidParameter(f"metadata: {exc.detail[0]}") from exc
     return Lease(user_id, _presence_id(data, "session_id"), _presence_id(data, "node_id")), metadata

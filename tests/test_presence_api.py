@@ -183,6 +183,8 @@ BAD = [  # (path, body, status): 400 breaks the schema, 409 a rule it cannot sta
     ("increment", {"user_id": "u2", "value": "1"}, 400),
     ("increment", {"user_id": "u2", "session_id": ["s"]}, 400),
     ("increment", {"user_id": ""}, 400),
+    ("increment", {"user_id": "u2", "metadata": None}, 400),
+    ("decrement", {"user_id": "u1", "metadata": [1]}, 400),
     ("increment", {"user_id": "u2", "session_id": ""}, 400),
     ("increment", {"user_id": "u2", "node_id": ""}, 400),
     ("decrement", {"user_id": "u1", "session_id": ""}, 400),
