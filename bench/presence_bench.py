@@ -16,7 +16,9 @@ from bench.run import (  # one set-up, shared with the main bench
     CLIENT_CPUS,
     DATABASE_URL,
     EXTRA_COUNTERS,
+    REDIS_URL,
     SERVER_CPUS,
+    WEB_URL,
     Processes,
     Scenario,
     django_setup,
@@ -44,16 +46,17 @@ def main() -> int:
     processes = Processes()
     try:
         processes.start_redis()
+        REDIS_URL[0] = processes.redis_url
         key = django_setup(processes.redis_url)
-        processes.start_web()
-        url = processes.url
+        processes.start_web("service")
+        url = WEB_URL["service"]
         print(f"presence bench: server cores {SERVER_CPUS}, client cores {CLIENT_CPUS}, {SECONDS}s a run")
         print(f"presence bench: load average before {load()}")
         for scenario in SCENARIOS:
-            wrk(url, scenario, key, connections=16, seconds=2)
+            wrk(scenario, key, connections=16, seconds=2)
         for scenario in SCENARIOS:
             for connections in CONNECTIONS:
-                scenario.runs[connections] = wrk(url, scenario, key, connections=connections, seconds=SECONDS)
+                scenario.runs[connections] = wrk(scenario, key, connections=connections, seconds=SECONDS)
         import requests
 
         live = requests.get(f"{url}/api/v1/counter/online_players", timeout=10).json()["value"]
@@ -62,7 +65,7 @@ def main() -> int:
         processes.stop()
 
     head = f"{'endpoint':32} {'c16 req/s':>9} {'p50':>6} {'p99':>6} | {'c64 req/s':>9} {'p50':>6} {'p99':>6}"
-    head += f" | {'CPU ms':>6} {'x incr':>6}"
+    head += f" | {'CPU ms':>6} {'x incr':>6} {'script µs':>9}"
     print()
     print(head + "   (latencies in ms)")
     print("-" * len(head))
@@ -73,9 +76,10 @@ def main() -> int:
         non2xx, errors = sum(r["non2xx"] for r in (c16, c64)), sum(r["errors"] for r in (c16, c64))
         line = f"{scenario.label:32} {c16['rps']:>9.0f} {ms(c16['p50_us']):>6} {ms(c16['p99_us']):>6}"
         line += f" | {c64['rps']:>9.0f} {ms(c64['p50_us']):>6} {ms(c64['p99_us']):>6}"
-        line += f" | {peak['cpu_ms']:>6.2f} {peak['cpu_ms'] / base_cpu:>6.2f}"
+        line += f" | {peak['cpu_ms']:>6.2f} {peak['cpu_ms'] / base_cpu:>6.2f} {peak['script_us']:>9.1f}"
         print(line + (f"   {non2xx} non-2xx, {errors} socket errors/timeouts" if non2xx or errors else ""))
-    print("CPU ms: gunicorn CPU per request at the better of the two; x incr: against the plain increment")
+    print("CPU ms: gunicorn CPU per request at the better of the two; x incr: against the plain increment;")
+    print("script µs: Redis CPU per script call (INFO commandstats; a plain GET calls none)")
     return 0
 
 
