@@ -18,6 +18,7 @@ from counters import keyspace
 from counters.fastlane import offload
 from counters.fastlane.handlers import rest_heartbeat, route
 from counters.fastlane.store import MAX_PIPELINE, MAX_PIPELINE_ARGS, LaneStore, lane_store
+from counters.flush import counters_flush
 from counters.models import Counter
 from counters.redis_store import breaker
 
@@ -252,6 +253,40 @@ def test_presence_refusals_on_the_lane_change_nothing(builtins, make_key, store,
     assert round_trips == 0
     online_id = Counter.objects.get(name="online_players").id
     assert store.zrange(keyspace.presence_keys(online_id, "")[6], 0, -1) == [b"u1|"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_presence_read_on_the_lane_is_served_by_a_redis_that_lost_the_script_or_the_value(
+    builtins, make_key, private_redis, settings, lane_threads
+):
+    # A Redis of its own (a SCRIPT FLUSH empties every database of a server), for both paths.
+    settings.CACHES = {**settings.CACHES, "default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
+    settings.REDIS_URL = private_redis.url
+    store = redis.Redis.from_url(private_redis.url)
+    key = make_key(("write",))
+    online = "/api/v1/counter/online_players"
+    names = b"names=online_players,matches_running"
+
+    async def logins():
+        for user in (b"u1", b"u2"):
+            await _request("POST", f"{online}/increment", key, b'{"user_id": "%s"}' % user)
+
+    async def reads():
+        return [await _request("GET", "/api/v1/counters", key, query=names), await _request("GET", online, key)]
+
+    asyncio.run(logins())
+    store.script_flush()
+    lost_script = asyncio.run(reads())
+    counters_flush()
+    store.delete(keyspace.value_key(Counter.objects.get(app__slug="default", name="online_players").id, "", ""))
+    lost_value = asyncio.run(reads())
+    for many, one in (lost_script, lost_value):
+        assert many[0] == one[0] == 200
+        assert orjson.loads(many[2])["counters"] == [
+            {"name": "online_players", "value": 2},
+            {"name": "matches_running", "value": 0},
+        ]
+        assert orjson.loads(one[2])["value"] == 2
 
 
 # --- through the real server: waiting on PostgreSQL holds up nobody else ---------------------
