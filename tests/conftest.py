@@ -179,6 +179,8 @@ if CONTRACT_RUN:
         web = Gunicorn(workers=2, env=SERVER_CLOCK.env())
         yield web
         web.stop()
+        SERVER_CLOCK.release()
+        SERVER_CLOCK.path.parent.rmdir()
 
     @pytest.fixture
     def client(contract_server):
