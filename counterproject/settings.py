@@ -174,6 +174,7 @@ COUNTER_CONFIG_CHECK_SECONDS = env.float("COUNTER_CONFIG_CHECK_SECONDS", default
 # A deleted counter's Redis keys are dropped this long after the delete: by then no process's
 # config snapshot (at most COUNTER_CONFIG_CACHE_SECONDS old) nor request in flight can write them.
 COUNTER_DELETED_KEYS_GRACE_SECONDS = env.float("COUNTER_DELETED_KEYS_GRACE_SECONDS", default=120.0)
+COUNTER_PRESENCE_SWEEP_SECONDS = env.float("COUNTER_PRESENCE_SWEEP_SECONDS", default=15.0)
 COUNTER_METADATA_MAX_BYTES = env.int("COUNTER_METADATA_MAX_BYTES", default=4096)
 # An Idempotency-Key is remembered this long after the write that first used it (docs/idempotency.md).
 COUNTER_IDEMPOTENCY_KEY_SECONDS = env.int("COUNTER_IDEMPOTENCY_KEY_SECONDS", default=24 * 3600)

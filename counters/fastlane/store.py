@@ -32,6 +32,7 @@ MAX_PIPELINE_ARGS = 8192
 SCRIPTS = {
     "update": keyspace.UPDATE_SCRIPT,
     "update_many": keyspace.UPDATE_MANY_SCRIPT,
+    "presence": keyspace.PRESENCE_SCRIPT,
 }
 _SHA = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
 
@@ -188,6 +189,12 @@ class LaneStore:
 
     def command(self, *command) -> asyncio.Future:
         return self.coalescer.call(*command)
+
+    def script_now(self, name: str, keys: list, args: list) -> asyncio.Future:
+        """EVALSHA of one of ``SCRIPTS``, queued at once like ``command`` (so it shares the round trip
+        of commands queued after it in the same step); a Redis without the script answers
+        ``NoScriptError``, which ``script`` then handles."""
+        return self.command("EVALSHA", _SHA[name], len(keys), *keys, *args)
 
     async def script(self, name: str, keys: list, args: list):
         """EVALSHA of one of ``SCRIPTS``; loads it once if Redis does not know it (a restarted Redis)."""
