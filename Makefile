@@ -61,6 +61,7 @@ bench: $(BIN)/.installed services
 	$(BIN)/python bench/flush_bench.py
 	$(BIN)/python bench/outage.py
 	$(BIN)/python bench/script_bench.py
+	$(BIN)/python bench/presence_bench.py
 
 # The seed's wrk -t12 -c400 -d30s against make run's processes, beside a raw reference handler.
 bench-seed: $(BIN)/.installed services

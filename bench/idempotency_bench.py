@@ -28,7 +28,7 @@ def main(rounds: int, per_round: int) -> int:
 
         app = App.objects.get(slug="default")
         cache.invalidate()
-        counter = cache.get().counters[(app.id, "online_players")]
+        counter = cache.get().counters[(app.id, run.PLAIN)]
         start = counter_update(counter=counter, amount=1).new_value  # hydrate, load the script
 
         def plain(_: int):

@@ -34,7 +34,7 @@ SECONDS = float(os.environ.get("BENCH_OUTAGE_SECONDS", "3"))
 THREADS = int(os.environ.get("BENCH_OUTAGE_THREADS", "4"))
 SOCKET_TIMEOUT = 0.3
 ACCESS_FORMAT = "ACCESS %(s)s %(D)s %(U)s"
-PATH = "/api/v1/counter/online_players/increment"
+PATH = "/api/v1/counter/bench_0/increment"
 
 
 class Web:

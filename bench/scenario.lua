@@ -1,6 +1,7 @@
 -- wrk script for every bench scenario; run.py sets it up through the environment:
---   BENCH_BODY   none | increment | keyed | dau | batch   (what each request carries; keyed: an
---                increment with a new Idempotency-Key per request)
+--   BENCH_BODY   none | increment | keyed | dau | batch | heartbeat | heartbeats   (what each request
+--                carries; keyed: an increment with a new Idempotency-Key per request; heartbeat: one user
+--                of a pool of 10,000 per thread, heartbeats: BENCH_BATCH_SIZE of them)
 --   BENCH_METHOD GET | POST,  BENCH_KEY  the API key,  BENCH_RUN  a tag that keeps user ids distinct across runs
 --   BENCH_DELAY_MS  pause after each response (fixed-rate runs: rate ~ connections / delay)
 -- done() prints one line "BENCH {json}" with the figures run.py reads.
@@ -31,12 +32,12 @@ local function next_user()
 end
 
 local function batch_body()
-  -- Half games played, a quarter logins, a quarter distinct daily active users.
+  -- Half games played, a quarter plain increments (bench_0), a quarter distinct daily active users.
   local items = {}
-  local games, logins = math.floor(batch_size / 2), math.floor(batch_size / 4)
+  local games, plain = math.floor(batch_size / 2), math.floor(batch_size / 4)
   for _ = 1, games do items[#items + 1] = '{"name":"total_games_played"}' end
-  for _ = 1, logins do items[#items + 1] = '{"name":"online_players","op":"increment","value":1}' end
-  for i = 1, batch_size - games - logins do
+  for _ = 1, plain do items[#items + 1] = '{"name":"bench_0","op":"increment","value":1}' end
+  for i = 1, batch_size - games - plain do
     items[#items + 1] = string.format('{"name":"daily_active_users","user_id":"%s-%d"}', next_user(), i)
   end
   return '{"updates":[' .. table.concat(items, ",") .. "]}"
@@ -54,6 +55,12 @@ function request()
     body = '{"user_id":"' .. next_user() .. '"}'
   elseif body_kind == "batch" then
     body = batch_body()
+  elseif body_kind == "heartbeat" then
+    body = string.format('{"user_id":"%s-%d-%d"}', run_tag, tid, sent % 10000)
+  elseif body_kind == "heartbeats" then
+    local ids, first = {}, (sent * batch_size) % 10000
+    for i = 1, batch_size do ids[i] = string.format('"%s-%d-%d"', run_tag, tid, (first + i) % 10000) end
+    body = '{"user_ids":[' .. table.concat(ids, ",") .. '],"node_id":"' .. run_tag .. '-' .. tid .. '"}'
   end
   return wrk.format(method, nil, headers, body)
 end

@@ -1,17 +1,25 @@
 """make bench-seed: the seed's acceptance command as written, against the production configuration.
 
-``wrk -t12 -c400 -d30s --latency`` POSTs increments (with a key, bench/seed.lua) to the service
-started as ``make run`` starts it (honcho with the Procfile: gunicorn on every core, the Celery
-worker and beat), then, in the same run and under the same server configuration, to the
-**reference**: a raw ASGI handler of a few lines (bench/reference.py) that does one INCRBY through
-the same coalescing, with no validation, auth or Lua, the Python ceiling of the machine. Then
-exactness: hey sends exactly 5,000 increments; the value must grow by exactly the 200s seen, and
-PostgreSQL (written by the worker's flush) must equal the API.
+``wrk -t12 -c400 -d30s --latency`` POSTs to ``/api/v1/counter/online_players/increment`` (with a
+key, bench/seed.lua) on the service started as ``make run`` starts it (honcho with the Procfile:
+gunicorn on every core, the Celery worker and beat). ``online_players`` is a presence counter
+(docs/presence.md): each request carries a ``user_id`` never sent before, a login that opens a
+lease (the bench sets its lease to the longest, 3,600 s, so none lapses during the run). Then the
+same wrk with the seed's body ``{"value":1}`` against a plain counter (``bench_0``), and, in the same
+run and under the same server configuration, the **reference**: a raw ASGI handler of a few lines
+(bench/reference.py) that does one INCRBY through the same coalescing, with no validation, auth or
+Lua, the Python ceiling of the machine.
+
+Exactness: the count after each wrk run lies between the 2xx wrk saw and the requests it sent (it
+stops with requests in flight); hey sends exactly 5,000 plain increments, and 50 threads exactly
+2,000 logins of new users then their 2,000 logouts: each value moves by exactly the 200s seen;
+PostgreSQL (written by the worker's flush) must equal the API for both counters.
 
 Environment: ``BENCH_DATABASE_URL`` (default as bench/run.py), ``SEED_DURATION`` (default 30s),
 ``SEED_ARGS`` to change wrk's arguments.
 """
 
+import json
 import os
 import re
 import shutil
@@ -19,46 +27,77 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.run import DATABASE_URL, Processes, django_setup, ensure_database, load  # noqa: E402
+from bench.run import DATABASE_URL, PLAIN, Processes, django_setup, ensure_database, load  # noqa: E402
 from bench.run import value as settled_value  # noqa: E402
 from tests.processes import free_port, wait_until  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WRK_ARGS = os.environ.get("SEED_ARGS", f"-t12 -c400 -d{os.environ.get('SEED_DURATION', '30s')} --latency").split()
-INCREMENT = "/api/v1/counter/online_players/increment"
+PRESENCE = "online_players"
+INCREMENT = f"/api/v1/counter/{PRESENCE}/increment"
+PLAIN_INCREMENT = f"/api/v1/counter/{PLAIN}/increment"
+LOGINS = 2000
 
 
-def wrk(url: str, key: str) -> dict:
+def wrk(url: str, key: str, body: str) -> dict:
     args = ["wrk", *WRK_ARGS, "-s", str(ROOT / "bench" / "seed.lua"), url]
-    out = subprocess.run(args, env=dict(os.environ, SEED_KEY=key), capture_output=True, text=True, check=True).stdout
+    env = dict(os.environ, SEED_KEY=key, SEED_BODY=body, SEED_RUN=f"r{time.time_ns()}")
+    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
     latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.MULTILINE))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
+    counts = json.loads(re.search(r"^SEED (.*)$", out, re.MULTILINE).group(1))
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50": latency.get("50", "?"),
         "p99": latency.get("99", "?"),
         "non2xx": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": errors.group(1) if errors else "none",
+        **counts,
     }
 
 
 def hey_increments(url: str, key: str, count: int) -> dict[int, int]:
     args = ["hey", "-n", str(count), "-c", "50", "-m", "POST", "-H", f"Authorization: Bearer {key}"]
-    args += ["-T", "application/json", "-d", '{"value":1}', url + INCREMENT]
+    args += ["-T", "application/json", "-d", '{"value":1}', url + PLAIN_INCREMENT]
     out = subprocess.run(args, capture_output=True, text=True, timeout=600, check=True).stdout
     return {int(code): int(n) for code, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
 
 
-def value(url: str) -> int:
+def presence_calls(url: str, key: str, path: str, users: list[str]) -> dict[int, int]:
+    """One POST per user (a login or logout), from 50 threads; how many of each status came back."""
+    headers = {"Authorization": f"Bearer {key}"}
+    address = f"{url}/api/v1/counter/{PRESENCE}/{path}"
+
+    def send(chunk: list[str]) -> list[int]:
+        with requests.Session() as session:
+            return [session.post(address, json={"user_id": u}, headers=headers, timeout=60).status_code for u in chunk]
+
+    statuses: dict[int, int] = {}
+    with ThreadPoolExecutor(50) as pool:
+        for result in pool.map(send, [users[i::50] for i in range(50)]):
+            for status in result:
+                statuses[status] = statuses.get(status, 0) + 1
+    return statuses
+
+
+def value(url: str, name: str = PRESENCE) -> int:
     """The value once the server has drained what wrk left queued when it stopped (its timeouts)."""
-    return settled_value(url, "online_players")
+    return settled_value(url, name)
+
+
+def check_window(label: str, run: dict, before: int, after: int, problems: list[str]) -> None:
+    """wrk stops with requests in flight: the server may have applied some it never saw answered."""
+    if not run["ok"] <= after - before <= run["sent"]:
+        problems.append(f"{label}: grew by {after - before}, wrk saw {run['ok']} 2xx of {run['sent']} sent")
 
 
 class Service:
@@ -118,35 +157,54 @@ def main() -> int:
         key = django_setup(stores.redis_url)
         from django.core.management import call_command
 
+        from counters.models import Counter, CounterValue
+
         call_command("setup_schedules", verbosity=0)  # as make run does: beat schedules the flush
+        # No lease lapses during the run: every login counts until it logs out.
+        Counter.objects.filter(app__slug="default", name=PRESENCE).update(lease_seconds=Counter.MAX_LEASE_SECONDS)
         print(f"bench-seed: wrk {' '.join(WRK_ARGS)}; load average before {load()}", flush=True)
         service = Service(stores.redis_url)
         try:
             for _ in range(2):  # warm every worker (config snapshot, hydration, connections)
                 hey_increments(service.url, key, 200)
-            seed = wrk(service.url + INCREMENT, key)
-            print(f"bench-seed: service done, load {load()}", flush=True)
+            presence_calls(service.url, key, "increment", [f"warm-{i}" for i in range(200)])
             before = value(service.url)
+            seed = wrk(service.url + INCREMENT, key, "login")
+            check_window("wrk logins", seed, before, value(service.url), problems)
+            print(f"bench-seed: service (logins) done, load {load()}", flush=True)
+            before = value(service.url, PLAIN)
+            plain = wrk(service.url + PLAIN_INCREMENT, key, "increment")
+            check_window("wrk plain increments", plain, before, value(service.url, PLAIN), problems)
+            print(f"bench-seed: service (plain increment) done, load {load()}", flush=True)
+
+            before = value(service.url, PLAIN)
             statuses = hey_increments(service.url, key, 5000)
-            applied = value(service.url) - before
+            applied = value(service.url, PLAIN) - before
             if applied != statuses.get(200, 0) or set(statuses) != {200}:
                 problems.append(f"hey: {statuses}, applied {applied}")
-            from counters.models import CounterValue
+            users = [f"exact-{i}" for i in range(LOGINS)]
+            for path, sign in (("increment", 1), ("decrement", -1)):
+                before = value(service.url)
+                statuses = presence_calls(service.url, key, path, users)
+                applied = sign * (value(service.url) - before)
+                if applied != statuses.get(200, 0) or set(statuses) != {200}:
+                    problems.append(f"{LOGINS} {path}s (logins/logouts): {statuses}, applied {applied}")
 
-            def flushed() -> bool:
-                row = CounterValue.objects.filter(counter__app__slug="default", counter__name="online_players").first()
-                return row is not None and row.value == value(service.url)
+            def flushed(name: str) -> bool:
+                row = CounterValue.objects.filter(counter__app__slug="default", counter__name=name).first()
+                return row is not None and row.value == value(service.url, name)
 
-            try:
-                wait_until(flushed, timeout=30, interval=0.5, what="the worker's flush")
-            except AssertionError:
-                problems.append("PostgreSQL != API 30 s after the last increment")
+            for name in (PRESENCE, PLAIN):
+                try:
+                    wait_until(lambda name=name: flushed(name), timeout=30, interval=0.5, what="the worker's flush")
+                except AssertionError:
+                    problems.append(f"{name}: PostgreSQL != API 30 s after the last update")
         finally:
             service.stop()
         reference_server = Reference(stores.redis_url)
         try:
             requests.post(reference_server.url, timeout=5)
-            reference = wrk(reference_server.url, key)
+            reference = wrk(reference_server.url, key, "increment")
         finally:
             reference_server.stop()
         print(f"bench-seed: load average after {load()}")
@@ -155,16 +213,26 @@ def main() -> int:
 
     print()
     print(f"{'':28} {'req/s':>9} {'P50':>9} {'P99':>9} {'non-2xx':>8}  socket errors")
-    for label, run in (("service (make run)", seed), ("reference (raw, coalesced)", reference)):
+    runs = (
+        ("service: logins (presence)", seed),
+        ("service: plain increment", plain),
+        ("reference (raw, coalesced)", reference),
+    )
+    for label, run in runs:
         print(
             f"{label:28} {run['rps']:>9.0f} {run['p50']:>9} {run['p99']:>9} {run['non2xx']:>8}  {run['socket_errors']}"
         )
-    print(f"service / reference: {seed['rps'] / reference['rps']:.2f}")
+    ratios = f"logins {seed['rps'] / reference['rps']:.2f}, plain {plain['rps'] / reference['rps']:.2f}"
+    print(f"service / reference: {ratios}")
     print(
         "exactness: "
-        + ("OK (hey's 200s == applied; PostgreSQL == API)" if not problems else "FAILED: " + "; ".join(problems))
+        + (
+            "OK (wrk's windows; hey's and the logins' 200s == applied; PostgreSQL == API)"
+            if not problems
+            else "FAILED: " + "; ".join(problems)
+        )
     )
-    return 1 if problems or seed["non2xx"] else 0
+    return 1 if problems or seed["non2xx"] or plain["non2xx"] else 0
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class Services:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, GUNICORN_MAX_REQUESTS="0", CELERY_WORKER_MAX_TASKS_PER_CHILD="0", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, GUNICORN_MAX_REQUESTS="0", WORKER_MAX_TASKS_PER_CHILD="0", PYTHONUNBUFFERED="1")
         config, celery = "gunicorn.conf.py", [str(BIN / "celery"), "-A", "counterproject"]
         if trace_dir:
             # Same processes, plus tracemalloc reports in every web worker and pool process.
@@ -118,6 +118,10 @@ class Services:
             for i, child in enumerate(sorted(children(process.pid))):
                 found[f"{name}-{i}"] = child
         return found
+
+    def exited(self) -> dict[str, int]:
+        """The processes that ended before they were told to stop, with their exit status."""
+        return {name: p.returncode for name, p in self.processes.items() if p.poll() is not None}
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -282,6 +286,7 @@ def soak(args: argparse.Namespace) -> int:
                 rotations += 1
                 last_rotation = time.monotonic()
             time.sleep(min(args.sample_every, max(0.0, args.duration - elapsed)))
+        died = services.exited()
     finally:
         stop.set()
         for thread in clients:
@@ -327,6 +332,10 @@ def soak(args: argparse.Namespace) -> int:
         print("per-process reports (bench/tracesummary.py):")
         print(summarise(Path(args.trace_dir)) or "none (the run was shorter than MEM_TRACE_WARMUP)")
     print("SUMMARY " + orjson.dumps(summary, option=orjson.OPT_NON_STR_KEYS).decode())
+    if died:
+        # A process that died during the soak has no slope to report: the run proves nothing about it.
+        print(f"processes that exited during the soak: {died} (SOAK_LOG=<file> keeps their output)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,7 @@
 """The web process's entry point (gunicorn with uvicorn workers, see gunicorn.conf.py).
 
-A small router: the hot requests (REST v1 increment, decrement, GET one, GET up to 10, batch
-update; getCounter, increaseCounter, decreaseCounter) go to the fast lane's async handlers
+A small router: the hot requests (REST v1 increment, decrement, presence heartbeat, GET one, GET
+up to 10, batch update; getCounter, increaseCounter, decreaseCounter) go to the fast lane's async handlers
 (``counters.fastlane``); everything else, and any hot request whose Host Django would refuse, to
 Django, served as WSGI on a bounded thread pool (``counterproject.threaded_wsgi``).
 """

@@ -161,7 +161,9 @@ CELERY_TASK_ACKS_LATE = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A safety net like gunicorn's max_requests (bench/README-soak.md shows memory is flat without it):
 # a pool process is replaced after this many tasks (the flush runs once a second). 0 switches it off.
-CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=50000) or None
+# Not named CELERY_WORKER_...: Celery's command line reads every CELERY_<COMMAND>_<OPTION> variable as
+# that option, and `celery worker --max-tasks-per-child 0` refuses to start.
+CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("WORKER_MAX_TASKS_PER_CHILD", default=50000) or None
 
 # Counter service knobs.
 COUNTER_DEFAULT_TIME_ZONE = env("COUNTER_DEFAULT_TIME_ZONE", default="UTC")
@@ -172,6 +174,7 @@ COUNTER_CONFIG_CHECK_SECONDS = env.float("COUNTER_CONFIG_CHECK_SECONDS", default
 # A deleted counter's Redis keys are dropped this long after the delete: by then no process's
 # config snapshot (at most COUNTER_CONFIG_CACHE_SECONDS old) nor request in flight can write them.
 COUNTER_DELETED_KEYS_GRACE_SECONDS = env.float("COUNTER_DELETED_KEYS_GRACE_SECONDS", default=120.0)
+COUNTER_PRESENCE_SWEEP_SECONDS = env.float("COUNTER_PRESENCE_SWEEP_SECONDS", default=15.0)
 COUNTER_METADATA_MAX_BYTES = env.int("COUNTER_METADATA_MAX_BYTES", default=4096)
 # An Idempotency-Key is remembered this long after the write that first used it (docs/idempotency.md).
 COUNTER_IDEMPOTENCY_KEY_SECONDS = env.int("COUNTER_IDEMPOTENCY_KEY_SECONDS", default=24 * 3600)

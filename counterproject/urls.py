@@ -12,12 +12,14 @@ counter_read = CounterViewSet.as_view({"get": "retrieve"})
 counter_increment = CounterViewSet.as_view({"post": "increment"})
 counter_decrement = CounterViewSet.as_view({"post": "decrement"})
 counter_reset = CounterViewSet.as_view({"post": "reset"})
+counter_heartbeat = CounterViewSet.as_view({"post": "heartbeat"})
 
 urlpatterns = [
     path("api/v1/counter/<str:name>", counter_read, name="counter-detail"),
     path("api/v1/counter/<str:name>/increment", counter_increment, name="counter-increment"),
     path("api/v1/counter/<str:name>/decrement", counter_decrement, name="counter-decrement"),
     path("api/v1/counter/<str:name>/reset", counter_reset, name="counter-reset"),
+    path("api/v1/counter/<str:name>/heartbeat", counter_heartbeat, name="counter-heartbeat"),
     path("api/v1/counter/<str:name>/history", CounterHistoryView.as_view(), name="counter-history"),
     path("api/v1/counter/<str:name>/thresholds", ThresholdListView.as_view(), name="counter-thresholds"),
     path(

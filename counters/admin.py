@@ -123,7 +123,7 @@ class CounterResetForm(forms.Form):
 @admin.register(Counter)
 class CounterAdmin(admin.ModelAdmin):
     list_display = ["name", "app", "live_value", "scope", "period", "bounds", "public", "unique_members", "expires_at"]
-    list_filter = ["app", "scope", "period", "public", "unique_members", ExpiryFilter]
+    list_filter = ["app", "kind", "scope", "period", "public", "unique_members", ExpiryFilter]
     list_select_related = ["app"]
     search_fields = ["name", "display_name", "description", "app__slug"]
     readonly_fields = ["created_at", "updated_at"]
@@ -137,6 +137,7 @@ class CounterAdmin(admin.ModelAdmin):
         ),
         ("Bounds", {"fields": ["min_value", "max_value", "allow_negative", "saturate"]}),
         ("Counting", {"fields": ["unique_members", "log_operations", "expires_at", "created_at", "updated_at"]}),
+        ("Presence (docs/presence.md)", {"fields": ["kind", "lease_seconds", "presence_counts"]}),
     ]
 
     def get_changelist_instance(self, request):

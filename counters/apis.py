@@ -7,7 +7,7 @@ from rest_framework import viewsets
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import selectors, services
+from . import presence, selectors, services
 from .api_errors import error_response
 from .auth import checked_name, request_app_id, request_key
 from .clock import iso_utc
@@ -17,7 +17,14 @@ from .idempotency import META_HEADER, REPLAYED_HEADER, REPLAYED_HEADERS, idempot
 from .permissions import check_manage, check_read, check_write
 from .redis_store import StoreUnavailable, breaker, redis_call
 from .rendering import json_response, request_json
-from .serializers import SUBJECT_PATTERN, ResetInputSerializer, batch_updates_parse, update_input_parse
+from .serializers import (
+    SUBJECT_PATTERN,
+    ResetInputSerializer,
+    batch_updates_parse,
+    heartbeat_input_parse,
+    presence_update_input_parse,
+    update_input_parse,
+)
 from .values import UpdateResult
 
 
@@ -94,6 +101,18 @@ class CounterViewSet(LeanDispatch, viewsets.ViewSet):
         key = request_key(request)
         counter = self._counter(request, checked_name(name), key)
         check_write(key, counter)
+        if counter.is_presence:
+            # A malformed Idempotency-Key is refused as anywhere; a valid one is not needed here.
+            request_idempotency(request, app_id=key.app_id, parts=("presence", counter.id))
+            lease, metadata = presence_update_input_parse(request_json(request))
+            result = presence.presence_update(
+                counter=counter,
+                op=presence.LOGIN if sign > 0 else presence.LOGOUT,
+                leases=[lease],
+                actor=key.prefix,
+                metadata=metadata,
+            )
+            return json_response({"success": True, "current_value": result.update.new_value})
         value, user_id, metadata = update_input_parse(request_json(request))
         idempotency = request_idempotency(
             request, app_id=key.app_id, parts=update_fingerprint_parts(counter, sign * value, user_id, metadata)
@@ -117,6 +136,20 @@ class CounterViewSet(LeanDispatch, viewsets.ViewSet):
     @lean
     def decrement(self, request, name: str) -> HttpResponse:
         return self._update(request, name, -1)
+
+    @lean
+    def heartbeat(self, request, name: str) -> HttpResponse:
+        """Renew (or open again) presence leases: one player's, or a game server's players and node."""
+        key = request_key(request)
+        counter = self._counter(request, name, key)
+        check_write(key, counter)
+        presence.presence_check(counter=counter)
+        leases, lease_seconds = heartbeat_input_parse(request_json(request))
+        result = presence.presence_update(
+            counter=counter, op=presence.HEARTBEAT, leases=leases, lease_seconds=lease_seconds, actor=key.prefix
+        )
+        body = {"success": True, "current_value": result.update.new_value, "lease_seconds": result.lease_seconds}
+        return json_response({**body, "expires_at": iso_utc(result.expires_at)})
 
     def reset(self, request, name: str) -> Response:
         data = ResetInputSerializer(data=request.data)

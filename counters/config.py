@@ -62,6 +62,13 @@ class CounterConfig:
     log_operations: bool
     expires_at: datetime | None
     thresholds: tuple[ThresholdConfig, ...]
+    kind: str
+    lease_seconds: int
+    presence_counts: str
+
+    @property
+    def is_presence(self) -> bool:
+        return self.kind == Counter.Kind.PRESENCE
 
     # Compared with the plain strings: comparing with the enum member costs 30 times more, and
     # these run several times per update of a batch.

@@ -27,6 +27,12 @@ Per counter ``c``:
 - ``cs:{c}:log`` list: operation-log entries (JSON) for counters that log operations.
 - ``cs:{c}:ik:<app id>:<Idempotency-Key>`` string: what the update script answered to the write
   that first used that key (see ``IDEMPOTENT_PROLOGUE``); it expires after the key's lifetime.
+- Presence counters (``docs/presence.md``), leases of ``<user>|<session>`` (session may be empty):
+  ``cs:{c}:ps`` sorted set lease -> expiry (ms); ``cs:{c}:pu`` hash user -> live leases;
+  ``cs:{c}:px`` sorted set (all scores 0, ranged by name) of leases, to find a user's;
+  ``cs:{c}:pn`` sorted set node -> expiry (ms); ``cs:{c}:pnm`` sorted set (scores 0) of
+  ``<node>|<lease>``, to find a node's; ``cs:{c}:psn`` hash lease -> node. The value hash holds
+  the count as of the last script run (what the flusher persists).
 - ``cs:{c}:batches`` set of batch ids moved out of ``pend``/``log`` and not yet deleted;
   ``cs:{c}:b:<id>`` / ``cs:{c}:bl:<id>`` hold one batch.
 
@@ -544,3 +550,100 @@ def idempotency_record_parse(record: bytes) -> tuple[int, list]:
     if status == b"OK":
         reply += [crossed.split(b",") if crossed else [], marks.split(b",") if marks else []]
     return int(at), reply
+
+
+def presence_keys(counter_id: int, period: str) -> list[str]:
+    """PRESENCE_SCRIPT's keys: UPDATE_SCRIPT's (subject empty), then the lease keys."""
+    tag = _tag(counter_id)
+    leases = [f"{tag}:ps", f"{tag}:pu", f"{tag}:px", f"{tag}:pn", f"{tag}:pnm", f"{tag}:psn"]
+    return update_keys(counter_id, period, "") + leases
+
+
+# Presence leases (docs/presence.md). Every call first drops what has lapsed at ``now`` (ARGV[2],
+# the service's clock, never Redis TIME, so tests can move it): lapsed nodes with every lease
+# they carry, then lapsed leases. Then it applies the operation to each (user, session, node)
+# item: 'in' (login) and 'hb' (heartbeat) open or renew a lease until now + lease, or, given a
+# node (now or before), for as long as that node's lease, which they renew; a node alone renews
+# the node; 'out' (logout) closes the session, or every session of the user if none is given;
+# 'read' only sweeps. The count (users or sessions) is then written to the value hash through
+# the update body ('set', so the flusher, peak, stats buckets and thresholds see it like any
+# other change); a heartbeat or read that changed nothing writes nothing.
+# KEYS: presence_keys. ARGV: op, now ms, lease ms, 'users'/'sessions', pending field, minute,
+# log entry, number of thresholds, 5 arguments per threshold (as UPDATE_SCRIPT), then the items
+# as user, session, node triples. Returns UPDATE_SCRIPT's reply, or {'HYDRATE'} before any change.
+PRESENCE_SCRIPT = (
+    "local function update(KEYS, ARGV)\n"
+    + _UPDATE_BODY
+    + """end
+
+local vkey = KEYS[1]
+local skey, ukey, xkey, nkey, nmkey, snkey = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local op, ms, lease, counts = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local now = tonumber(ms)
+local first_item = 9 + 5 * tonumber(ARGV[8])
+if redis.call('EXISTS', vkey) == 0 then return {'HYDRATE'} end
+
+local function drop(lease_id)
+  if redis.call('ZREM', skey, lease_id) == 0 then return end
+  redis.call('ZREM', xkey, lease_id)
+  local user = string.match(lease_id, '^[^|]*')
+  if redis.call('HINCRBY', ukey, user, -1) <= 0 then redis.call('HDEL', ukey, user) end
+  local node = redis.call('HGET', snkey, lease_id)
+  if node then
+    redis.call('HDEL', snkey, lease_id)
+    redis.call('ZREM', nmkey, node .. '|' .. lease_id)
+  end
+end
+
+-- Names never contain '|' or '}', so '[x|' .. '(x}' ranges exactly the entries starting 'x|'.
+local function starting(key, prefix)
+  return redis.call('ZRANGEBYLEX', key, '[' .. prefix .. '|', '(' .. prefix .. '}')
+end
+
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', nkey, '-inf', now)) do
+  for _, entry in ipairs(starting(nmkey, node)) do drop(string.sub(entry, #node + 2)) end
+  redis.call('ZREM', nkey, node)
+end
+for _, lease_id in ipairs(redis.call('ZRANGEBYSCORE', skey, '-inf', now)) do drop(lease_id) end
+
+local expiry = now + lease
+local i = first_item
+while i + 2 <= #ARGV do
+  local user, session, node = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if op == 'out' then
+    if session ~= '' then
+      drop(user .. '|' .. session)
+    else
+      for _, lease_id in ipairs(starting(xkey, user)) do drop(lease_id) end
+    end
+  elseif op ~= 'read' then
+    if node ~= '' then redis.call('ZADD', nkey, expiry, node) end
+    if user ~= '' then
+      local lease_id = user .. '|' .. session
+      local old_node = redis.call('HGET', snkey, lease_id)
+      -- A lease carried by a node lives as long as the node: no expiry of its own.
+      local until_ms = expiry
+      if node ~= '' or old_node then until_ms = '+inf' end
+      if redis.call('ZADD', skey, until_ms, lease_id) == 1 then
+        redis.call('ZADD', xkey, 0, lease_id)
+        redis.call('HINCRBY', ukey, user, 1)
+      end
+      if node ~= '' and old_node ~= node then
+        if old_node then redis.call('ZREM', nmkey, old_node .. '|' .. lease_id) end
+        redis.call('HSET', snkey, lease_id, node)
+        redis.call('ZADD', nmkey, 0, node .. '|' .. lease_id)
+      end
+    end
+  end
+  i = i + 3
+end
+
+local old = tonumber(redis.call('HGET', vkey, 'v'))
+local new
+if counts == 'sessions' then new = redis.call('ZCARD', skey) else new = redis.call('HLEN', ukey) end
+if op ~= 'in' and op ~= 'out' and new == old then return {'OK', old, new, {}, {}} end
+local A = {'set', string.format('%d', new), ARGV[5], '', '', '', '0', ms, ARGV[6], '1', ARGV[7]}
+for j = 9, first_item - 1 do A[#A + 1] = ARGV[j] end
+return update({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, A)
+"""
+)

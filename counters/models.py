@@ -4,7 +4,7 @@ import zoneinfo
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -58,6 +58,18 @@ class Counter(models.Model):
         RATIO = "ratio", "Relative: multiply by a ratio"
         DIFFERENCE = "difference", "Relative: subtract a difference"
 
+    class Kind(models.TextChoices):
+        PLAIN = "plain", "Plain (increments and decrements)"
+        PRESENCE = "presence", "Presence (live leases: login, heartbeat, logout)"
+
+    class PresenceCounts(models.TextChoices):
+        USERS = "users", "Users (several sessions of one user count once)"
+        SESSIONS = "sessions", "Sessions (each session counts)"
+
+    # Lease bounds of presence counters (a heartbeat may ask for its own lease within them).
+    MIN_LEASE_SECONDS = 5
+    MAX_LEASE_SECONDS = 3600
+
     app = models.ForeignKey(App, on_delete=models.PROTECT, related_name="counters")
     name = models.CharField(max_length=64, validators=[name_validator])
     display_name = models.CharField(max_length=200, blank=True)
@@ -87,6 +99,20 @@ class Counter(models.Model):
     public = models.BooleanField(default=False, help_text="Readable without an API key.")
     log_operations = models.BooleanField(default=False, help_text="Keep every update in the operation log.")
     expires_at = models.DateTimeField(null=True, blank=True, help_text="Temporary counters stop accepting updates.")
+    kind = models.CharField(
+        max_length=10,
+        choices=Kind.choices,
+        default=Kind.PLAIN,
+        help_text="Presence: the value is the number of live leases (docs/presence.md).",
+    )
+    lease_seconds = models.PositiveIntegerField(
+        default=90,
+        validators=[MinValueValidator(MIN_LEASE_SECONDS), MaxValueValidator(MAX_LEASE_SECONDS)],
+        help_text="Presence: a login or heartbeat keeps a player counted this long.",
+    )
+    presence_counts = models.CharField(
+        max_length=8, choices=PresenceCounts.choices, default=PresenceCounts.USERS, help_text="Presence: what counts."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -104,6 +130,8 @@ class Counter(models.Model):
             raise ValidationError("Unique-member counting applies to app and global counters, not user counters.")
         if self.max_value is not None and not self.allow_negative and self.max_value < self.min_value:
             raise ValidationError("max_value must not be below min_value.")
+        if self.kind == self.Kind.PRESENCE and (self.scope == self.Scope.USER or self.unique_members):
+            raise ValidationError("A presence counter counts an app's players: not per player, not unique-member.")
 
     @property
     def effective_time_zone(self) -> str:

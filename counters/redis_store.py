@@ -140,6 +140,10 @@ class _Scripts:
         return self._get("update_many", keyspace.UPDATE_MANY_SCRIPT)
 
     @property
+    def presence(self):
+        return self._get("presence", keyspace.PRESENCE_SCRIPT)
+
+    @property
     def hydrate(self):
         return self._get("hydrate", keyspace.HYDRATE_SCRIPT)
 

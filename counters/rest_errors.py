@@ -41,6 +41,10 @@ RULE_STATS_RANGE = "4001: startDate before endDate, both in the years 1970 to 99
 RULE_ONCE_PER_BATCH = "4001: each counter (and player) at most once per request"
 RULE_IDEMPOTENCY_CONFLICT = "4001: the Idempotency-Key was already used for another request"
 RULE_UNIQUE_NEEDS_USER = "4001: a unique-member counter (like daily_active_users) needs the user_id it counts"
+RULE_PRESENCE = (
+    "4001: a presence counter (like online_players) takes one user_id per login or logout, value 1, and "
+    "no reset or batch update; a heartbeat needs a presence counter and a user_id, user_ids or node_id"
+)
 RULE_BATCH_READ = "4001: a per-player counter is read one at a time (GET /api/v1/counter/{name})"
 
 

@@ -9,12 +9,15 @@ from rest_framework import serializers
 from .apis import CounterBatchUpdateView, CounterBatchView, CounterStreamView, CounterViewSet
 from .idempotency import KEY_PATTERN
 from .keyspace import MAX_SAFE_VALUE
+from .models import Counter
+from .presence import MAX_BATCH_LEASES
 from .rest_errors import (
     REST_ERRORS,
     RULE_BATCH_READ,
     RULE_BOUNDS,
     RULE_IDEMPOTENCY_CONFLICT,
     RULE_PER_PLAYER,
+    RULE_PRESENCE,
     RULE_UNIQUE_DECREMENT,
     RULE_UNIQUE_NEEDS_USER,
     RestErrorDetail,
@@ -142,17 +145,65 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 AUTH = "Authenticate with `Authorization: Bearer <API key>` or `X-API-Key`."
 
 
+# An object whose unknown fields the server refuses (``batch_updates_parse``): the schema says so.
+class ClosedSerializer(serializers.Serializer):
+    pass
+
+
+class ClosedSerializerSchema(OpenApiSerializerExtension):
+    target_class = ClosedSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema, direction):
+        return {**auto_schema._map_basic_serializer(self.target, direction), "additionalProperties": False}
+
+
+class HeartbeatInput(ClosedSerializer):
+    user_id = serializers.RegexField(SUBJECT_PATTERN.pattern, required=False, help_text="One player...")
+    session_id = serializers.RegexField(SUBJECT_PATTERN.pattern, required=False, help_text="...on this session.")
+    user_ids = serializers.ListField(
+        child=serializers.RegexField(SUBJECT_PATTERN.pattern),
+        min_length=1,
+        max_length=MAX_BATCH_LEASES,
+        required=False,
+        help_text="Or a game server's players (instead of user_id and session_id).",
+    )
+    node_id = serializers.RegexField(
+        SUBJECT_PATTERN.pattern, required=False, help_text="The game server carrying them; alone: renew the node."
+    )
+    lease_seconds = serializers.IntegerField(
+        min_value=Counter.MIN_LEASE_SECONDS,
+        max_value=Counter.MAX_LEASE_SECONDS,
+        required=False,
+        help_text="Default: the counter's lease.",
+    )
+
+
+class HeartbeatReply(UpdateReply):
+    lease_seconds = serializers.IntegerField()
+    expires_at = serializers.DateTimeField()
+
+
+PRESENCE = (
+    " On a presence counter (`online_players`, docs/presence.md) an increment logs a player in and a "
+    "decrement logs them out: `user_id` is required, `value` may only be 1, `session_id` and `node_id` "
+    "are optional."
+)
+
+
 def _update(verb: str, example_value: int, *rules: str):
     return extend_schema(
         tags=["REST v1"],
         summary=f"{verb.capitalize()} a counter",
-        description=f"Needs the `write` role (global counters: also `global_admin`). {AUTH}",
+        description=f"Needs the `write` role (global counters: also `global_admin`). {AUTH}{PRESENCE}",
         parameters=[NAME, IDEMPOTENCY_KEY],
         request=UpdateInputSerializer,
         responses={
             200: UpdateReply,
             **REST_ERRORS,
-            **refused_by_rules(RULE_BOUNDS, RULE_PER_PLAYER, RULE_UNIQUE_NEEDS_USER, RULE_IDEMPOTENCY_CONFLICT, *rules),
+            **refused_by_rules(
+                RULE_BOUNDS, RULE_PER_PLAYER, RULE_UNIQUE_NEEDS_USER, RULE_PRESENCE, RULE_IDEMPOTENCY_CONFLICT, *rules
+            ),
         },
         examples=[
             OpenApiExample(verb, value={"value": 1, "user_id": "u123456", "metadata": {}}, request_only=True),
@@ -179,6 +230,32 @@ for method, annotation in dict(
     ),
     increment=_update("increment", 12345),
     decrement=_update("decrement", 12344, RULE_UNIQUE_DECREMENT),
+    heartbeat=extend_schema(
+        tags=["REST v1"],
+        summary="Renew presence leases",
+        description="Presence counters only (docs/presence.md): renews, or opens again, the leases of one "
+        f"player or of up to {MAX_BATCH_LEASES} players of a game server, in one Redis round trip. "
+        f"Needs the `write` role. {AUTH}",
+        parameters=[NAME],
+        request=HeartbeatInput,
+        responses={200: HeartbeatReply, **REST_ERRORS, **refused_by_rules(RULE_PRESENCE)},
+        examples=[
+            OpenApiExample("one player", value={"user_id": "u123456", "session_id": "phone"}, request_only=True),
+            OpenApiExample(
+                "a game server", value={"user_ids": ["u1", "u2", "u3"], "node_id": "eu-7"}, request_only=True
+            ),
+            OpenApiExample(
+                "heartbeat",
+                value={
+                    "success": True,
+                    "current_value": 12345,
+                    "lease_seconds": 90,
+                    "expires_at": "2024-01-15T10:31:30Z",
+                },
+                response_only=True,
+            ),
+        ],
+    ),
     reset=extend_schema(
         tags=["REST v1"],
         summary="Reset a counter (administrator only)",
@@ -229,19 +306,6 @@ extend_schema_view(
         ],
     )
 )(CounterBatchView)
-
-
-# An object whose unknown fields the server refuses (``batch_updates_parse``): the schema says so.
-class ClosedSerializer(serializers.Serializer):
-    pass
-
-
-class ClosedSerializerSchema(OpenApiSerializerExtension):
-    target_class = ClosedSerializer
-    match_subclasses = True
-
-    def map_serializer(self, auto_schema, direction):
-        return {**auto_schema._map_basic_serializer(self.target, direction), "additionalProperties": False}
 
 
 class BatchUpdateInputItem(ClosedSerializer):

@@ -11,7 +11,7 @@ from django.utils.translation import gettext as _
 from archive.models import PeriodArchive
 from metrics.recorders import degraded_read_record
 
-from . import clock, keyspace, periods
+from . import clock, keyspace, periods, presence
 from .config import DEFAULT_APP_SLUG, GLOBAL_APP_SLUG, CounterConfig, KeyConfig
 from .config import cache as config_cache
 from .errors import CounterNotFound, InvalidParameter
@@ -82,6 +82,11 @@ def _to_view(counter: CounterConfig, subject: str, window: periods.PeriodWindow,
     )
 
 
+def presence_view(counter: CounterConfig, subject: str, window: periods.PeriodWindow, result) -> ValueView:
+    """A presence counter's value as read: the live leases counted at ``result.updated_at``, the read."""
+    return ValueView(counter, subject, result.new_value, result.updated_at, window)
+
+
 def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[ValueView]:
     """Current values of several (counter, subject) pairs in one Redis round trip (hydrating misses).
 
@@ -93,7 +98,7 @@ def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[ValueV
     windows = [periods.window_at(c.period, c.time_zone, now) for c, _ in items]
     try:
         store_reconcile_if_due()
-        return _values_from_store(items, windows)
+        return _values_from_store(items, windows, now)
     except StoreUnavailable:
         degraded_read_record()
         return counter_values_from_database(items=items, windows=windows)
@@ -128,18 +133,30 @@ def counter_values_from_database(
     return views
 
 
-def _values_from_store(items: list[tuple[CounterConfig, str]], windows: list[periods.PeriodWindow]) -> list[ValueView]:
+def _values_from_store(
+    items: list[tuple[CounterConfig, str]], windows: list[periods.PeriodWindow], now: datetime
+) -> list[ValueView]:
     keys = [keyspace.value_key(c.id, w.key, s) for (c, s), w in zip(items, windows, strict=True)]
 
     def read(r):
         pipe = r.pipeline(transaction=False)
-        for key in keys:
-            pipe.hmget(key, "v", "upd", keyspace.LAST_RESET_FIELD)
-        return pipe.execute()
+        for (counter, _subject), window, key in zip(items, windows, keys, strict=True):
+            if counter.is_presence:
+                # Counted at the moment of the read, lapsed leases dropped first.
+                presence.presence_read_pipeline(pipe=pipe, counter=counter, window=window, now=now)
+            else:
+                pipe.hmget(key, "v", "upd", keyspace.LAST_RESET_FIELD)
+        return pipe.execute(raise_on_error=False)
 
     raws = redis_call(read)
     views = []
     for (counter, subject), window, key, raw in zip(items, windows, keys, raws, strict=True):
+        if counter.is_presence:
+            result = presence.presence_read_reply(counter=counter, window=window, reply=raw, now=now)
+            views.append(presence_view(counter, subject, window, result))
+            continue
+        if isinstance(raw, Exception):
+            raise raw
         if raw[0] is None:
             value_hydrate(counter=counter, subject=subject, window=window)
             raw = redis_call(lambda r, k=key: r.hmget(k, "v", "upd", keyspace.LAST_RESET_FIELD))

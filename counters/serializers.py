@@ -8,9 +8,10 @@ from django.utils.translation import gettext, gettext_lazy
 from rest_framework import serializers
 
 from . import keyspace
-from .errors import InvalidParameter
+from .errors import InvalidParameter, RuleViolation
 from .idempotency import idempotency_key_check
 from .models import NAME_PATTERN
+from .presence import MAX_BATCH_LEASES, Lease
 
 SUBJECT_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
 SUBJECT_HELP = "1-64 letters, digits, '_', '.', ':', '@' or '-'"
@@ -108,6 +109,8 @@ class UpdateInputSerializer(serializers.Serializer):
     value = StrictIntegerField(min_value=1, default=1)
     user_id = SubjectField(required=False, help_text="Required by unique-member counters (daily_active_users).")
     metadata = MetadataField(required=False, help_text=METADATA_HELP)
+    session_id = SubjectField(required=False, help_text="Presence counters: the session of a login or logout.")
+    node_id = SubjectField(required=False, help_text="Presence counters: the game server carrying the player.")
 
 
 _PLAIN_UPDATE_FIELDS = frozenset(("value", "user_id"))
@@ -211,3 +214,78 @@ def batch_updates_parse(data) -> list[BatchItem]:
                 raise InvalidParameter(f"updates[{index}].id: {item.id!r} appears twice in the batch.")
             seen.add(item.id)
     return items
+
+
+_HEARTBEAT_FIELDS = frozenset(("user_id", "user_ids", "session_id", "node_id", "lease_seconds"))
+
+
+def _presence_id(data: dict, field: str) -> str:
+    """The id in ``field``, "" when the field is absent; given, it must be an id (an empty one is
+    refused as the schema refuses it, not taken as absent)."""
+    if field not in data:
+        return ""
+    raw = data[field]
+    if not isinstance(raw, str) or not SUBJECT_PATTERN.match(raw):
+        raise InvalidParameter(f"{field}: use {SUBJECT_HELP}.")
+    return raw
+
+
+def _presence_fields(data, allowed: frozenset[str]) -> dict:
+    if not isinstance(data, dict):
+        raise InvalidParameter("The body must be a JSON object.")
+    unknown = data.keys() - allowed
+    if unknown:
+        raise InvalidParameter(f"Unknown field {sorted(unknown)[0]!r}.")
+    return data
+
+
+def presence_update_input_parse(data) -> tuple[Lease, dict | None]:
+    """The lease of a login (increment) or logout (decrement) of a presence counter, and its metadata.
+
+    ``{"user_id": "u1", "session_id": "s1", "node_id": "n1"}``: a user_id is required; ``value``
+    may only be 1 (a lease is there or not); session_id and node_id are optional.
+    """
+    if not isinstance(data, dict):
+        raise InvalidParameter("The body must be a JSON object.")
+    value = data.get("value", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= keyspace.MAX_SAFE_VALUE:
+        raise InvalidParameter(f"value: must be an integer from 1 to {keyspace.MAX_SAFE_VALUE}.")
+    if value != 1:
+        raise RuleViolation("value: a presence counter counts leases, a login or logout is always 1.")
+    user_id = _presence_id(data, "user_id")
+    if not user_id:
+        raise RuleViolation("user_id: required by a presence counter (whose lease is it?).")
+    metadata = None
+    if "metadata" in data:  # given, it must be an object (null too is refused, as the schema says)
+        try:
+            metadata = MetadataField().to_internal_value(data["metadata"])
+        except serializers.ValidationError as exc:
+            raise InvalidParameter(f"metadata: {exc.detail[0]}") from exc
+    return Lease(user_id, _presence_id(data, "session_id"), _presence_id(data, "node_id")), metadata
+
+
+def heartbeat_input_parse(data) -> tuple[list[Lease], int | None]:
+    """The leases a heartbeat renews and the lease it asks for (None: the counter's).
+
+    ``{"user_id": "u1", "session_id": "s1", "node_id": "n1"}`` for one player,
+    ``{"user_ids": [...], "node_id": "n1"}`` for a game server's players (at most
+    ``MAX_BATCH_LEASES``), ``{"node_id": "n1"}`` to renew a node alone.
+    """
+    data = _presence_fields(data, _HEARTBEAT_FIELDS)
+    node_id, session_id = _presence_id(data, "node_id"), _presence_id(data, "session_id")
+    if "user_ids" in data:
+        if "user_id" in data or session_id:
+            raise RuleViolation("user_ids: send either user_ids (a batch, no session_id) or user_id.")
+        user_ids = data["user_ids"]
+        if not isinstance(user_ids, list) or not 1 <= len(user_ids) <= MAX_BATCH_LEASES:
+            raise InvalidParameter(f"user_ids: a list of 1 to {MAX_BATCH_LEASES} user ids.")
+        for index, user_id in enumerate(user_ids):
+            if not isinstance(user_id, str) or not SUBJECT_PATTERN.match(user_id):
+                raise InvalidParameter(f"user_ids[{index}]: use {SUBJECT_HELP}.")
+        leases = [Lease(user_id, "", node_id) for user_id in user_ids]
+    else:
+        user_id = _presence_id(data, "user_id")
+        if not user_id and (session_id or not node_id):
+            raise RuleViolation("user_id: required (or user_ids, or node_id alone to renew a node).")
+        leases = [Lease(user_id, session_id, node_id)]
+    return leases, data.get("lease_seconds")

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from operator import itemgetter
 
-import orjson
 import redis
 from django.conf import settings
 from django.utils.translation import gettext
@@ -26,6 +25,7 @@ from .errors import (
     ServiceReadOnly,
 )
 from .idempotency import REPLAYED_HEADERS, Idempotency
+from .presence import Lease, presence_login_op, presence_update
 from .redis_store import StoreUnavailable, redis_call, scripts
 from .values import (
     ResetResult,
@@ -33,6 +33,7 @@ from .values import (
     counter_check_subject,
     counter_out_of_limits,
     counter_value_bounds,
+    operation_log_prefix,
     value_hydrate,
 )
 from .write_through import counter_update_write_through, store_reconcile_if_due, store_reconcile_mark_due
@@ -72,12 +73,6 @@ def _run_update(
             return result
         value_hydrate(counter=counter, subject=subject, window=window)
     raise StoreUnavailable("value could not be hydrated")
-
-
-def _log_prefix(*, actor: str, user_id: str, subject: str, period: str, ms: int, metadata: dict | None) -> str:
-    entry = {"ts": ms, "actor": actor, "user_id": user_id, "subject": subject, "period": period}
-    entry["metadata"] = metadata or {}
-    return orjson.dumps(entry).decode()[:-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +121,11 @@ def _prepare_update(
         )
     counter_check_subject(counter=counter, subject=subject)
     _check_live(counter, now)
+    if counter.is_presence:
+        raise RuleViolation(
+            gettext("Counter '%(name)s' counts live leases: log players in and out one at a time.")
+            % {"name": counter.name}
+        )
     member = user_id if counter.unique_members else ""
     if counter.unique_members and not member:
         raise RuleViolation(
@@ -141,7 +141,7 @@ def _prepare_update(
     ms = clock.to_ms(now)
     low, high = counter_value_bounds(counter=counter, allow_negative=allow_negative)
     log = (
-        _log_prefix(actor=actor, user_id=user_id, subject=subject, period=window.key, ms=ms, metadata=metadata)
+        operation_log_prefix(actor=actor, user_id=user_id, subject=subject, period=window.key, ms=ms, metadata=metadata)
         if counter.log_operations
         else ""
     )
@@ -202,6 +202,11 @@ def _update_result(prepared: _PreparedUpdate, result: list, now: datetime) -> Up
 def counter_reset_check(*, counter: CounterConfig, subject: str = "", value: int | None = None) -> int:
     """Validate a reset without changing anything; returns the value the counter would be set to."""
     counter_check_subject(counter=counter, subject=subject)
+    if counter.is_presence:
+        raise RuleViolation(
+            gettext("Counter '%(name)s' counts live leases: it cannot be reset, players log out or lapse.")
+            % {"name": counter.name}
+        )
     target = counter.reset_value if value is None else value
     low, high = counter_value_bounds(counter=counter)
     if not low <= target <= high:
@@ -228,7 +233,13 @@ def counter_update(
     them changes nothing and raises ``OutOfLimits``. With an ``idempotency`` key the update is
     applied at most once per key: a repeat answers the first outcome (``replayed``), another
     request with the same key raises ``IdempotencyConflict``; both change nothing.
+
+    On a presence counter an increment logs ``user_id`` in and a decrement logs them out
+    (``counters.presence``); the amount must be 1 (an Idempotency-Key changes nothing there: a
+    repeated login or logout has the same effect).
     """
+    if counter.is_presence:
+        return _presence_update(counter=counter, amount=amount, user_id=user_id, actor=actor, metadata=metadata)
     now = clock.now()
     prepared = _prepare_update(
         counter=counter,
@@ -297,6 +308,11 @@ def update_many_call(group: list[_PreparedUpdate]) -> tuple[list[str], list]:
             keys.append(keyspace.idempotency_key(item.counter.id, idem.app_id, idem.key) if idem else item.keys[0])
             args.append(idem.fingerprint if idem else "")
     return keys, args
+
+
+def _presence_update(*, counter: CounterConfig, amount: int, user_id: str, actor: str, metadata: dict | None):
+    op = presence_login_op(counter=counter, amount=amount)
+    return presence_update(counter=counter, op=op, leases=[Lease(user_id)], actor=actor, metadata=metadata).update
 
 
 def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:

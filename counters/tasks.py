@@ -3,6 +3,7 @@ from celery import shared_task
 from metrics.recorders import Stopwatch, flush_record
 
 from .flush import counters_flush, deleted_counters_purge, operation_log_trim
+from .presence import presence_sweep
 from .write_through import store_reconcile
 
 
@@ -34,3 +35,8 @@ def flush() -> dict:
 @shared_task(name="counters.trim_operation_log", ignore_result=True)
 def trim_operation_log() -> int:
     return operation_log_trim()
+
+
+@shared_task(name="counters.presence_sweep", ignore_result=True)
+def sweep_presence() -> int:
+    return presence_sweep()

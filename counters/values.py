@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
+import orjson
 from django.db.models import Q
 from django.utils.translation import gettext
 
@@ -245,3 +246,10 @@ def value_rebase(*, counter_id: int, period: str, subject: str, value: int, vers
     ]
     args = [value, version, keyspace.value_field(period, subject)]
     return bool(redis_call(lambda r: scripts.rebase(keys=keys, args=args, client=r)))
+
+
+def operation_log_prefix(*, actor: str, user_id: str, subject: str, period: str, ms: int, metadata: dict | None) -> str:
+    """An operation-log entry without its closing brace: the update script appends old and new."""
+    entry = {"ts": ms, "actor": actor, "user_id": user_id, "subject": subject, "period": period}
+    entry["metadata"] = metadata or {}
+    return orjson.dumps(entry).decode()[:-1]

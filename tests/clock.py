@@ -55,3 +55,23 @@ def process_clock_env() -> dict[str, str]:
         offset = start_of_test().timestamp() - datetime.now(UTC).timestamp()
     path = os.pathsep.join(filter(None, [str(CLOCK_HOOK), os.environ.get("PYTHONPATH")]))
     return {"PYTHONPATH": path, "TEST_CLOCK_OFFSET_SECONDS": f"{offset:.6f}"}
+
+
+class ServerClock:
+    """The wall clock of a server the tests start with ``env()``: stopped where ``move_to`` puts it,
+    the real one (or the test's) again after ``release`` (``clockhook/sitecustomize.py``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def env(self) -> dict[str, str]:
+        path = os.pathsep.join(filter(None, [str(CLOCK_HOOK), os.environ.get("PYTHONPATH")]))
+        return {"PYTHONPATH": path, "TEST_CLOCK_FILE": str(self.path)}
+
+    def move_to(self, moment: datetime) -> None:
+        written = self.path.with_suffix(".new")
+        written.write_text(str(int(moment.timestamp() * 1_000_000) * 1000))
+        os.replace(written, self.path)  # never read half written
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)

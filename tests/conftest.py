@@ -1,6 +1,8 @@
 import os
 import secrets
+import tempfile
 from functools import partial
+from pathlib import Path
 
 import pytest
 import redis
@@ -13,7 +15,7 @@ from counters.config import CounterConfig
 from counters.models import ApiKey, App, Counter
 from counters.redis_store import breaker
 
-from .clock import midday_utc, start_of_test, zone_at_midday
+from .clock import ServerClock, midday_utc, start_of_test, zone_at_midday
 from .processes import PrivateRedis
 
 
@@ -56,10 +58,18 @@ def store():
     return redis.Redis.from_url(settings.REDIS_URL)
 
 
+# online_players is a presence counter (docs/presence.md): tests of plain counting use this one.
+PLAIN_COUNTER = {"name": "matches_running", "display_name": "Matches running", "unit": "matches", "public": True}
+
+
 @pytest.fixture
 def builtins(db):
-    """The default and global apps with the three built-in counters (transactional tests truncate them)."""
+    """The default and global apps with the built-in counters (transactional tests truncate them),
+    and ``matches_running``, a public counter of the default app without period."""
     ensure_builtins(App, Counter)
+    Counter.objects.get_or_create(
+        app=App.objects.get(slug="default"), name=PLAIN_COUNTER["name"], defaults=PLAIN_COUNTER
+    )
     config.cache.invalidate()
 
 
@@ -68,6 +78,15 @@ def daily_far_from_midnight(builtins):
     """The default app's daily counters in a time zone where it is about noon now (tests/clock.py): the
     processes a test starts keep the real clock, and no midnight of these counters falls in the test."""
     App.objects.filter(slug="default").update(time_zone=zone_at_midday())
+    config.cache.invalidate()
+
+
+@pytest.fixture
+def plain_flushed_first(builtins):
+    """matches_running before daily_active_users in the flusher's order (counter ids), as
+    online_players was: the crash tests kill a flusher right after its first batch."""
+    Counter.objects.filter(app__slug="default", name="daily_active_users").delete()
+    ensure_builtins(App, Counter)
     config.cache.invalidate()
 
 
@@ -129,15 +148,39 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.django_db(transaction=True), append=False)
 
 
+# The contract server's wall clock, which a test moves with its own (``server_clock``).
+SERVER_CLOCK = ServerClock(Path(tempfile.mkdtemp(prefix="server-clock-")) / "now") if CONTRACT_RUN else None
+
+
+@pytest.fixture
+def server_clock():
+    """The clock of the server the requests go to when it is another process (the contract run),
+    else None (the test's own clock is the service's); the real clock again after the test."""
+    yield SERVER_CLOCK
+    if SERVER_CLOCK is not None:
+        SERVER_CLOCK.release()
+
+
+@pytest.fixture
+def server_url(request):
+    """Where a test sends real HTTP requests: the contract server in the contract run, else Django's
+    live server in this process."""
+    if CONTRACT_RUN:
+        return request.getfixturevalue("contract_server").url
+    return request.getfixturevalue("live_server").url
+
+
 if CONTRACT_RUN:
 
     @pytest.fixture(scope="session")
     def contract_server(django_db_setup, django_db_blocker):
         from .processes import Gunicorn
 
-        web = Gunicorn(workers=2)
+        web = Gunicorn(workers=2, env=SERVER_CLOCK.env())
         yield web
         web.stop()
+        SERVER_CLOCK.release()
+        SERVER_CLOCK.path.parent.rmdir()
 
     @pytest.fixture
     def client(contract_server):

@@ -39,7 +39,7 @@ def live(counter: Counter, subject: str = "") -> int:
 
 @pytest.fixture
 def online(builtins) -> Counter:
-    counter = counter_named("online_players")
+    counter = counter_named("matches_running")
     bump(counter, 7)
     return counter
 
@@ -49,7 +49,7 @@ def test_operator_without_reset_permission_cannot_reset(online):
     editor = staff("editor", "view_counter", "change_counter")
     page = editor.get(CHANGELIST)
     assert page.status_code == 200
-    assert b"online_players" in page.content
+    assert b"matches_running" in page.content
     assert b"reset_counters" not in page.content
 
     forged_action = editor.post(CHANGELIST, {"action": "reset_counters", "_selected_action": [online.pk]})
@@ -74,7 +74,7 @@ def test_reset_permission_alone_resets_with_an_audit_record_but_cannot_edit_conf
     assert chosen.status_code == 302 and chosen["Location"].startswith(RESET)
     confirm = resetter.get(chosen["Location"])
     assert confirm.status_code == 200
-    assert b"default/online_players" in confirm.content and b'class="current-value">7<' in confirm.content
+    assert b"default/matches_running" in confirm.content and b'class="current-value">7<' in confirm.content
 
     no_reason = resetter.post(RESET, {"ids": str(online.pk), "reason": "   ", "value": "0"})
     assert no_reason.status_code == 200 and b"Say why the counter is reset." in no_reason.content
@@ -88,7 +88,7 @@ def test_reset_permission_alone_resets_with_an_audit_record_but_cannot_edit_conf
 
     edit = resetter.post(f"{CHANGELIST}{online.pk}/change/", {"name": "renamed"})
     assert edit.status_code == 403
-    assert counter_named("online_players").name == "online_players"
+    assert counter_named("matches_running").name == "matches_running"
 
 
 @pytest.mark.django_db
@@ -172,7 +172,9 @@ def test_api_key_is_shown_once_and_stored_hashed(client, builtins):
     assert raw.encode() not in superuser.get(f"/admin/counters/apikey/{key.pk}/change/").content
     assert raw.encode() not in superuser.get("/admin/counters/apikey/").content
 
-    r = client.post("/api/v1/counter/online_players/increment", {}, content_type="application/json", HTTP_X_API_KEY=raw)
+    r = client.post(
+        "/api/v1/counter/matches_running/increment", {}, content_type="application/json", HTTP_X_API_KEY=raw
+    )
     assert r.json() == {"success": True, "current_value": 1}
 
 

@@ -228,7 +228,7 @@ def test_history_reads_closed_periods_from_the_archive(make_daily_counter, clien
     for query, code, status in [("days=0", 4001, 400), ("days=x", 4001, 400), ("days=99999", 4001, 400)]:
         r = client.get(f"/api/v1/counter/history_games/history?{query}", **writer)
         assert (r.status_code, r.json()["error"]["code"]) == (status, code)
-    r = client.get("/api/v1/counter/online_players/history", **writer)
+    r = client.get("/api/v1/counter/matches_running/history", **writer)
     assert r.status_code == 409 and "no period history" in r.json()["error"]["message"]
     assert client.get("/api/v1/counter/history_games/history").status_code == 401
     assert client.get("/api/v1/counter/nope/history", **writer).status_code == 404
@@ -249,11 +249,11 @@ def test_batch_reset_validates_everything_before_changing_anything(
     make_daily_counter, client, writer, make_key, midday
 ):
     make_daily_counter("event_points", scope="user", max_value=100)
-    for name, body in [("total_games_played", {"value": 5}), ("online_players", {"value": 3})]:
+    for name, body in [("total_games_played", {"value": 5}), ("matches_running", {"value": 3})]:
         post(client, f"/api/v1/counter/{name}/increment", body, writer)
     post(client, "/api/v1/counter/event_points/increment", {"value": 50, "user_id": "p1"}, writer)
     url = "/api/v1/counters/reset"
-    good = [{"name": "total_games_played"}, {"name": "online_players", "reset_value": 1}]
+    good = [{"name": "total_games_played"}, {"name": "matches_running", "reset_value": 1}]
     refused = [
         ({"counters": good}, 400, 4001),
         ({"counters": good, "reason": ""}, 400, 4001),
@@ -285,13 +285,13 @@ def test_batch_reset_validates_everything_before_changing_anything(
         "reason": "season end",
         "results": [
             {"name": "total_games_played", "success": True, "previous_value": 5, "current_value": 0},
-            {"name": "online_players", "success": True, "previous_value": 3, "current_value": 1},
+            {"name": "matches_running", "success": True, "previous_value": 3, "current_value": 1},
             {"name": "event_points", "success": True, "user_id": "p1", "previous_value": 50, "current_value": 0},
         ],
     }
     logs = ResetLog.objects.filter(kind="manual")
     assert logs.count() == 3 and {(log.reason, log.operator[:11]) for log in logs} == {("season end", "api-key:ck_")}
-    assert client.get("/api/v1/counter/online_players").json()["value"] == 1
+    assert client.get("/api/v1/counter/matches_running").json()["value"] == 1
 
 
 @pytest.mark.django_db

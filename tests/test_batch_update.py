@@ -28,11 +28,11 @@ def value(client: Client, name: str) -> int:
 @pytest.mark.django_db
 def test_a_batch_updates_several_counters_in_order_and_reaches_postgresql(client, writer):
     updates = [
-        {"name": "online_players", "op": "increment", "value": 5},
+        {"name": "matches_running", "op": "increment", "value": 5},
         {"name": "daily_active_users", "user_id": "u1"},
         {"name": "daily_active_users", "user_id": "u2"},
         {"name": "daily_active_users", "user_id": "u1"},
-        {"name": "online_players", "op": "decrement", "value": 2, "user_id": "u1"},
+        {"name": "matches_running", "op": "decrement", "value": 2, "user_id": "u1"},
         {"name": "total_games_played", "value": 3, "metadata": {"song": "x"}},
     ]
     r = post(client, URL, {"updates": updates}, writer)
@@ -40,79 +40,84 @@ def test_a_batch_updates_several_counters_in_order_and_reaches_postgresql(client
     assert r.json() == {
         "success": True,
         "results": [
-            {"name": "online_players", "success": True, "current_value": 5},
+            {"name": "matches_running", "success": True, "current_value": 5},
             {"name": "daily_active_users", "success": True, "current_value": 1},
             {"name": "daily_active_users", "success": True, "current_value": 2},
             {"name": "daily_active_users", "success": True, "current_value": 2},
-            {"name": "online_players", "success": True, "current_value": 3},
+            {"name": "matches_running", "success": True, "current_value": 3},
             {"name": "total_games_played", "success": True, "current_value": 3},
         ],
     }
-    assert [value(client, n) for n in ("online_players", "daily_active_users", "total_games_played")] == [3, 2, 3]
+    assert [value(client, n) for n in ("matches_running", "daily_active_users", "total_games_played")] == [3, 2, 3]
     counters_flush()
     rows = dict(CounterValue.objects.values_list("counter__name", "value"))
-    assert rows == {"online_players": 3, "daily_active_users": 2, "total_games_played": 3}
+    assert rows == {"matches_running": 3, "daily_active_users": 2, "total_games_played": 3}
     assert sorted(UniqueMember.objects.values_list("member", flat=True)) == ["u1", "u2"]
 
 
 @pytest.mark.django_db
 def test_bounds_are_refused_per_item_and_the_rest_applies(client, writer):
-    post(client, URL, {"updates": [{"name": "online_players", "value": 2}]}, writer)
+    post(client, URL, {"updates": [{"name": "matches_running", "value": 2}]}, writer)
     updates = [
-        {"name": "online_players", "op": "decrement", "value": 5},
-        {"name": "online_players", "value": 1},
-        {"name": "online_players", "op": "decrement", "value": 3},
-        {"name": "online_players", "op": "decrement"},
+        {"name": "matches_running", "op": "decrement", "value": 5},
+        {"name": "matches_running", "value": 1},
+        {"name": "matches_running", "op": "decrement", "value": 3},
+        {"name": "matches_running", "op": "decrement"},
     ]
     body = post(client, URL, {"updates": updates}, writer).json()
     assert [item["success"] for item in body["results"]] == [False, True, True, False]
     assert [item.get("current_value") for item in body["results"]] == [None, 3, 0, None]
     assert body["results"][0]["error"]["code"] == 4005 and "below 0" in body["results"][0]["error"]["message"]
     assert body["results"][3]["error"]["code"] == 4005
-    assert value(client, "online_players") == 0
+    assert value(client, "matches_running") == 0
     counters_flush()
-    assert CounterValue.objects.get(counter__name="online_players").value == 0
+    assert CounterValue.objects.get(counter__name="matches_running").value == 0
 
 
 BAD_BATCHES = [
     ("not json", '{"updates": [', 400, 4001),
     ("a list", "[]", 400, 4001),
     ("no updates", "{}", 400, 4001),
-    ("updates not a list", '{"updates": {"name": "online_players"}}', 400, 4001),
+    ("updates not a list", '{"updates": {"name": "matches_running"}}', 400, 4001),
     ("empty", '{"updates": []}', 400, 4001),
-    ("too many", json.dumps({"updates": [{"name": "online_players"}] * (BATCH_UPDATE_LIMIT + 1)}), 400, 4001),
-    ("unknown top field", '{"updates": [{"name": "online_players"}], "x": 1}', 400, 4001),
-    ("item not an object", '{"updates": [{"name": "online_players"}, 3]}', 400, 4001),
-    ("unknown item field", '{"updates": [{"name": "online_players"}, {"name": "online_players", "v": 1}]}', 400, 4001),
-    ("bad name", '{"updates": [{"name": "online_players"}, {"name": "b$d"}]}', 400, 4001),
-    ("bad op", '{"updates": [{"name": "online_players"}, {"name": "online_players", "op": "set"}]}', 400, 4001),
-    ("zero", '{"updates": [{"name": "online_players"}, {"name": "online_players", "value": 0}]}', 400, 4001),
-    ("float", '{"updates": [{"name": "online_players"}, {"name": "online_players", "value": 1.5}]}', 400, 4001),
-    ("bool", '{"updates": [{"name": "online_players"}, {"name": "online_players", "value": true}]}', 400, 4001),
-    ("over the safe range", '{"updates": [{"name": "online_players", "value": 9007199254740992}]}', 400, 4001),
-    ("bad user id", '{"updates": [{"name": "online_players"}, {"name": "x", "user_id": "a b"}]}', 400, 4001),
-    ("metadata list", '{"updates": [{"name": "online_players", "metadata": [1]}]}', 400, 4001),
-    ("unknown counter", '{"updates": [{"name": "online_players"}, {"name": "nope"}]}', 404, 4004),
+    ("too many", json.dumps({"updates": [{"name": "matches_running"}] * (BATCH_UPDATE_LIMIT + 1)}), 400, 4001),
+    ("unknown top field", '{"updates": [{"name": "matches_running"}], "x": 1}', 400, 4001),
+    ("item not an object", '{"updates": [{"name": "matches_running"}, 3]}', 400, 4001),
+    (
+        "unknown item field",
+        '{"updates": [{"name": "matches_running"}, {"name": "matches_running", "v": 1}]}',
+        400,
+        4001,
+    ),
+    ("bad name", '{"updates": [{"name": "matches_running"}, {"name": "b$d"}]}', 400, 4001),
+    ("bad op", '{"updates": [{"name": "matches_running"}, {"name": "matches_running", "op": "set"}]}', 400, 4001),
+    ("zero", '{"updates": [{"name": "matches_running"}, {"name": "matches_running", "value": 0}]}', 400, 4001),
+    ("float", '{"updates": [{"name": "matches_running"}, {"name": "matches_running", "value": 1.5}]}', 400, 4001),
+    ("bool", '{"updates": [{"name": "matches_running"}, {"name": "matches_running", "value": true}]}', 400, 4001),
+    ("over the safe range", '{"updates": [{"name": "matches_running", "value": 9007199254740992}]}', 400, 4001),
+    ("bad user id", '{"updates": [{"name": "matches_running"}, {"name": "x", "user_id": "a b"}]}', 400, 4001),
+    ("metadata list", '{"updates": [{"name": "matches_running", "metadata": [1]}]}', 400, 4001),
+    ("unknown counter", '{"updates": [{"name": "matches_running"}, {"name": "nope"}]}', 404, 4004),
     (
         "unique counter decremented",
-        '{"updates": [{"name": "online_players"}, {"name": "daily_active_users", "op": "decrement", "user_id": "u"}]}',
+        '{"updates": [{"name": "matches_running"}, {"name": "daily_active_users", "op": "decrement", "user_id": "u"}]}',
         409,
         4001,
     ),
-    ("empty user id", '{"updates": [{"name": "online_players", "user_id": ""}]}', 400, 4001),
-    ("null metadata", '{"updates": [{"name": "online_players", "metadata": null}]}', 400, 4001),
+    ("empty user id", '{"updates": [{"name": "matches_running", "user_id": ""}]}', 400, 4001),
+    ("null metadata", '{"updates": [{"name": "matches_running", "metadata": null}]}', 400, 4001),
 ]
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(("case", "body", "status", "code"), BAD_BATCHES, ids=[c[0] for c in BAD_BATCHES])
 def test_a_bad_item_refuses_the_whole_request_and_changes_nothing(client, writer, case, body, status, code):
-    post(client, URL, {"updates": [{"name": "online_players", "value": 3}]}, writer)
+    post(client, URL, {"updates": [{"name": "matches_running", "value": 3}]}, writer)
     r = post(client, URL, body, writer, raw=True)
     assert r.status_code == status, r.content
     assert r.json()["success"] is False and r.json()["error"]["code"] == code
     assert r.json()["error"]["message"]
-    assert value(client, "online_players") == 3
+    assert value(client, "matches_running") == 3
 
 
 @pytest.mark.django_db
@@ -123,7 +128,7 @@ def test_keys_and_permissions_are_checked_for_every_item_before_anything_applies
     Counter.objects.create(app=global_app, name="world_boss_kills", scope="global", public=True)
     writer = {"HTTP_X_API_KEY": make_key(("write",))}
     reader = {"HTTP_X_API_KEY": make_key(("data_view",))}
-    first = {"name": "online_players", "value": 4}
+    first = {"name": "matches_running", "value": 4}
     cases = [
         (post(client, URL, {"updates": [first]}), 401, 4003),
         (post(client, URL, {"updates": [first]}, {"HTTP_X_API_KEY": "wrong"}), 401, 4003),
@@ -136,7 +141,7 @@ def test_keys_and_permissions_are_checked_for_every_item_before_anything_applies
         assert response.json()["error"]["code"] == code
     assert "updates[1]" in cases[3][0].json()["error"]["message"]
     assert "secret_gold" in cases[4][0].json()["error"]["message"]
-    assert value(client, "online_players") == 0
+    assert value(client, "matches_running") == 0
     admin = {"HTTP_X_API_KEY": make_key(("write", "global_admin"))}
     r = post(client, URL, {"updates": [first, {"name": "world_boss_kills", "value": 2}]}, admin)
     assert [item["current_value"] for item in r.json()["results"]] == [4, 2]
@@ -145,10 +150,10 @@ def test_keys_and_permissions_are_checked_for_every_item_before_anything_applies
 
 @pytest.mark.django_db
 def test_cold_values_are_hydrated_from_postgresql(client, writer, store):
-    counter = Counter.objects.get(name="online_players")
+    counter = Counter.objects.get(name="matches_running")
     CounterValue.objects.create(counter=counter, subject="", period="", value=40, peak=40)
     store.flushdb()
-    updates = [{"name": "online_players", "value": 2}, {"name": "total_games_played"}, {"name": "online_players"}]
+    updates = [{"name": "matches_running", "value": 2}, {"name": "total_games_played"}, {"name": "matches_running"}]
     body = post(client, URL, {"updates": updates}, writer).json()
     assert [item["current_value"] for item in body["results"]] == [42, 1, 43]
     counters_flush()
@@ -159,10 +164,10 @@ def test_cold_values_are_hydrated_from_postgresql(client, writer, store):
 def test_a_redis_without_the_script_loaded_is_served(client, writer, private_redis, settings, store):
     caches = {"default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
     with override_settings(CACHES=caches):
-        updates = [{"name": "online_players", "value": 2}] * 3
+        updates = [{"name": "matches_running", "value": 2}] * 3
         body = post(client, URL, {"updates": updates}, writer).json()
         assert [item["current_value"] for item in body["results"]] == [2, 4, 6]
-        assert value(client, "online_players") == 6
+        assert value(client, "matches_running") == 6
     assert redis.Redis.from_url(private_redis.url).keys("cs:{c*")
     assert not store.keys("cs:{c*")
 
@@ -180,8 +185,8 @@ def test_concurrent_batches_are_exact(live_server, builtins, make_key):
                 updates = [{"name": "total_games_played"}] * 50
                 updates += [{"name": "daily_active_users", "user_id": f"t{thread}-{request}-{i}"} for i in range(40)]
                 updates += [{"name": "daily_active_users", "user_id": "everyone"}] * 5
-                updates += [{"name": "online_players", "value": 3}, {"name": "online_players", "op": "decrement"}] * 2
-                updates.append({"name": "online_players", "op": "decrement", "value": 10**6})
+                updates += [{"name": "matches_running", "value": 3}, {"name": "matches_running", "op": "decrement"}] * 2
+                updates.append({"name": "matches_running", "op": "decrement", "value": 10**6})
                 r = session.post(f"{live_server.url}{URL}", json={"updates": updates}, timeout=30)
                 codes.append(r.status_code)
                 assert sum(not item["success"] for item in r.json()["results"]) == 1
@@ -194,7 +199,7 @@ def test_concurrent_batches_are_exact(live_server, builtins, make_key):
     expected = {
         "total_games_played": 50 * requests_made,
         "daily_active_users": 40 * requests_made + 1,
-        "online_players": 4 * requests_made,
+        "matches_running": 4 * requests_made,
     }
     for name, count in expected.items():
         assert requests.get(f"{live_server.url}/api/v1/counter/{name}").json()["value"] == count

@@ -26,6 +26,7 @@ SCHEDULED = {
     "archive.close_periods",
     "archive.enforce_retention",
     "alerts.sweep",
+    "counters.presence_sweep",
 }
 
 
@@ -43,16 +44,16 @@ def test_beat_and_a_worker_bring_values_to_postgresql_with_no_manual_flush(clien
         for task in SCHEDULED:  # every scheduled name is a task the worker has registered
             assert f". {task}\n" in worker.output(), task
         for _ in range(7):
-            reply = post(client, "/api/v1/counter/online_players/increment", {}, writer)
+            reply = post(client, "/api/v1/counter/matches_running/increment", {}, writer)
             assert reply.status_code == 200
         wait_until(
-            lambda: CounterValue.objects.get(counter__name="online_players").value == 7,
+            lambda: CounterValue.objects.get(counter__name="matches_running").value == 7,
             timeout=90,
             what="Beat's flush to reach PostgreSQL",
         )
-        assert post(client, "/api/v1/counter/online_players/increment", {"value": 3}, writer).status_code == 200
+        assert post(client, "/api/v1/counter/matches_running/increment", {"value": 3}, writer).status_code == 200
         wait_until(
-            lambda: CounterValue.objects.get(counter__name="online_players").value == 10,
+            lambda: CounterValue.objects.get(counter__name="matches_running").value == 10,
             timeout=90,
             what="the next scheduled flush",
         )

@@ -27,12 +27,12 @@ def test_board_shows_an_increment_made_through_the_api_without_a_reload(live_ser
     key = make_key(("write",))
     with chromium_page() as page:
         page.goto(f"{live_server.url}/board/")
-        online = page.locator('.counter[data-name="online_players"] .value')
+        online = page.locator('.counter[data-name="matches_running"] .value')
         expect(online).to_have_attribute("data-value", "0")
         expect(page.locator("body")).to_have_attribute("data-state", "live")
         page.evaluate("window.sameDocument = true")
         r = requests.post(
-            f"{live_server.url}/api/v1/counter/online_players/increment",
+            f"{live_server.url}/api/v1/counter/matches_running/increment",
             json={"value": 42},
             headers={"Authorization": f"Bearer {key}"},
             timeout=5,
@@ -69,16 +69,16 @@ def test_board_values_lists_only_the_apps_public_single_value_counters(builtins)
     Counter.objects.create(app=default, name="secret_counter", public=False)
     Counter.objects.create(app=default, name="per_player", public=True, scope=Counter.Scope.USER)
     Counter.objects.create(app=other, name="their_counter", public=True)
-    bump(Counter.objects.get(app=default, name="online_players"), 3)
+    bump(Counter.objects.get(app=default, name="matches_running"), 3)
 
     r = Client().get(VALUES)
     assert r.status_code == 200 and r["X-Counter-Source"] == "redis"
     body = r.json()
     assert body["app"] == "default" and body["degraded"] is False
     names = [c["name"] for c in body["counters"]]
-    assert names == ["daily_active_users", "online_players", "total_games_played"]
-    online = body["counters"][1]
-    assert online["value"] == 3 and online["display_name"] == "Players online now" and online["unit"] == "players"
+    assert names == ["daily_active_users", "matches_running", "online_players", "total_games_played"]
+    matches = body["counters"][1]
+    assert matches["value"] == 3 and matches["display_name"] == "Matches running" and matches["unit"] == "matches"
 
     theirs = Client().get(VALUES, {"app": "other-game"}).json()
     assert [c["name"] for c in theirs["counters"]] == ["their_counter"]
@@ -95,7 +95,7 @@ def test_board_for_an_unknown_app_is_a_clear_404(builtins):
 @pytest.mark.django_db
 def test_board_values_pass_the_degraded_state_through(builtins, private_redis, settings):
     settings.CACHES = {**settings.CACHES, "default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
-    online = Counter.objects.get(app__slug="default", name="online_players")
+    online = Counter.objects.get(app__slug="default", name="matches_running")
     bump(online, 5)
     counters_flush()
     bump(online, 2)  # acknowledged but not flushed: lost from view while Redis is down
@@ -104,4 +104,4 @@ def test_board_values_pass_the_degraded_state_through(builtins, private_redis, s
     assert r.status_code == 200
     assert r["X-Counter-Source"] == "database" and r.json()["degraded"] is True
     values = {c["name"]: c["value"] for c in r.json()["counters"]}
-    assert values == {"daily_active_users": 0, "online_players": 5, "total_games_played": 0}
+    assert values == {"daily_active_users": 0, "matches_running": 5, "online_players": 0, "total_games_played": 0}

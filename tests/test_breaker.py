@@ -14,7 +14,7 @@ from .http import post
 
 pytestmark = pytest.mark.django_db
 
-INCREMENT = "/api/v1/counter/online_players/increment"
+INCREMENT = "/api/v1/counter/matches_running/increment"
 
 
 @pytest.fixture
@@ -68,11 +68,11 @@ def test_the_breaker_opens_after_exactly_threshold_timeouts_and_then_sends_nothi
         assert sent == []  # refused before any socket was touched: nothing to wait for
     # Reads fall back to PostgreSQL without touching Redis either.
     sent.clear()
-    read = client.get("/api/v1/counter/online_players")
+    read = client.get("/api/v1/counter/matches_running")
     assert read.status_code == 200 and read["X-Counter-Source"] == "database" and sent == []
 
     frozen_store.thaw()
     # The thawed Redis ran the update that timed out: "may have been applied" was true.
-    online = Counter.objects.get(name="online_players")
+    online = Counter.objects.get(name="matches_running")
     value = redis.Redis(port=frozen_store.port).hget(keyspace.value_key(online.id, "", ""), "v")
     assert int(value) == 2

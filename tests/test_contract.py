@@ -1,6 +1,7 @@
-"""The fast lane and the DRF views cannot drift: the REST v1 and cloud-function suites run through the
-real server (gunicorn + uvicorn workers, the production config), and every hot endpoint answers the
-same bytes and headers with the fast lane as with Django alone."""
+"""The fast lane and the DRF views cannot drift: the REST v1, cloud-function and presence suites run
+through the real server (gunicorn + uvicorn workers, the production config, its clock moved with the
+test's), and every hot endpoint answers the same bytes and headers with the fast lane as with Django
+alone."""
 
 import os
 import re
@@ -28,7 +29,7 @@ def test_the_rest_v1_and_cloud_function_suites_pass_through_the_real_server():
         "TEST_REDIS_URL": settings.REDIS_URL,
         "TEST_BROKER_URL": settings.CELERY_BROKER_URL,
     }
-    suites = ["tests/test_rest_v1.py", "tests/test_functions.py"]
+    suites = ["tests/test_rest_v1.py", "tests/test_functions.py", "tests/test_presence_api.py"]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider", "--create-db"],
         cwd=ROOT,
@@ -40,7 +41,7 @@ def test_the_rest_v1_and_cloud_function_suites_pass_through_the_real_server():
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
     passed = int(re.search(r"(\d+) passed", summary).group(1))
-    # Every test but those that move the clock of the test's own process (marked in_process).
+    # Every test but those that need the service in the test's own process (marked in_process).
     assert passed >= 40 and "failed" not in summary, summary
 
 
@@ -48,7 +49,9 @@ def test_the_rest_v1_and_cloud_function_suites_pass_through_the_real_server():
 
 TIMES = [
     (
-        re.compile(rb'"(last_updated|last_reset|next_reset|updateTime|lastResetTime|nextResetTime)":"[^"]+"'),
+        re.compile(
+            rb'"(last_updated|last_reset|next_reset|updateTime|lastResetTime|nextResetTime|expires_at)":"[^"]+"'
+        ),
         rb'"\1":"T"',
     ),
     (re.compile(rb'"timestamp":\d+'), rb'"timestamp":0'),
@@ -121,6 +124,35 @@ def _exchange(url: str, key: str, player: str) -> list:
         ("POST", f"{fn}/getCounter", b"[1]", bearer),
         ("POST", f"{fn}/getCounter", b"appId=game", {**bearer, "Content-Type": "application/x-www-form-urlencoded"}),
     ]
+    online = {**target, "counterId": "online", "playerId": "p7"}
+    calls += [  # the presence counter "online": logins, heartbeats, logouts, reads and their refusals
+        ("POST", f"{rest}/counter/online/increment", b'{"user_id": "u1"}', bearer),
+        ("POST", f"{rest}/counter/online/increment", b'{"user_id": "u2", "session_id": "s1", "node_id": "n1"}', bearer),
+        ("POST", f"{rest}/counter/online/increment", b'{"user_id": "u3", "metadata": {"level": 3}}', bearer),
+        ("POST", f"{rest}/counter/online/increment", b"{}", bearer),
+        ("POST", f"{rest}/counter/online/increment", b'{"user_id": "u1", "value": 2}', bearer),
+        ("POST", f"{rest}/counter/online/increment", b'{"user_id": "u1", "node_id": ""}', bearer),
+        ("POST", f"{rest}/counter/online/increment", b'{"user_id": "u1"}', {**bearer, "Idempotency-Key": "a b"}),
+        ("POST", f"{rest}/counter/online/heartbeat", b'{"user_id": "u1"}', bearer),
+        ("POST", f"{rest}/counter/online/heartbeat", b'{"user_ids": ["g1", "g2"], "node_id": "n2"}', bearer),
+        ("POST", f"{rest}/counter/online/heartbeat", b'{"node_id": "n2", "lease_seconds": 120}', bearer),
+        ("POST", f"{rest}/counter/online/heartbeat", b"{}", bearer),
+        ("POST", f"{rest}/counter/online/heartbeat", b'{"user_ids": "g1"}', bearer),
+        ("POST", f"{rest}/counter/online/heartbeat", b'{"user_id": "u1", "lease_seconds": 4}', bearer),
+        ("POST", f"{rest}/counter/online/heartbeat", b'{"user_id": "u1", "colour": "red"}', bearer),
+        ("POST", f"{rest}/counter/online/heartbeat", b'{"user_id": "u1"}', {}),
+        ("POST", f"{rest}/counter/gold/heartbeat", b'{"user_id": "u1"}', bearer),
+        ("POST", f"{rest}/counter/nope/heartbeat", b'{"user_id": "u1"}', bearer),
+        ("POST", f"{rest}/counter/online/decrement", b'{"user_id": "u3"}', bearer),
+        ("GET", f"{rest}/counter/online", None, bearer),
+        ("GET", f"{rest}/counters?names=online,gold,daily", None, bearer),
+        ("POST", f"{rest}/counters/batch", b'{"updates": [{"name": "gold"}, {"name": "online"}]}', bearer),
+        ("POST", f"{fn}/increaseCounter", orjson_dumps({**online, "increment": 1}), bearer),
+        ("POST", f"{fn}/increaseCounter", orjson_dumps({**online, "increment": 2}), bearer),
+        ("POST", f"{fn}/increaseCounter", orjson_dumps({**target, "counterId": "online", "increment": 1}), bearer),
+        ("POST", f"{fn}/decreaseCounter", orjson_dumps({**online, "decrement": 1}), bearer),
+        ("POST", f"{fn}/getCounter", orjson_dumps({**target, "counterId": "online"}), bearer),
+    ]
     seen = []
     for method, address, body, headers in calls:
         headers = {"Content-Type": "application/json", **headers} if body is not None else headers
@@ -142,6 +174,7 @@ def _game(make_key) -> str:
     Threshold.objects.create(counter=gold, value=10)
     Counter.objects.create(app=app, name="daily", period="daily", allow_negative=True, public=True)
     Counter.objects.create(app=app, name="energy", scope="user")
+    Counter.objects.create(app=app, name="online", kind="presence")
     return make_key(("write",), app="game")
 
 
@@ -168,7 +201,7 @@ def test_every_hot_endpoint_answers_the_same_bytes_with_and_without_the_fast_lan
         finally:
             web.stop()
     lane, django = answers
-    assert len(lane) == len(django) > 30
+    assert len(lane) == len(django) > 60
     for with_lane, without in zip(lane, django, strict=True):
         assert with_lane == without
     # The exchange covers successes and every refusal the hot endpoints give.
@@ -179,7 +212,7 @@ def test_the_host_header_is_checked_and_a_large_body_refused_on_the_fast_lane(bu
     key = make_key(("write",))
     web = Gunicorn(workers=1, env={"COUNTER_MAX_BODY_BYTES": "2000"})
     bearer = {"Authorization": f"Bearer {key}"}
-    increment = f"{web.url}/api/v1/counter/online_players/increment"
+    increment = f"{web.url}/api/v1/counter/matches_running/increment"
     try:
         assert requests.post(increment, json={"value": 2}, headers=bearer, timeout=10).json()["current_value"] == 2
         evil = requests.post(increment, json={}, headers={**bearer, "Host": "evil.example"}, timeout=10)
@@ -188,7 +221,7 @@ def test_the_host_header_is_checked_and_a_large_body_refused_on_the_fast_lane(bu
             f"{web.url}/api/v1/functions/increaseCounter", data=b"{" + b" " * 3000 + b"}", headers=bearer, timeout=10
         )
         big_django = requests.post(f"{web.url}/api/v1/player-tokens", data=b" " * 3000, headers=bearer, timeout=10)
-        value = requests.get(f"{web.url}/api/v1/counter/online_players", timeout=10).json()["value"]
+        value = requests.get(f"{web.url}/api/v1/counter/matches_running", timeout=10).json()["value"]
     finally:
         web.stop()
     # A Host outside ALLOWED_HOSTS gets Django's own 400 and changes nothing.

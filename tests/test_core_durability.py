@@ -49,12 +49,12 @@ def test_1000_concurrent_increments_end_exactly_right(builtins, make_key, store)
     key = make_key(("write",))
     web = Gunicorn()
     try:
-        codes = hammer(f"{web.url}/api/v1/counter/online_players/increment", key, total=1000, threads=50)
+        codes = hammer(f"{web.url}/api/v1/counter/matches_running/increment", key, total=1000, threads=50)
         assert codes == [200] * 1000
-        assert requests.get(f"{web.url}/api/v1/counter/online_players").json()["value"] == 1000
+        assert requests.get(f"{web.url}/api/v1/counter/matches_running").json()["value"] == 1000
     finally:
         web.stop()
-    counter = Counter.objects.get(name="online_players")
+    counter = Counter.objects.get(name="matches_running")
     assert int(store.hget(keyspace.value_key(counter.id, "", ""), "v")) == 1000
     counters_flush()
     assert CounterValue.objects.get(counter=counter).value == 1000
@@ -64,7 +64,7 @@ def test_concurrent_logins_and_logouts_never_go_below_zero(builtins, make_key):
     key = make_key(("write",))
     web = Gunicorn()
     try:
-        base = f"{web.url}/api/v1/counter/online_players"
+        base = f"{web.url}/api/v1/counter/matches_running"
         hammer(f"{base}/increment", key, total=300, threads=30)
         codes = hammer(f"{base}/decrement", key, total=400, threads=40)
         assert codes.count(200) == 300 and codes.count(409) == 100
@@ -72,7 +72,7 @@ def test_concurrent_logins_and_logouts_never_go_below_zero(builtins, make_key):
     finally:
         web.stop()
     counters_flush()
-    assert CounterValue.objects.get(counter__name="online_players").value == 0
+    assert CounterValue.objects.get(counter__name="matches_running").value == 0
 
 
 def test_values_survive_a_restart_of_the_service_and_reach_postgresql(builtins, make_key):
@@ -90,26 +90,26 @@ def test_values_survive_a_restart_of_the_service_and_reach_postgresql(builtins, 
         assert [requests.post(games, json={}, headers=headers).status_code for _ in range(25)] == [200] * 25
         assert flush_in_subprocess(**env).returncode == 0
         assert requests.post(games, json={"value": 5}, headers=headers).status_code == 200  # only in Redis
-        online = f"{web.url}/api/v1/counter/online_players/increment"
+        online = f"{web.url}/api/v1/counter/matches_running/increment"
         assert requests.post(online, json={"value": 7}, headers=headers).status_code == 200
     finally:
         assert web.stop() == 0
     store.kill()
     assert CounterValue.objects.get(counter__name="total_games_played").value == 25
-    assert not CounterValue.objects.filter(counter__name="online_players").exists()
+    assert not CounterValue.objects.filter(counter__name="matches_running").exists()
 
     store.start()
     web = Gunicorn(env=env)
     try:
         assert requests.get(f"{web.url}/api/v1/counter/total_games_played").json()["value"] == 30
-        assert requests.get(f"{web.url}/api/v1/counter/online_players").json()["value"] == 7
+        assert requests.get(f"{web.url}/api/v1/counter/matches_running").json()["value"] == 7
         assert flush_in_subprocess(**env).returncode == 0
         assert requests.get(f"{web.url}/api/v1/counter/total_games_played").json()["value"] == 30
     finally:
         web.stop()
         store.close()
     assert CounterValue.objects.get(counter__name="total_games_played").value == 30
-    assert CounterValue.objects.get(counter__name="online_players").value == 7
+    assert CounterValue.objects.get(counter__name="matches_running").value == 7
 
 
 def test_a_wiped_redis_rehydrates_from_postgresql(builtins, make_key, private_redis):
@@ -117,7 +117,7 @@ def test_a_wiped_redis_rehydrates_from_postgresql(builtins, make_key, private_re
     headers = {"Authorization": f"Bearer {key}"}
     web = Gunicorn(env={"TEST_REDIS_URL": private_redis.url})
     try:
-        inc = f"{web.url}/api/v1/counter/online_players/increment"
+        inc = f"{web.url}/api/v1/counter/matches_running/increment"
         dau = f"{web.url}/api/v1/counter/daily_active_users/increment"
         for _ in range(40):
             assert requests.post(inc, json={}, headers=headers).status_code == 200
@@ -129,7 +129,7 @@ def test_a_wiped_redis_rehydrates_from_postgresql(builtins, make_key, private_re
 
         redis.Redis.from_url(private_redis.url).flushall()
 
-        assert requests.get(f"{web.url}/api/v1/counter/online_players").json()["value"] == 40
+        assert requests.get(f"{web.url}/api/v1/counter/matches_running").json()["value"] == 40
         assert requests.get(f"{web.url}/api/v1/counter/daily_active_users").json()["value"] == 3
         # Members came back from PostgreSQL: "a" is not counted twice, "d" is new.
         assert requests.post(dau, json={"user_id": "a"}, headers=headers).json()["current_value"] == 3
@@ -138,7 +138,7 @@ def test_a_wiped_redis_rehydrates_from_postgresql(builtins, make_key, private_re
         assert flush_in_subprocess(TEST_REDIS_URL=private_redis.url).returncode == 0
     finally:
         web.stop()
-    assert CounterValue.objects.get(counter__name="online_players").value == 41
+    assert CounterValue.objects.get(counter__name="matches_running").value == 41
     assert CounterValue.objects.get(counter__name="daily_active_users").value == 4
     assert sorted(UniqueMember.objects.values_list("member", flat=True)) == ["a", "b", "c", "d"]
 
@@ -154,12 +154,14 @@ CRASHES = {
 
 
 @pytest.mark.parametrize("crash_point", list(CRASHES))
-def test_a_flusher_killed_mid_flush_applies_each_delta_exactly_once(client, writer, store, settings, crash_point):
-    online = Counter.objects.get(name="online_players")
+def test_a_flusher_killed_mid_flush_applies_each_delta_exactly_once(
+    client, writer, store, settings, plain_flushed_first, crash_point
+):
+    online = Counter.objects.get(name="matches_running")
     threshold = Threshold.objects.create(counter=online, value=10)
     Channel.objects.create(threshold=threshold, kind="message")
     for _ in range(12):
-        client.post("/api/v1/counter/online_players/increment", "{}", content_type="application/json", **writer)
+        client.post("/api/v1/counter/matches_running/increment", "{}", content_type="application/json", **writer)
     client.post(
         "/api/v1/counter/daily_active_users/increment", '{"user_id": "u1"}', content_type="application/json", **writer
     )
@@ -173,13 +175,13 @@ def test_a_flusher_killed_mid_flush_applies_each_delta_exactly_once(client, writ
     assert not Delivery.objects.exists()  # the alerts were never handed over
 
     # More traffic arrives before the flusher comes back.
-    client.post("/api/v1/counter/online_players/increment", '{"value": 3}', content_type="application/json", **writer)
+    client.post("/api/v1/counter/matches_running/increment", '{"value": 3}', content_type="application/json", **writer)
     # The dead flusher's lock expires by itself; a restarted flusher then takes over.
     wait_until(lambda: "flushed" in flush_in_subprocess().stdout, timeout=30, what="a flush after the lock expired")
     assert CounterValue.objects.get(counter=online).value == 15
     assert CounterValue.objects.get(counter__name="daily_active_users").value == 1
     assert store.smembers(keyspace.batches_key(online.id)) == set()
-    assert client.get("/api/v1/counter/online_players").json()["value"] == 15
+    assert client.get("/api/v1/counter/matches_running").json()["value"] == 15
     # One event, one delivery: handed over by the restarted flush, or (after_drop) by the sweep.
     settings.ALERTS_SWEEP_GRACE_SECONDS = 0
     deliveries_sweep()

@@ -123,7 +123,7 @@ def test_last_reset_shows_a_manual_reset_of_the_current_period(client, writer, s
     with time_machine.travel(TEN + timedelta(days=1), tick=False):
         assert client.get(get).json()["last_reset"] == "2023-10-02T00:00:00Z"
     # A counter without a period shows a manual reset, and nothing before one.
-    assert "last_reset" not in client.get("/api/v1/counter/online_players").json()
+    assert "last_reset" not in client.get("/api/v1/counter/matches_running").json()
     with time_machine.travel(TEN + timedelta(days=2), tick=False):
-        post(client, "/api/v1/counter/online_players/reset", {"reason": "restart"}, writer)
-    assert client.get("/api/v1/counter/online_players").json()["last_reset"] == "2023-10-03T10:00:00Z"
+        post(client, "/api/v1/counter/matches_running/reset", {"reason": "restart"}, writer)
+    assert client.get("/api/v1/counter/matches_running").json()["last_reset"] == "2023-10-03T10:00:00Z"

@@ -34,12 +34,12 @@ def manager(builtins, make_key) -> dict:
 
 @pytest.fixture
 def outage(private_redis, settings, manager, client):
-    """The service on a private redis-server with online_players at 4 in PostgreSQL and 6 in Redis,
+    """The service on a private redis-server with matches_running at 4 in PostgreSQL and 6 in Redis,
     then Redis killed -9. Yields the client's headers."""
     settings.CACHES = {**settings.CACHES, "default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
-    assert post(client, "/api/v1/counter/online_players/increment", {"value": 4}, manager).status_code == 200
+    assert post(client, "/api/v1/counter/matches_running/increment", {"value": 4}, manager).status_code == 200
     counters_flush()
-    assert post(client, "/api/v1/counter/online_players/increment", {"value": 2}, manager).status_code == 200
+    assert post(client, "/api/v1/counter/matches_running/increment", {"value": 2}, manager).status_code == 200
     private_redis.kill()
     return manager
 
@@ -60,26 +60,26 @@ def test_cloud_functions_are_read_only_while_redis_is_down_and_read_postgresql(c
         ("decreaseCounter", {}),
         ("resetCounter", {"reason": "outage"}),
     ]:
-        assert_read_only(call(client, name, target("online_players", **extra), outage), envelope="function")
-    got = call(client, "getCounter", target("online_players"), outage)
+        assert_read_only(call(client, name, target("matches_running", **extra), outage), envelope="function")
+    got = call(client, "getCounter", target("matches_running"), outage)
     # The value PostgreSQL has. (Unlike REST reads, the function's reply does not say it is degraded.)
     assert got.status_code == 200
     assert got.json()["data"]["currentValue"] == 4  # what PostgreSQL has: the unflushed 2 are out of sight
     assert not ResetLog.objects.exists()
-    assert CounterValue.objects.get(counter__name="online_players").value == 4
+    assert CounterValue.objects.get(counter__name="matches_running").value == 4
 
 
 def test_rest_reset_batch_reset_and_batch_update_are_read_only_while_redis_is_down(client, outage):
-    assert_read_only(post(client, "/api/v1/counter/online_players/reset", {"reason": "x"}, outage), envelope="rest")
-    batch = {"updates": [{"name": "online_players"}, {"name": "total_games_played", "value": 2}]}
+    assert_read_only(post(client, "/api/v1/counter/matches_running/reset", {"reason": "x"}, outage), envelope="rest")
+    batch = {"updates": [{"name": "matches_running"}, {"name": "total_games_played", "value": 2}]}
     assert_read_only(post(client, "/api/v1/counters/batch", batch, outage), envelope="rest")
-    resets = {"counters": [{"name": "online_players"}, {"name": "total_games_played"}], "reason": "x"}
+    resets = {"counters": [{"name": "matches_running"}, {"name": "total_games_played"}], "reason": "x"}
     reply = post(client, "/api/v1/counters/reset", resets, outage)
     # Each reset stands alone once validated: the reply says, per counter, that it was not done.
     assert reply.status_code == 503 and int(reply["Retry-After"]) > 0
     assert [(r["success"], r["error"]["code"]) for r in reply.json()["results"]] == [(False, 5003)] * 2
     assert not ResetLog.objects.exists()
-    assert CounterValue.objects.get(counter__name="online_players").value == 4
+    assert CounterValue.objects.get(counter__name="matches_running").value == 4
     assert not CounterValue.objects.filter(counter__name="total_games_played").exists()
 
 
@@ -88,13 +88,13 @@ def test_rest_reset_batch_reset_and_batch_update_are_read_only_while_redis_is_do
 
 def test_write_through_mode_resets_stay_refused_during_an_outage(client, outage, settings):
     settings.COUNTER_REDIS_DOWN_WRITES = "write_through"
-    assert post(client, "/api/v1/counter/online_players/increment", {}, outage).status_code == 200
-    assert CounterValue.objects.get(counter__name="online_players").value == 5  # written through
-    assert_read_only(post(client, "/api/v1/counter/online_players/reset", {"reason": "x"}, outage), envelope="rest")
-    reply = call(client, "resetCounter", target("online_players", reason="x"), outage)
+    assert post(client, "/api/v1/counter/matches_running/increment", {}, outage).status_code == 200
+    assert CounterValue.objects.get(counter__name="matches_running").value == 5  # written through
+    assert_read_only(post(client, "/api/v1/counter/matches_running/reset", {"reason": "x"}, outage), envelope="rest")
+    reply = call(client, "resetCounter", target("matches_running", reason="x"), outage)
     assert_read_only(reply, envelope="function")
     assert not ResetLog.objects.exists()
-    assert CounterValue.objects.get(counter__name="online_players").value == 5
+    assert CounterValue.objects.get(counter__name="matches_running").value == 5
 
 
 def test_write_through_mode_never_writes_an_update_that_may_have_reached_redis(
@@ -106,19 +106,19 @@ def test_write_through_mode_never_writes_an_update_that_may_have_reached_redis(
     caches = {"default": {**settings.CACHES["default"], "LOCATION": private_redis.url, "OPTIONS": options}}
     settings.COUNTER_REDIS_DOWN_WRITES = "write_through"
     with override_settings(CACHES=caches, COUNTER_CONFIG_CHECK_SECONDS=60):
-        assert post(client, "/api/v1/counter/online_players/increment", {}, manager).status_code == 200
+        assert post(client, "/api/v1/counter/matches_running/increment", {}, manager).status_code == 200
         counters_flush()
         private_redis.freeze()
         try:
-            reply = post(client, "/api/v1/counter/online_players/increment", {}, manager)
+            reply = post(client, "/api/v1/counter/matches_running/increment", {}, manager)
             assert (reply.status_code, reply.json()["error"]["code"]) == (504, 5004), reply.content
             assert "Retry-After" not in reply
             assert not WrittenThroughValue.objects.exists()
-            assert CounterValue.objects.get(counter__name="online_players").value == 1
+            assert CounterValue.objects.get(counter__name="matches_running").value == 1
         finally:
             private_redis.thaw()
         breaker.reset()
-        online = Counter.objects.get(name="online_players")
+        online = Counter.objects.get(name="matches_running")
         value_key = keyspace.value_key(online.id, "", "")
         assert int(private_redis_client(private_redis).hget(value_key, "v")) == 2  # Redis ran it, once
 
@@ -164,14 +164,14 @@ def test_an_expired_temporary_counter_refuses_updates_reads_404_and_leaves_stats
 
 
 def test_the_largest_safe_value_is_reached_by_increments_and_not_passed(client, manager):
-    url = "/api/v1/counter/online_players/increment"
+    url = "/api/v1/counter/matches_running/increment"
     assert post(client, url, {"value": keyspace.MAX_SAFE_VALUE - 1}, manager).status_code == 200
     assert post(client, url, {}, manager).json() == {"success": True, "current_value": 2**53 - 1}
     refused = post(client, url, {}, manager)
     assert (refused.status_code, refused.json()["error"]["code"]) == (409, 4005)
-    assert client.get("/api/v1/counter/online_players").json()["value"] == 2**53 - 1
+    assert client.get("/api/v1/counter/matches_running").json()["value"] == 2**53 - 1
     counters_flush()
-    assert CounterValue.objects.get(counter__name="online_players").value == 2**53 - 1
+    assert CounterValue.objects.get(counter__name="matches_running").value == 2**53 - 1
 
 
 def test_a_non_zero_minimum_and_allow_negative_hold_over_rest(client, manager):
@@ -185,7 +185,7 @@ def test_a_non_zero_minimum_and_allow_negative_hold_over_rest(client, manager):
     assert (refused.status_code, refused.json()["error"]["code"]) == (409, 4005)
     assert client.get(lives).json()["value"] == 3
     assert post(client, "/api/v1/counter/balance/decrement", {"value": 7}, manager).json()["current_value"] == -7
-    assert post(client, "/api/v1/counter/online_players/decrement", {}, manager).status_code == 409
+    assert post(client, "/api/v1/counter/matches_running/decrement", {}, manager).status_code == 409
     counters_flush()
     values = dict(CounterValue.objects.values_list("counter__name", "value"))
     assert (values["lives"], values["balance"]) == (3, -7)

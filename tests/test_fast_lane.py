@@ -4,7 +4,9 @@ PostgreSQL (hot or not) holding up nobody else."""
 import asyncio
 import contextlib
 import threading
+from datetime import UTC, datetime, timedelta
 
+import orjson
 import psycopg
 import pytest
 import redis
@@ -14,7 +16,9 @@ from django.db import connections
 from counterproject.asgi import application
 from counters import keyspace
 from counters.fastlane import offload
+from counters.fastlane.handlers import rest_heartbeat, route
 from counters.fastlane.store import MAX_PIPELINE, MAX_PIPELINE_ARGS, LaneStore, lane_store
+from counters.flush import counters_flush
 from counters.models import Counter
 from counters.redis_store import breaker
 
@@ -127,7 +131,7 @@ def test_a_failing_script_call_fails_only_its_request_among_those_sharing_its_ro
     # No config generation check in between: the requests' only Redis calls are their scripts.
     settings.COUNTER_CONFIG_CHECK_SECONDS = 60
     key = make_key(("write",))
-    broken = Counter.objects.get(name="online_players")
+    broken = Counter.objects.get(name="matches_running")
     # A value key of the wrong type makes the update script fail inside Redis for this counter only.
     store.set(keyspace.value_key(broken.id, "", ""), "not a hash")
 
@@ -136,7 +140,7 @@ def test_a_failing_script_call_fails_only_its_request_among_those_sharing_its_ro
         await _request("POST", "/api/v1/counter/total_games_played/increment", key)
         before = lane_store().coalescer.round_trips
         calls = [_request("POST", "/api/v1/counter/total_games_played/increment", key) for _ in range(20)]
-        calls.insert(7, _request("POST", "/api/v1/counter/online_players/increment", key))
+        calls.insert(7, _request("POST", "/api/v1/counter/matches_running/increment", key))
         replies = await asyncio.gather(*calls)
         return replies, lane_store().coalescer.round_trips - before
 
@@ -153,18 +157,136 @@ def test_an_open_breaker_answers_503_at_once_without_a_round_trip(builtins, make
     key = make_key(("write",))
 
     async def main():
-        await _request("POST", "/api/v1/counter/online_players/increment", key)
+        await _request("POST", "/api/v1/counter/matches_running/increment", key)
         for _ in range(breaker.threshold):
             breaker.record_failure()
         before = lane_store().coalescer.round_trips
-        reply = await _request("POST", "/api/v1/counter/online_players/increment", key)
+        reply = await _request("POST", "/api/v1/counter/matches_running/increment", key)
         return reply, lane_store().coalescer.round_trips - before
 
     (status, headers, body), round_trips = asyncio.run(main())
     assert status == 503 and b'"code":5003' in body
     assert headers[b"retry-after"] == b"5"
     assert round_trips == 0
-    assert store.hget(keyspace.value_key(Counter.objects.get(name="online_players").id, "", ""), "v") == b"1"
+    assert store.hget(keyspace.value_key(Counter.objects.get(name="matches_running").id, "", ""), "v") == b"1"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_presence_on_the_lane_logins_heartbeats_and_reads_share_round_trips_and_lapse_with_the_clock(
+    builtins, make_key, settings, lane_threads, time_machine
+):
+    settings.COUNTER_CONFIG_CHECK_SECONDS = 60  # no config-generation check in the counted round trips
+    key = make_key(("write",))
+    online = "/api/v1/counter/online_players"
+    assert route("POST", f"{online}/heartbeat")[0] is rest_heartbeat
+    start = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    time_machine.move_to(start, tick=False)
+    players = [f"p{i}" for i in range(1000)]
+
+    async def counted(*calls):
+        before = lane_store().coalescer.round_trips
+        replies = await asyncio.gather(*calls)
+        return lane_store().coalescer.round_trips - before, replies
+
+    async def main():
+        # Warm: the snapshot loaded, both values hydrated.
+        await _request("GET", "/api/v1/counters", key, query=b"names=online_players,matches_running")
+        logins = [_request("POST", f"{online}/increment", key, b'{"user_id": "u%d"}' % i) for i in range(50)]
+        seen = {"logins": await counted(*logins)}
+        body = orjson.dumps({"user_ids": players, "node_id": "eu-7"})
+        seen["batch heartbeat"] = await counted(_request("POST", f"{online}/heartbeat", key, body))
+        seen["read"] = await counted(_request("GET", online, key))
+        many = _request("GET", "/api/v1/counters", key, query=b"names=online_players,matches_running")
+        seen["read many"] = await counted(many)
+        time_machine.move_to(start + timedelta(seconds=90), tick=False)  # nobody renewed anything
+        seen["lapsed"] = await counted(_request("GET", online, key))
+        seen["logout"] = await counted(_request("POST", f"{online}/decrement", key, b'{"user_id": "u1"}'))
+        return seen
+
+    seen = asyncio.run(main())
+    round_trips, replies = seen["logins"]
+    assert round_trips == 1 and [status for status, _, _ in replies] == [200] * 50
+    assert sorted(orjson.loads(body)["current_value"] for _, _, body in replies) == list(range(1, 51))
+    round_trips, [(status, _, body)] = seen["batch heartbeat"]
+    assert (round_trips, status) == (1, 200)
+    assert orjson.loads(body) == {
+        "success": True,
+        "current_value": 1050,
+        "lease_seconds": 90,
+        "expires_at": "2026-05-04T12:01:30Z",
+    }
+    for name in ("read", "read many"):
+        round_trips, [(status, _, body)] = seen[name]
+        assert (round_trips, status) == (1, 200) and b'"value":1050' in body, (name, body)
+    # At the lease's end every lease lapsed, the node's thousand with the node: swept by the read.
+    round_trips, [(status, _, body)] = seen["lapsed"]
+    assert (round_trips, status) == (1, 200) and orjson.loads(body)["value"] == 0
+    round_trips, [(status, _, body)] = seen["logout"]
+    assert (round_trips, status) == (1, 200) and body == b'{"success":true,"current_value":0}'
+
+
+@pytest.mark.django_db(transaction=True)
+def test_presence_refusals_on_the_lane_change_nothing(builtins, make_key, store, settings, lane_threads):
+    settings.COUNTER_CONFIG_CHECK_SECONDS = 60  # no config-generation check: only the requests' own calls
+    key = make_key(("write",))
+    online = "/api/v1/counter/online_players"
+    fn = {"appId": "default", "counterType": "app", "counterId": "online_players"}
+
+    async def main():
+        await _request("POST", f"{online}/increment", key, b'{"user_id": "u1"}')
+        before = lane_store().coalescer.round_trips
+        replies = [
+            await _request("POST", f"{online}/increment", key, b"{}"),
+            await _request("POST", f"{online}/increment", key, b'{"user_id": "u2", "value": 2}'),
+            await _request("POST", f"{online}/increment", key, b'{"user_id": "u2", "node_id": ""}'),
+            await _request("POST", f"{online}/heartbeat", key, b'{"session_id": "s1"}'),
+            await _request("POST", "/api/v1/counter/matches_running/heartbeat", key, b'{"user_id": "u2"}'),
+            await _request("POST", "/api/v1/counters/batch", key, b'{"updates": [{"name": "online_players"}]}'),
+            await _request("POST", "/api/v1/functions/increaseCounter", key, orjson.dumps({**fn, "increment": 1})),
+        ]
+        # Refused before any Redis call.
+        return replies, lane_store().coalescer.round_trips - before
+
+    replies, round_trips = asyncio.run(main())
+    assert [status for status, _, _ in replies] == [409, 409, 400, 409, 409, 409, 409]
+    assert all(b'"code":4001' in body for _, _, body in replies)
+    assert round_trips == 0
+    online_id = Counter.objects.get(name="online_players").id
+    assert store.zrange(keyspace.presence_keys(online_id, "")[6], 0, -1) == [b"u1|"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_presence_read_on_the_lane_is_served_by_a_redis_that_lost_the_script_or_the_value(
+    builtins, make_key, private_redis, settings, lane_threads
+):
+    # A Redis of its own (a SCRIPT FLUSH empties every database of a server), for both paths.
+    settings.CACHES = {**settings.CACHES, "default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
+    settings.REDIS_URL = private_redis.url
+    store = redis.Redis.from_url(private_redis.url)
+    key = make_key(("write",))
+    online = "/api/v1/counter/online_players"
+    names = b"names=online_players,matches_running"
+
+    async def logins():
+        for user in (b"u1", b"u2"):
+            await _request("POST", f"{online}/increment", key, b'{"user_id": "%s"}' % user)
+
+    async def reads():
+        return [await _request("GET", "/api/v1/counters", key, query=names), await _request("GET", online, key)]
+
+    asyncio.run(logins())
+    store.script_flush()
+    lost_script = asyncio.run(reads())
+    counters_flush()
+    store.delete(keyspace.value_key(Counter.objects.get(app__slug="default", name="online_players").id, "", ""))
+    lost_value = asyncio.run(reads())
+    for many, one in (lost_script, lost_value):
+        assert many[0] == one[0] == 200
+        assert orjson.loads(many[2])["counters"] == [
+            {"name": "online_players", "value": 2},
+            {"name": "matches_running", "value": 0},
+        ]
+        assert orjson.loads(one[2])["value"] == 2
 
 
 # --- through the real server: waiting on PostgreSQL holds up nobody else ---------------------
@@ -194,7 +316,7 @@ def test_requests_waiting_on_postgresql_hold_up_neither_hot_nor_other_requests(b
     web = Gunicorn(workers=1)
     slow: list[int] = []
     try:
-        increment = f"{web.url}/api/v1/counter/online_players/increment"
+        increment = f"{web.url}/api/v1/counter/matches_running/increment"
         assert requests.post(increment, json={}, headers=bearer, timeout=10).status_code == 200
         with tables_locked("counters_countervalue", "counters_statbucket") as watcher:
 
@@ -212,7 +334,7 @@ def test_requests_waiting_on_postgresql_hold_up_neither_hot_nor_other_requests(b
             for _ in range(20):
                 assert requests.post(increment, json={}, headers=bearer, timeout=5).json()["current_value"] > 1
             assert requests.get(f"{web.url}/healthz", timeout=5).status_code == 200
-            assert requests.get(f"{web.url}/api/v1/counter/online_players", timeout=5).json()["value"] == 21
+            assert requests.get(f"{web.url}/api/v1/counter/matches_running", timeout=5).json()["value"] == 21
             assert slow == []
         for thread in threads:
             thread.join(timeout=30)

@@ -49,14 +49,14 @@ def private_store(private_redis, settings):
 def test_warm_updates_and_reads_query_no_database_and_make_one_redis_round_trip(
     client, writer, private_store, round_trips
 ):
-    increment = "/api/v1/counter/online_players/increment"
+    increment = "/api/v1/counter/matches_running/increment"
     dau = "/api/v1/counter/daily_active_users/increment"
-    batch = {"updates": [{"name": "online_players"}, {"name": "total_games_played", "value": 2}] * 3}
+    batch = {"updates": [{"name": "matches_running"}, {"name": "total_games_played", "value": 2}] * 3}
     warm_up = [
         lambda: client.post(increment, "{}", content_type="application/json", **writer),
         lambda: client.post(dau, '{"user_id": "u0"}', content_type="application/json", **writer),
-        lambda: client.get("/api/v1/counter/online_players"),
-        lambda: client.get("/api/v1/counters?names=online_players,total_games_played"),
+        lambda: client.get("/api/v1/counter/matches_running"),
+        lambda: client.get("/api/v1/counters?names=matches_running,total_games_played"),
         lambda: client.post("/api/v1/counters/batch", json.dumps(batch), content_type="application/json", **writer),
     ]
     for call in warm_up:
@@ -65,8 +65,8 @@ def test_warm_updates_and_reads_query_no_database_and_make_one_redis_round_trip(
     cases = [
         (lambda: client.post(increment, '{"value": 2}', content_type="application/json", **writer), {"evalsha": 1}),
         (lambda: client.post(dau, '{"user_id": "u1"}', content_type="application/json", **writer), {"evalsha": 1}),
-        (lambda: client.get("/api/v1/counter/online_players"), {"hmget": 1}),
-        (lambda: client.get("/api/v1/counters?names=online_players,total_games_played"), {"hmget": 2}),
+        (lambda: client.get("/api/v1/counter/matches_running"), {"hmget": 1}),
+        (lambda: client.get("/api/v1/counters?names=matches_running,total_games_played"), {"hmget": 2}),
         (
             lambda: client.post("/api/v1/counters/batch", json.dumps(batch), content_type="application/json", **writer),
             {"evalsha": 2},
@@ -85,4 +85,4 @@ def test_warm_updates_and_reads_query_no_database_and_make_one_redis_round_trip(
             # The update script reads the value hash with HMGET itself: the server counts those too.
             sent.pop("hmget", None)
         assert sent == expected
-    assert client.get("/api/v1/counter/online_players").json()["value"] == 1 + 3 + 2 + 3
+    assert client.get("/api/v1/counter/matches_running").json()["value"] == 1 + 3 + 2 + 3

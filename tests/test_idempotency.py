@@ -17,7 +17,7 @@ from .http import post
 
 pytestmark = pytest.mark.django_db
 
-INC = "/api/v1/counter/online_players/increment"
+INC = "/api/v1/counter/matches_running/increment"
 KEY = "3f6c1a52-0d4e-4b8e-9a57-0c1d2e3f4a5b"
 
 
@@ -25,7 +25,7 @@ def keyed(headers: dict, key: str = KEY) -> dict:
     return {**headers, "HTTP_IDEMPOTENCY_KEY": key}
 
 
-def value(client: Client, name: str = "online_players") -> int:
+def value(client: Client, name: str = "matches_running") -> int:
     return client.get(f"/api/v1/counter/{name}").json()["value"]
 
 
@@ -56,7 +56,7 @@ def test_the_same_key_with_another_body_is_a_conflict_and_changes_nothing(client
         assert reply.json()["success"] is False and reply.json()["error"]["code"] == 4001
         assert "Idempotency-Key" in reply.json()["error"]["message"]
     # Another endpoint with the same key is another request too.
-    reply = post(client, "/api/v1/counter/online_players/decrement", {"value": 2}, keyed(writer))
+    reply = post(client, "/api/v1/counter/matches_running/decrement", {"value": 2}, keyed(writer))
     assert reply.status_code == 409
     assert value(client) == 2
 
@@ -80,15 +80,15 @@ def test_every_bad_key_is_a_400_with_the_one_error_shape_and_changes_nothing(cli
     headers = {**writer, "HTTP_IDEMPOTENCY_KEY": bad}
     replies = [
         post(client, INC, {}, headers),
-        post(client, "/api/v1/counter/online_players/decrement", {}, headers),
-        post(client, "/api/v1/counter/online_players/reset", {"reason": "x"}, headers),
-        post(client, "/api/v1/counters/batch", {"updates": [{"name": "online_players", "id": bad}]}, writer),
+        post(client, "/api/v1/counter/matches_running/decrement", {}, headers),
+        post(client, "/api/v1/counter/matches_running/reset", {"reason": "x"}, headers),
+        post(client, "/api/v1/counters/batch", {"updates": [{"name": "matches_running", "id": bad}]}, writer),
     ]
     for reply in replies:
         assert reply.status_code == 400, (case, reply.content)
         assert reply.json() == {"success": False, "error": {"code": 4001, "message": reply.json()["error"]["message"]}}
         assert "Idempotency-Key" in reply.json()["error"]["message"] or ".id" in reply.json()["error"]["message"]
-    target = {"appId": "default", "counterType": "app", "counterId": "online_players"}
+    target = {"appId": "default", "counterType": "app", "counterId": "matches_running"}
     for body, extra in (({**target, "requestId": bad}, {}), (target, {"HTTP_IDEMPOTENCY_KEY": bad})):
         reply = fn(client, "increaseCounter", body, {**writer, **extra})
         assert reply.status_code == 400, (case, reply.content)
@@ -98,7 +98,7 @@ def test_every_bad_key_is_a_400_with_the_one_error_shape_and_changes_nothing(cli
 
 
 def test_a_request_id_that_is_not_a_string_or_disagrees_with_the_header_is_refused(client, writer):
-    target = {"appId": "default", "counterType": "app", "counterId": "online_players"}
+    target = {"appId": "default", "counterType": "app", "counterId": "matches_running"}
     for body, extra in (
         ({**target, "requestId": 12345678}, {}),
         ({**target, "requestId": KEY}, {"HTTP_IDEMPOTENCY_KEY": KEY + "-other"}),
@@ -124,7 +124,7 @@ def test_keys_are_per_app_even_on_a_shared_global_counter(client, builtins, make
 
 def test_the_key_lives_24_hours_by_default(client, writer, store):
     post(client, INC, {}, keyed(writer))
-    counter = Counter.objects.get(name="online_players")
+    counter = Counter.objects.get(name="matches_running")
     record = keyspace.idempotency_key(counter.id, counter.app_id, KEY)
     assert 23 * 3600 * 1000 < store.pttl(record) <= 24 * 3600 * 1000
 
@@ -132,7 +132,7 @@ def test_the_key_lives_24_hours_by_default(client, writer, store):
 def test_the_lifetime_is_a_setting(client, writer, store, settings):
     settings.COUNTER_IDEMPOTENCY_KEY_SECONDS = 60
     post(client, INC, {}, keyed(writer))
-    counter = Counter.objects.get(name="online_players")
+    counter = Counter.objects.get(name="matches_running")
     assert 0 < store.pttl(keyspace.idempotency_key(counter.id, counter.app_id, KEY)) <= 60_000
     # Once the record is gone (expired), the key is new again.
     store.delete(keyspace.idempotency_key(counter.id, counter.app_id, KEY))
@@ -141,7 +141,7 @@ def test_the_lifetime_is_a_setting(client, writer, store, settings):
 
 def test_decrement_and_a_refusal_replay_too(client, writer):
     post(client, INC, {"value": 3}, writer)
-    dec = "/api/v1/counter/online_players/decrement"
+    dec = "/api/v1/counter/matches_running/decrement"
     first = post(client, dec, {"value": 1}, keyed(writer, "dec-00000001"))
     assert post(client, dec, {"value": 1}, keyed(writer, "dec-00000001")).content == first.content
     refused = post(client, dec, {"value": 10}, keyed(writer, "dec-00000002"))
@@ -165,7 +165,7 @@ def test_unique_member_duplicate_replays_as_the_first_answer(client, writer):
 def test_reset_replays_without_a_second_reset_or_log_entry(client, builtins, make_key):
     manager = {"HTTP_AUTHORIZATION": f"Bearer {make_key(('write', 'counter_manage'))}"}
     post(client, INC, {"value": 9}, manager)
-    url = "/api/v1/counter/online_players/reset"
+    url = "/api/v1/counter/matches_running/reset"
     first = post(client, url, {"reason": "event over", "reset_value": 2}, keyed(manager))
     assert first.json() == {"success": True, "current_value": 2, "previous_value": 9}
     post(client, INC, {}, manager)
@@ -204,9 +204,9 @@ BATCH = "/api/v1/counters/batch"
 def test_batch_items_carry_their_own_id_and_a_retried_batch_replays_them(client, writer):
     body = {
         "updates": [
-            {"name": "online_players", "value": 3, "id": "item-00000001"},
+            {"name": "matches_running", "value": 3, "id": "item-00000001"},
             {"name": "total_games_played", "id": "item-00000002"},
-            {"name": "online_players"},
+            {"name": "matches_running"},
         ]
     }
     first = post(client, BATCH, body, writer)
@@ -223,14 +223,14 @@ def test_batch_items_carry_their_own_id_and_a_retried_batch_replays_them(client,
 
 
 def test_a_batch_item_reusing_an_id_for_another_update_is_refused_alone(client, writer):
-    post(client, BATCH, {"updates": [{"name": "online_players", "id": "item-00000001"}]}, writer)
+    post(client, BATCH, {"updates": [{"name": "matches_running", "id": "item-00000001"}]}, writer)
     reply = post(
         client,
         BATCH,
         {
             "updates": [
-                {"name": "online_players", "value": 2, "id": "item-00000001"},
-                {"name": "online_players", "id": "item-00000002"},
+                {"name": "matches_running", "value": 2, "id": "item-00000001"},
+                {"name": "matches_running", "id": "item-00000002"},
             ]
         },
         writer,
@@ -238,15 +238,15 @@ def test_a_batch_item_reusing_an_id_for_another_update_is_refused_alone(client, 
     results = reply.json()["results"]
     assert results[0]["success"] is False and results[0]["error"]["code"] == 4001
     assert "Idempotency-Key" in results[0]["error"]["message"]
-    assert results[1] == {"name": "online_players", "success": True, "current_value": 2}
+    assert results[1] == {"name": "matches_running", "success": True, "current_value": 2}
     assert value(client) == 2
 
 
 def test_a_batch_naming_one_id_twice_or_with_a_header_key_is_refused_whole(client, writer):
-    twice = {"updates": [{"name": "online_players", "id": "item-00000001"}] * 2}
+    twice = {"updates": [{"name": "matches_running", "id": "item-00000001"}] * 2}
     reply = post(client, BATCH, twice, writer)
     assert reply.status_code == 400 and "updates[1].id" in reply.json()["error"]["message"]
-    reply = post(client, BATCH, {"updates": [{"name": "online_players"}]}, keyed(writer))
+    reply = post(client, BATCH, {"updates": [{"name": "matches_running"}]}, keyed(writer))
     assert reply.status_code == 400 and "id" in reply.json()["error"]["message"]
     assert value(client) == 0
 
@@ -255,7 +255,7 @@ def test_a_batch_naming_one_id_twice_or_with_a_header_key_is_refused_whole(clien
 
 
 def test_increase_counter_with_a_request_id_replays_byte_for_byte(client, writer):
-    body = {"appId": "default", "counterType": "app", "counterId": "online_players", "increment": 2}
+    body = {"appId": "default", "counterType": "app", "counterId": "matches_running", "increment": 2}
     first = fn(client, "increaseCounter", {**body, "requestId": KEY}, writer)
     assert first.status_code == 200 and first.json()["data"]["newValue"] == 2
     fn(client, "increaseCounter", body, writer)
@@ -271,7 +271,7 @@ def test_increase_counter_with_a_request_id_replays_byte_for_byte(client, writer
 
 
 def test_decrease_and_reset_counter_replay(client, writer):
-    target = {"appId": "default", "counterType": "app", "counterId": "online_players"}
+    target = {"appId": "default", "counterType": "app", "counterId": "matches_running"}
     fn(client, "increaseCounter", {**target, "increment": 10}, writer)
     dec = {**target, "decrement": 4, "requestId": "dec-00000001"}
     first = fn(client, "decreaseCounter", dec, writer)
@@ -286,7 +286,7 @@ def test_decrease_and_reset_counter_replay(client, writer):
 
 
 def test_the_conflict_is_translated_on_the_function_surface(client, writer):
-    body = {"appId": "default", "counterType": "app", "counterId": "online_players", "requestId": KEY}
+    body = {"appId": "default", "counterType": "app", "counterId": "matches_running", "requestId": KEY}
     fn(client, "increaseCounter", body, writer)
     reply = fn(client, "increaseCounter", {**body, "increment": 2}, {**writer, "HTTP_ACCEPT_LANGUAGE": "zh-Hans"})
     assert reply.status_code == 409 and reply.json()["code"] == 4001

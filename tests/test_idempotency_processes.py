@@ -21,7 +21,7 @@ from .processes import Gunicorn, PrivateRedis, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-PATH = "/api/v1/counter/online_players/increment"
+PATH = "/api/v1/counter/matches_running/increment"
 
 
 def worker_pids(master_pid: int) -> list[int]:
@@ -61,7 +61,7 @@ def test_1000_requests_200_keys_each_sent_5_times_from_50_threads(builtins, make
 
         with ThreadPoolExecutor(max_workers=50) as pool:
             replies = list(pool.map(send, plan))
-        end = requests.get(f"{web.url}/api/v1/counter/online_players", timeout=10).json()["value"]
+        end = requests.get(f"{web.url}/api/v1/counter/matches_running", timeout=10).json()["value"]
     finally:
         web.stop()
 
@@ -111,7 +111,7 @@ def test_a_retry_after_kill_9_of_the_worker_holding_the_first_request_counts_onc
     finally:
         web.stop()
 
-    counter = Counter.objects.get(name="online_players")
+    counter = Counter.objects.get(name="matches_running")
     assert retry.status_code == 200, retry.content
     assert retry.headers.get("Idempotent-Replayed") == "true"
     assert retry.json()["current_value"] == 2
@@ -133,7 +133,7 @@ def test_a_retry_after_redis_stopped_mid_request_and_restarted_from_its_aof_coun
         # Warm up (hydration, scripts); on this shared machine a first call may itself time out.
         warm = {"Authorization": headers["Authorization"]}
         wait_until(lambda: requests.post(url, json={}, headers=warm, timeout=10).status_code == 200, what="warm-up")
-        before = requests.get(f"{web.url}/api/v1/counter/online_players", timeout=10).json()["value"]
+        before = requests.get(f"{web.url}/api/v1/counter/matches_running", timeout=10).json()["value"]
         # A stopped Redis (SIGSTOP) leaves the keyed increment in its socket: the web process times
         # out (5004: outcome unknown), then Redis runs again and applies it; and then Redis is killed.
         store.freeze()
@@ -141,7 +141,7 @@ def test_a_retry_after_redis_stopped_mid_request_and_restarted_from_its_aof_coun
             unknown = requests.post(url, json={}, headers=headers, timeout=10)
         finally:
             store.thaw()
-        counter = Counter.objects.get(name="online_players")
+        counter = Counter.objects.get(name="matches_running")
         wait_until(lambda: redis_value(store.port, counter.id) == before + 1, what="the timed-out update applied")
         store.kill()
         store.start()  # from its AOF (appendfsync always)
@@ -153,7 +153,7 @@ def test_a_retry_after_redis_stopped_mid_request_and_restarted_from_its_aof_coun
             return retries[-1].status_code != 503
 
         wait_until(retried, timeout=20, interval=0.2, what="writes accepted again")
-        counter = Counter.objects.get(name="online_players")
+        counter = Counter.objects.get(name="matches_running")
         stored = redis_value(store.port, counter.id)
     finally:
         web.stop()

@@ -67,7 +67,7 @@ def increment(client, writer, name: str, value: int = 1, user_id: str | None = N
 
 
 def test_every_metric_has_the_prefix_its_type_and_base_units(client, writer):
-    increment(client, writer, "online_players")
+    increment(client, writer, "matches_running")
     found = families(scrape(client))
     for name, kind in EXPECTED_TYPES.items():
         assert name in found, name
@@ -84,15 +84,15 @@ def test_requests_are_counted_once_each_by_surface_endpoint_and_status(client, w
     before = scrape(client)
     n = 7
     for _ in range(n):
-        assert increment(client, writer, "online_players").status_code == 200
+        assert increment(client, writer, "matches_running").status_code == 200
     for _ in range(3):
-        assert client.get("/api/v1/counter/online_players", **writer).status_code == 200
+        assert client.get("/api/v1/counter/matches_running", **writer).status_code == 200
     assert client.get("/api/v1/counter/no_such_counter", **writer).status_code == 404
-    assert increment(client, writer, "online_players", value="x").status_code == 400
-    body = {"appId": "default", "counterType": "app", "counterId": "online_players", "increment": 2}
+    assert increment(client, writer, "matches_running", value="x").status_code == 400
+    body = {"appId": "default", "counterType": "app", "counterId": "matches_running", "increment": 2}
     reply = client.post("/api/v1/functions/increaseCounter", body, content_type="application/json", **writer)
     assert reply.json()["code"] == 0
-    batch = {"updates": [{"name": "online_players", "value": 1}] * 4}
+    batch = {"updates": [{"name": "matches_running", "value": 1}] * 4}
     assert client.post("/api/v1/counters/batch", batch, content_type="application/json", **writer).status_code == 200
     after = scrape(client)
 
@@ -142,7 +142,7 @@ def test_metrics_are_refused_without_token_or_allowed_network(client, settings):
     ("variable", "value", "message"),
     [
         ("METRICS_ALLOWED_NETWORKS", "10.0.0.0/8,not-a-network", "METRICS_ALLOWED_NETWORKS"),
-        ("METRICS_COUNTERS", "default/online_players,justaname", "METRICS_COUNTERS"),
+        ("METRICS_COUNTERS", "default/matches_running,justaname", "METRICS_COUNTERS"),
     ],
 )
 def test_bad_metrics_settings_stop_the_start_with_a_clear_message(variable, value, message):
@@ -161,7 +161,7 @@ def test_flush_lag_and_pending_deltas_come_from_redis(client, writer):
         assert sample(text, f"{P}_flush_pending_deltas") == 0
         assert sample(text, f"{P}_flush_lag_seconds") == 0
         for _ in range(3):
-            increment(client, writer, "online_players")
+            increment(client, writer, "matches_running")
     with time_machine.travel(start + timedelta(seconds=4), tick=False):
         increment(client, writer, "total_games_played", 5)
         increment(client, writer, "daily_active_users", user_id="u1")
@@ -175,7 +175,7 @@ def test_flush_lag_and_pending_deltas_come_from_redis(client, writer):
 
         # A batch moved out of the live key but not yet applied (a flusher that died mid-run)
         # still counts, with its own age.
-        counter = selectors.counter_get(app_id=App.objects.get(slug="default").id, name="online_players")
+        counter = selectors.counter_get(app_id=App.objects.get(slug="default").id, name="matches_running")
         keys = [
             keyspace.pending_key(counter.id),
             keyspace.oplog_key(counter.id),
@@ -195,8 +195,8 @@ def test_flush_lag_and_pending_deltas_come_from_redis(client, writer):
         assert sample(text, f"{P}_flush_lag_seconds") == 0
     # The next change after a flush starts the clock again.
     with time_machine.travel(start + timedelta(seconds=9), tick=False):
-        increment(client, writer, "online_players")
-        increment(client, writer, "online_players")
+        increment(client, writer, "matches_running")
+        increment(client, writer, "matches_running")
     with time_machine.travel(start + timedelta(seconds=12), tick=False):
         text = scrape(client)
         assert sample(text, f"{P}_flush_pending_deltas") == 1
@@ -207,7 +207,7 @@ def test_the_flush_task_reports_deltas_rows_and_runs(client, writer):
     before = scrape(client)
     for user in ("a", "b", "c"):
         increment(client, writer, "daily_active_users", user_id=user)
-    increment(client, writer, "online_players", 4)
+    increment(client, writer, "matches_running", 4)
     flush_task()
     flush_task()  # nothing pending: a run with zero deltas
     after = scrape(client)
@@ -253,13 +253,13 @@ def test_only_listed_public_shared_counters_are_exported(client, writer, builtin
     Counter.objects.create(app=default, name="secret_boss", public=False)
     Counter.objects.create(app=default, name="per_player", public=True, scope=Counter.Scope.USER)
     config.cache.invalidate()
-    increment(client, writer, "online_players", 42)
-    listed = [("default", "online_players"), ("default", "secret_boss"), ("default", "per_player"), ("nope", "x")]
+    increment(client, writer, "matches_running", 42)
+    listed = [("default", "matches_running"), ("default", "secret_boss"), ("default", "per_player"), ("nope", "x")]
     with override_settings(METRICS_COUNTERS=listed):
         text = scrape(client)
-    assert sample(text, f"{P}_counter_value", app="default", counter="online_players") == 42
+    assert sample(text, f"{P}_counter_value", app="default", counter="matches_running") == 42
     names = {s.labels["counter"] for s in families(text)[f"{P}_counter_value"].samples}
-    assert names == {"online_players"}
+    assert names == {"matches_running"}
 
     with override_settings(METRICS_COUNTERS=[("default", "*")], METRICS_COUNTERS_MAX=2):
         exported = families(scrape(client))[f"{P}_counter_value"].samples
@@ -269,15 +269,15 @@ def test_only_listed_public_shared_counters_are_exported(client, writer, builtin
 
 def test_redis_down_shows_degraded_reads_breaker_and_store_down(client, writer, private_redis, settings):
     settings.CACHES = {**settings.CACHES, "default": {**settings.CACHES["default"], "LOCATION": private_redis.url}}
-    increment(client, writer, "online_players", 3)
+    increment(client, writer, "matches_running", 3)
     before = scrape(client)
     assert sample(before, f"{P}_redis_breaker_open") == 0
     assert sample(before, f"{P}_store_up") == 1
     private_redis.kill()
     for _ in range(settings.REDIS_BREAKER_THRESHOLD + 2):
-        read = client.get("/api/v1/counter/online_players", **writer)
+        read = client.get("/api/v1/counter/matches_running", **writer)
         assert read.status_code == 200 and read.json()["degraded"] is True
-    refused = increment(client, writer, "online_players")
+    refused = increment(client, writer, "matches_running")
     assert refused.status_code == 503
     after = scrape(client)
     assert sample(after, f"{P}_redis_breaker_open") == 1

@@ -150,7 +150,7 @@ def test_prometheus_scrapes_a_live_instance_and_every_query_has_data(builtins, m
         "METRICS_TOKEN": TOKEN,
         # Not loopback: the scrapes below must show the token.
         "METRICS_ALLOWED_NETWORKS": "192.0.2.0/24",
-        "METRICS_COUNTERS": "default/online_players,default/boss_kills",
+        "METRICS_COUNTERS": "default/matches_running,default/boss_kills",
     }
     web = Gunicorn(workers=2, env=env)
     worker = CeleryWorker(env=env)
@@ -173,7 +173,7 @@ def test_prometheus_scrapes_a_live_instance_and_every_query_has_data(builtins, m
         def burst(count: int) -> None:
             nonlocal sent
             for _ in range(count):
-                reply = requests.post(f"{web.url}/api/v1/counter/online_players/increment", json={}, headers=headers)
+                reply = requests.post(f"{web.url}/api/v1/counter/matches_running/increment", json={}, headers=headers)
                 assert reply.status_code == 200
                 with lock:
                     sent += 1
@@ -202,11 +202,11 @@ def test_prometheus_scrapes_a_live_instance_and_every_query_has_data(builtins, m
         # The rest of the work the dashboard shows: reads, functions, a batch, errors, the
         # threshold's alert, flushes and an archive run by the Celery worker.
         for _ in range(3):
-            assert requests.get(f"{web.url}/api/v1/counter/online_players", headers=headers).ok
+            assert requests.get(f"{web.url}/api/v1/counter/matches_running", headers=headers).ok
         assert requests.get(f"{web.url}/api/v1/counter/nope", headers=headers).status_code == 404
         batch = {"updates": [{"name": "boss_kills", "value": 1}] * 3}
         assert requests.post(f"{web.url}/api/v1/counters/batch", json=batch, headers=headers).ok
-        body = {"appId": "default", "counterType": "app", "counterId": "online_players", "increment": 1}
+        body = {"appId": "default", "counterType": "app", "counterId": "matches_running", "increment": 1}
         assert (
             requests.post(f"{web.url}/api/v1/functions/increaseCounter", json=body, headers=headers).json()["code"] == 0
         )
@@ -227,7 +227,7 @@ def test_prometheus_scrapes_a_live_instance_and_every_query_has_data(builtins, m
         wait_until(worker_done, timeout=60, interval=0.5, what="the worker's flushes, archive run and alert")
         text = scrape()
         assert sample(text, f"{P}_flush_deltas_sum") == sent + 1 + 3  # every operation, once
-        assert sample(text, f"{P}_counter_value", app="default", counter="online_players") == sent + 1
+        assert sample(text, f"{P}_counter_value", app="default", counter="matches_running") == sent + 1
         assert sample(text, f"{P}_counter_value", app="default", counter="boss_kills") == 3
 
         prometheus = Prometheus(target=f"127.0.0.1:{web.port}", rules=RULES)
@@ -246,11 +246,11 @@ def test_prometheus_scrapes_a_live_instance_and_every_query_has_data(builtins, m
         except AssertionError:
             raise AssertionError(f"queries without data: {empty}") from None
 
-        def online_players_in_prometheus() -> float:
-            [series] = prometheus.query('max(counterservice_counter_value{counter="online_players"})')
+        def matches_running_in_prometheus() -> float:
+            [series] = prometheus.query('max(counterservice_counter_value{counter="matches_running"})')
             return float(series["value"][1])
 
-        wait_until(lambda: online_players_in_prometheus() == sent + 1, timeout=30, what="the value in Prometheus")
+        wait_until(lambda: matches_running_in_prometheus() == sent + 1, timeout=30, what="the value in Prometheus")
         rules = requests.get(f"{prometheus.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
         loaded = {r["name"]: r["health"] for g in rules for r in g["rules"]}
         assert loaded == {

@@ -19,7 +19,7 @@ def test_a_timed_out_update_says_its_outcome_is_unknown_not_read_only(builtins, 
     env = {"TEST_REDIS_URL": private_redis.url, "REDIS_SOCKET_TIMEOUT": "0.3", "COUNTER_CONFIG_CHECK_SECONDS": "60"}
     web = Gunicorn(workers=1, env=env)
     try:
-        url = f"{web.url}/api/v1/counter/online_players/increment"
+        url = f"{web.url}/api/v1/counter/matches_running/increment"
         assert requests.post(url, json={}, headers=headers, timeout=10).json()["current_value"] == 1
 
         # A stopped redis-server (SIGSTOP, confirmed stopped before the request) leaves the update in
@@ -37,6 +37,6 @@ def test_a_timed_out_update_says_its_outcome_is_unknown_not_read_only(builtins, 
     assert "may have been applied" in reply.json()["error"]["message"]
     assert "Retry-After" not in reply.headers
     # It was applied: a client that retried on a "try again later" would have counted it twice.
-    counter = Counter.objects.get(name="online_players")
+    counter = Counter.objects.get(name="matches_running")
     store = redis.Redis(port=private_redis.port)
     wait_until(lambda: store.hget(keyspace.value_key(counter.id, "", ""), "v") == b"2", what="the update applied")

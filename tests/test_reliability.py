@@ -130,16 +130,16 @@ def test_redis_down_read_only_from_postgresql_then_empty_redis_rehydrates(builti
     store = PrivateRedis()
     web = web_on(store, access_log=True)
     try:
-        inc = f"{web.url}/api/v1/counter/online_players/increment"
+        inc = f"{web.url}/api/v1/counter/matches_running/increment"
         traffic = Traffic(inc, key)
         wait_until(lambda: traffic.count(200) >= 50, what="traffic before the kill")
         assert flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).returncode == 0
-        flushed = CounterValue.objects.get(counter__name="online_players").value
+        flushed = CounterValue.objects.get(counter__name="matches_running").value
         killed_at = run_through(traffic, store.kill)
 
         during = outage_replies(traffic, killed_at)
         assert len(during) >= OUTAGE_REPLIES and {s for _, s, _ in during} == {503}
-        assert server_count(web, 503, "/api/v1/counter/online_players/increment") >= len(during)
+        assert server_count(web, 503, "/api/v1/counter/matches_running/increment") >= len(during)
         assert OPENED in web.output()
         refused = requests.post(inc, json={}, headers=headers, timeout=10)
         assert refused.status_code == 503
@@ -147,17 +147,17 @@ def test_redis_down_read_only_from_postgresql_then_empty_redis_rehydrates(builti
         assert int(refused.headers["Retry-After"]) > 0
 
         # Reads come from PostgreSQL (what was flushed) and say so.
-        reply = get(web, "counter/online_players")
+        reply = get(web, "counter/matches_running")
         assert reply.status_code == 200 and reply.headers["X-Counter-Source"] == "database"
         body = reply.json()
-        assert body == {"name": "online_players", "value": flushed, "last_updated": body["last_updated"]} | {
+        assert body == {"name": "matches_running", "value": flushed, "last_updated": body["last_updated"]} | {
             "degraded": True
         }
         assert body["last_updated"] is not None
-        batch = get(web, "counters?names=online_players,daily_active_users")
+        batch = get(web, "counters?names=matches_running,daily_active_users")
         assert batch.status_code == 200 and batch.headers["X-Counter-Source"] == "database"
         assert batch.json() == {
-            "counters": [{"name": "online_players", "value": flushed}, {"name": "daily_active_users", "value": 0}],
+            "counters": [{"name": "matches_running", "value": flushed}, {"name": "daily_active_users", "value": 0}],
             "degraded": True,
         }
         health = requests.get(f"{web.url}/healthz", timeout=10).json()
@@ -165,14 +165,14 @@ def test_redis_down_read_only_from_postgresql_then_empty_redis_rehydrates(builti
 
         # Redis comes back empty (no AOF): values are PostgreSQL's, then writes are exact again.
         store.start()
-        assert wait_for_writes(web, headers, "online_players") == flushed + 1
+        assert wait_for_writes(web, headers, "matches_running") == flushed + 1
         for _ in range(9):
             assert requests.post(inc, json={}, headers=headers, timeout=10).status_code == 200
-        reply = get(web, "counter/online_players")
+        reply = get(web, "counter/matches_running")
         assert reply.json()["value"] == flushed + 10 and "X-Counter-Source" not in reply.headers
         assert "degraded" not in reply.json()
         assert flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).returncode == 0
-        assert CounterValue.objects.get(counter__name="online_players").value == flushed + 10
+        assert CounterValue.objects.get(counter__name="matches_running").value == flushed + 10
     finally:
         web.stop()
         store.close()
@@ -227,7 +227,7 @@ def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_r
         assert requests.post(dau, json={"user_id": "c"}, headers=headers, timeout=10).status_code == 200
         for _ in range(10):
             assert requests.post(games, json={}, headers=headers, timeout=10).status_code == 200
-        traffic = Traffic(f"{web.url}/api/v1/counter/online_players/increment", key, threads=threads)
+        traffic = Traffic(f"{web.url}/api/v1/counter/matches_running/increment", key, threads=threads)
         wait_until(lambda: traffic.count(200) >= 40, what="traffic before the kill")
 
         killed_at = run_through(traffic, store.kill)
@@ -257,7 +257,7 @@ def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_r
             assert int(hot.hget(keyspace.value_key(counter.id, period, ""), "v")) == value
             assert CounterValue.objects.get(counter=counter).value == value
         acknowledged = traffic.count(200)
-        online = Counter.objects.get(name="online_players")
+        online = Counter.objects.get(name="matches_running")
         in_redis = int(hot.hget(keyspace.value_key(online.id, "", ""), "v"))
         # Every acknowledged increment, once; a request on the wire at the kill may have been
         # applied without its reply arriving (at most one per client thread).
@@ -292,7 +292,7 @@ def test_a_frozen_redis_costs_a_timeout_only_until_the_breaker_opens(builtins, m
     env |= {"TEST_REDIS_URL": store.url, "REDIS_BREAKER_RESET_SECONDS": "60", "REDIS_BREAKER_THRESHOLD": str(threshold)}
     env |= {"GUNICORN_ACCESSLOG": "-", "COUNTER_CONFIG_CHECK_SECONDS": "60"}
     web = Gunicorn(workers=1, env=env, extra_args=["--access-logformat", ACCESS_FORMAT])
-    path = "/api/v1/counter/online_players/increment"
+    path = "/api/v1/counter/matches_running/increment"
     try:
         traffic = Traffic(f"{web.url}{path}", key, threads=threads)
         wait_until(lambda: traffic.count(200) >= 50, what="traffic before the freeze")
@@ -316,7 +316,7 @@ def test_a_frozen_redis_costs_a_timeout_only_until_the_breaker_opens(builtins, m
         assert web.output().count(OPENED) == 1
 
         # The writes that timed out said "may have been applied" (504): the thawed Redis ran them.
-        counter = Counter.objects.get(name="online_players")
+        counter = Counter.objects.get(name="matches_running")
         hot = redis.Redis.from_url(store.url)
         wait_until(lambda: hot.ping(), what="the thawed redis-server")
         in_redis = int(hot.hget(keyspace.value_key(counter.id, "", ""), "v"))

@@ -65,7 +65,7 @@ def test_sigterm_lets_gunicorn_finish_a_request_in_flight_and_serve_no_new_one(b
         assert processes.accepts_on(worker, web.port)
         with values_table_locked() as watcher:
             # A value not in Redis yet is hydrated from PostgreSQL: this request waits on the lock.
-            url = f"{web.url}/api/v1/counter/online_players"
+            url = f"{web.url}/api/v1/counter/matches_running"
             thread = threading.Thread(target=lambda: replies.append(requests.get(url, timeout=60)))
             thread.start()
             wait_until(lambda: waiting_on_locks(watcher) == 1, what="a request in flight")
@@ -91,7 +91,7 @@ def test_sigterm_lets_gunicorn_finish_a_request_in_flight_and_serve_no_new_one(b
     finally:
         web.stop()
     assert [r.status_code for r in replies] == [200]
-    assert replies[0].json() == {"name": "online_players", "value": 0, "last_updated": None}
+    assert replies[0].json() == {"name": "matches_running", "value": 0, "last_updated": None}
     assert answer == b""  # never served
     assert refuses_connections(web.port)
 
@@ -114,8 +114,8 @@ def broker():
 
 
 def test_sigterm_lets_the_celery_worker_finish_a_running_flush(client, writer, store, broker):
-    increment(client, writer, "online_players", 12)
-    counter = Counter.objects.get(name="online_players")
+    increment(client, writer, "matches_running", 12)
+    counter = Counter.objects.get(name="matches_running")
     worker = CeleryWorker(env=WORKER_ENV)
     try:
         with values_table_locked() as locker:
@@ -132,10 +132,12 @@ def test_sigterm_lets_the_celery_worker_finish_a_running_flush(client, writer, s
 
 
 @pytest.mark.parametrize("moment", ["before_commit", "after_commit"])
-def test_a_celery_worker_killed_mid_flush_then_restarted_gives_exact_values(client, writer, store, broker, moment):
-    increment(client, writer, "online_players", 12)
+def test_a_celery_worker_killed_mid_flush_then_restarted_gives_exact_values(
+    client, writer, store, broker, plain_flushed_first, moment
+):
+    increment(client, writer, "matches_running", 12)
     increment(client, writer, "daily_active_users", 1, user_id="u1")
-    counter = Counter.objects.get(name="online_players")
+    counter = Counter.objects.get(name="matches_running")
     if moment == "before_commit":
         worker = CeleryWorker(env=WORKER_ENV)
         try:
@@ -158,7 +160,7 @@ def test_a_celery_worker_killed_mid_flush_then_restarted_gives_exact_values(clie
         assert CounterValue.objects.get(counter=counter).value == 12
     assert len(store.smembers(keyspace.batches_key(counter.id))) == 1  # left behind by the dead flush
 
-    increment(client, writer, "online_players", 3)
+    increment(client, writer, "matches_running", 3)
     worker = CeleryWorker(env=WORKER_ENV)
     try:
 
@@ -173,7 +175,7 @@ def test_a_celery_worker_killed_mid_flush_then_restarted_gives_exact_values(clie
         worker.close()
     assert CounterValue.objects.get(counter=counter).value == 15
     assert CounterValue.objects.get(counter__name="daily_active_users").value == 1
-    assert client.get("/api/v1/counter/online_players").json()["value"] == 15
+    assert client.get("/api/v1/counter/matches_running").json()["value"] == 15
 
 
 SHORT_SOAK = ("--duration", "6", "--warmup", "2", "--sample-every", "1", "--clients", "2", "--rotate-every", "2")

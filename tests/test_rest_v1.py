@@ -16,21 +16,21 @@ pytestmark = pytest.mark.usefixtures("midday")  # daily counters on a pinned clo
 @pytest.mark.django_db
 def test_increment_decrement_and_read_have_the_spec_shapes(client, writer):
     body = {"value": 5, "user_id": "u123456", "metadata": {}}
-    r = post(client, "/api/v1/counter/online_players/increment", body, writer)
+    r = post(client, "/api/v1/counter/matches_running/increment", body, writer)
     assert r.status_code == 200
     assert r.content == b'{"success":true,"current_value":5}'
-    r = post(client, "/api/v1/counter/online_players/decrement", {"value": 1, "user_id": "u123456"}, writer)
+    r = post(client, "/api/v1/counter/matches_running/decrement", {"value": 1, "user_id": "u123456"}, writer)
     assert r.json() == {"success": True, "current_value": 4}
-    r = post(client, "/api/v1/counter/online_players/increment", {}, writer)
+    r = post(client, "/api/v1/counter/matches_running/increment", {}, writer)
     assert r.json() == {"success": True, "current_value": 5}
 
-    body = client.get("/api/v1/counter/online_players").json()
+    body = client.get("/api/v1/counter/matches_running").json()
     assert set(body) == {"name", "value", "last_updated"}
-    assert body["name"] == "online_players" and body["value"] == 5
+    assert body["name"] == "matches_running" and body["value"] == 5
     assert body["last_updated"].endswith("Z") and len(body["last_updated"]) == 20
 
-    body = client.get("/api/v1/counters?names=online_players,daily_active_users").json()
-    assert body == {"counters": [{"name": "online_players", "value": 5}, {"name": "daily_active_users", "value": 0}]}
+    body = client.get("/api/v1/counters?names=matches_running,daily_active_users").json()
+    assert body == {"counters": [{"name": "matches_running", "value": 5}, {"name": "daily_active_users", "value": 0}]}
 
 
 @pytest.mark.django_db
@@ -46,7 +46,7 @@ def test_periodic_counter_says_when_it_resets(client, builtins):
         daily = client.get("/api/v1/counter/total_games_played").json()
         weekly = client.get("/api/v1/counter/weekly_raids").json()
         monthly = client.get("/api/v1/counter/monthly_quests").json()
-        plain = client.get("/api/v1/counter/online_players").json()
+        plain = client.get("/api/v1/counter/matches_running").json()
     assert (daily["value"], daily["last_reset"], daily["next_reset"]) == (
         0, "2026-03-29T00:00:00Z", "2026-03-30T00:00:00Z"
     )  # fmt: skip
@@ -72,10 +72,10 @@ def test_daily_active_users_counts_a_user_once(client, writer):
 def test_reset_needs_the_manage_role_and_keeps_the_value_before(client, builtins, make_key):
     writer_only = make_key(("write",))
     manager = make_key(("counter_manage",))
-    post(client, "/api/v1/counter/online_players/increment", {"value": 7}, {"HTTP_X_API_KEY": writer_only})
-    r = post(client, "/api/v1/counter/online_players/reset", {"admin_token": writer_only})
+    post(client, "/api/v1/counter/matches_running/increment", {"value": 7}, {"HTTP_X_API_KEY": writer_only})
+    r = post(client, "/api/v1/counter/matches_running/reset", {"admin_token": writer_only})
     assert r.status_code == 403 and r.json()["success"] is False
-    r = post(client, "/api/v1/counter/online_players/reset", {"admin_token": manager, "reason": "event over"})
+    r = post(client, "/api/v1/counter/matches_running/reset", {"admin_token": manager, "reason": "event over"})
     assert r.json() == {"success": True, "current_value": 0, "previous_value": 7}
     from archive.models import ResetLog
 
@@ -102,35 +102,35 @@ BAD_UPDATES = [
 @pytest.mark.django_db
 @pytest.mark.parametrize(("case", "body", "status", "code"), BAD_UPDATES, ids=[c[0] for c in BAD_UPDATES])
 def test_bad_updates_are_refused_with_a_code_and_change_nothing(client, writer, case, body, status, code):
-    post(client, "/api/v1/counter/online_players/increment", {"value": 3}, writer)
-    r = post(client, "/api/v1/counter/online_players/increment", body, writer, raw=True)
+    post(client, "/api/v1/counter/matches_running/increment", {"value": 3}, writer)
+    r = post(client, "/api/v1/counter/matches_running/increment", body, writer, raw=True)
     assert r.status_code == status, r.content
     assert r.json()["success"] is False and r.json()["error"]["code"] == code
     assert r.json()["error"]["message"]
-    assert client.get("/api/v1/counter/online_players").json()["value"] == 3
+    assert client.get("/api/v1/counter/matches_running").json()["value"] == 3
 
 
 @pytest.mark.django_db
 def test_request_errors_have_codes_and_change_nothing(client, writer, builtins):
-    post(client, "/api/v1/counter/online_players/increment", {"value": 2}, writer)
+    post(client, "/api/v1/counter/matches_running/increment", {"value": 2}, writer)
     cases = [
         (post(client, "/api/v1/counter/nope/increment", {}, writer), 404, 4004),
         (post(client, "/api/v1/counter/b$d/increment", {}, writer), 400, 4001),
-        (post(client, "/api/v1/counter/online_players/increment", {}), 401, 4003),
-        (post(client, "/api/v1/counter/online_players/increment", {}, {"HTTP_X_API_KEY": "wrong"}), 401, 4003),
-        (post(client, "/api/v1/counter/online_players/decrement", {"value": 3}, writer), 409, 4005),
-        (client.get("/api/v1/counter/online_players/increment"), 405, 4001),
+        (post(client, "/api/v1/counter/matches_running/increment", {}), 401, 4003),
+        (post(client, "/api/v1/counter/matches_running/increment", {}, {"HTTP_X_API_KEY": "wrong"}), 401, 4003),
+        (post(client, "/api/v1/counter/matches_running/decrement", {"value": 3}, writer), 409, 4005),
+        (client.get("/api/v1/counter/matches_running/increment"), 405, 4001),
         (client.get("/api/v1/counters?names=" + ",".join(f"c{i}" for i in range(11))), 400, 4001),
         (client.get("/api/v1/counters?names="), 400, 4001),
-        (client.get("/api/v1/counters?names=online_players,nope"), 404, 4004),
-        (post(client, "/api/v1/counter/online_players/increment", "x=1", writer, raw=True), 400, 4001),
+        (client.get("/api/v1/counters?names=matches_running,nope"), 404, 4004),
+        (post(client, "/api/v1/counter/matches_running/increment", "x=1", writer, raw=True), 400, 4001),
     ]
     for response, status, code in cases:
         assert response.status_code == status, response.content
         assert response.json()["success"] is False
         assert response.json()["error"]["code"] == code
     assert "POST" in cases[5][0].json()["error"]["message"]
-    assert client.get("/api/v1/counter/online_players").json()["value"] == 2
+    assert client.get("/api/v1/counter/matches_running").json()["value"] == 2
 
 
 @pytest.mark.django_db

@@ -100,7 +100,7 @@ def test_each_function_example_matches_a_real_reply(client, example_world):
     )
     # Every counter updated and flushed before it is read, as in the examples (their update times
     # are times, not null).
-    for counter_type, name in [("daily", "total_games_played"), ("app", "online_players")]:
+    for counter_type, name in [("daily", "total_games_played"), ("app", "matches_running")]:
         body = {"appId": "default", "counterType": counter_type, "counterId": name}
         client.post("/api/v1/functions/increaseCounter", json.dumps(body), "application/json", **headers)
     client.post(
@@ -162,7 +162,7 @@ def _body_allowed(schema: dict, path: str, body) -> bool:
     return jsonschema.Draft7Validator(document, format_checker=jsonschema.FormatChecker()).is_valid(body)
 
 
-FN_TARGET = {"appId": "default", "counterType": "app", "counterId": "online_players"}
+FN_TARGET = {"appId": "default", "counterType": "app", "counterId": "matches_running"}
 FORBIDDEN_BODIES = [
     # A number where the schema says a string.
     ("/api/v1/counter/{name}/reset", {"reason": 0}),
@@ -171,12 +171,12 @@ FORBIDDEN_BODIES = [
     # NUL characters, white space only where text is required, an empty player id.
     ("/api/v1/counter/{name}/reset", {"reason": "event\u0000over"}),
     ("/api/v1/functions/resetCounter", {**FN_TARGET, "reason": "   "}),
-    ("/api/v1/counters/batch", {"updates": [{"name": "online_players", "user_id": ""}]}),
+    ("/api/v1/counters/batch", {"updates": [{"name": "matches_running", "user_id": ""}]}),
     # Lists that need an item, fields the server does not know, values without a schema type.
     ("/api/v1/counters/batch", {"updates": []}),
     ("/api/v1/counters/reset", {"counters": [], "reason": "x"}),
-    ("/api/v1/counters/batch", {"updates": [{"name": "online_players", "v": 1}]}),
-    ("/api/v1/counters/batch", {"updates": [{"name": "online_players", "metadata": None}]}),
+    ("/api/v1/counters/batch", {"updates": [{"name": "matches_running", "v": 1}]}),
+    ("/api/v1/counters/batch", {"updates": [{"name": "matches_running", "metadata": None}]}),
     # Dates outside the schema's formats (no offset, not a date).
     ("/api/v1/functions/getCounterStats", {"appId": "default", "startDate": "2024-03-04T10:00:00"}),
     ("/api/v1/functions/getCounterStats", {"appId": "default", "endDate": "yesterday"}),
@@ -188,19 +188,19 @@ FORBIDDEN_BODIES = [
 def test_a_body_the_schema_forbids_is_refused_with_4001_and_changes_nothing(client, example_world, path, body):
     headers = {"HTTP_AUTHORIZATION": f"Bearer {example_world}"}
     assert not _body_allowed(fetch_schema(client), path, body)
-    client.post("/api/v1/counter/online_players/increment", {"value": 3}, "application/json", **headers)
-    url = path.replace("{name}", "online_players")
+    client.post("/api/v1/counter/matches_running/increment", {"value": 3}, "application/json", **headers)
+    url = path.replace("{name}", "matches_running")
     reply = client.post(url, json.dumps(body), "application/json", **headers)
     assert reply.status_code == 400, reply.content
     assert 4001 in (reply.json().get("code"), reply.json().get("error", {}).get("code"))
-    assert client.get("/api/v1/counter/online_players").json()["value"] == 3
+    assert client.get("/api/v1/counter/matches_running").json()["value"] == 3
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(
     "url",
     [
-        "/api/v1/counter/online_players?user_id=",
+        "/api/v1/counter/matches_running?user_id=",
         "/api/v1/counter/total_games_played/history?user_id=",
         "/api/v1/alerts/messages?counter=",
         "/api/v1/stats?startDate=",
@@ -215,7 +215,7 @@ def test_an_empty_or_malformed_query_parameter_is_refused_not_ignored(client, ex
 
 RULE_CASES = [
     # (operation, body or None for a GET): well-formed by the schema, refused by a rule of the counter.
-    ("/api/v1/counter/{name}/history", "/api/v1/counter/online_players/history", None),
+    ("/api/v1/counter/{name}/history", "/api/v1/counter/matches_running/history", None),
     ("/api/v1/counter/{name}", "/api/v1/counter/energy_points", None),
     ("/api/v1/counter/{name}/decrement", "/api/v1/counter/daily_active_users/decrement", {"user_id": "u1"}),
     (
@@ -231,7 +231,7 @@ RULE_CASES = [
     (
         "/api/v1/counters/reset",
         "/api/v1/counters/reset",
-        {"reason": "x", "counters": [{"name": "online_players"}, {"name": "online_players"}]},
+        {"reason": "x", "counters": [{"name": "matches_running"}, {"name": "matches_running"}]},
     ),
 ]
 

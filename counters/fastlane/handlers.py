@@ -15,14 +15,14 @@ from django.utils import translation
 from metrics.middleware import UNMATCHED
 from metrics.recorders import Stopwatch, request_record, surface_of
 
-from .. import apis, auth, clock, functions, selectors
+from .. import apis, auth, clock, functions, presence, selectors
 from ..api_errors import error_response
 from ..config import pinned
 from ..errors import AuthenticationRequired, CounterError, Forbidden, InvalidParameter, RuleViolation
 from ..idempotency import META_HEADER, REPLAYED_HEADERS, idempotency_parse, request_idempotency
 from ..permissions import Role, check_read, check_write
 from ..rendering import request_json
-from ..serializers import batch_updates_parse, update_input_parse
+from ..serializers import batch_updates_parse, heartbeat_input_parse, presence_update_input_parse, update_input_parse
 from ..services import UpdateRequest
 from . import services as lane
 from .http import LaneRequest, log_error_reply, send_json
@@ -62,6 +62,13 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
     checked = auth.checked_name(name)
     counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=auth.checked_name(checked))
     check_write(key, counter)
+    if counter.is_presence:
+        # CounterViewSet._update: a login or logout; a malformed Idempotency-Key is refused, a valid one ignored.
+        request_idempotency(request, app_id=key.app_id, parts=("presence", counter.id))
+        lease, metadata = presence_update_input_parse(request_json(request))
+        op = presence.LOGIN if sign > 0 else presence.LOGOUT
+        result = await lane.presence_update(counter=counter, op=op, leases=[lease], actor=key.prefix, metadata=metadata)
+        return 200, b'{"success":true,"current_value":%d}' % result.update.new_value, []
     value, user_id, metadata = update_input_parse(request_json(request))
     idempotency = request_idempotency(
         request, app_id=key.app_id, parts=apis.update_fingerprint_parts(counter, sign * value, user_id, metadata)
@@ -84,6 +91,20 @@ async def rest_increment(request: LaneRequest, name: str):
 
 async def rest_decrement(request: LaneRequest, name: str):
     return await _rest_update(request, name, -1)
+
+
+async def rest_heartbeat(request: LaneRequest, name: str):
+    """``CounterViewSet.heartbeat``: renew one player's lease, or a game server's players and node."""
+    key = auth.request_key(request)
+    counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=auth.checked_name(name))
+    check_write(key, counter)
+    presence.presence_check(counter=counter)
+    leases, lease_seconds = heartbeat_input_parse(request_json(request))
+    result = await lane.presence_update(
+        counter=counter, op=presence.HEARTBEAT, leases=leases, lease_seconds=lease_seconds, actor=key.prefix
+    )
+    body = {"success": True, "current_value": result.update.new_value, "lease_seconds": result.lease_seconds}
+    return 200, _body({**body, "expires_at": clock.iso_utc(result.expires_at)}), []
 
 
 async def rest_read_many(request: LaneRequest):
@@ -254,6 +275,7 @@ ROUTES = [
     ("GET", re.compile(rf"/api/v1/counter/{_NAME}"), rest_read, "rest"),
     ("POST", re.compile(rf"/api/v1/counter/{_NAME}/increment"), rest_increment, "rest"),
     ("POST", re.compile(rf"/api/v1/counter/{_NAME}/decrement"), rest_decrement, "rest"),
+    ("POST", re.compile(rf"/api/v1/counter/{_NAME}/heartbeat"), rest_heartbeat, "rest"),
     ("GET", re.compile(r"/api/v1/counters"), rest_read_many, "rest"),
     ("POST", re.compile(r"/api/v1/counters/batch"), rest_batch_update, "rest"),
     ("POST", re.compile(r"/api/v1/functions/getCounter"), get_counter, "function"),

@@ -9,9 +9,10 @@ differ.
 import asyncio
 from collections import defaultdict
 
+import redis
 from django.conf import settings
 
-from .. import clock, keyspace, periods, selectors, services, values, write_through
+from .. import clock, keyspace, periods, presence, selectors, services, values, write_through
 from ..config import CounterConfig
 from ..errors import CounterError, IdempotencyConflict, OutOfLimits
 from ..redis_store import StoreUnavailable
@@ -48,6 +49,11 @@ async def counter_update(
     idempotency=None,
 ) -> values.UpdateResult:
     """``services.counter_update``: one script call, in the worker's shared round trip."""
+    if counter.is_presence:
+        # services._presence_update: a login or logout of user_id (no write-through, no key).
+        op = presence.presence_login_op(counter=counter, amount=amount)
+        leases = [presence.Lease(user_id)]
+        return (await presence_update(counter=counter, op=op, leases=leases, actor=actor, metadata=metadata)).update
     now = clock.now()
     prepared = services._prepare_update(
         counter=counter,
@@ -80,6 +86,28 @@ async def counter_update(
             log=prepared.log,
         )
     return services._update_result(prepared, result, now)
+
+
+async def presence_update(
+    *,
+    counter: CounterConfig,
+    op: str,
+    leases: list[presence.Lease],
+    lease_seconds: int | None = None,
+    actor: str = "",
+    metadata: dict | None = None,
+) -> presence.PresenceResult:
+    """``presence.presence_update``: the same checks and script call, in the worker's shared round trip."""
+    call = presence.presence_prepare(
+        counter=counter, op=op, leases=leases, lease_seconds=lease_seconds, actor=actor, metadata=metadata
+    )
+    store = lane_store()
+    for _ in range(3):
+        reply = await store.script("presence", call.keys, call.args)
+        if reply[0] != b"HYDRATE":
+            return call.result(reply)
+        await offload(values.value_hydrate, counter=counter, subject="", window=call.window)
+    raise StoreUnavailable("value could not be hydrated")
 
 
 async def _run_update_many(prepared: list) -> list[list]:
@@ -176,18 +204,40 @@ async def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[
         windows.append(window)
     try:
         await _reconcile_if_due()
-        return await _values_from_store(items, windows)
+        return await _values_from_store(items, windows, now)
     except StoreUnavailable:
         return await offload(selectors.counter_values_from_database, items=items, windows=windows)
 
 
-async def _values_from_store(items, windows) -> list[selectors.ValueView]:
+async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
+    """``selectors._values_from_store``: one HMGET per value, or for a presence counter one sweeping
+    count of its leases at the moment of the read, all in the shared round trip."""
     store = lane_store()
     keys = [keyspace.value_key(c.id, w.key, s) for (c, s), w in zip(items, windows, strict=True)]
     fields = ("v", "upd", keyspace.LAST_RESET_FIELD)
-    replies = await asyncio.gather(*(store.command("HMGET", key, *fields) for key in keys))
+    calls = []
+    for (counter, _), window, key in zip(items, windows, keys, strict=True):
+        if counter.is_presence:
+            keys_args = presence.presence_read_call(counter=counter, window=window, now=now)
+            calls.append(store.script_now("presence", *keys_args))
+        else:
+            calls.append(store.command("HMGET", key, *fields))
+    replies = await asyncio.gather(*calls, return_exceptions=True)
     views = []
     for (counter, subject), window, key, raw in zip(items, windows, keys, replies, strict=True):
+        if counter.is_presence:
+            # presence.presence_read_reply: a cold value or a Redis that lost the script is
+            # answered by a call of its own (which hydrates or loads it).
+            if isinstance(raw, BaseException) and not isinstance(raw, redis.exceptions.NoScriptError):
+                raise raw
+            if isinstance(raw, Exception) or presence.presence_read_cold(raw):
+                result = (await presence_update(counter=counter, op=presence.READ, leases=[])).update
+            else:
+                result = presence.presence_read_result(counter=counter, window=window, reply=raw, now=now)
+            views.append(selectors.presence_view(counter, subject, window, result))
+            continue
+        if isinstance(raw, BaseException):
+            raise raw
         if raw[0] is None:
             await offload(values.value_hydrate, counter=counter, subject=subject, window=window)
             raw = await store.command("HMGET", key, *fields)

@@ -67,5 +67,9 @@ async def current_snapshot() -> Snapshot:
         _refresh_in_background()
         return snapshot
     if config_cache.checked(await _generation()):
-        return snapshot
+        # The current snapshot, not the one seen before the wait: a reload that finished meanwhile
+        # (another request's) recorded this generation with a newer snapshot than ``snapshot``.
+        current, _ = config_cache.due()
+        if current is not None:
+            return current
     return await _reload()

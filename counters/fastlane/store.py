@@ -16,6 +16,7 @@ import hiredis
 import redis
 import redis.asyncio
 from django.conf import settings
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
 
 from metrics.recorders import redis_batch_record, redis_round_trip_record
 
@@ -31,6 +32,7 @@ MAX_PIPELINE_ARGS = 8192
 SCRIPTS = {
     "update": keyspace.UPDATE_SCRIPT,
     "update_many": keyspace.UPDATE_MANY_SCRIPT,
+    "presence": keyspace.PRESENCE_SCRIPT,
 }
 _SHA = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
 
@@ -98,11 +100,14 @@ class Coalescer:
                 packed = b"".join(hiredis.pack_command(command) for command, _ in batch)
                 await connection.send_packed_command(packed, check_health=False)
                 sent = True
+                reader = connection._parser._reader
                 for _, future in batch:
-                    try:
-                        reply = await connection.read_response()
-                    except redis.exceptions.ResponseError as exc:
-                        reply = exc
+                    reply = _buffered_reply(reader)
+                    if reply is NOT_ENOUGH_DATA:
+                        try:
+                            reply = await connection.read_response()
+                        except redis.exceptions.ResponseError as exc:
+                            reply = exc
                     answered += 1
                     if future.done():
                         continue
@@ -132,6 +137,23 @@ class Coalescer:
             raise
         redis_round_trip_record(ok=True)
         breaker.record_success()
+
+
+def _buffered_reply(reader):
+    """The next reply if hiredis already holds all of it, else ``NOT_ENOUGH_DATA``.
+
+    ``connection.read_response`` does the same plus one asyncio timeout per reply, which cost more
+    than the rest of reading ten values (bench/README.md): a round trip's replies mostly arrive
+    together, so only a reply still on its way goes through it (and its socket timeout). Mirrors
+    the parser's checks: a connection error reply (LOADING, ...) fails the round trip, an error
+    reply (a script error, NOSCRIPT) goes to its own request.
+    """
+    reply = reader.gets()
+    if isinstance(reply, redis.exceptions.ConnectionError):
+        raise reply
+    if isinstance(reply, list) and reply and isinstance(reply[0], redis.exceptions.ConnectionError):
+        raise reply[0]
+    return reply
 
 
 def _peer_closed(connection) -> bool:
@@ -167,6 +189,12 @@ class LaneStore:
 
     def command(self, *command) -> asyncio.Future:
         return self.coalescer.call(*command)
+
+    def script_now(self, name: str, keys: list, args: list) -> asyncio.Future:
+        """EVALSHA of one of ``SCRIPTS``, queued at once like ``command`` (so it shares the round trip
+        of commands queued after it in the same step); a Redis without the script answers
+        ``NoScriptError``, which ``script`` then handles."""
+        return self.command("EVALSHA", _SHA[name], len(keys), *keys, *args)
 
     async def script(self, name: str, keys: list, args: list):
         """EVALSHA of one of ``SCRIPTS``; loads it once if Redis does not know it (a restarted Redis)."""

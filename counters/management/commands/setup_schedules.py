@@ -25,6 +25,13 @@ def schedules() -> list[dict]:
             "crontab": {"minute": "40", "hour": "3", "timezone": "UTC"},
         },
         {
+            # Reads and writes sweep lapsed leases themselves; this brings down the presence
+            # counters nobody reads, so their stored value and alerts follow too.
+            "name": "Sweep lapsed presence leases",
+            "task": "counters.presence_sweep",
+            "every_seconds": settings.COUNTER_PRESENCE_SWEEP_SECONDS,
+        },
+        {
             "name": "Trim the operation log (COUNTER_OPERATION_LOG_RETENTION_DAYS)",
             "task": "counters.trim_operation_log",
             "every_seconds": 3600,
