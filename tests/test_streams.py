@@ -428,3 +428,24 @@ def test_the_django_view_answers_the_current_values_once_with_a_retry(client, bu
     assert reply["Content-Type"] == "text/event-stream"
     assert reply.content == b'retry: 1000\n\nid: 10\ndata: {"name":"kills","value":0}\n\n'
     assert client.get("/api/v1/stream").status_code == 400
+
+
+def test_presence_logins_and_logouts_reach_the_stream(web_factory, bearer):
+    """online_players is a presence counter: its logins and logouts go through the update body too."""
+    web = web_factory()
+    stream = EventStream(f"{web.url}/api/v1/stream?names=online_players", bearer)
+    try:
+        assert stream.next_data()["data"] == {"name": "online_players", "value": 0}
+        login = requests.post(
+            f"{web.url}/api/v1/counter/online_players/increment", json={"user_id": "p1"}, headers=bearer, timeout=10
+        )
+        assert login.status_code == 200, login.text
+        assert stream.next_data()["data"] == {"name": "online_players", "value": 1}
+        time.sleep(0.3)
+        logout = requests.post(
+            f"{web.url}/api/v1/counter/online_players/decrement", json={"user_id": "p1"}, headers=bearer, timeout=10
+        )
+        assert logout.status_code == 200, logout.text
+        assert stream.next_data()["data"] == {"name": "online_players", "value": 0}
+    finally:
+        stream.close()
