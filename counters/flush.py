@@ -7,6 +7,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -506,43 +507,59 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
         ]
         outstanding.sort(key=lambda item: item[1])
         _crash_point("after_move")
-        for cid, batch_id in outstanding:
-            fields, log = redis_call(
-                lambda r, c=cid, b=batch_id: (
-                    r.pipeline(transaction=False)
-                    .hgetall(keyspace.batch_key(c, b))
-                    .lrange(keyspace.batch_log_key(c, b), 0, -1)
-                    .execute()
-                )
-            )
-            marks = [field for field, raw in fields.items() if raw == b"1" and field[:2] == b"c|"]
-            derived = _derive(cid, batch_id, marks) if marks else []
-            try:
-                applied = _apply_batch(cid, batch_id, _parse_batch(fields, derived, log), stats)
-            except IntegrityError:
-                if Counter.objects.filter(id=cid).exists():
-                    raise
-                # The counter was deleted (with its rows) after these deltas were written: they
-                # belong nowhere, and keeping the batch would fail every flush after this one.
-                stats.dropped += 1
-                applied = _Applied([], set())
-            _crash_point("after_commit")
-            redis_call(
-                lambda r, c=cid, b=batch_id: scripts.drop_batch(
-                    keys=[keyspace.batches_key(c), keyspace.batch_key(c, b), keyspace.batch_log_key(c, b)],
-                    args=[b],
-                    client=r,
-                )
-            )
-            _crash_point("after_drop")
-            if applied.refused:
-                stats.rebased += _rebase_refused(cid, applied.refused)
-            if applied.event_ids:
-                threshold_crossed.send(sender=counters_flush, event_ids=applied.event_ids)
+        # The next batch is read and derived (Redis) while this one is applied (PostgreSQL). Reading
+        # and deriving a moved batch is safe at any time: a batch is applied only after its own.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush-read") as reader:
+            upcoming = reader.submit(_read_batch, *outstanding[0]) if outstanding else None
+            for index, (cid, batch_id) in enumerate(outstanding):
+                fields, derived, log = upcoming.result()
+                if index + 1 < len(outstanding):
+                    upcoming = reader.submit(_read_batch, *outstanding[index + 1])
+                _flush_batch(cid, batch_id, _parse_batch(fields, derived, log), stats)
     finally:
         with contextlib.suppress(StoreUnavailable):
             release_lock("flush", token=token)
     return stats
+
+
+def _read_batch(cid: int, batch_id: str) -> tuple[dict[bytes, bytes], list[bytes], list[bytes]]:
+    """A moved batch's hash, its changed values' derived rows (``_derive``) and its operation log."""
+    fields, log = redis_call(
+        lambda r: (
+            r.pipeline(transaction=False)
+            .hgetall(keyspace.batch_key(cid, batch_id))
+            .lrange(keyspace.batch_log_key(cid, batch_id), 0, -1)
+            .execute()
+        )
+    )
+    marks = [field for field, raw in fields.items() if raw == b"1" and field[:2] == b"c|"]
+    return fields, _derive(cid, batch_id, marks) if marks else [], log
+
+
+def _flush_batch(cid: int, batch_id: str, batch: _Batch, stats: FlushStats) -> None:
+    """Apply one read batch, then drop it from Redis and hand on what it caused."""
+    try:
+        applied = _apply_batch(cid, batch_id, batch, stats)
+    except IntegrityError:
+        if Counter.objects.filter(id=cid).exists():
+            raise
+        # The counter was deleted (with its rows) after these deltas were written: they
+        # belong nowhere, and keeping the batch would fail every flush after this one.
+        stats.dropped += 1
+        applied = _Applied([], set())
+    _crash_point("after_commit")
+    redis_call(
+        lambda r: scripts.drop_batch(
+            keys=[keyspace.batches_key(cid), keyspace.batch_key(cid, batch_id), keyspace.batch_log_key(cid, batch_id)],
+            args=[batch_id],
+            client=r,
+        )
+    )
+    _crash_point("after_drop")
+    if applied.refused:
+        stats.rebased += _rebase_refused(cid, applied.refused)
+    if applied.event_ids:
+        threshold_crossed.send(sender=counters_flush, event_ids=applied.event_ids)
 
 
 # Values derived per script call: each call holds Redis for about this many value hashes.
