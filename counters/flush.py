@@ -180,23 +180,25 @@ def _value_key(field: bytes) -> tuple[str, str]:
 
 
 def _parse_batch(fields: dict[bytes, bytes], derived: list[bytes], log: list[bytes]) -> _Batch:
-    """What a batch holds: ``fields`` (its hash, change marks excluded) and ``derived`` (DERIVE_SCRIPT's
-    reply: field, row, ...). The rows stay bytes: large batches hand them to COPY as they are."""
+    """What a batch holds: ``fields`` (its hash; its change marks are skipped, their rows are in
+    ``derived``, DERIVE_SCRIPT's reply: field, row, ...). The rows stay bytes: large batches hand
+    them to COPY as they are."""
     batch = _Batch([], [], [], [], log, defaultdict(lambda: [0, 0, 0, 0]), defaultdict(lambda: [0, 0, None, None]))
-    shares, members = batch.shares, batch.members
+    shares = batch.shares
     values = [(f[2:], raw) for f, raw in fields.items() if f[:2] == b"c|" and raw != b"1"]  # derived by an earlier run
     values += zip([f[2:] for f in derived[::2]], derived[1::2], strict=True)
     batch.values = values
+    batch.members = [f[2:] for f in fields if f[:2] == b"u|"]
     for raw_field, raw_value in fields.items():
         kind = raw_field[:2]
-        if kind == b"u|":
-            members.append(raw_field[2:])
-        elif kind == b"b|":
+        if kind == b"u|" or kind == b"c|":
+            continue
+        if kind == b"b|":
             minute, period, subject = raw_field[2:].decode().split("|", 2)
             numbers = list(map(int, raw_value.split()))
             last, top = (numbers[2], numbers[3]) if len(numbers) == 4 else (None, None)
             shares.append((period, subject, int(minute), numbers[0], numbers[1], last, top))
-        elif kind != b"c|":
+        else:
             _parse_rare(batch, raw_field.decode(), raw_value)
     return batch
 
@@ -225,8 +227,8 @@ def _row_shares(
 # last value of the latest period that keeps one). The group of rows without a share adds only
 # operations.
 _COPIED_SHARES_SQL = """
-SELECT m, sum(o)::bigint, sum(so)::bigint, sum(sd)::bigint, max(p) FILTER (WHERE sl IS NOT NULL),
-    (array_agg(sl ORDER BY p DESC) FILTER (WHERE sl IS NOT NULL))[1], max(sm)
+SELECT m, sum(o)::bigint, sum(so)::bigint, sum(sd)::bigint, max(coalesce(p, '')) FILTER (WHERE sl IS NOT NULL),
+    (array_agg(sl ORDER BY coalesce(p, '') DESC) FILTER (WHERE sl IS NOT NULL))[1], max(sm)
 FROM counters_flush_rows GROUP BY m
 """
 
@@ -507,23 +509,23 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
         ]
         outstanding.sort(key=lambda item: item[1])
         _crash_point("after_move")
-        # The next batch is read and derived (Redis) while this one is applied (PostgreSQL). Reading
-        # and deriving a moved batch is safe at any time: a batch is applied only after its own.
+        # The next batch is read, derived (Redis) and parsed while this one is applied (PostgreSQL).
+        # Reading and deriving a moved batch is safe at any time: a batch is applied only after its own.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush-read") as reader:
             upcoming = reader.submit(_read_batch, *outstanding[0]) if outstanding else None
             for index, (cid, batch_id) in enumerate(outstanding):
-                fields, derived, log = upcoming.result()
+                batch = upcoming.result()
                 if index + 1 < len(outstanding):
                     upcoming = reader.submit(_read_batch, *outstanding[index + 1])
-                _flush_batch(cid, batch_id, _parse_batch(fields, derived, log), stats)
+                _flush_batch(cid, batch_id, batch, stats)
     finally:
         with contextlib.suppress(StoreUnavailable):
             release_lock("flush", token=token)
     return stats
 
 
-def _read_batch(cid: int, batch_id: str) -> tuple[dict[bytes, bytes], list[bytes], list[bytes]]:
-    """A moved batch's hash, its changed values' derived rows (``_derive``) and its operation log."""
+def _read_batch(cid: int, batch_id: str) -> _Batch:
+    """A moved batch: its hash, its changed values' derived rows (``_derive``) and its operation log."""
     fields, log = redis_call(
         lambda r: (
             r.pipeline(transaction=False)
@@ -533,7 +535,7 @@ def _read_batch(cid: int, batch_id: str) -> tuple[dict[bytes, bytes], list[bytes
         )
     )
     marks = [field for field, raw in fields.items() if raw == b"1" and field[:2] == b"c|"]
-    return fields, _derive(cid, batch_id, marks) if marks else [], log
+    return _parse_batch(fields, _derive(cid, batch_id, marks) if marks else [], log)
 
 
 def _flush_batch(cid: int, batch_id: str, batch: _Batch, stats: FlushStats) -> None:
