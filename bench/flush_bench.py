@@ -5,8 +5,14 @@
 Fills a private Redis through the service (``counter_update_many``) with pending deltas of many
 subjects of a per-player counter and many new unique members of ``daily_active_users``, times one
 ``counters_flush`` and checks PostgreSQL against Redis afterwards.
+
+Besides the wall time it prints the CPU seconds the flush cost each process (this Python process,
+the PostgreSQL backend serving it, the private redis-server, from ``/proc``): on a shared machine
+they travel better than deltas/s. ``FLUSH_BENCH_PROFILE=path`` writes a cProfile of the flush there.
+``bench/flush_compare.py`` runs this against another git ref in the same run.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,8 +24,16 @@ from bench import run
 CHUNK = 1000
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main(subjects: int, members: int) -> int:
-    with run.in_process_store():
+    with run.in_process_store() as processes:
+        from django.db import connection
+
         from counters.config import cache
         from counters.flush import counters_flush
         from counters.models import App, Counter, CounterValue, UniqueMember
@@ -42,12 +56,36 @@ def main(subjects: int, members: int) -> int:
             counter_update_many(updates=updates[start : start + CHUNK])
         print(f"filled {len(updates)} updates in {time.monotonic() - started:.1f}s (includes hydrating each subject)")
 
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            backend = cursor.fetchone()[0]
+        pids = {"python": os.getpid(), "postgres": backend, "redis": processes.redis.pid}
+        cpu_before = {name: proc_cpu_seconds(pid) for name, pid in pids.items()}
+        profile_path = os.environ.get("FLUSH_BENCH_PROFILE")
+        if profile_path:
+            # bench/profile.py would shadow the standard library's profile module (which cProfile imports).
+            here = Path(__file__).resolve().parent
+            sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         started = time.monotonic()
         stats = counters_flush()
         seconds = time.monotonic() - started
+        if profile_path:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
+        cpu = {name: proc_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         deltas = stats.values + stats.members
         print(f"flushed {stats.values} values + {stats.members} members = {deltas} deltas in {seconds:.2f}s")
         print(f"flush: {deltas / seconds:,.0f} deltas/s ({stats.operations} operations, {stats.batches} batches)")
+        per = 50_000 / max(1, deltas)
+        print(
+            "CPU seconds per 50,000 deltas: "
+            + ", ".join(f"{name} {seconds * per:.2f}" for name, seconds in cpu.items())
+            + f" (total {sum(cpu.values()) * per:.2f})"
+        )
 
         rows = CounterValue.objects.filter(counter_id=score.id, subject__startswith=f"{tag}-")
         stored = sorted(set(rows.values_list("value", flat=True)))

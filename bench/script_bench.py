@@ -64,7 +64,7 @@ CASES = [
 def hydrate(r: redis.Redis, counter_id: int, subject: str, *, current: bool) -> None:
     key = keyspace.value_key(counter_id, PERIOD, subject)
     if current:
-        r.evalsha(r.script_load(keyspace.HYDRATE_SCRIPT), 1, key, 0, 0, 0, 0, 0)
+        r.evalsha(r.script_load(keyspace.HYDRATE_SCRIPT), 1, key, 0, 0, 0, 0, 0, "")
     else:
         r.hset(key, mapping={"v": 0, "peak": 0, "ops": 0, "upd": 0})
 

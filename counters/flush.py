@@ -7,6 +7,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -103,16 +104,24 @@ _MEMBERS_SQL = _MEMBERS_INSERT.format(source="unnest(%s::text[], %s::text[])")
 
 # Large batches go through COPY into session-local tables instead of array parameters: quoting
 # every array element costs the client more than PostgreSQL's whole upsert (bench/flush_bench.py).
-# Below this many rows the three extra round trips cost more than they save.
+# Below this many rows the three extra round trips cost more than they save. The rows are sent as
+# the derivation wrote them (numbers separated by tabs instead of spaces, the field split at its
+# '|'), so no Python object is made per column: a row has 5, 8 or 10 numbers (``DERIVE_SCRIPT``),
+# the columns it lacks are empty (NULL), and so are an empty period and subject (read back as '').
 COPY_MIN_ROWS = 1000
 _COPY_TABLES = """
-CREATE TEMP TABLE IF NOT EXISTS counters_flush_values
-    (s text, p text, d bigint, pk bigint, o bigint, t bigint, v bigint) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS counters_flush_members (p text, m text) ON COMMIT DELETE ROWS;
-TRUNCATE counters_flush_values, counters_flush_members
+CREATE TEMP TABLE IF NOT EXISTS counters_flush_rows (p text, s text, d bigint, o bigint, pk bigint, t bigint,
+    v bigint, m bigint, so bigint, sd bigint, sl bigint, sm bigint) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS counters_flush_new_members (p text, s text, m text) ON COMMIT DELETE ROWS;
+TRUNCATE counters_flush_rows, counters_flush_new_members
 """
-_VALUES_FROM_COPY_SQL = _VALUES_UPSERT.format(source="counters_flush_values")
-_MEMBERS_FROM_COPY_SQL = _MEMBERS_INSERT.format(source="counters_flush_members")
+_COPY_ROWS = "COPY counters_flush_rows FROM STDIN (NULL '')"
+_COPY_MEMBERS = "COPY counters_flush_new_members FROM STDIN"
+_ROW_PAD = {4: b"\t" * 5, 7: b"\t" * 2, 9: b""}  # by the spaces in a row: tabs up to the 12th column
+_VALUES_FROM_COPY_SQL = _VALUES_UPSERT.format(
+    source="(SELECT coalesce(s, ''), coalesce(p, ''), d, pk, o, t, v FROM counters_flush_rows)"
+)
+_MEMBERS_FROM_COPY_SQL = _MEMBERS_INSERT.format(source="(SELECT p, m FROM counters_flush_new_members)")
 
 BUCKETS_UPSERT_SQL = """
 INSERT INTO counters_statbucket (counter_id, minute, operations, delta, last_value, max_value)
@@ -146,11 +155,13 @@ RETURNING id, threshold_id
 
 @dataclass(slots=True)
 class _Batch:
-    # (period, subject) -> [delta, operations, peak, updated ms, version]
-    values: dict[tuple[str, str], list[int]]
-    # one value's share of a minute: (period, subject, minute, operations, delta, last, max)
+    # derived rows, as DERIVE_SCRIPT wrote them: (b"<period>|<subject>", b"delta ops peak updated version ...")
+    values: list[tuple[bytes, bytes]]
+    # closed minutes' shares of values: (period, subject, minute, operations, delta, last, max); the
+    # open minute's shares are in the rows (``_row_shares``, or PostgreSQL sums them: ``_copied_shares``)
     shares: list[tuple[str, str, int, int, int, int | None, int | None]]
-    members: list[tuple[str, str]]
+    # new unique members: b"<period>|<subject>|<member>"
+    members: list[bytes]
     events: list[tuple[int, str, str, int]]
     log: list[bytes]
     # moved by a flusher from before versions: (period, subject) -> [delta, ops, peak, ms]; minute -> bucket
@@ -162,22 +173,27 @@ _LEGACY_VALUE_SLOTS = {"d": 0, "o": 1, "p": 2, "t": 3}
 _LEGACY_BUCKET_SLOTS = {"bo": 0, "bd": 1, "bv": 2, "bm": 3}
 
 
-def _parse_batch(fields: dict[bytes, bytes], log: list[bytes]) -> _Batch:
-    batch = _Batch({}, [], [], [], log, defaultdict(lambda: [0, 0, 0, 0]), defaultdict(lambda: [0, 0, None, None]))
-    values, shares, members = batch.values, batch.shares, batch.members
+def _value_key(field: bytes) -> tuple[str, str]:
+    """``(period, subject)`` of a derived row's field (``<period>|<subject>``)."""
+    period, _, subject = field.decode().partition("|")
+    return period, subject
+
+
+def _parse_batch(fields: dict[bytes, bytes], derived: list[bytes], log: list[bytes]) -> _Batch:
+    """What a batch holds: ``fields`` (its hash; its change marks are skipped, their rows are in
+    ``derived``, DERIVE_SCRIPT's reply: field, row, ...). The rows stay bytes: large batches hand
+    them to COPY as they are."""
+    batch = _Batch([], [], [], [], log, defaultdict(lambda: [0, 0, 0, 0]), defaultdict(lambda: [0, 0, None, None]))
+    shares = batch.shares
+    values = [(f[2:], raw) for f, raw in fields.items() if f[:2] == b"c|" and raw != b"1"]  # derived by an earlier run
+    values += zip([f[2:] for f in derived[::2]], derived[1::2], strict=True)
+    batch.values = values
+    batch.members = [f[2:] for f in fields if f[:2] == b"u|"]
     for raw_field, raw_value in fields.items():
         kind = raw_field[:2]
-        if kind == b"c|":
-            period, _, subject = raw_field[2:].decode().partition("|")
-            row = list(map(int, raw_value.split()))
-            values[(period, subject)] = row[:5]
-            if len(row) > 5:
-                last, top = (row[8], row[9]) if len(row) == 10 else (None, None)
-                shares.append((period, subject, row[5], row[6], row[7], last, top))
-        elif kind == b"u|":
-            period, _subject, member = raw_field[2:].decode().split("|", 2)
-            members.append((period, member))
-        elif kind == b"b|":
+        if kind == b"u|" or kind == b"c|":
+            continue
+        if kind == b"b|":
             minute, period, subject = raw_field[2:].decode().split("|", 2)
             numbers = list(map(int, raw_value.split()))
             last, top = (numbers[2], numbers[3]) if len(numbers) == 4 else (None, None)
@@ -185,6 +201,47 @@ def _parse_batch(fields: dict[bytes, bytes], log: list[bytes]) -> _Batch:
         else:
             _parse_rare(batch, raw_field.decode(), raw_value)
     return batch
+
+
+def _row_shares(
+    values: list[tuple[bytes, bytes]], refused: set[tuple[str, str]]
+) -> tuple[int, list[tuple[str, str, int, int, int, int | None, int | None]]]:
+    """The operations and the open minute's shares (as in ``_Batch.shares``) of the rows not refused."""
+    operations, shares = 0, []
+    for field, raw in values:
+        parts = raw.split()
+        if len(parts) <= 5 and not refused:
+            operations += int(parts[1])
+            continue
+        period, subject = _value_key(field)
+        if (period, subject) in refused:
+            continue
+        operations += int(parts[1])
+        if len(parts) > 5:
+            last, top = (int(parts[8]), int(parts[9])) if len(parts) == 10 else (None, None)
+            shares.append((period, subject, int(parts[5]), int(parts[6]), int(parts[7]), last, top))
+    return operations, shares
+
+
+# What ``_row_shares`` reads, summed by PostgreSQL from the copied rows (one share per minute: the
+# last value of the latest period that keeps one). The group of rows without a share adds only
+# operations.
+_COPIED_SHARES_SQL = """
+SELECT m, sum(o)::bigint, sum(so)::bigint, sum(sd)::bigint, max(coalesce(p, '')) FILTER (WHERE sl IS NOT NULL),
+    (array_agg(sl ORDER BY coalesce(p, '') DESC) FILTER (WHERE sl IS NOT NULL))[1], max(sm)
+FROM counters_flush_rows GROUP BY m
+"""
+
+
+def _copied_shares(cursor) -> tuple[int, list[tuple[str, str, int, int, int, int | None, int | None]]]:
+    """``_row_shares`` of every copied row."""
+    cursor.execute(_COPIED_SHARES_SQL)
+    operations, shares = 0, []
+    for minute, ops, share_ops, delta, period, last, top in cursor.fetchall():
+        operations += ops
+        if minute is not None:
+            shares.append((period or "", "", minute, share_ops, delta, last, top))
+    return operations, shares
 
 
 def _parse_rare(batch: _Batch, field: str, raw_value: bytes) -> None:
@@ -199,11 +256,11 @@ def _parse_rare(batch: _Batch, field: str, raw_value: bytes) -> None:
         batch.legacy_buckets[int(rest)][_LEGACY_BUCKET_SLOTS[kind]] = int(raw_value)
 
 
-def _buckets(batch: _Batch, refused: set[tuple[str, str]]) -> dict[int, list]:
+def _buckets(batch: _Batch, row_shares: list, refused: set[tuple[str, str]]) -> dict[int, list]:
     """Per-minute buckets [ops, delta, last, max] of the shares of the values PostgreSQL took."""
     buckets = batch.legacy_buckets
     latest: dict[int, str] = {}
-    for period, subject, minute, operations, delta, last, top in batch.shares:
+    for period, subject, minute, operations, delta, last, top in batch.shares + row_shares:
         if (period, subject) in refused:
             continue
         bucket = buckets[minute]
@@ -247,18 +304,22 @@ def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStat
             if copy:
                 _copy_values_and_members(cursor, batch)
             applied.refused = _upsert_values(cursor, counter_id, batch, copy)
+            if copy and not applied.refused:
+                operations, row_shares = _copied_shares(cursor)
+            else:
+                operations, row_shares = _row_shares(batch.values, applied.refused)
             if batch.members:
                 if copy:
                     cursor.execute(_MEMBERS_FROM_COPY_SQL, [counter_id])
                 else:
-                    members = [[m[0] for m in batch.members], [m[1] for m in batch.members]]
-                    cursor.execute(_MEMBERS_SQL, [counter_id, *members])
+                    split = [m.decode().split("|", 2) for m in batch.members]
+                    cursor.execute(_MEMBERS_SQL, [counter_id, [m[0] for m in split], [m[2] for m in split]])
             if batch.legacy_values:
                 keys = list(batch.legacy_values)
                 rows = [batch.legacy_values[k] for k in keys]
                 columns = [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in (0, 2, 1, 3))]
                 cursor.execute(_LEGACY_VALUES_SQL, [counter_id, *columns])
-            buckets = _buckets(batch, applied.refused)
+            buckets = _buckets(batch, row_shares, applied.refused)
             if buckets:
                 minutes = sorted(buckets)
                 cols = list(zip(*(buckets[m] for m in minutes), strict=True))
@@ -276,7 +337,7 @@ def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStat
     stats.values += len(batch.values) - len(applied.refused) + len(batch.legacy_values)
     stats.refused += len(applied.refused)
     stats.members += len(batch.members)
-    stats.operations += sum(v[1] for k, v in batch.values.items() if k not in applied.refused)
+    stats.operations += operations
     stats.operations += sum(v[1] for v in batch.legacy_values.values())
     return applied
 
@@ -293,8 +354,8 @@ def _upsert_values(cursor, counter_id: int, batch: _Batch, copy: bool) -> set[tu
     if copy:
         sql, params = _VALUES_FROM_COPY_SQL, [counter_id]
     else:
-        keys = list(batch.values)
-        rows = [batch.values[k] for k in keys]
+        keys = [_value_key(field) for field, _ in batch.values]
+        rows = [list(map(int, raw.split()[:5])) for _, raw in batch.values]
         columns = [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in (0, 2, 1, 3, 4))]
         sql, params = _VALUES_SQL, [counter_id, *columns]
     try:
@@ -306,19 +367,43 @@ def _upsert_values(cursor, counter_id: int, batch: _Batch, copy: bool) -> set[tu
     except _NotAllApplied:
         cursor.execute(sql + " RETURNING subject, period", params)
         taken = {(period, subject) for subject, period in cursor.fetchall()}
-        return set(batch.values) - taken
+        return {_value_key(field) for field, _ in batch.values} - taken
     return set()
+
+
+def _copy_data(lines: list[bytes], tabs: int) -> bytes | None:
+    """COPY text data of ``lines`` if each has exactly ``tabs`` tabs and needs no escaping, else None."""
+    data = b"\n".join(lines) + b"\n"
+    clean = b"\\" not in data and b"\r" not in data
+    if clean and data.count(b"\t") == tabs * len(lines) and data.count(b"\n") == len(lines):
+        return data
+    return None
 
 
 def _copy_values_and_members(cursor, batch: _Batch) -> None:
     # Emptied first, not only at commit: inside an outer transaction (tests) batches share them.
     cursor.execute(_COPY_TABLES)
-    with cursor.cursor.copy("COPY counters_flush_values FROM STDIN") as copy:
-        for (period, subject), (delta, operations, peak, updated, version) in batch.values.items():
-            copy.write_row((subject, period, delta, peak, operations, updated, version))
-    with cursor.cursor.copy("COPY counters_flush_members FROM STDIN") as copy:
-        for row in batch.members:
-            copy.write_row(row)
+    pad, values = _ROW_PAD, batch.values
+    try:
+        rows = [f.replace(b"|", b"\t", 1) + b"\t" + r.replace(b" ", b"\t") + pad[r.count(b" ")] for f, r in values]
+        data = _copy_data(rows, 11)
+    except KeyError:  # a row of another shape: not one of DERIVE_SCRIPT's
+        data = None
+    if data is not None:
+        with cursor.cursor.copy(_COPY_ROWS) as copy:
+            copy.write(data)
+    else:  # a subject with a tab, a backslash, a line break...: psycopg escapes it
+        with cursor.cursor.copy("COPY counters_flush_rows FROM STDIN") as copy:
+            for field, raw in batch.values:
+                numbers = raw.decode().split()
+                copy.write_row([*_value_key(field), *numbers, *[None] * (10 - len(numbers))])
+    data = _copy_data([m.replace(b"|", b"\t", 2) for m in batch.members], 2)
+    with cursor.cursor.copy(_COPY_MEMBERS) as copy:
+        if data is not None:
+            copy.write(data)
+        else:
+            for member in batch.members:
+                copy.write_row(member.decode().split("|", 2))
 
 
 def operation_log_insert(*, counter_id: int, lines: list[bytes]) -> None:
@@ -424,52 +509,67 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
         ]
         outstanding.sort(key=lambda item: item[1])
         _crash_point("after_move")
-        for cid, batch_id in outstanding:
-            fields, log = redis_call(
-                lambda r, c=cid, b=batch_id: (
-                    r.pipeline(transaction=False)
-                    .hgetall(keyspace.batch_key(c, b))
-                    .lrange(keyspace.batch_log_key(c, b), 0, -1)
-                    .execute()
-                )
-            )
-            marks = [field for field, raw in fields.items() if raw == b"1" and field.startswith(b"c|")]
-            if marks:
-                _derive(cid, batch_id, marks, fields)
-            try:
-                applied = _apply_batch(cid, batch_id, _parse_batch(fields, log), stats)
-            except IntegrityError:
-                if Counter.objects.filter(id=cid).exists():
-                    raise
-                # The counter was deleted (with its rows) after these deltas were written: they
-                # belong nowhere, and keeping the batch would fail every flush after this one.
-                stats.dropped += 1
-                applied = _Applied([], set())
-            _crash_point("after_commit")
-            redis_call(
-                lambda r, c=cid, b=batch_id: scripts.drop_batch(
-                    keys=[keyspace.batches_key(c), keyspace.batch_key(c, b), keyspace.batch_log_key(c, b)],
-                    args=[b],
-                    client=r,
-                )
-            )
-            _crash_point("after_drop")
-            if applied.refused:
-                stats.rebased += _rebase_refused(cid, applied.refused)
-            if applied.event_ids:
-                threshold_crossed.send(sender=counters_flush, event_ids=applied.event_ids)
+        # The next batch is read, derived (Redis) and parsed while this one is applied (PostgreSQL).
+        # Reading and deriving a moved batch is safe at any time: a batch is applied only after its own.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush-read") as reader:
+            upcoming = reader.submit(_read_batch, *outstanding[0]) if outstanding else None
+            for index, (cid, batch_id) in enumerate(outstanding):
+                batch = upcoming.result()
+                if index + 1 < len(outstanding):
+                    upcoming = reader.submit(_read_batch, *outstanding[index + 1])
+                _flush_batch(cid, batch_id, batch, stats)
     finally:
         with contextlib.suppress(StoreUnavailable):
             release_lock("flush", token=token)
     return stats
 
 
+def _read_batch(cid: int, batch_id: str) -> _Batch:
+    """A moved batch: its hash, its changed values' derived rows (``_derive``) and its operation log."""
+    fields, log = redis_call(
+        lambda r: (
+            r.pipeline(transaction=False)
+            .hgetall(keyspace.batch_key(cid, batch_id))
+            .lrange(keyspace.batch_log_key(cid, batch_id), 0, -1)
+            .execute()
+        )
+    )
+    marks = [field for field, raw in fields.items() if raw == b"1" and field[:2] == b"c|"]
+    return _parse_batch(fields, _derive(cid, batch_id, marks) if marks else [], log)
+
+
+def _flush_batch(cid: int, batch_id: str, batch: _Batch, stats: FlushStats) -> None:
+    """Apply one read batch, then drop it from Redis and hand on what it caused."""
+    try:
+        applied = _apply_batch(cid, batch_id, batch, stats)
+    except IntegrityError:
+        if Counter.objects.filter(id=cid).exists():
+            raise
+        # The counter was deleted (with its rows) after these deltas were written: they
+        # belong nowhere, and keeping the batch would fail every flush after this one.
+        stats.dropped += 1
+        applied = _Applied([], set())
+    _crash_point("after_commit")
+    redis_call(
+        lambda r: scripts.drop_batch(
+            keys=[keyspace.batches_key(cid), keyspace.batch_key(cid, batch_id), keyspace.batch_log_key(cid, batch_id)],
+            args=[batch_id],
+            client=r,
+        )
+    )
+    _crash_point("after_drop")
+    if applied.refused:
+        stats.rebased += _rebase_refused(cid, applied.refused)
+    if applied.event_ids:
+        threshold_crossed.send(sender=counters_flush, event_ids=applied.event_ids)
+
+
 # Values derived per script call: each call holds Redis for about this many value hashes.
 DERIVE_CHUNK = 500
 
 
-def _derive(counter_id: int, batch_id: str, marks: list[bytes], fields: dict[bytes, bytes]) -> None:
-    """Derive the rows of a batch's changed values (DERIVE_SCRIPT) and put them into ``fields``."""
+def _derive(counter_id: int, batch_id: str, marks: list[bytes]) -> list[bytes]:
+    """Derive the rows of a batch's changed values (DERIVE_SCRIPT): field, row, field, row, ..."""
     keys = [keyspace.batch_key(counter_id, batch_id)]
     prefix = keyspace.value_key_prefix(counter_id)
 
@@ -479,10 +579,8 @@ def _derive(counter_id: int, batch_id: str, marks: list[bytes], fields: dict[byt
             scripts.derive(keys=keys, args=[prefix, *marks[start : start + DERIVE_CHUNK]], client=pipe)
         return pipe.execute()
 
-    for mark in marks:
-        del fields[mark]  # a value whose hash is gone has no row
-    for out in redis_call(derive):
-        fields.update(zip(out[::2], out[1::2], strict=True))
+    replies = redis_call(derive)
+    return replies[0] if len(replies) == 1 else [item for reply in replies for item in reply]
 
 
 def _rebase_refused(counter_id: int, refused: set[tuple[str, str]]) -> int:

@@ -445,15 +445,20 @@ return moved
 # (see counters_flush); the rest is the value's share of its open statistics minute. Each value
 # is derived atomically with its updates: an update lands either in this batch or marks the value
 # in the next one (until its derivation the value keeps ``mx``, so its updates add no new mark).
-# A mark derived already is skipped, so a flusher that died halfway can run this again. Called
-# in chunks so that Redis never stops for a whole large batch.
-# KEYS: batch. ARGV: the counter's value key prefix, then marks. Returns mark, row per mark derived.
+# A mark derived already is not derived again (a flusher that died halfway runs this again): its
+# row is answered as it was written, so a flusher that read the batch before another one derived
+# it still applies every row. Called in chunks so that Redis never stops for a whole large batch.
+# KEYS: batch. ARGV: the counter's value key prefix, then marks. Returns mark, row per mark whose
+# value has a row (a value whose hash is gone has none: its mark is dropped).
 DERIVE_SCRIPT = """
 local function s(n) return string.format('%d', n) end
 local out = {}
 for i = 2, #ARGV do
   local field = ARGV[i]
-  if redis.call('HGET', KEYS[1], field) == '1' then
+  local mark = redis.call('HGET', KEYS[1], field)
+  if mark and mark ~= '1' then
+    out[#out + 1] = field; out[#out + 1] = mark
+  elseif mark then
     local f = string.sub(field, 3)
     local bar = string.find(f, '|', 1, true)
     local vkey = ARGV[1] .. string.sub(f, 1, bar - 1) .. ':' .. string.sub(f, bar + 1)

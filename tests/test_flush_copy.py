@@ -69,3 +69,86 @@ def test_a_flusher_killed_in_a_large_batch_applies_it_exactly_once(builtins, sto
     assert stored(score_id) == {f"p{i}": 3 for i in range(SUBJECTS)}
     assert UniqueMember.objects.filter(counter_id=dau_id).count() == MEMBERS
     assert store.smembers(keyspace.batches_key(score_id)) == set()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("copy_min_rows", [1, 10**9], ids=["copy", "arrays"])
+def test_statistics_and_operations_are_the_same_through_copy_and_arrays(
+    builtins, make_counter, time_machine, monkeypatch, copy_min_rows
+):
+    """The open minute's shares are summed by PostgreSQL from the copied rows, by Python otherwise."""
+    from datetime import UTC, datetime, timedelta
+
+    from django.db.models import Sum
+
+    from counters import flush
+    from counters.models import StatBucket
+
+    monkeypatch.setattr(flush, "COPY_MIN_ROWS", copy_min_rows)
+    kills = make_counter("boss_kills")  # no subjects: its buckets keep the last and highest value
+    score = make_counter("player_score", scope="user")
+    start = datetime(2026, 5, 4, 10, 0, 30, tzinfo=UTC)
+    time_machine.move_to(start, tick=False)
+    updates = [UpdateRequest(kills, 1) for _ in range(3)] + [UpdateRequest(score, 2, f"p{i}") for i in range(10)]
+    counter_update_many(updates=updates)
+    time_machine.move_to(start + timedelta(minutes=1), tick=False)
+    updates = [UpdateRequest(kills, 2) for _ in range(2)] + [UpdateRequest(score, 1, f"p{i}") for i in range(5)]
+    counter_update_many(updates=updates)
+    stats = counters_flush()
+
+    assert stats.operations == 20 and stats.values == 11
+    buckets = StatBucket.objects.filter(counter_id=kills.id).order_by("minute")
+    got = [(b.minute.minute, b.operations, b.delta, b.last_value, b.max_value) for b in buckets]
+    assert got == [(0, 3, 3, 3, 3), (1, 2, 4, 7, 7)]
+    buckets = StatBucket.objects.filter(counter_id=score.id).order_by("minute")
+    got = [(b.minute.minute, b.operations, b.delta, b.last_value, b.max_value) for b in buckets]
+    assert got == [(0, 10, 20, None, None), (1, 5, 5, None, None)]
+    assert stored(score.id) == {f"p{i}": 3 if i < 5 else 2 for i in range(10)}
+    assert CounterValue.objects.filter(counter_id=kills.id).aggregate(v=Sum("value"), o=Sum("operations")) == {
+        "v": 7,
+        "o": 5,
+    }
+
+
+@pytest.mark.django_db
+def test_subjects_and_members_that_copy_must_escape_are_stored_as_they_are(builtins, make_counter, monkeypatch):
+    from counters import flush
+
+    monkeypatch.setattr(flush, "COPY_MIN_ROWS", 1)
+    score = make_counter("player_score", scope="user")
+    odd = ["tab\there", "back\\slash", "line\nbreak", "bar|in|it", r"\N"]
+    app = App.objects.get(slug="default")
+    dau = cache.get().counters[(app.id, "daily_active_users")]
+    updates = [UpdateRequest(score, 4, subject) for subject in odd] + [UpdateRequest(score, 1, "plain")]
+    updates += [UpdateRequest(dau, 1, "", member) for member in [*odd, "plain"]]
+    counter_update_many(updates=updates)
+    stats = counters_flush()
+    assert stats.values == 7 and stats.members == 6
+    assert stored(score.id) == {**{subject: 4 for subject in odd}, "plain": 1}
+    members = set(UniqueMember.objects.filter(counter_id=dau.id).values_list("member", flat=True))
+    assert members == {*odd, "plain"}
+
+
+@pytest.mark.django_db
+def test_a_mark_derived_already_answers_its_row_again(builtins, make_counter, store):
+    """A flusher that read a batch before another one derived it still gets every row, the same row."""
+    from counters.redis_store import scripts
+
+    score = make_counter("player_score", scope="user")
+    counter_update_many(updates=[UpdateRequest(score, 3, f"p{i}") for i in range(3)])
+    keys = [
+        keyspace.pending_key(score.id),
+        keyspace.oplog_key(score.id),
+        keyspace.batches_key(score.id),
+        keyspace.batch_key(score.id, "b1"),
+        keyspace.batch_log_key(score.id, "b1"),
+    ]
+    scripts.move_pending(keys=keys, args=["b1"], client=store)
+    marks = sorted(f for f in store.hkeys(keys[3]) if f.startswith(b"c|"))
+    args = [keyspace.value_key_prefix(score.id), *marks]
+    first = scripts.derive(keys=[keys[3]], args=args, client=store)
+    second = scripts.derive(keys=[keys[3]], args=args, client=store)
+    assert first == second and first[::2] == marks
+    assert [row.split()[:2] for row in first[1::2]] == [[b"3", b"1"]] * 3
+    counters_flush()
+    assert stored(score.id) == {f"p{i}": 3 for i in range(3)}
