@@ -21,7 +21,15 @@ from counters.config import CounterConfig
 from counters.config import cache as config_cache
 from counters.flush import counters_flush
 from counters.models import CounterValue, FlushedBatch, StatBucket, UniqueMember
-from counters.redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
+from counters.redis_store import (
+    StoreUnavailable,
+    acquire_lock,
+    node_call,
+    redis_call,
+    release_lock,
+    scripts,
+    store_nodes,
+)
 from counters.values import counter_value_bounds
 
 from .models import PeriodArchive, ResetLog
@@ -151,10 +159,10 @@ def _archive_counter(counter: CounterConfig, now: datetime, stats: ArchiveStats)
         _archive_period(counter, key, stats)
 
 
-def _closed_key_groups(counters: dict[int, CounterConfig], now: datetime, cursor: int) -> tuple[int, dict]:
-    """One SCAN page of period-scoped keys, grouped by (counter id, closed period)."""
-    next_cursor, raw_keys = redis_call(
-        lambda r: r.scan(cursor, match=keyspace.PERIOD_SCOPED_KEYS_PATTERN, count=SCAN_COUNT)
+def _closed_key_groups(counters: dict[int, CounterConfig], now: datetime, cursor: int, node: str) -> tuple[int, dict]:
+    """One SCAN page of one node's period-scoped keys, grouped by (counter id, closed period)."""
+    next_cursor, raw_keys = node_call(
+        lambda r: r.scan(cursor, match=keyspace.PERIOD_SCOPED_KEYS_PATTERN, count=SCAN_COUNT), node=node or None
     )
     current: dict[int, str] = {}
     groups: dict[tuple[int, str], list[str]] = {}
@@ -186,20 +194,26 @@ def period_keys_trim(*, now: datetime | None = None) -> tuple[int, int]:
     now = now or clock.now()
     counters = config_cache.get().counters_by_id
     deleted = deferred = 0
-    cursor = 0
-    while True:
-        cursor, groups = _closed_key_groups(counters, now, cursor)
-        for (counter_id, period), keys in groups.items():
-            guard = [keyspace.pending_key(counter_id), keyspace.batches_key(counter_id)]
-            for start in range(0, len(keys), TRIM_KEYS_PER_CALL):
-                chunk = keys[start : start + TRIM_KEYS_PER_CALL]
-                result = redis_call(lambda r, c=chunk, g=guard, p=period: scripts.trim_period(keys=g + c, args=[p]))
-                if result < 0:
-                    deferred += 1
-                    break
-                deleted += result
-        if cursor == 0:
-            return deleted, deferred
+    # Node by node: a Redis Cluster node scans only its own keys (one Redis: one node).
+    for node in store_nodes():
+        cursor = 0
+        while True:
+            cursor, groups = _closed_key_groups(counters, now, cursor, node)
+            for (counter_id, period), keys in groups.items():
+                guard = [keyspace.pending_key(counter_id), keyspace.batches_key(counter_id)]
+                for start in range(0, len(keys), TRIM_KEYS_PER_CALL):
+                    chunk = keys[start : start + TRIM_KEYS_PER_CALL]
+                    result = redis_call(
+                        lambda r, c=chunk, g=guard, p=period: scripts.trim_period(keys=g + c, args=[p], client=r),
+                        key=guard[0],
+                    )
+                    if result < 0:
+                        deferred += 1
+                        break
+                    deleted += result
+            if cursor == 0:
+                break
+    return deleted, deferred
 
 
 def period_archive_closed() -> ArchiveStats:

@@ -83,7 +83,8 @@ def flush(r: redis.Redis, counter_id: int, *, current: bool, serial: int) -> Non
         marks = [f for f, v in r.hgetall(keys[3]).items() if f.startswith(b"c|") and v == b"1"]
         for start in range(0, len(marks), 500):
             chunk = marks[start : start + 500]
-            r.eval(keyspace.DERIVE_SCRIPT, 1, keys[3], keyspace.value_key_prefix(counter_id), *chunk)
+            values = [keyspace.value_key_of_mark(counter_id, mark) for mark in chunk]
+            r.eval(keyspace.DERIVE_SCRIPT, 1 + len(chunk), keys[3], *values, *chunk)
     else:
         r.delete(keys[0])
     r.delete(*keys[2:])

@@ -21,11 +21,15 @@ from counters.errors import RequestTooLarge  # noqa: E402
 from counters.fastlane import streams  # noqa: E402
 from counters.fastlane.handlers import route, serve  # noqa: E402
 from counters.fastlane.http import host_allowed, send_json  # noqa: E402
+from counters.redis_store import store_check  # noqa: E402
 
 from .request_body import BodyTooLarge, read_body  # noqa: E402
 from .threaded_wsgi import ThreadedWsgi  # noqa: E402
 
 FAST_LANE = os.environ.get("COUNTER_FAST_LANE", "1") != "0"
+
+# A Redis Cluster that is misconfigured (no seed answers, slots not served) stops the start here.
+store_check()
 
 
 async def too_large(scope, send) -> None:

@@ -77,6 +77,10 @@ DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env.int("DAT
 DATABASES["default"]["TEST"] = {"NAME": env("DJANGO_TEST_DATABASE_NAME", default="test_counters")}
 
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
+# The hot store is one Redis (REDIS_URL) or, with REDIS_CLUSTER=true, a Redis Cluster whose seed
+# nodes REDIS_URL lists, comma-separated: redis://10.0.0.1:7000,10.0.0.2:7000 (docs/cluster.md).
+# Only the hot store is clustered: CELERY_BROKER_URL stays a plain Redis.
+REDIS_CLUSTER = env.bool("REDIS_CLUSTER", default=False)
 # Short timeouts: a Redis that does not answer must not hold a request for long.
 REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=0.5)
 REDIS_CONNECT_TIMEOUT = env.float("REDIS_CONNECT_TIMEOUT", default=0.5)
@@ -93,6 +97,10 @@ CACHES = {
         },
     }
 }
+# The Django cache holds nothing of the service; in cluster mode its connection to the hot store
+# (django-redis speaks to one node) is not used, so it stays in the process.
+if REDIS_CLUSTER:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -8,7 +8,11 @@ from .settings import *  # noqa: F403
 from .settings import CACHES, env
 
 REDIS_URL = env("TEST_REDIS_URL", default="redis://127.0.0.1:6379/15")
-CACHES["default"]["LOCATION"] = REDIS_URL
+REDIS_CLUSTER = env.bool("TEST_REDIS_CLUSTER", default=False)
+if not REDIS_CLUSTER:
+    CACHES["default"]["LOCATION"] = REDIS_URL
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 CELERY_BROKER_URL = env("TEST_BROKER_URL", default="redis://127.0.0.1:6379/14")
 COUNTER_CONFIG_CACHE_SECONDS = 30.0
 COUNTER_CONFIG_CHECK_SECONDS = env.float("COUNTER_CONFIG_CHECK_SECONDS", default=0.0)

@@ -14,3 +14,8 @@ from django.core.wsgi import get_wsgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "counterproject.settings")
 
 application = get_wsgi_application()
+
+from counters.redis_store import store_check  # noqa: E402 (after Django is set up)
+
+# A Redis Cluster that is misconfigured (no seed answers, slots not served) stops the start here.
+store_check()

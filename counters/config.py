@@ -154,7 +154,7 @@ class ConfigCache:
 
     def _remote_generation(self) -> bytes | None:
         try:
-            return redis_call(lambda r: r.get(keyspace.CONFIG_GENERATION_KEY))
+            return redis_call(lambda r: r.get(keyspace.CONFIG_GENERATION_KEY), key=keyspace.CONFIG_GENERATION_KEY)
         except Exception:  # Redis down: the TTL alone bounds staleness.
             return self._generation
 
@@ -214,6 +214,6 @@ def bump_generation() -> None:
     """Tell every process that config changed (and drop this process's snapshot now)."""
     cache.invalidate()
     try:
-        redis_call(lambda r: r.incr(keyspace.CONFIG_GENERATION_KEY))
+        redis_call(lambda r: r.incr(keyspace.CONFIG_GENERATION_KEY), key=keyspace.CONFIG_GENERATION_KEY)
     except Exception:
         logger.warning("could not publish a config change to Redis; other processes see it within the cache TTL")

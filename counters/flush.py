@@ -18,7 +18,16 @@ from django.db import IntegrityError, connection, transaction
 from . import clock, keyspace
 from .config import cache as config_cache
 from .models import Counter, CounterValue, FlushedBatch, OperationLog
-from .redis_store import StoreUnavailable, acquire_lock, redis_call, release_lock, scripts
+from .redis_store import (
+    StoreUnavailable,
+    acquire_lock,
+    cluster_mode,
+    node_call,
+    nodes_of_keys,
+    redis_call,
+    release_lock,
+    scripts,
+)
 from .signals import threshold_crossed
 from .values import value_rebase
 
@@ -40,6 +49,7 @@ class FlushStats:
     dropped: int = 0
     refused: int = 0
     rebased: int = 0
+    nodes_down: int = 0
 
 
 def _crash_point(name: str) -> None:
@@ -488,7 +498,7 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
     try:
         ids = counter_ids if counter_ids is not None else sorted(config_cache.get().counters_by_id)
 
-        def move_and_list(r):
+        def move_and_list(r, ids):
             pipe = r.pipeline(transaction=False)
             for cid in ids:
                 batch_id = _new_batch_id()
@@ -504,9 +514,20 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
                 pipe.smembers(keyspace.batches_key(cid))
             return pipe.execute()[len(ids) :]
 
-        outstanding = [
-            (cid, _decode(b)) for cid, members in zip(ids, redis_call(move_and_list), strict=True) for b in members
-        ]
+        # Node by node (one Redis: one node): in a Redis Cluster a node that is down holds back
+        # only its own counters' deltas, which wait there for a later run.
+        outstanding = []
+        for node, positions in nodes_of_keys([keyspace.pending_key(cid) for cid in ids]).items():
+            node_ids = [ids[i] for i in positions]
+            try:
+                moved = node_call(lambda r, n=node_ids: move_and_list(r, n), node=node or None)
+            except StoreUnavailable:
+                if not node:
+                    raise
+                stats.nodes_down += 1
+                logger.warning("flush: redis node %s unavailable; its counters wait for a later run", node)
+                continue
+            outstanding += [(cid, _decode(b)) for cid, members in zip(node_ids, moved, strict=True) for b in members]
         outstanding.sort(key=lambda item: item[1])
         _crash_point("after_move")
         # The next batch is read, derived (Redis) and parsed while this one is applied (PostgreSQL).
@@ -514,10 +535,18 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush-read") as reader:
             upcoming = reader.submit(_read_batch, *outstanding[0]) if outstanding else None
             for index, (cid, batch_id) in enumerate(outstanding):
-                batch = upcoming.result()
+                current = upcoming
                 if index + 1 < len(outstanding):
                     upcoming = reader.submit(_read_batch, *outstanding[index + 1])
-                _flush_batch(cid, batch_id, batch, stats)
+                try:
+                    _flush_batch(cid, batch_id, current.result(), stats)
+                except StoreUnavailable:
+                    if not cluster_mode():
+                        raise
+                    # Its node went away mid-run: the batch stays in Redis and a later run applies
+                    # it (its id makes that exactly once); the other nodes' counters go on.
+                    stats.nodes_down += 1
+                    logger.warning("flush: counter %s's redis node unavailable; batch %s waits", cid, batch_id)
     finally:
         with contextlib.suppress(StoreUnavailable):
             release_lock("flush", token=token)
@@ -532,7 +561,8 @@ def _read_batch(cid: int, batch_id: str) -> _Batch:
             .hgetall(keyspace.batch_key(cid, batch_id))
             .lrange(keyspace.batch_log_key(cid, batch_id), 0, -1)
             .execute()
-        )
+        ),
+        key=keyspace.batch_key(cid, batch_id),
     )
     marks = [field for field, raw in fields.items() if raw == b"1" and field[:2] == b"c|"]
     return _parse_batch(fields, _derive(cid, batch_id, marks) if marks else [], log)
@@ -555,7 +585,8 @@ def _flush_batch(cid: int, batch_id: str, batch: _Batch, stats: FlushStats) -> N
             keys=[keyspace.batches_key(cid), keyspace.batch_key(cid, batch_id), keyspace.batch_log_key(cid, batch_id)],
             args=[batch_id],
             client=r,
-        )
+        ),
+        key=keyspace.batches_key(cid),
     )
     _crash_point("after_drop")
     if applied.refused:
@@ -570,16 +601,17 @@ DERIVE_CHUNK = 500
 
 def _derive(counter_id: int, batch_id: str, marks: list[bytes]) -> list[bytes]:
     """Derive the rows of a batch's changed values (DERIVE_SCRIPT): field, row, field, row, ..."""
-    keys = [keyspace.batch_key(counter_id, batch_id)]
-    prefix = keyspace.value_key_prefix(counter_id)
+    batch = keyspace.batch_key(counter_id, batch_id)
 
     def derive(r):
         pipe = r.pipeline(transaction=False)
         for start in range(0, len(marks), DERIVE_CHUNK):
-            scripts.derive(keys=keys, args=[prefix, *marks[start : start + DERIVE_CHUNK]], client=pipe)
+            chunk = marks[start : start + DERIVE_CHUNK]
+            keys = [batch, *(keyspace.value_key_of_mark(counter_id, mark) for mark in chunk)]
+            scripts.derive(keys=keys, args=chunk, client=pipe)
         return pipe.execute()
 
-    replies = redis_call(derive)
+    replies = node_call(derive, key=batch)
     return replies[0] if len(replies) == 1 else [item for reply in replies for item in reply]
 
 

@@ -177,9 +177,11 @@ def lock_key(name: str) -> str:
     return f"{PREFIX}:lock:{name}"
 
 
-def value_key_prefix(counter_id: int) -> str:
-    """What ``value_key`` puts before ``<period>:<subject>`` (the flusher's script builds the rest)."""
-    return f"{_tag(counter_id)}:v:"
+def value_key_of_mark(counter_id: int, mark: bytes | str) -> str:
+    """The value hash a pending hash's change mark ``c|<period>|<subject>`` names (DERIVE_SCRIPT's KEYS)."""
+    text = mark.decode() if isinstance(mark, bytes) else mark
+    period, subject = text[2:].split("|", 1)
+    return value_key(counter_id, period, subject)
 
 
 def value_field(period: str, subject: str) -> str:
@@ -448,20 +450,19 @@ return moved
 # A mark derived already is not derived again (a flusher that died halfway runs this again): its
 # row is answered as it was written, so a flusher that read the batch before another one derived
 # it still applies every row. Called in chunks so that Redis never stops for a whole large batch.
-# KEYS: batch. ARGV: the counter's value key prefix, then marks. Returns mark, row per mark whose
-# value has a row (a value whose hash is gone has none: its mark is dropped).
+# KEYS: batch, then the value hash of each mark (declared, so that a Redis Cluster routes and
+# checks them: all in the counter's slot). ARGV: marks. Returns mark, row per mark whose value has
+# a row (a value whose hash is gone has none: its mark is dropped).
 DERIVE_SCRIPT = """
 local function s(n) return string.format('%d', n) end
 local out = {}
-for i = 2, #ARGV do
+for i = 1, #ARGV do
   local field = ARGV[i]
   local mark = redis.call('HGET', KEYS[1], field)
   if mark and mark ~= '1' then
     out[#out + 1] = field; out[#out + 1] = mark
   elseif mark then
-    local f = string.sub(field, 3)
-    local bar = string.find(f, '|', 1, true)
-    local vkey = ARGV[1] .. string.sub(f, 1, bar - 1) .. ':' .. string.sub(f, bar + 1)
+    local vkey = KEYS[i + 1]
     local h = redis.call('HMGET', vkey, 'v', 'peak', 'ops', 'upd', 'f', 'm', 'mb', 'mx')
     if h[1] and h[5] then
       local fv, fo, fn = string.match(h[5], '^(%S+) (%S+) (%S+)$')

@@ -148,7 +148,7 @@ def _values_from_store(
                 pipe.hmget(key, "v", "upd", keyspace.LAST_RESET_FIELD)
         return pipe.execute(raise_on_error=False)
 
-    raws = redis_call(read)
+    raws = redis_call(read, keys=keys)
     views = []
     for (counter, subject), window, key, raw in zip(items, windows, keys, raws, strict=True):
         if counter.is_presence:
@@ -159,7 +159,7 @@ def _values_from_store(
             raise raw
         if raw[0] is None:
             value_hydrate(counter=counter, subject=subject, window=window)
-            raw = redis_call(lambda r, k=key: r.hmget(k, "v", "upd", keyspace.LAST_RESET_FIELD))
+            raw = redis_call(lambda r, k=key: r.hmget(k, "v", "upd", keyspace.LAST_RESET_FIELD), key=key)
         views.append(_to_view(counter, subject, window, raw))
     return views
 
@@ -275,7 +275,8 @@ def counter_get_typed(*, app_id: int, counter_type: str, name: str) -> CounterCo
 
 def threshold_marks_get(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow) -> dict[int, datetime]:
     """When each threshold of the counter was first crossed in the period (threshold id -> time)."""
-    raw = redis_call(lambda r: r.hgetall(keyspace.threshold_marks_key(counter.id, window.key, subject)))
+    marks_key = keyspace.threshold_marks_key(counter.id, window.key, subject)
+    raw = redis_call(lambda r: r.hgetall(marks_key), key=marks_key)
     return {int(k): clock.from_ms(int(v)) for k, v in raw.items()}
 
 

@@ -68,7 +68,7 @@ def _run_update(
 ) -> list:
     keys, args = _keyed_call(counter, keyspace.update_keys(counter.id, window.key, subject), args, idempotency, ms)
     for _ in range(3):
-        result = redis_call(lambda r: scripts.update(keys=keys, args=args, client=r))
+        result = redis_call(lambda r: scripts.update(keys=keys, args=args, client=r), key=keys[0])
         if result[0] != b"HYDRATE":
             return result
         value_hydrate(counter=counter, subject=subject, window=window)
@@ -341,7 +341,8 @@ def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
             by_counter[(prepared[i].counter.id, prepared[i].window.key)].append(i)
         groups = list(by_counter.values())
         retry, cold, noscript = [], {}, False
-        for group, reply in zip(groups, redis_call(lambda r, g=groups: run(r, g)), strict=True):
+        firsts = [prepared[g[0]].keys[0] for g in groups]
+        for group, reply in zip(groups, redis_call(lambda r, g=groups: run(r, g), keys=firsts), strict=True):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 retry += group
                 noscript = True
@@ -439,7 +440,7 @@ def counter_reset(
     # What lastResetTime / last_reset show; a Redis that misses it gets it back on hydration.
     with contextlib.suppress(StoreUnavailable):
         value_key = keyspace.value_key(counter.id, window.key, subject)
-        redis_call(lambda r: r.hset(value_key, keyspace.LAST_RESET_FIELD, ms))
+        redis_call(lambda r: r.hset(value_key, keyspace.LAST_RESET_FIELD, ms), key=value_key)
     ResetLog.objects.create(
         counter_id=counter.id,
         subject=subject,

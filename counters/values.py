@@ -105,7 +105,8 @@ def _latest_closed_value(
     """
     previous = periods.previous_key(counter.period, period_key)
     if use_store:
-        hot = redis_call(lambda r: r.hget(keyspace.value_key(counter.id, previous, subject), "v"))
+        previous_key = keyspace.value_key(counter.id, previous, subject)
+        hot = redis_call(lambda r: r.hget(previous_key, "v"), key=previous_key)
         if hot is not None:
             return previous, int(hot)
     durable = (
@@ -131,7 +132,9 @@ def _latest_closed_value(
             pipe.hget(keyspace.value_key(counter.id, candidate, subject), "v")
         return pipe.execute()
 
-    for candidate, raw in zip(candidates, redis_call(read) if candidates else [], strict=True):
+    # Every candidate is a value of the same counter: one slot, one node.
+    slot_key = keyspace.value_key(counter.id, period_key, subject)
+    for candidate, raw in zip(candidates, redis_call(read, key=slot_key) if candidates else [], strict=True):
         if raw is not None:
             return candidate, int(raw)
     return durable
@@ -168,10 +171,10 @@ def members_to_store(counter: CounterConfig, window: periods.PeriodWindow) -> No
     for member in members.iterator(chunk_size=MEMBER_CHUNK):
         chunk.append(member)
         if len(chunk) >= MEMBER_CHUNK:
-            redis_call(lambda r, c=chunk: r.sadd(members_key, *c))
+            redis_call(lambda r, c=chunk: r.sadd(members_key, *c), key=members_key)
             chunk = []
     if chunk:
-        redis_call(lambda r: r.sadd(members_key, *chunk))
+        redis_call(lambda r: r.sadd(members_key, *chunk), key=members_key)
 
 
 def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow) -> None:
@@ -199,9 +202,10 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
     updated_ms = clock.to_ms(row["updated_at"]) if row["updated_at"] else 0
     reset_at = manual_resets_get(items=[(counter.id, subject, window.key)]).get((counter.id, subject, window.key))
     reset_ms = clock.to_ms(reset_at) if reset_at else ""
+    value_key = keyspace.value_key(counter.id, window.key, subject)
     redis_call(
         lambda r: scripts.hydrate(
-            keys=[keyspace.value_key(counter.id, window.key, subject)],
+            keys=[value_key],
             args=[
                 row["value"],
                 max(row["peak"], row["value"]),
@@ -211,7 +215,8 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
                 reset_ms,
             ],
             client=r,
-        )
+        ),
+        key=value_key,
     )
 
 
@@ -245,7 +250,7 @@ def value_rebase(*, counter_id: int, period: str, subject: str, value: int, vers
         keyspace.pending_key(counter_id),
     ]
     args = [value, version, keyspace.value_field(period, subject)]
-    return bool(redis_call(lambda r: scripts.rebase(keys=keys, args=args, client=r)))
+    return bool(redis_call(lambda r: scripts.rebase(keys=keys, args=args, client=r), key=keys[0]))
 
 
 def operation_log_prefix(*, actor: str, user_id: str, subject: str, period: str, ms: int, metadata: dict | None) -> str:

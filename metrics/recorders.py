@@ -44,12 +44,15 @@ def redis_batch_record(*, size: int) -> None:
 
 
 def redis_node() -> str:
+    if getattr(settings, "REDIS_CLUSTER", False):
+        return "cluster"
     parts = urlsplit(settings.REDIS_URL)
     return f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
 
 
-def breaker_state_record(*, is_open: bool) -> None:
-    m.redis_breaker_open.labels(redis_node()).set(1 if is_open else 0)
+def breaker_state_record(*, is_open: bool, node: str | None = None) -> None:
+    """``node``: a Redis Cluster node's own breaker; None: the store-wide one (REDIS_URL's first node)."""
+    m.redis_breaker_open.labels(node or redis_node()).set(1 if is_open else 0)
 
 
 def degraded_read_record() -> None:

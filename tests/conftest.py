@@ -9,14 +9,45 @@ import redis
 import time_machine
 from django.conf import settings
 
-from counters import config, keyspace
+from counters import config, keyspace, redis_store
 from counters.builtins import ensure_builtins
 from counters.config import CounterConfig
 from counters.models import ApiKey, App, Counter
-from counters.redis_store import breaker
+from counters.redis_store import breakers_reset
 
 from .clock import ServerClock, midday_utc, start_of_test, zone_at_midday
-from .processes import PrivateRedis
+from .processes import PrivateCluster, PrivateRedis
+
+# The cluster run: TEST_REDIS_CLUSTER=1 (``make test-cluster``) runs the suites against a Redis Cluster
+# of 3 primaries and 3 replicas started for the session on free ports (docs/cluster.md).
+CLUSTER_RUN = os.environ.get("TEST_REDIS_CLUSTER") == "1"
+
+
+# Started when this module loads, before any test module is imported (some connect at import time).
+_CLUSTER = PrivateCluster() if CLUSTER_RUN else None
+if _CLUSTER is not None:
+    settings.REDIS_URL = _CLUSTER.url
+    redis_store.client_forget()
+
+
+def pytest_unconfigure(config):
+    if _CLUSTER is not None:
+        redis_store.client_forget()
+        _CLUSTER.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """The session's Redis Cluster in a cluster run (the hot store of the tests and of the processes
+    they start), else None."""
+    return _CLUSTER
+
+
+def store_client():
+    """A client of the tests' own for the hot store: a plain Redis, or a cluster client in a cluster run."""
+    if CLUSTER_RUN:
+        return redis_store.cluster_connect(settings.REDIS_URL)
+    return redis.Redis.from_url(settings.REDIS_URL)
 
 
 @pytest.fixture(autouse=True)
@@ -40,22 +71,28 @@ def midday(test_clock):
 @pytest.fixture(autouse=True)
 def clean_store():
     """Every test starts with an empty Redis database of its own and a closed circuit."""
-    store = redis.Redis.from_url(settings.REDIS_URL)
-    store.flushdb()
+    store = store_client()
+    if CLUSTER_RUN:
+        for node in store.get_primaries():
+            store.get_redis_connection(node).flushdb()
+    else:
+        store.flushdb()
     if CONTRACT_RUN:
         # A generation the server has never seen: after a flush, counting up from nothing again
         # would repeat the previous test's numbers and the server would keep its old snapshot.
         store.set(keyspace.CONFIG_GENERATION_KEY, secrets.randbits(48))
-    breaker.reset()
+    breakers_reset()
     config.cache.invalidate()
     yield
-    breaker.reset()
+    breakers_reset()
     config.cache.invalidate()
+    if CLUSTER_RUN:
+        store.close()
 
 
 @pytest.fixture
 def store():
-    return redis.Redis.from_url(settings.REDIS_URL)
+    return store_client()
 
 
 # online_players is a presence counter (docs/presence.md): tests of plain counting use this one.
@@ -139,6 +176,13 @@ CONTRACT_RUN = os.environ.get("COUNTER_CONTRACT_SERVER") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
+    if CLUSTER_RUN:
+        # Tests that point the store at a single private redis-server (to kill, freeze or empty it)
+        # are single-Redis tests; tests/test_cluster.py kills the cluster's own nodes instead.
+        single = pytest.mark.skip(reason="drives a single private Redis (cluster run)")
+        for item in items:
+            if "private_redis" in getattr(item, "fixturenames", ()) or item.get_closest_marker("single_redis"):
+                item.add_marker(single)
     if not CONTRACT_RUN:
         return
     in_process = pytest.mark.skip(reason="needs the service in the test's own process")

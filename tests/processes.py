@@ -226,3 +226,97 @@ class PrivateRedis:
     def close(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateCluster:
+    """A Redis Cluster of the test's own: ``primaries`` primaries with one replica each, on free loopback
+    ports (``redis-server --cluster-enabled yes`` + ``redis-cli --cluster create``, as ``make cluster``).
+
+    ``cluster-node-timeout`` is short so that a replica takes over about two seconds after its primary
+    dies; ``cluster-require-full-coverage no`` keeps the other primaries serving meanwhile.
+    """
+
+    NODE_TIMEOUT_MS = 1000
+
+    def __init__(self, *, primaries: int = 3):
+        self.dir = tempfile.mkdtemp(prefix="redis-cluster-")
+        self.ports = [free_port() for _ in range(primaries * 2)]
+        self.bus_ports = {port: free_port() for port in self.ports}
+        self.processes: dict[int, subprocess.Popen] = {}
+        for port in self.ports:
+            self.start_node(port)
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+        )
+        wait_until(self.ready, timeout=60, what="redis cluster to serve every slot on every node")
+        self.url = "redis://" + ",".join(nodes[:primaries])
+
+    def start_node(self, port: int) -> None:
+        args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", self.dir, "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
+        args += ["--cluster-node-timeout", str(self.NODE_TIMEOUT_MS), "--cluster-require-full-coverage", "no"]
+        # The cluster bus port is given too: port + 10000 (the default) may be taken or above 65535.
+        args += ["--cluster-replica-validity-factor", "0", "--cluster-port", str(self.bus_ports[port])]
+        self.processes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: redis.Redis(port=port).ping(), timeout=60, what="cluster redis-server")
+
+    def ready(self) -> bool:
+        for port, process in self.processes.items():
+            if process.poll() is not None:
+                continue
+            info = redis.Redis(port=port).cluster("info")
+            if info.get("cluster_state") != "ok" or int(info.get("cluster_slots_ok", 0)) != 16384:
+                return False
+        return True
+
+    def primaries(self) -> list[int]:
+        """Ports of the live primaries, as the live nodes see them."""
+        found = set()
+        for port, process in self.processes.items():
+            if process.poll() is not None:
+                continue
+            for line in redis.Redis(port=port).execute_command("CLUSTER", "NODES").decode().splitlines():
+                fields = line.split()
+                if "master" in fields[2] and "fail" not in fields[2]:
+                    found.add(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
+            break
+        return sorted(found)
+
+    def port_of_key(self, key: str) -> int:
+        live = next(port for port, process in self.processes.items() if process.poll() is None)
+        slot = redis.Redis(port=live).cluster("keyslot", key)
+        for start, end, primary, *_ in redis.Redis(port=live).execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(primary[1])
+        raise LookupError(key)
+
+    def wait_replicated(self, port: int) -> None:
+        """Until the replica of primary ``port`` has every write the primary has (replication is
+        asynchronous: without this a kill -9 may lose the primary's last acknowledged writes)."""
+
+        def caught_up() -> bool:
+            info = redis.Redis(port=port).info("replication")
+            return info["connected_slaves"] > 0 and info["slave0"]["offset"] == info["master_repl_offset"]
+
+        wait_until(caught_up, timeout=30, what="the replica to catch up")
+
+    def kill(self, port: int) -> None:
+        """kill -9 one node."""
+        process = self.processes[port]
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def flush(self) -> None:
+        for port in self.primaries():
+            redis.Redis(port=port).flushall()
+
+    def close(self) -> None:
+        for port in list(self.processes):
+            self.kill(port)
+        shutil.rmtree(self.dir, ignore_errors=True)

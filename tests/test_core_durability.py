@@ -75,6 +75,7 @@ def test_concurrent_logins_and_logouts_never_go_below_zero(builtins, make_key):
     assert CounterValue.objects.get(counter__name="matches_running").value == 0
 
 
+@pytest.mark.single_redis
 def test_values_survive_a_restart_of_the_service_and_reach_postgresql(builtins, make_key):
     """gunicorn stopped (SIGTERM) and Redis killed -9, both started again: every acknowledged value is
     back, from Redis's AOF for what was not flushed yet, and PostgreSQL agrees after a flush."""

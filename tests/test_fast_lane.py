@@ -26,6 +26,7 @@ from . import processes
 from .processes import Gunicorn, wait_until
 
 
+@pytest.mark.single_redis  # one coalescer (a cluster has one per node: tests/test_cluster.py)
 def test_the_calls_of_one_loop_turn_share_one_round_trip_and_each_gets_its_own_reply(store):
     async def main():
         lane = LaneStore()
@@ -39,6 +40,7 @@ def test_the_calls_of_one_loop_turn_share_one_round_trip_and_each_gets_its_own_r
     assert store.get("lane:k2") == b"33"
 
 
+@pytest.mark.single_redis  # one coalescer (a cluster has one per node: tests/test_cluster.py)
 def test_a_round_trip_is_bounded(store):
     async def main():
         lane = LaneStore()
@@ -58,6 +60,7 @@ def test_a_round_trip_is_bounded(store):
     assert asyncio.run(large()) == 2
 
 
+@pytest.mark.single_redis  # one coalescer (a cluster has one per node: tests/test_cluster.py)
 def test_one_failed_call_fails_only_its_own_caller(store):
     store.set("lane:string", "x")
 
@@ -124,6 +127,7 @@ async def _request(method: str, path: str, key: str, body: bytes = b"", query: b
     return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
 
 
+@pytest.mark.single_redis
 @pytest.mark.django_db(transaction=True)
 def test_a_failing_script_call_fails_only_its_request_among_those_sharing_its_round_trip(
     builtins, make_key, store, settings, lane_threads
@@ -152,6 +156,7 @@ def test_a_failing_script_call_fails_only_its_request_among_those_sharing_its_ro
     assert sorted(int(body.split(b":")[-1][:-1]) for _, _, body in replies[:7] + replies[8:]) == list(range(2, 22))
 
 
+@pytest.mark.single_redis
 @pytest.mark.django_db(transaction=True)
 def test_an_open_breaker_answers_503_at_once_without_a_round_trip(builtins, make_key, store, lane_threads):
     key = make_key(("write",))

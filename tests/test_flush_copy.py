@@ -145,9 +145,9 @@ def test_a_mark_derived_already_answers_its_row_again(builtins, make_counter, st
     ]
     scripts.move_pending(keys=keys, args=["b1"], client=store)
     marks = sorted(f for f in store.hkeys(keys[3]) if f.startswith(b"c|"))
-    args = [keyspace.value_key_prefix(score.id), *marks]
-    first = scripts.derive(keys=[keys[3]], args=args, client=store)
-    second = scripts.derive(keys=[keys[3]], args=args, client=store)
+    derive_keys = [keys[3], *(keyspace.value_key_of_mark(score.id, mark) for mark in marks)]
+    first = scripts.derive(keys=derive_keys, args=marks, client=store)
+    second = scripts.derive(keys=derive_keys, args=marks, client=store)
     assert first == second and first[::2] == marks
     assert [row.split()[:2] for row in first[1::2]] == [[b"3", b"1"]] * 3
     counters_flush()

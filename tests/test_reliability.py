@@ -124,6 +124,7 @@ def outage_replies(traffic: Traffic, killed_at: float) -> list[tuple[float, int,
     return traffic.sent_after(killed_at)
 
 
+@pytest.mark.single_redis
 def test_redis_down_read_only_from_postgresql_then_empty_redis_rehydrates(builtins, make_key):
     key = make_key(("write",))
     headers = {"Authorization": f"Bearer {key}"}
@@ -178,6 +179,7 @@ def test_redis_down_read_only_from_postgresql_then_empty_redis_rehydrates(builti
         store.close()
 
 
+@pytest.mark.single_redis
 def test_redis_back_with_its_data_loses_no_acknowledged_increment_and_doubles_none(builtins, make_key):
     key = make_key(("write",))
     headers = {"Authorization": f"Bearer {key}"}
@@ -211,6 +213,7 @@ def test_redis_back_with_its_data_loses_no_acknowledged_increment_and_doubles_no
         store.close()
 
 
+@pytest.mark.single_redis
 def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_recovery(builtins, make_key):
     key = make_key(("write",))
     headers = {"Authorization": f"Bearer {key}"}
@@ -279,6 +282,7 @@ def test_write_through_mode_lands_in_postgresql_exactly_and_redis_agrees_after_r
         store.close()
 
 
+@pytest.mark.single_redis
 def test_a_frozen_redis_costs_a_timeout_only_until_the_breaker_opens(builtins, make_key):
     """A Redis that hangs (SIGSTOP) instead of refusing: without the breaker every write would wait
     for the socket timeout. With it, only the requests in flight before it opens do. A request that

@@ -2,10 +2,17 @@
 pipelined round trip (not a transaction: each script stays atomic on its own).
 
 The circuit breaker is the one of ``counters.redis_store`` (shared with the threads of the same
-process): an open breaker fails a call at once; a connection error or timeout fails every call of
-that round trip with ``StoreUnavailable`` and counts one failure per failed call, so the breaker
-opens after as many failed requests as on the threaded path, however they were coalesced. An
-error reply of one command (a script error, a wrong key type) fails only the request that made it.
+process; in a Redis Cluster, each node's own): an open breaker fails a call at once; a connection
+error or timeout fails every call of that round trip with ``StoreUnavailable`` and counts one
+failure per failed call, so the breaker opens after as many failed requests as on the threaded
+path, however they were coalesced. An error reply of one command (a script error, a wrong key
+type) fails only the request that made it.
+
+In a Redis Cluster (``REDIS_CLUSTER``) each primary has a coalescer of its own: the commands of one
+loop turn go out as one round trip per node, each routed by its key's slot. A MOVED reply (the
+command did not run there: failover, resharding) updates the slot map and sends the command once
+more to the node it names; a node that fails refreshes the slot map off the event loop, so that a
+replica that took over is used as soon as the cluster says so.
 """
 
 import asyncio
@@ -21,7 +28,17 @@ from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from metrics.recorders import redis_batch_record, redis_round_trip_record
 
 from .. import keyspace
-from ..redis_store import CONNECTION_ERRORS, StoreUnavailable, _failed_while_connecting, breaker
+from ..redis_store import (
+    CONNECTION_ERRORS,
+    CircuitBreaker,
+    StoreUnavailable,
+    _failed_while_connecting,
+    _topology_refresh,
+    breaker,
+    breaker_of_node,
+    client,
+    cluster_mode,
+)
 
 # At most this many commands, and arguments, per round trip: a burst larger than that is split.
 # Redis answers a pipeline only once it has run all of it, so one huge round trip (many batch
@@ -40,8 +57,10 @@ _SHA = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRI
 class Coalescer:
     """Commands queued by any number of requests, sent once per loop turn, each reply to its caller."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: redis.asyncio.Redis, guard: CircuitBreaker = breaker, on_failure=None) -> None:
         self.client = client
+        self.breaker = guard
+        self._on_failure = on_failure
         self._queue: list[tuple[tuple, asyncio.Future]] = []
         self._scheduled = False
         self._sending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
@@ -50,7 +69,9 @@ class Coalescer:
         self.commands = 0
 
     def call(self, *command) -> asyncio.Future:
-        breaker.before_call()
+        if self.breaker is not breaker:
+            breaker.before_call()  # the store-wide one: open, the whole store is out
+        self.breaker.before_call()
         future = asyncio.get_running_loop().create_future()
         self._queue.append((command, future))
         if not self._scheduled:
@@ -126,9 +147,11 @@ class Coalescer:
             error = StoreUnavailable(str(exc), maybe_applied=sent and not _failed_while_connecting(exc))
             redis_round_trip_record(ok=False)
             for _, future in batch[answered:]:
-                breaker.record_failure()
+                self.breaker.record_failure()
                 if not future.done():
                     future.set_exception(error)
+            if self._on_failure is not None:
+                self._on_failure()
             return
         except BaseException as exc:
             for _, future in batch[answered:]:
@@ -136,7 +159,7 @@ class Coalescer:
                     future.set_exception(exc)
             raise
         redis_round_trip_record(ok=True)
-        breaker.record_success()
+        self.breaker.record_success()
 
 
 def _buffered_reply(reader):
@@ -178,6 +201,12 @@ class LaneStore:
     """
 
     def __init__(self) -> None:
+        self.cluster = cluster_mode()
+        self._nodes: dict[str, Coalescer] = {}
+        self._refreshing = False
+        if self.cluster:
+            self.coalescer = None
+            return
         pool = redis.asyncio.ConnectionPool.from_url(
             settings.REDIS_URL,
             socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
@@ -187,8 +216,59 @@ class LaneStore:
         self.client = redis.asyncio.Redis(connection_pool=pool)
         self.coalescer = Coalescer(self.client)
 
-    def command(self, *command) -> asyncio.Future:
-        return self.coalescer.call(*command)
+    def command(self, *command):
+        """Queue one command with a key (EVALSHA: its first key) for this loop turn's round trip."""
+        if not self.cluster:
+            return self.coalescer.call(*command)
+        return self._routed(command[3] if command[0] == "EVALSHA" else command[1], command)
+
+    @property
+    def round_trips(self) -> int:
+        return sum(c.round_trips for c in ([self.coalescer] if self.coalescer else self._nodes.values()))
+
+    def _node_coalescer(self, key) -> Coalescer:
+        cluster = client()  # the slot map is the threaded path's (in memory: no I/O once connected)
+        node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
+        coalescer = self._nodes.get(node.name)
+        if coalescer is None:
+            connection = redis.asyncio.Redis(
+                host=node.host,
+                port=node.port,
+                socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
+                socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
+                max_connections=None,
+            )
+            coalescer = self._nodes[node.name] = Coalescer(connection, breaker_of_node(node.name), self._refresh)
+        return coalescer
+
+    async def _routed(self, key, command):
+        for _ in range(3):
+            try:
+                coalescer = self._node_coalescer(key)
+            except (redis.exceptions.RedisClusterException, redis.RedisError) as exc:
+                raise StoreUnavailable(str(exc)) from exc
+            try:
+                return await coalescer.call(*command)
+            except redis.exceptions.MovedError as exc:
+                # Not run there: the slot has another primary now (failover, resharding).
+                client().nodes_manager.move_slot(exc)
+            except (
+                redis.exceptions.AskError,
+                redis.exceptions.TryAgainError,
+                redis.exceptions.ClusterDownError,
+            ) as exc:
+                # A slot being migrated, or a cluster failing over: nothing ran; refused cleanly.
+                raise StoreUnavailable(f"cluster unavailable for this key: {exc}") from exc
+        raise StoreUnavailable("slot keeps moving")
+
+    def _refresh(self) -> None:
+        """After a node failed: ask the cluster for its slot map again, on a thread (it may wait on sockets)."""
+        if self._refreshing:
+            return
+        self._refreshing = True
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, _topology_refresh)
+        future.add_done_callback(lambda _: setattr(self, "_refreshing", False))
 
     def script_now(self, name: str, keys: list, args: list) -> asyncio.Future:
         """EVALSHA of one of ``SCRIPTS``, queued at once like ``command`` (so it shares the round trip
@@ -197,12 +277,16 @@ class LaneStore:
         return self.command("EVALSHA", _SHA[name], len(keys), *keys, *args)
 
     async def script(self, name: str, keys: list, args: list):
-        """EVALSHA of one of ``SCRIPTS``; loads it once if Redis does not know it (a restarted Redis)."""
+        """EVALSHA of one of ``SCRIPTS``; loads it once if Redis does not know it (a restarted Redis,
+        or in a cluster the replica that took over)."""
         command = ("EVALSHA", _SHA[name], len(keys), *keys, *args)
         try:
             return await self.command(*command)
         except redis.exceptions.NoScriptError:
-            await self.command("SCRIPT", "LOAD", SCRIPTS[name])
+            if self.cluster:
+                await self._routed(keys[0], ("SCRIPT", "LOAD", SCRIPTS[name]))
+            else:
+                await self.command("SCRIPT", "LOAD", SCRIPTS[name])
             return await self.command(*command)
 
 
