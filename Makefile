@@ -1,5 +1,7 @@
 # make run   — set up on a fresh machine and run web + worker + beat on 127.0.0.1:$(PORT)
-# make test  — the same set-up, then ruff and the whole test suite
+# make test  — the same set-up, then ruff and the whole test suite, then the core suites against a Redis Cluster
+# make test-cluster — the core suites against a Redis Cluster of 3 primaries + 3 replicas started on free ports
+# make cluster / make cluster-stop — a Redis Cluster on loopback ports 7000-7005 for development (docs/cluster.md)
 # make test-midnight — the same with every test's clock starting at 23:59:30 UTC (tests/clock.py)
 # make bench — the hot endpoints next to a DRF baseline, latency below saturation, exactness, outages (bench/README.md)
 # make bench-seed — the seed's wrk command against make run's processes, beside a raw reference (bench/README.md)
@@ -9,7 +11,7 @@ BIN := $(VENV)/bin
 PORT ?= 8080
 export PORT
 
-.PHONY: run test test-midnight lint format services browser prometheus migrate bench bench-seed soak clean
+.PHONY: run test test-cluster cluster cluster-stop test-midnight lint format services browser prometheus migrate bench bench-seed soak clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +50,22 @@ prometheus:
 
 test: $(BIN)/.installed services browser prometheus lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+	$(MAKE) test-cluster
+
+# The core suites (REST v1, cloud functions, flush exactly-once, periods, thresholds, Redis down,
+# batch updates, idempotency, archive) once more with a Redis Cluster as the hot store, plus the
+# cluster's own tests (kill -9 of a primary under load). Tests that drive a single private Redis skip.
+CLUSTER_SUITES ?= tests/test_cluster.py tests/test_rest_v1.py tests/test_functions.py tests/test_core_durability.py \
+	tests/test_flush_copy.py tests/test_periods.py tests/test_thresholds.py tests/test_failure_modes.py \
+	tests/test_reliability.py tests/test_batch_update.py tests/test_idempotency.py tests/test_archive.py
+test-cluster: $(BIN)/.installed services
+	TEST_REDIS_CLUSTER=1 $(BIN)/pytest $(CLUSTER_SUITES) $(PYTEST_ARGS)
+
+cluster:
+	bash scripts/redis-cluster.sh start
+
+cluster-stop:
+	bash scripts/redis-cluster.sh stop
 
 # Each test starts at TEST_CLOCK_UTC (time-machine, in-process and in the Python processes it
 # starts): a test that leans on the real clock's day fails here rather than at 00:00 in CI.

@@ -179,13 +179,13 @@ redis.cluster.ClusterPipeline.ERRORS_ALLOW_RETRY = (
 )
 
 
-def cluster_connect(url: str | None = None) -> redis.cluster.RedisCluster:
+def cluster_connect(url: str | None = None, *, cls: type = redis.cluster.RedisCluster) -> redis.cluster.RedisCluster:
     """A client of the Redis Cluster named by REDIS_URL; ImproperlyConfigured with the reason if no
     seed answers, or the cluster does not serve all 16384 slots."""
     url = url or settings.REDIS_URL
     seeds = seed_nodes(url)
     try:
-        cluster = redis.cluster.RedisCluster(
+        cluster = cls(
             startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in seeds],
             # No retries: a script sent again after a timeout could apply twice (as with one Redis).
             retry=Retry(NoBackoff(), 0),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.cluster
 import time_machine
 from django.conf import settings
 
@@ -43,10 +44,18 @@ def redis_cluster():
     return _CLUSTER
 
 
+class ClusterStore(redis.cluster.RedisCluster):
+    """The tests' cluster client: KEYS looks on every primary (redis-py asks one node only)."""
+
+    def keys(self, pattern="*", **kwargs):
+        kwargs.setdefault("target_nodes", self.PRIMARIES)
+        return super().keys(pattern, **kwargs)
+
+
 def store_client():
     """A client of the tests' own for the hot store: a plain Redis, or a cluster client in a cluster run."""
     if CLUSTER_RUN:
-        return redis_store.cluster_connect(settings.REDIS_URL)
+        return redis_store.cluster_connect(settings.REDIS_URL, cls=ClusterStore)
     return redis.Redis.from_url(settings.REDIS_URL)
 
 
