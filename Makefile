@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 PORT ?= 8080
 export PORT
 
-.PHONY: run test test-cluster cluster cluster-stop test-midnight lint format services browser prometheus migrate bench bench-seed soak clean
+.PHONY: run test test-cluster cluster cluster-stop bench-cluster test-midnight lint format services browser prometheus migrate bench bench-seed soak clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,10 @@ bench: $(BIN)/.installed services
 	$(BIN)/python bench/outage.py
 	$(BIN)/python bench/script_bench.py
 	$(BIN)/python bench/presence_bench.py
+
+# The update script on one Redis against a Redis Cluster of 3 primaries + 3 replicas, same run (bench/README.md).
+bench-cluster: $(BIN)/.installed
+	$(BIN)/python bench/cluster_bench.py
 
 # The seed's wrk -t12 -c400 -d30s against make run's processes, beside a raw reference handler.
 bench-seed: $(BIN)/.installed services

@@ -1,0 +1,142 @@
+"""The update script on one Redis against a Redis Cluster of 3 primaries (+ 3 replicas), same run.
+
+    .venv/bin/python bench/cluster_bench.py [seconds per run] [client processes] [rounds]
+
+Each run drives ``UPDATE_SCRIPT`` (``total_games_played``-like: +1, no member, no threshold) over
+3,000 counters, from ``client processes`` Python processes, each sending pipelines of 200 EVALSHA
+(on the cluster: one pipeline per primary, each update routed by its counter's slot, as the fast
+lane's coalescers do). Single Redis and cluster alternate for ``rounds`` rounds. Printed per run:
+updates/s, and the Redis CPU per update (the redis-servers' own CPU time from ``/proc``, primaries
+and replicas, divided by the updates) — the figure a capacity plan divides a core by, which does not
+depend on how loaded the machine is as much as the throughput does.
+"""
+
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from counters import keyspace  # noqa: E402
+from tests.processes import PrivateCluster, free_port, wait_until  # noqa: E402
+
+COUNTERS = 3000
+PIPELINE = 200
+PERIOD = "2026-12-01"
+
+
+def args_of(ms: int) -> list:
+    return ["add", 1, f"{PERIOD}|", "", 0, keyspace.MAX_SAFE_VALUE, 0, ms, ms // 60000, 1, ""]
+
+
+def hydrate(r: redis.Redis, counter_ids) -> None:
+    pipe = r.pipeline(transaction=False)
+    for cid in counter_ids:
+        pipe.eval(keyspace.HYDRATE_SCRIPT, 1, keyspace.value_key(cid, PERIOD, ""), 0, 0, 0, 0, 0, "")
+    pipe.execute()
+
+
+def client(ports_by_counter: dict[int, int], seconds: float, start_at: float, out) -> None:
+    """Send pipelines of updates until ``seconds`` have passed; put the number of updates applied."""
+    by_port: dict[int, list[int]] = {}
+    for cid, port in ports_by_counter.items():
+        by_port.setdefault(port, []).append(cid)
+    conns = {port: redis.Redis(port=port) for port in by_port}
+    sha = {port: conns[port].script_load(keyspace.UPDATE_SCRIPT) for port in by_port}
+    position = dict.fromkeys(by_port, os.getpid() % 97)
+    done = 0
+    while time.time() < start_at:
+        time.sleep(0.001)
+    deadline = start_at + seconds
+    while time.time() < deadline:
+        ms = int(time.time() * 1000)
+        for port, cids in by_port.items():
+            pipe = conns[port].pipeline(transaction=False)
+            share = max(1, PIPELINE // len(by_port))
+            for _ in range(share):
+                cid = cids[position[port] % len(cids)]
+                position[port] += 1
+                pipe.execute_command("EVALSHA", sha[port], 6, *keyspace.update_keys(cid, PERIOD, ""), *args_of(ms))
+            done += sum(1 for reply in pipe.execute() if reply[0] == b"OK")
+    out.put(done)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(
+    ports_by_counter: dict[int, int], pids: list[int], seconds: float, clients: int, primaries: list[int]
+) -> tuple[float, float, float]:
+    """(updates/s, Redis CPU µs per update: all servers, primaries only) of one run."""
+    queue = multiprocessing.Queue()
+    start_at = time.time() + 0.5
+    procs = [
+        multiprocessing.Process(target=client, args=(ports_by_counter, seconds, start_at, queue))
+        for _ in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    updates = sum(queue.get() for _ in procs)
+    spent = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
+    for proc in procs:
+        proc.join()
+    per = 1e6 / max(updates, 1)
+    return updates / seconds, sum(spent.values()) * per, sum(spent[pid] for pid in primaries) * per
+
+
+def main(seconds: float, clients: int, rounds: int) -> int:
+    single_port = free_port()
+    single_dir = tempfile.mkdtemp(prefix="bench-redis-")
+    single = subprocess.Popen(
+        ["redis-server", "--port", str(single_port), "--bind", "127.0.0.1", "--save", "", "--dir", single_dir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cluster = PrivateCluster()
+    try:
+        wait_until(lambda: redis.Redis(port=single_port).ping(), what="redis-server")
+        counter_ids = list(range(1, COUNTERS + 1))
+        hydrate(redis.Redis(port=single_port), counter_ids)
+        on_cluster = {cid: cluster.port_of_key(keyspace.pending_key(cid)) for cid in counter_ids}
+        for port in set(on_cluster.values()):
+            hydrate(redis.Redis(port=port), [cid for cid, p in on_cluster.items() if p == port])
+        primary_pids = [cluster.processes[port].pid for port in cluster.primaries()]
+        cases = {
+            "single Redis": ({cid: single_port for cid in counter_ids}, [single.pid], [single.pid]),
+            "cluster, 3 primaries": (on_cluster, [p.pid for p in cluster.processes.values()], primary_pids),
+        }
+        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cases}
+        for _ in range(rounds):
+            for name, (ports, pids, primaries) in cases.items():
+                results[name].append(run(ports, pids, seconds, clients, primaries))
+        print(f"cluster_bench: {clients} client processes, {seconds:.0f}s a run, {rounds} rounds; load {load()}")
+        print(f"{'store':22} {'updates/s (median)':>19} {'best':>8}   Redis CPU µs/update: all, primaries")
+        for name, rows in results.items():
+            rates = [rate for rate, _, _ in rows]
+            cpu, primary_cpu = (statistics.median(row[i] for row in rows) for i in (1, 2))
+            print(f"{name:22} {statistics.median(rates):19,.0f} {max(rates):8,.0f} {cpu:25.1f} {primary_cpu:10.1f}")
+    finally:
+        single.kill()
+        cluster.close()
+    return 0
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+if __name__ == "__main__":
+    argv = [float(a) for a in sys.argv[1:]]
+    seconds_, clients_, rounds_ = (argv + [5, 2, 3][len(argv) :])[:3]
+    sys.exit(main(seconds_, int(clients_), int(rounds_)))
