@@ -240,8 +240,13 @@ class PrivateCluster:
 
     def __init__(self, *, primaries: int = 3):
         self.dir = tempfile.mkdtemp(prefix="redis-cluster-")
-        self.ports = [free_port() for _ in range(primaries * 2)]
-        self.bus_ports = {port: free_port() for port in self.ports}
+        ports: list[int] = []
+        while len(ports) < primaries * 4:  # a client port and a cluster bus port per node, all distinct
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        self.ports = ports[: primaries * 2]
+        self.bus_ports = dict(zip(self.ports, ports[primaries * 2 :], strict=True))
         self.processes: dict[int, subprocess.Popen] = {}
         for port in self.ports:
             self.start_node(port)

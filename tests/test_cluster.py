@@ -18,9 +18,11 @@ import requests
 from django.core.exceptions import ImproperlyConfigured
 from redis.crc import key_slot
 
-from counters import keyspace, redis_store
+from counters import config, keyspace, redis_store, services
 from counters.fastlane.store import LaneStore
+from counters.flush import counters_flush
 from counters.models import Counter, CounterValue
+from counters.redis_store import StoreUnavailable
 
 from .conftest import CLUSTER_RUN
 from .processes import ROOT, Gunicorn, PrivateCluster, free_port, service_env, wait_until
@@ -235,3 +237,26 @@ def test_the_fast_lane_sends_one_round_trip_per_node_per_loop_turn():
     round_trips, replies = asyncio.run(main())
     assert replies == [1] * 30 and len(nodes) == 3
     assert round_trips == len(nodes)
+
+
+@in_cluster_run
+@pytest.mark.django_db(transaction=True)
+def test_the_threaded_path_and_the_flusher_keep_going_on_the_nodes_that_are_up(cluster, builtins):
+    doomed, healthy, port = counters_on_two_nodes(cluster)
+    config.cache.invalidate()
+    counters = config.cache.get().counters_by_id
+    for counter in (counters[doomed.id], counters[healthy.id]):
+        services.counter_update(counter=counter, amount=1)
+    cluster.wait_replicated(port)
+    cluster.kill(port)
+    for _ in range(redis_store.breaker.threshold):
+        with pytest.raises(StoreUnavailable):
+            services.counter_update(counter=counters[doomed.id], amount=1)
+    # Only the dead node's breaker opened: the healthy counter writes without waiting on anything.
+    assert redis_store.breaker_of_node(f"127.0.0.1:{port}").is_open and not redis_store.breaker.is_open
+    for _ in range(5):
+        services.counter_update(counter=counters[healthy.id], amount=1)
+    stats = counters_flush()
+    assert stats.nodes_down >= 1
+    assert CounterValue.objects.get(counter=healthy).value == 6
+    assert not CounterValue.objects.filter(counter=doomed).exists()  # its delta waits on its node
