@@ -8,8 +8,10 @@ through as a probe, and its success closes the breaker again.
 The store is one Redis or, with ``REDIS_CLUSTER``, a Redis Cluster (docs/cluster.md). In a
 cluster each primary has a breaker of its own: a call that names its key (``redis_call(fn,
 key=...)``: every script, every read of one value) is guarded by the breaker of the node serving
-that key's slot, so a down node makes only its own counters unavailable. Calls that span nodes
-(pipelines over many counters, scans) are guarded by ``breaker``, the store-wide one.
+that key's slot, so a down node makes only its own counters unavailable; calls on several keys
+(``keys=[...]``: reads of many values, batch updates) by the breakers of all their nodes. Every
+call also passes ``breaker``, the store-wide one, which opens on failures that no node can be
+blamed for (and is the only breaker with one Redis).
 """
 
 import contextlib
@@ -18,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.cluster
@@ -124,8 +127,9 @@ def _new_breaker(node: str | None = None) -> CircuitBreaker:
     )
 
 
-# The store-wide breaker: the only one with a single Redis; in a cluster, the one of calls that
-# span nodes. ``node_breakers`` holds a cluster's per-node breakers, by "host:port".
+# The store-wide breaker: the only one with a single Redis; in a cluster every call passes it too,
+# and it opens on failures no node can be blamed for. ``node_breakers`` holds a cluster's per-node
+# breakers, by "host:port".
 breaker = _new_breaker()
 breaker_state_record(is_open=False)
 node_breakers: dict[str, CircuitBreaker] = {}
@@ -179,6 +183,13 @@ redis.cluster.ClusterPipeline.ERRORS_ALLOW_RETRY = (
 )
 
 
+def node_credentials(url: str | None = None) -> dict[str, str]:
+    """``username``/``password`` of a cluster's REDIS_URL (given once, on its first seed), for every node."""
+    first = urlsplit((url or settings.REDIS_URL).split(",", 1)[0])
+    found = {"username": unquote(first.username or ""), "password": unquote(first.password or "")}
+    return {name: value for name, value in found.items() if value}
+
+
 def cluster_connect(url: str | None = None, *, cls: type = redis.cluster.RedisCluster) -> redis.cluster.RedisCluster:
     """A client of the Redis Cluster named by REDIS_URL; ImproperlyConfigured with the reason if no
     seed answers, or the cluster does not serve all 16384 slots."""
@@ -193,6 +204,7 @@ def cluster_connect(url: str | None = None, *, cls: type = redis.cluster.RedisCl
             socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
             socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
             max_connections=getattr(settings, "REDIS_MAX_CONNECTIONS", 64),
+            **node_credentials(url),
         )
     except (RedisClusterException, redis.RedisError, OSError) as exc:
         raise ImproperlyConfigured(

@@ -46,6 +46,8 @@ def start_in_cluster_mode(url: str) -> subprocess.CompletedProcess:
 def test_the_seed_nodes_are_read_from_redis_url():
     assert redis_store.seed_nodes("redis://10.0.0.1:7000,10.0.0.2:7001") == [("10.0.0.1", 7000), ("10.0.0.2", 7001)]
     assert redis_store.seed_nodes("redis://a:1/0,redis://b:2") == [("a", 1), ("b", 2)]
+    assert redis_store.node_credentials("redis://:s%40cret@a:1,b:2") == {"password": "s@cret"}
+    assert redis_store.node_credentials("redis://a:1,b:2") == {}
     with pytest.raises(ImproperlyConfigured, match="not host:port"):
         redis_store.seed_nodes("redis://10.0.0.1")
 

@@ -38,6 +38,7 @@ from ..redis_store import (
     breaker_of_node,
     client,
     cluster_mode,
+    node_credentials,
 )
 
 # At most this many commands, and arguments, per round trip: a burst larger than that is split.
@@ -237,6 +238,7 @@ class LaneStore:
                 socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
                 socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
                 max_connections=None,
+                **node_credentials(),
             )
             coalescer = self._nodes[node.name] = Coalescer(connection, breaker_of_node(node.name), self._refresh)
         return coalescer
