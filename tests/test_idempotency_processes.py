@@ -118,6 +118,7 @@ def test_a_retry_after_kill_9_of_the_worker_holding_the_first_request_counts_onc
     assert redis_value(private_redis.port, counter.id) == 2
 
 
+@pytest.mark.single_redis
 def test_a_retry_after_redis_stopped_mid_request_and_restarted_from_its_aof_counts_once(builtins, make_key):
     store = PrivateRedis(appendonly=True)
     headers = {"Authorization": f"Bearer {make_key(('write',))}", "Idempotency-Key": str(uuid.uuid4())}
