@@ -248,17 +248,21 @@ class PrivateCluster:
         self.ports = ports[: primaries * 2]
         self.bus_ports = dict(zip(self.ports, ports[primaries * 2 :], strict=True))
         self.processes: dict[int, subprocess.Popen] = {}
-        for port in self.ports:
-            self.start_node(port)
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=120,
-        )
-        wait_until(self.ready, timeout=60, what="redis cluster to serve every slot on every node")
+        try:
+            for port in self.ports:
+                self.start_node(port)
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=120,
+            )
+            wait_until(self.ready, timeout=60, what="redis cluster to serve every slot on every node")
+        except BaseException:
+            self.close()  # no node outlives a cluster that could not start
+            raise
         self.url = "redis://" + ",".join(nodes[:primaries])
 
     def start_node(self, port: int) -> None:
