@@ -221,7 +221,8 @@ class LaneStore:
         """Queue one command with a key (EVALSHA: its first key) for this loop turn's round trip."""
         if not self.cluster:
             return self.coalescer.call(*command)
-        return self._routed(command[3] if command[0] == "EVALSHA" else command[1], command)
+        # A task, so that it is queued in this loop turn like a command to one Redis.
+        return asyncio.ensure_future(self._routed(command[3] if command[0] == "EVALSHA" else command[1], command))
 
     @property
     def round_trips(self) -> int:
