@@ -492,16 +492,27 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
     token = uuid.uuid4().hex
     # The lock only saves duplicate work: exactly-once comes from the batch ids. A short TTL lets
     # a restarted flusher take over soon after one that was killed while holding it.
-    if not acquire_lock("flush", ttl_seconds=settings.COUNTER_FLUSH_LOCK_SECONDS, token=token):
+    try:
+        locked = acquire_lock("flush", ttl_seconds=settings.COUNTER_FLUSH_LOCK_SECONDS, token=token)
+    except StoreUnavailable:
+        if not cluster_mode():
+            raise
+        # In a Redis Cluster the lock's node may be the one that is down: flush the other nodes'
+        # counters without it (it only saves duplicate work).
+        logger.warning("flush: the lock's redis node is unavailable; flushing without the lock")
+        locked = True
+    if not locked:
         stats.locked_out = True
         return stats
     try:
         ids = counter_ids if counter_ids is not None else sorted(config_cache.get().counters_by_id)
+        # Batch ids in counter order, whichever node a counter lives on: batches apply in that order.
+        batch_ids = {cid: _new_batch_id() for cid in ids}
 
         def move_and_list(r, ids):
             pipe = r.pipeline(transaction=False)
             for cid in ids:
-                batch_id = _new_batch_id()
+                batch_id = batch_ids[cid]
                 keys = [
                     keyspace.pending_key(cid),
                     keyspace.oplog_key(cid),

@@ -113,18 +113,22 @@ def cluster(redis_cluster):
     redis_store._topology_refresh()
 
 
-def counters_on_two_nodes(cluster: PrivateCluster) -> tuple[Counter, Counter, int]:
-    """Two counters of the default app whose keys live on different primaries, and the first one's port."""
-    made = []
-    for i in range(40):
-        app_id = Counter.objects.get(name="online_players").app_id
+def counters_on_two_nodes(cluster: PrivateCluster, *, first_on: int | None = None) -> tuple[Counter, Counter, int]:
+    """Two counters of the default app whose keys live on different primaries (the first one on the
+    primary ``first_on`` if given), and the first one's port."""
+    made: list[tuple[Counter, int]] = []
+    app_id = Counter.objects.get(name="online_players").app_id
+    for i in range(60):
         counter = Counter.objects.create(app_id=app_id, name=f"c{i}", public=True)
         port = cluster.port_of_key(keyspace.pending_key(counter.id))
-        other = next((c for c, p in made if p != port), None)
-        if other is not None:
-            return other, counter, cluster.port_of_key(keyspace.pending_key(other.id))
         made.append((counter, port))
-    raise AssertionError("all counters on one node")
+        for first, first_port in made:
+            if first_on is not None and first_port != first_on:
+                continue
+            other = next((c for c, p in made if p != first_port), None)
+            if other is not None:
+                return first, other, first_port
+    raise AssertionError("no two counters on different nodes")
 
 
 def post(url: str, key: str) -> int:
@@ -244,7 +248,9 @@ def test_the_fast_lane_sends_one_round_trip_per_node_per_loop_turn():
 @in_cluster_run
 @pytest.mark.django_db(transaction=True)
 def test_the_threaded_path_and_the_flusher_keep_going_on_the_nodes_that_are_up(cluster, builtins):
-    doomed, healthy, port = counters_on_two_nodes(cluster)
+    # The doomed counter shares its node with the flusher's lock: the flush goes on without the lock.
+    lock_port = cluster.port_of_key(keyspace.lock_key("flush"))
+    doomed, healthy, port = counters_on_two_nodes(cluster, first_on=lock_port)
     config.cache.invalidate()
     counters = config.cache.get().counters_by_id
     for counter in (counters[doomed.id], counters[healthy.id]):
