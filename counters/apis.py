@@ -177,24 +177,14 @@ class CounterBatchView(LeanDispatch, APIView):
 
     @lean
     def get(self, request) -> HttpResponse:
-        key = request_key(request)
-        app_id = request_app_id(request, key)
-        names = [checked_name(n) for n in selectors.parse_names(request.GET.get("names", ""))]
-        counters = [selectors.counter_get(app_id=app_id, name=n) for n in names]
-        for counter in counters:
-            check_read(key, counter)
-            if counter.is_user_scoped:
-                raise RuleViolation(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
+        counters = read_many_targets(request)
         views = selectors.counter_values_get(items=[(c, "") for c in counters])
         return read_response({"counters": [{"name": v.counter.name, "value": v.value} for v in views]}, views)
 
 
-def stream_targets(request) -> tuple[list, int]:
-    """The counters a stream (GET /api/v1/stream) watches and the id its events continue from.
-
-    Exactly the checks of GET /api/v1/counters (names, app, permissions, per-player counters),
-    then the ``Last-Event-ID`` a reconnecting client sends (the last id it saw; 0 without one).
-    """
+def read_many_targets(request) -> list:
+    """The counters of GET /api/v1/counters?names=a,b, checked in the view's order: names, app,
+    counters, permission, per-player counters refused (the fast lane and the streams use it too)."""
     key = request_key(request)
     app_id = request_app_id(request, key)
     names = [checked_name(n) for n in selectors.parse_names(request.GET.get("names", ""))]
@@ -203,7 +193,16 @@ def stream_targets(request) -> tuple[list, int]:
         check_read(key, counter)
         if counter.is_user_scoped:
             raise RuleViolation(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
-    return counters, stream_last_event_id(request.META.get("HTTP_LAST_EVENT_ID"))
+    return counters
+
+
+def stream_targets(request) -> tuple[list, int]:
+    """The counters a stream (GET /api/v1/stream) watches and the id its events continue from.
+
+    Exactly the checks of GET /api/v1/counters (names, app, permissions, per-player counters),
+    then the ``Last-Event-ID`` a reconnecting client sends (the last id it saw; 0 without one).
+    """
+    return read_many_targets(request), stream_last_event_id(request.META.get("HTTP_LAST_EVENT_ID"))
 
 
 STREAM_MAX_EVENT_ID = 2**53 - 1

@@ -18,7 +18,7 @@ from metrics.recorders import Stopwatch, request_record, surface_of
 from .. import apis, auth, clock, functions, presence, selectors
 from ..api_errors import error_response
 from ..config import pinned
-from ..errors import AuthenticationRequired, CounterError, Forbidden, InvalidParameter, RuleViolation
+from ..errors import AuthenticationRequired, CounterError, Forbidden, InvalidParameter
 from ..idempotency import META_HEADER, REPLAYED_HEADERS, idempotency_parse, request_idempotency
 from ..permissions import Role, check_read, check_write
 from ..rendering import request_json
@@ -108,14 +108,7 @@ async def rest_heartbeat(request: LaneRequest, name: str):
 
 
 async def rest_read_many(request: LaneRequest):
-    key = auth.request_key(request)
-    app_id = auth.request_app_id(request, key)
-    names = [auth.checked_name(n) for n in selectors.parse_names(request.GET.get("names", ""))]
-    counters = [selectors.counter_get(app_id=app_id, name=n) for n in names]
-    for counter in counters:
-        check_read(key, counter)
-        if counter.is_user_scoped:
-            raise RuleViolation(f"Counter {counter.name!r} is per player: read it with GET /counter/{{name}}.")
+    counters = apis.read_many_targets(request)
     views = await lane.counter_values_get(items=[(c, "") for c in counters])
     return _read_reply({"counters": [{"name": v.counter.name, "value": v.value} for v in views]}, views)
 
