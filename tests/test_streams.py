@@ -12,6 +12,7 @@ import redis
 import requests
 from django.conf import settings
 from playwright.sync_api import expect
+from redis.crc import key_slot
 
 from counters import keyspace, services
 from counters.models import App, Counter
@@ -473,12 +474,32 @@ def test_presence_logins_and_logouts_reach_the_stream(web_factory, bearer):
 # --- a Redis Cluster: one subscriber connection per primary that owns a watched channel ---------
 
 
-def stream_ends(stream: EventStream) -> bool:
+def stream_ends(stream: EventStream, within: float = 10) -> bool:
+    """Whether the server ends ``stream`` within ``within`` seconds (the tests' servers send a heartbeat
+    every half second, so a live stream never reaches its read timeout)."""
+    deadline = time.monotonic() + within
     try:
-        while True:
+        while time.monotonic() < deadline:
             stream.next()
     except (StopIteration, requests.RequestException):
         return True
+    return False
+
+
+def stream_when_served(url: str, headers: dict, timeout: float = 60) -> EventStream:
+    """A stream of ``url`` once the server answers it with 200 (a client reconnecting until then)."""
+    found: list[EventStream] = []
+
+    def served() -> bool:
+        stream = EventStream(url, headers)
+        if stream.status == 200:
+            found.append(stream)
+            return True
+        stream.close()
+        return False
+
+    wait_until(served, timeout=timeout, what=f"a stream served at {url}")
+    return found[0]
 
 
 @in_cluster_run
@@ -487,7 +508,7 @@ def test_in_a_cluster_a_stream_gets_the_changes_of_counters_on_two_primaries_and
 ):
     first, second, first_port = counters_on_two_nodes(cluster)
     second_port = cluster.port_of_key(keyspace.pending_key(second.id))
-    web = web_factory()
+    web = web_factory(COUNTER_STREAM_HEARTBEAT_SECONDS="0.5")
     stream = EventStream(f"{web.url}/api/v1/stream?names={first.name},{second.name}", bearer)
     try:
         assert [stream.next_data()["data"] for _ in range(2)] == [
@@ -522,7 +543,7 @@ def test_in_a_cluster_a_stream_gets_the_changes_of_counters_on_two_primaries_and
 @in_cluster_run
 def test_in_a_cluster_kill_9_of_a_primary_ends_only_the_streams_watching_its_counters(cluster, bearer, web_factory):
     doomed, healthy, port = counters_on_two_nodes(cluster)
-    web = web_factory()
+    web = web_factory(COUNTER_STREAM_HEARTBEAT_SECONDS="0.5")
     url = f"{web.url}/api/v1/stream?names=%s"
     on_doomed = EventStream(url % doomed.name, bearer)
     on_both = EventStream(url % f"{healthy.name},{doomed.name}", bearer)
@@ -534,22 +555,13 @@ def test_in_a_cluster_kill_9_of_a_primary_ends_only_the_streams_watching_its_cou
         assert stream_ends(on_doomed)
         assert stream_ends(on_both)
         # ... the stream on another primary goes on, and its channel stays subscribed there once.
+        assert not stream_ends(on_healthy, within=2)
         increment(web, bearer, healthy.name, 2)
         assert on_healthy.next_data()["data"] == {"name": healthy.name, "value": 2}
         assert shard_subscribers(keyspace.stream_channel(healthy.id)) == 1
-
         # Once the replica has taken over, a reconnecting client gets the doomed counter's changes.
-        def reconnected() -> bool:
-            reply = EventStream(url % doomed.name, bearer)
-            if reply.status != 200:
-                reply.close()
-                return False
-            on_doomed.response = reply.response
-            on_doomed._chunks, on_doomed._buffer = reply._chunks, b""
-            return True
-
         on_doomed.close()
-        wait_until(reconnected, timeout=60, what="a stream on the replica that took over")
+        on_doomed = stream_when_served(url % doomed.name, bearer)
         assert on_doomed.next_data()["data"]["name"] == doomed.name
         time.sleep(0.3)
         value = increment(web, bearer, doomed.name)
@@ -557,4 +569,74 @@ def test_in_a_cluster_kill_9_of_a_primary_ends_only_the_streams_watching_its_cou
     finally:
         for stream in (on_doomed, on_both, on_healthy):
             stream.close()
+    wait_until(lambda: shard_channels() == [], what="every shard channel unsubscribed on every node")
+
+
+def move_slot(cluster, slot: int, source_port: int, target_port: int) -> None:
+    """Reshard one slot with its keys from one primary to another, as redis-cli --cluster reshard does."""
+    source, target = redis.Redis(port=source_port), redis.Redis(port=target_port)
+    source_id, target_id = (node.execute_command("CLUSTER", "MYID") for node in (source, target))
+    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
+    for port in [target_port, source_port, *(p for p in cluster.primaries() if p not in (source_port, target_port))]:
+        redis.Redis(port=port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+@in_cluster_run
+def test_in_a_cluster_a_resharded_slot_ends_its_streams_and_a_reconnection_follows_it(cluster, bearer, web_factory):
+    moved, stays, port = counters_on_two_nodes(cluster)
+    other_port = cluster.port_of_key(keyspace.pending_key(stays.id))
+    channel = keyspace.stream_channel(moved.id)
+    slot = key_slot(channel.encode())
+    # A counter of the same primary in another slot, which does not move.
+    for i in range(60):
+        neighbour = Counter.objects.create(app_id=moved.app_id, name=f"n{i}", public=True)
+        neighbour_channel = keyspace.stream_channel(neighbour.id)
+        if cluster.port_of_key(neighbour_channel) == port and key_slot(neighbour_channel.encode()) != slot:
+            break
+    web = web_factory(COUNTER_STREAM_HEARTBEAT_SECONDS="0.5")
+    # A worker that watches only the neighbour while the slot moves: its slot map stays the old one.
+    unaware = web_factory(COUNTER_STREAM_HEARTBEAT_SECONDS="0.5")
+    increment(web, bearer, moved.name, 3)
+    url = f"{web.url}/api/v1/stream?names=%s"
+    on_moved = EventStream(url % moved.name, bearer)
+    on_stays = EventStream(url % stays.name, bearer)
+    on_neighbour = EventStream(f"{unaware.url}/api/v1/stream?names={neighbour.name}", bearer)
+    try:
+        on_moved.next_data(), on_stays.next_data(), on_neighbour.next_data()
+        move_slot(cluster, slot, port, other_port)
+        # The old owner unsubscribes the slot's channels (sunsubscribe): that stream ends ...
+        assert stream_ends(on_moved)
+        # ... the other goes on.
+        assert not stream_ends(on_stays, within=2)
+        increment(web, bearer, stays.name, 2)
+        assert on_stays.next_data()["data"] == {"name": stays.name, "value": 2}
+        # The reconnection subscribes on the slot's new owner (after a MOVED if the hub's slot map
+        # was still the old one) and gets the current value, then the changes.
+        on_moved.close()
+        on_moved = stream_when_served(url % moved.name, bearer)
+        # The other worker subscribes where its old slot map says: the old owner answers -MOVED,
+        # that stream is refused (503, nothing left subscribed), the map is asked for again, and
+        # the client's next try subscribes on the new owner. Its stream on the same node goes on.
+        refused = requests.get(url.replace(web.url, unaware.url) % moved.name, headers=bearer, stream=True)
+        assert refused.status_code == 503, refused.status_code
+        refused.close()
+        assert not stream_ends(on_neighbour, within=2)
+        again = stream_when_served(url.replace(web.url, unaware.url) % moved.name, bearer)
+        assert again.next_data()["data"] == {"name": moved.name, "value": 3}
+        again.close()
+        assert on_moved.next_data()["data"] == {"name": moved.name, "value": 3}
+        assert shard_subscribers(channel, other_port) == 1
+        assert shard_subscribers(channel, port) == 0
+        time.sleep(0.3)
+        increment(web, bearer, moved.name)
+        assert on_moved.next_data()["data"] == {"name": moved.name, "value": 4}
+    finally:
+        on_moved.close()
+        on_stays.close()
+        on_neighbour.close()
+        if cluster.port_of_key(channel) != port:
+            move_slot(cluster, slot, other_port, port)
     wait_until(lambda: shard_channels() == [], what="every shard channel unsubscribed on every node")

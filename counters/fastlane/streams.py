@@ -160,7 +160,7 @@ class Hub:
                     if not link.channels:
                         self._disconnect(link)
                 raise
-            new: dict[str, list[bytes]] = {}
+            new: dict[_Link, list[bytes]] = {}
             for counter in stream.counters:
                 watch = self.watches.get(counter.id)
                 if watch is None:
@@ -171,15 +171,18 @@ class Hub:
                     self.link_of[channel] = link
                     link.channels.add(channel)
                     self.confirming[channel] = asyncio.get_running_loop().create_future()
-                    new.setdefault(link.name, []).append(channel)
+                    new.setdefault(link, []).append(channel)
                 watch.config = counter
                 watch.streams.add(stream)
                 channel = keyspace.stream_channel(counter.id).encode()
                 if channel in self.confirming:
                     waits.append(self.confirming[channel])
             self.streams.add(stream)
-            for name, channels in new.items():
-                self._subscribe(self.links[name], "SSUBSCRIBE", channels)
+            for link, channels in new.items():
+                if self.links.get(link.name) is link and link.writer is not None:
+                    self._subscribe(link, "SSUBSCRIBE", channels)
+                else:  # lost (or closed by a leave) while another node was being connected
+                    self._end_channels(channels, ConnectionError(f"stream hub lost {link.host}:{link.port}"))
             if new:
                 stream_channels_record(count=len(self.watches))
         try:
