@@ -53,12 +53,12 @@ test: $(BIN)/.installed services browser prometheus lint
 	$(MAKE) test-cluster
 
 # The core suites (REST v1, cloud functions, flush exactly-once, periods, thresholds, Redis down,
-# batch updates, idempotency, archive) once more with a Redis Cluster as the hot store, plus the
-# cluster's own tests (kill -9 of a primary under load). Tests that drive a single private Redis skip.
+# batch updates, idempotency, archive, presence, fast lane, server-sent events) once more with a
+# Redis Cluster as the hot store, plus the cluster's own tests (kill -9 of a primary under load). Tests that drive a single private Redis skip.
 CLUSTER_SUITES ?= tests/test_cluster.py tests/test_rest_v1.py tests/test_functions.py tests/test_core_durability.py \
 	tests/test_flush_copy.py tests/test_periods.py tests/test_thresholds.py tests/test_failure_modes.py \
 	tests/test_reliability.py tests/test_batch_update.py tests/test_idempotency.py tests/test_archive.py \
-	tests/test_presence.py tests/test_presence_api.py tests/test_fast_lane.py
+	tests/test_presence.py tests/test_presence_api.py tests/test_fast_lane.py tests/test_streams.py
 test-cluster: $(BIN)/.installed services
 	TEST_REDIS_CLUSTER=1 $(BIN)/pytest $(CLUSTER_SUITES) $(PYTEST_ARGS)
 

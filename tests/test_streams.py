@@ -12,14 +12,21 @@ import redis
 import requests
 from django.conf import settings
 from playwright.sync_api import expect
+from redis.crc import key_slot
 
 from counters import keyspace, services
 from counters.models import App, Counter
 from counters.redis_store import redis_call
 
+from . import test_cluster
 from .browser import chromium_page, screenshot
+from .conftest import _CLUSTER, CLUSTER_RUN
 from .metrics_text import sample
 from .processes import Gunicorn, wait_until
+from .test_cluster import counters_on_two_nodes, in_cluster_run
+
+# The cluster run's fixture that starts again every node a test killed.
+cluster = test_cluster.cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -94,13 +101,23 @@ def increment(web: Gunicorn, headers: dict, name: str, value: int = 1) -> int:
     return reply.json()["current_value"]
 
 
-def shard_subscribers(channel: str) -> int:
-    store = redis.Redis.from_url(settings.REDIS_URL)
-    return int(store.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1])
+def redis_nodes() -> dict[int, redis.Redis]:
+    """Every live node of the hot store by port: the one Redis, or each node of the cluster run."""
+    if not CLUSTER_RUN:
+        return {0: redis.Redis.from_url(settings.REDIS_URL)}
+    return {port: redis.Redis(port=port) for port, process in _CLUSTER.processes.items() if process.poll() is None}
+
+
+def shard_subscribers(channel: str, port: int | None = None) -> int:
+    """Subscribers of a shard channel on every node (or on the node ``port``)."""
+    nodes = redis_nodes()
+    found = [nodes[port]] if port is not None else nodes.values()
+    return sum(int(node.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1]) for node in found)
 
 
 def shard_channels() -> list:
-    return redis.Redis.from_url(settings.REDIS_URL).execute_command("PUBSUB", "SHARDCHANNELS")
+    """The shard channels subscribed on any node."""
+    return sorted(c for node in redis_nodes().values() for c in node.execute_command("PUBSUB", "SHARDCHANNELS"))
 
 
 def metric(web: Gunicorn, name: str) -> float:
@@ -406,8 +423,11 @@ def test_board_gets_an_increment_over_the_stream_with_polling_all_but_off(builti
 @pytest.mark.django_db
 def test_updates_and_resets_publish_on_the_counters_channel_and_only_changes(builtins, make_counter, store, kills):
     counter = make_counter("boss_kills")
-    pubsub = store.pubsub()
-    pubsub.ssubscribe(keyspace.stream_channel(counter.id))
+    channel = keyspace.stream_channel(counter.id)
+    # On the node owning the channel's slot (the one Redis, or its primary in a cluster run).
+    node = redis.Redis(port=_CLUSTER.port_of_key(channel)) if CLUSTER_RUN else store
+    pubsub = node.pubsub()
+    pubsub.ssubscribe(channel)
     assert pubsub.get_message(timeout=5)["type"] == "ssubscribe"
     services.counter_update(counter=counter, amount=3)
     services.counter_reset(counter=counter, value=3, reason="test")  # no change: nothing published
@@ -449,3 +469,174 @@ def test_presence_logins_and_logouts_reach_the_stream(web_factory, bearer):
         assert stream.next_data()["data"] == {"name": "online_players", "value": 0}
     finally:
         stream.close()
+
+
+# --- a Redis Cluster: one subscriber connection per primary that owns a watched channel ---------
+
+
+def stream_ends(stream: EventStream, within: float = 10) -> bool:
+    """Whether the server ends ``stream`` within ``within`` seconds (the tests' servers send a heartbeat
+    every half second, so a live stream never reaches its read timeout)."""
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            stream.next()
+    except (StopIteration, requests.RequestException):
+        return True
+    return False
+
+
+def stream_when_served(url: str, headers: dict, timeout: float = 60) -> EventStream:
+    """A stream of ``url`` once the server answers it with 200 (a client reconnecting until then)."""
+    found: list[EventStream] = []
+
+    def served() -> bool:
+        stream = EventStream(url, headers)
+        if stream.status == 200:
+            found.append(stream)
+            return True
+        stream.close()
+        return False
+
+    wait_until(served, timeout=timeout, what=f"a stream served at {url}")
+    return found[0]
+
+
+@in_cluster_run
+def test_in_a_cluster_a_stream_gets_the_changes_of_counters_on_two_primaries_and_leaves_nothing(
+    cluster, bearer, web_factory
+):
+    first, second, first_port = counters_on_two_nodes(cluster)
+    second_port = cluster.port_of_key(keyspace.pending_key(second.id))
+    web = web_factory(COUNTER_STREAM_HEARTBEAT_SECONDS="0.5")
+    stream = EventStream(f"{web.url}/api/v1/stream?names={first.name},{second.name}", bearer)
+    try:
+        assert [stream.next_data()["data"] for _ in range(2)] == [
+            {"name": first.name, "value": 0},
+            {"name": second.name, "value": 0},
+        ]
+        # Each channel is subscribed on the primary that owns its slot (where the script publishes).
+        assert shard_subscribers(keyspace.stream_channel(first.id), first_port) == 1
+        assert shard_subscribers(keyspace.stream_channel(second.id), second_port) == 1
+        assert shard_subscribers(keyspace.stream_channel(first.id)) == 1
+        increment(web, bearer, first.name, 3)
+        assert stream.next_data()["data"] == {"name": first.name, "value": 3}
+        increment(web, bearer, second.name, 4)
+        assert stream.next_data()["data"] == {"name": second.name, "value": 4}
+    finally:
+        stream.close()
+    # Gone from every node, primaries and replicas alike.
+    wait_until(lambda: shard_channels() == [], what="every shard channel unsubscribed on every node")
+    wait_until(lambda: metric(web, "counterservice_streams_open") == 0, what="the stream closed")
+    assert metric(web, "counterservice_stream_channels") == 0
+    # The hub connects again on demand.
+    again = EventStream(f"{web.url}/api/v1/stream?names={second.name}", bearer)
+    try:
+        assert again.next_data()["data"] == {"name": second.name, "value": 4}
+        time.sleep(0.3)
+        increment(web, bearer, second.name)
+        assert again.next_data()["data"] == {"name": second.name, "value": 5}
+    finally:
+        again.close()
+
+
+@in_cluster_run
+def test_in_a_cluster_kill_9_of_a_primary_ends_only_the_streams_watching_its_counters(cluster, bearer, web_factory):
+    doomed, healthy, port = counters_on_two_nodes(cluster)
+    web = web_factory(COUNTER_STREAM_HEARTBEAT_SECONDS="0.5")
+    url = f"{web.url}/api/v1/stream?names=%s"
+    on_doomed = EventStream(url % doomed.name, bearer)
+    on_both = EventStream(url % f"{healthy.name},{doomed.name}", bearer)
+    on_healthy = EventStream(url % healthy.name, bearer)
+    try:
+        on_doomed.next_data(), on_both.next_data(), on_both.next_data(), on_healthy.next_data()
+        cluster.kill(port)
+        # The streams watching a counter of the dead primary end (their clients reconnect) ...
+        assert stream_ends(on_doomed)
+        assert stream_ends(on_both)
+        # ... the stream on another primary goes on, and its channel stays subscribed there once.
+        assert not stream_ends(on_healthy, within=2)
+        increment(web, bearer, healthy.name, 2)
+        assert on_healthy.next_data()["data"] == {"name": healthy.name, "value": 2}
+        assert shard_subscribers(keyspace.stream_channel(healthy.id)) == 1
+        # Once the replica has taken over, a reconnecting client gets the doomed counter's changes.
+        on_doomed.close()
+        on_doomed = stream_when_served(url % doomed.name, bearer)
+        assert on_doomed.next_data()["data"]["name"] == doomed.name
+        time.sleep(0.3)
+        value = increment(web, bearer, doomed.name)
+        assert on_doomed.next_data()["data"] == {"name": doomed.name, "value": value}
+    finally:
+        for stream in (on_doomed, on_both, on_healthy):
+            stream.close()
+    wait_until(lambda: shard_channels() == [], what="every shard channel unsubscribed on every node")
+
+
+def move_slot(cluster, slot: int, source_port: int, target_port: int) -> None:
+    """Reshard one slot with its keys from one primary to another, as redis-cli --cluster reshard does."""
+    source, target = redis.Redis(port=source_port), redis.Redis(port=target_port)
+    source_id, target_id = (node.execute_command("CLUSTER", "MYID") for node in (source, target))
+    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
+    for port in [target_port, source_port, *(p for p in cluster.primaries() if p not in (source_port, target_port))]:
+        redis.Redis(port=port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+@in_cluster_run
+def test_in_a_cluster_a_resharded_slot_ends_its_streams_and_a_reconnection_follows_it(cluster, bearer, web_factory):
+    moved, stays, port = counters_on_two_nodes(cluster)
+    other_port = cluster.port_of_key(keyspace.pending_key(stays.id))
+    channel = keyspace.stream_channel(moved.id)
+    slot = key_slot(channel.encode())
+    # A counter of the same primary in another slot, which does not move.
+    for i in range(60):
+        neighbour = Counter.objects.create(app_id=moved.app_id, name=f"n{i}", public=True)
+        neighbour_channel = keyspace.stream_channel(neighbour.id)
+        if cluster.port_of_key(neighbour_channel) == port and key_slot(neighbour_channel.encode()) != slot:
+            break
+    web = web_factory(COUNTER_STREAM_HEARTBEAT_SECONDS="0.5")
+    # A worker that watches only the neighbour while the slot moves: its slot map stays the old one.
+    unaware = web_factory(COUNTER_STREAM_HEARTBEAT_SECONDS="0.5")
+    increment(web, bearer, moved.name, 3)
+    url = f"{web.url}/api/v1/stream?names=%s"
+    on_moved = EventStream(url % moved.name, bearer)
+    on_stays = EventStream(url % stays.name, bearer)
+    on_neighbour = EventStream(f"{unaware.url}/api/v1/stream?names={neighbour.name}", bearer)
+    try:
+        on_moved.next_data(), on_stays.next_data(), on_neighbour.next_data()
+        move_slot(cluster, slot, port, other_port)
+        # The old owner unsubscribes the slot's channels (sunsubscribe): that stream ends ...
+        assert stream_ends(on_moved)
+        # ... the other goes on.
+        assert not stream_ends(on_stays, within=2)
+        increment(web, bearer, stays.name, 2)
+        assert on_stays.next_data()["data"] == {"name": stays.name, "value": 2}
+        # The reconnection subscribes on the slot's new owner (after a MOVED if the hub's slot map
+        # was still the old one) and gets the current value, then the changes.
+        on_moved.close()
+        on_moved = stream_when_served(url % moved.name, bearer)
+        # The other worker subscribes where its old slot map says: the old owner answers -MOVED,
+        # that stream is refused (503, nothing left subscribed), the map is asked for again, and
+        # the client's next try subscribes on the new owner. Its stream on the same node goes on.
+        refused = requests.get(url.replace(web.url, unaware.url) % moved.name, headers=bearer, stream=True)
+        assert refused.status_code == 503, refused.status_code
+        refused.close()
+        assert not stream_ends(on_neighbour, within=2)
+        again = stream_when_served(url.replace(web.url, unaware.url) % moved.name, bearer)
+        assert again.next_data()["data"] == {"name": moved.name, "value": 3}
+        again.close()
+        assert on_moved.next_data()["data"] == {"name": moved.name, "value": 3}
+        assert shard_subscribers(channel, other_port) == 1
+        assert shard_subscribers(channel, port) == 0
+        time.sleep(0.3)
+        increment(web, bearer, moved.name)
+        assert on_moved.next_data()["data"] == {"name": moved.name, "value": 4}
+    finally:
+        on_moved.close()
+        on_stays.close()
+        on_neighbour.close()
+        if cluster.port_of_key(channel) != port:
+            move_slot(cluster, slot, other_port, port)
+    wait_until(lambda: shard_channels() == [], what="every shard channel unsubscribed on every node")

@@ -3,9 +3,11 @@
 Every change of a value is published by the Lua script that made it on its counter's shard
 channel (``keyspace.stream_channel``, ``SPUBLISH``): the update path makes no extra round trip.
 Each worker process has one ``Hub``: one Redis connection subscribed to the channels of the
-counters its open streams watch (a channel nobody watches any more is unsubscribed at once), and
-it fans the messages out to the local streams, at most one value per counter per
-``COUNTER_STREAM_MIN_INTERVAL_MS`` (leading and trailing edge: the last value always follows).
+counters its open streams watch (a channel nobody watches any more is unsubscribed at once) --
+in a Redis Cluster one connection per primary owning a watched channel's slot, closed when none of
+its channels is watched -- and it fans the messages out to the local streams, at most one value
+per counter per ``COUNTER_STREAM_MIN_INTERVAL_MS`` (leading and trailing edge: the last value
+always follows).
 
 A stream first sends the current values (the exact read of GET /api/v1/counters, after its
 subscription is confirmed, so no change in between is missed), then each change; every event has
@@ -14,8 +16,10 @@ continuing from there. An idle stream gets a comment line every
 ``COUNTER_STREAM_HEARTBEAT_SECONDS``. A client that goes away leaves nothing behind: its stream's
 watcher task ends, and the hub unsubscribes the channels only it watched. When the hub loses Redis
 (the connection drops, or a PING after a quiet heartbeat interval goes unanswered for another) every
-stream ends (the client reconnects; while Redis is down it is refused with 503, and the
-board polls). On shutdown (SIGTERM) every stream ends so the worker can exit.
+stream watching a channel on that connection ends (the client reconnects; while Redis is down it
+is refused with 503, and the board polls); in a cluster the same holds for a channel whose node
+answers MOVED or unsubscribes it (its slot moved), and the streams on other nodes go on. On
+shutdown (SIGTERM) every stream ends so the worker can exit.
 """
 
 import asyncio
@@ -25,7 +29,10 @@ import ssl
 from urllib.parse import unquote, urlsplit
 
 import hiredis
+import redis
 from django.conf import settings
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 
 from metrics.recorders import (
     Stopwatch,
@@ -38,7 +45,7 @@ from metrics.recorders import (
 from .. import apis, clock, keyspace, periods
 from ..api_errors import error_response
 from ..config import CounterConfig, pinned
-from ..redis_store import StoreUnavailable
+from ..redis_store import StoreUnavailable, _topology_refresh, client, cluster_mode, node_credentials
 from . import services as lane
 from .handlers import _endpoint
 from .http import AFTER_LENGTH, BEFORE_LENGTH, LaneRequest, log_error_reply, send_json
@@ -98,17 +105,36 @@ class _Watch:
         return self.period_key
 
 
+class _Link:
+    """One subscriber connection: to the single Redis, or in a cluster to one primary (``name`` is
+    its "host:port"), and the channels subscribed on it."""
+
+    __slots__ = ("channels", "host", "name", "port", "task", "unsubscribing", "writer")
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        self.name, self.host, self.port = name, host, port
+        self.channels: set[bytes] = set()
+        # Our own SUNSUBSCRIBEs not confirmed yet, per channel: any other ``sunsubscribe`` is the
+        # node's (the slot left it) and ends the streams watching that channel.
+        self.unsubscribing: dict[bytes, int] = {}
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task | None = None
+
+
 class Hub:
-    """One subscriber connection per worker process, fanning the published changes out to its streams."""
+    """The subscriber connections of one worker process (one Redis: one connection; a Redis Cluster:
+    one per primary owning a watched channel's slot), fanning the published changes out to its streams."""
 
     def __init__(self) -> None:
         self.watches: dict[int, _Watch] = {}
         self.channels: dict[bytes, int] = {}  # channel -> counter id
         self.confirming: dict[bytes, asyncio.Future] = {}
         self.streams: set[Stream] = set()
+        self.links: dict[str, _Link] = {}  # "" (one Redis) or a primary's "host:port"
+        self.link_of: dict[bytes, _Link] = {}  # channel -> the connection it is subscribed on
         self.closing = False
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task | None = None
+        self.cluster = cluster_mode()
+        self._refreshing = False
         self._lock = asyncio.Lock()
         self.interval = settings.COUNTER_STREAM_MIN_INTERVAL_MS / 1000
 
@@ -120,24 +146,44 @@ class Hub:
             raise StoreUnavailable("the server is shutting down")
         waits = []
         async with self._lock:
-            await self._connect()
-            new = []
+            # Where each new channel goes, and every connection needed open, before anything is
+            # registered: a node that cannot be reached refuses the stream and leaves nothing.
+            placed: dict[int, _Link] = {}
+            try:
+                for counter in stream.counters:
+                    if counter.id not in self.watches:
+                        link = self._link_for(keyspace.stream_channel(counter.id).encode())
+                        await self._connect(link)
+                        placed[counter.id] = link
+            except StoreUnavailable:
+                for link in list(self.links.values()):
+                    if not link.channels:
+                        self._disconnect(link)
+                raise
+            new: dict[_Link, list[bytes]] = {}
             for counter in stream.counters:
                 watch = self.watches.get(counter.id)
                 if watch is None:
                     watch = self.watches[counter.id] = _Watch(counter)
+                    link = placed[counter.id]
                     channel = keyspace.stream_channel(counter.id).encode()
                     self.channels[channel] = counter.id
+                    self.link_of[channel] = link
+                    link.channels.add(channel)
                     self.confirming[channel] = asyncio.get_running_loop().create_future()
-                    new.append(channel)
+                    new.setdefault(link, []).append(channel)
                 watch.config = counter
                 watch.streams.add(stream)
                 channel = keyspace.stream_channel(counter.id).encode()
                 if channel in self.confirming:
                     waits.append(self.confirming[channel])
             self.streams.add(stream)
+            for link, channels in new.items():
+                if self.links.get(link.name) is link and link.writer is not None:
+                    self._subscribe(link, "SSUBSCRIBE", channels)
+                else:  # lost (or closed by a leave) while another node was being connected
+                    self._end_channels(channels, ConnectionError(f"stream hub lost {link.host}:{link.port}"))
             if new:
-                self._send("SSUBSCRIBE", *new)
                 stream_channels_record(count=len(self.watches))
         try:
             async with asyncio.timeout(settings.REDIS_SOCKET_TIMEOUT):
@@ -147,30 +193,45 @@ class Hub:
             raise StoreUnavailable(f"stream subscription failed: {exc!r}") from exc
 
     def leave(self, stream: Stream) -> None:
-        """Stop feeding ``stream``; unsubscribe the channels nobody watches any more (no await: it
-        runs in the ``finally`` of a cancelled stream too)."""
+        """Stop feeding ``stream``; unsubscribe the channels nobody watches any more, and close a
+        connection left with no channel (no await: it runs in the ``finally`` of a cancelled stream too)."""
         self.streams.discard(stream)
-        gone = []
+        gone: dict[_Link, list[bytes]] = {}
         for counter in stream.counters:
             watch = self.watches.get(counter.id)
-            if watch is None:
+            if watch is None or stream not in watch.streams:
                 continue
             watch.streams.discard(stream)
             if not watch.streams:
-                del self.watches[counter.id]
-                if watch.handle is not None:
-                    watch.handle.cancel()
                 channel = keyspace.stream_channel(counter.id).encode()
-                self.channels.pop(channel, None)
-                self.confirming.pop(channel, None)
-                gone.append(channel)
-        if gone:
-            stream_channels_record(count=len(self.watches))
-            if not self.watches:
-                self._disconnect()
+                link = self._forget(counter.id, channel)
+                if link is not None:
+                    gone.setdefault(link, []).append(channel)
+        if not gone:
+            return
+        stream_channels_record(count=len(self.watches))
+        for link, channels in gone.items():
+            if self.links.get(link.name) is not link:
+                continue
+            if not link.channels:
+                self._disconnect(link)
             else:
                 with contextlib.suppress(ConnectionError, OSError):
-                    self._send("SUNSUBSCRIBE", *gone)
+                    self._subscribe(link, "SUNSUBSCRIBE", channels)
+                    for channel in channels:
+                        link.unsubscribing[channel] = link.unsubscribing.get(channel, 0) + 1
+
+    def _forget(self, counter_id: int, channel: bytes) -> "_Link | None":
+        """Drop a counter's watch and its channel's bookkeeping; answers the connection it was on."""
+        watch = self.watches.pop(counter_id, None)
+        if watch is not None and watch.handle is not None:
+            watch.handle.cancel()
+        self.channels.pop(channel, None)
+        self.confirming.pop(channel, None)
+        link = self.link_of.pop(channel, None)
+        if link is not None:
+            link.channels.discard(channel)
+        return link
 
     def close_all(self) -> None:
         """Shutdown: end every stream (each one's handler finishes its reply) and refuse new ones."""
@@ -178,39 +239,84 @@ class Hub:
         for stream in list(self.streams):
             stream.close()
 
-    # --- the subscriber connection --------------------------------------------------------
+    # --- the subscriber connections -------------------------------------------------------
 
-    async def _connect(self) -> None:
-        if self._writer is not None:
+    def _link_for(self, channel: bytes) -> _Link:
+        """The connection a channel is subscribed on: the one Redis, or the primary owning its slot
+        (the slot map of the cluster client the threaded path and the fast lane use)."""
+        if not self.cluster:
+            url = urlsplit(settings.REDIS_URL)
+            host, port, name = url.hostname or "127.0.0.1", url.port or 6379, ""
+        else:
+            try:
+                cluster = client()
+                node = cluster.nodes_manager.get_node_from_slot(key_slot(channel))
+            except (RedisClusterException, redis.RedisError, OSError) as exc:
+                raise StoreUnavailable(f"stream hub: no node for {channel.decode()}: {exc}") from exc
+            host, port, name = node.host, int(node.port), node.name
+        link = self.links.get(name)
+        if link is None:
+            link = self.links[name] = _Link(name, host, port)
+        return link
+
+    async def _connect(self, link: _Link) -> None:
+        if link.writer is not None:
             return
-        url = urlsplit(settings.REDIS_URL)
-        context = ssl.create_default_context() if url.scheme == "rediss" else None
+        url = urlsplit(settings.REDIS_URL.split(",", 1)[0])
+        context = ssl.create_default_context() if url.scheme == "rediss" and not self.cluster else None
         try:
             async with asyncio.timeout(settings.REDIS_CONNECT_TIMEOUT):
-                host, port = url.hostname or "127.0.0.1", url.port or 6379
-                reader, writer = await asyncio.open_connection(host, port, ssl=context)
+                reader, writer = await asyncio.open_connection(link.host, link.port, ssl=context)
         except (OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"stream hub cannot connect: {exc!r}") from exc
-        self._writer = writer
-        if url.password:
+            if not link.channels:
+                self._disconnect(link)
+            self._refresh()
+            raise StoreUnavailable(f"stream hub cannot connect to {link.host}:{link.port}: {exc!r}") from exc
+        link.writer = writer
+        if self.cluster:
+            credentials = node_credentials()
+            auth = tuple(credentials[k] for k in ("username", "password") if k in credentials)
+        elif url.password:
             auth = (unquote(url.username), unquote(url.password)) if url.username else (unquote(url.password),)
+        else:
+            auth = ()
+        if auth:
             writer.write(hiredis.pack_command(("AUTH", *auth)))
-        self._reader_task = asyncio.ensure_future(self._read(reader, writer))
+        link.task = asyncio.ensure_future(self._read(link, reader, writer))
 
-    def _send(self, *command) -> None:
-        if self._writer is None:
+    def _subscribe(self, link: _Link, verb: str, channels: list[bytes]) -> None:
+        # A cluster node refuses channels of several slots in one command (CROSSSLOT): one each.
+        if self.cluster:
+            for channel in channels:
+                self._send(link, verb, channel)
+        else:
+            self._send(link, verb, *channels)
+
+    @staticmethod
+    def _send(link: _Link, *command) -> None:
+        if link.writer is None:
             raise ConnectionError("stream hub not connected")
-        self._writer.write(hiredis.pack_command(command))
+        link.writer.write(hiredis.pack_command(command))
 
-    def _disconnect(self) -> None:
-        writer, task = self._writer, self._reader_task
-        self._writer = self._reader_task = None
+    def _disconnect(self, link: _Link) -> None:
+        if self.links.get(link.name) is link:
+            del self.links[link.name]
+        writer, task = link.writer, link.task
+        link.writer = link.task = None
         if writer is not None:
             writer.close()
         if task is not None and task is not asyncio.current_task():
             task.cancel()
 
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _refresh(self) -> None:
+        """In a cluster, after a node failed or redirected: ask for the slot map again, on a thread."""
+        if not self.cluster or self._refreshing:
+            return
+        self._refreshing = True
+        future = asyncio.get_running_loop().run_in_executor(None, _topology_refresh)
+        future.add_done_callback(lambda _: setattr(self, "_refreshing", False))
+
+    async def _read(self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = hiredis.Reader()
         pinged = False
         try:
@@ -223,7 +329,7 @@ class Hub:
                 except TimeoutError:
                     if pinged:
                         raise ConnectionError("Redis did not answer the stream hub's PING") from None
-                    self._send("PING")
+                    self._send(link, "PING")
                     pinged = True
                     continue
                 pinged = False
@@ -231,45 +337,83 @@ class Hub:
                     raise ConnectionError("Redis closed the stream hub's connection")
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
-                    self._handle(reply)
+                    self._handle(link, reply)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if writer is self._writer:
-                logger.warning("stream hub lost Redis (%r): ending its %d streams", exc, len(self.streams))
-                self._lost(exc)
+            if link.writer is writer:
+                where = f"{link.host}:{link.port}"
+                logger.warning("stream hub lost Redis %s (%r): ending the streams on its channels", where, exc)
+                self._lost(link, exc)
 
-    def _lost(self, exc: Exception) -> None:
-        """The connection failed: every stream ends (its client reconnects and is answered afresh)."""
-        for future in self.confirming.values():
-            if not future.done():
+    def _lost(self, link: _Link, exc: Exception) -> None:
+        """A connection failed: the streams watching its channels end (each client reconnects and is
+        answered afresh); the other connections' streams go on."""
+        self._end_channels(list(link.channels), exc)
+        self._disconnect(link)
+        self._refresh()
+
+    def _end_channels(self, channels: list[bytes], exc: Exception) -> None:
+        """End every stream that watches one of ``channels`` (their other channels are left when
+        their handlers finish); those channels are forgotten without a SUNSUBSCRIBE."""
+        ended: set[Stream] = set()
+        for channel in channels:
+            future = self.confirming.get(channel)
+            if future is not None and not future.done():
                 future.set_exception(ConnectionError(str(exc)))
-        for stream in list(self.streams):
+            counter_id = self.channels.get(channel)
+            watch = self.watches.get(counter_id) if counter_id is not None else None
+            if watch is not None:
+                ended.update(watch.streams)
+            if counter_id is not None:
+                self._forget(counter_id, channel)
+            else:
+                self.confirming.pop(channel, None)
+        for stream in ended:
             stream.close()
-        for watch in self.watches.values():
-            if watch.handle is not None:
-                watch.handle.cancel()
-        self.watches.clear()
-        self.channels.clear()
-        self.confirming.clear()
-        self.streams.clear()
-        stream_channels_record(count=0)
-        self._disconnect()
+        stream_channels_record(count=len(self.watches))
 
-    def _handle(self, reply) -> None:
+    def _handle(self, link: _Link, reply) -> None:
         if isinstance(reply, hiredis.ReplyError):
+            moved = str(reply).split()
+            if self.cluster and len(moved) >= 2 and moved[0] in ("MOVED", "ASK") and moved[1].isdigit():
+                # The node does not serve that slot (any more): the channels of that slot here end
+                # their streams; the slot map is asked for again, and a reconnecting client subscribes
+                # on the node that owns it now.
+                slot = int(moved[1])
+                lost = [c for c in link.channels if key_slot(c) == slot]
+                logger.warning("stream hub: %s answered %s: ending the streams of that slot", link.name, reply)
+                self._end_channels(lost, ConnectionError(str(reply)))
+                if not link.channels:
+                    self._disconnect(link)
+                self._refresh()
+                return
             raise ConnectionError(f"Redis refused the stream hub: {reply}")
         if not isinstance(reply, list) or len(reply) < 3:
-            return  # AUTH's OK
+            return  # AUTH's OK, PING's pong
         kind, channel = reply[0], reply[1]
         if kind == b"smessage":
             counter_id = self.channels.get(channel)
-            if counter_id is not None:
+            if counter_id is not None and self.link_of.get(channel) is link:
                 self._message(counter_id, reply[2])
         elif kind == b"ssubscribe":
             future = self.confirming.pop(channel, None)
             if future is not None and not future.done():
                 future.set_result(None)
+        elif kind == b"sunsubscribe":
+            pending = link.unsubscribing.get(channel, 0)
+            if pending:
+                if pending == 1:
+                    del link.unsubscribing[channel]
+                else:
+                    link.unsubscribing[channel] = pending - 1
+            elif channel in link.channels:
+                # Not ours: the node unsubscribed it (its slot moved to another node).
+                logger.warning("stream hub: %s unsubscribed %s: ending its streams", link.name, channel.decode())
+                self._end_channels([channel], ConnectionError("the channel's slot moved"))
+                if not link.channels:
+                    self._disconnect(link)
+                self._refresh()
 
     # --- fan-out, throttled per counter ---------------------------------------------------
 
