@@ -256,15 +256,23 @@ def node_of_key(key: str | bytes) -> str:
     return cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key)).name
 
 
+@contextlib.contextmanager
+def slot_map_reading():
+    """Around a read of the cluster's slot map: a cluster that cannot say which node serves a key
+    (no node answers, a slot without a primary) makes the store unavailable for the call."""
+    try:
+        yield
+    except (RedisClusterException, redis.RedisError) as exc:
+        raise StoreUnavailable(str(exc)) from exc
+
+
 def _guards(keys: list) -> list[CircuitBreaker]:
     """The breakers a call on ``keys`` must pass: the store-wide one (open: the whole store is out),
     and in a cluster those of the nodes serving the keys."""
     if not keys or not cluster_mode():
         return [breaker]
-    try:
+    with slot_map_reading():
         nodes = {node_of_key(key) for key in keys}
-    except (RedisClusterException, redis.RedisError) as exc:
-        raise StoreUnavailable(str(exc)) from exc
     return [breaker, *(breaker_of_node(node) for node in sorted(nodes))]
 
 
@@ -302,10 +310,8 @@ def store_nodes() -> list[str]:
     """The primaries of the store, by "host:port" (one Redis: a single unnamed node, "")."""
     if not cluster_mode():
         return [""]
-    try:
+    with slot_map_reading():
         return sorted(node.name for node in client().get_primaries())
-    except (RedisClusterException, redis.RedisError) as exc:
-        raise StoreUnavailable(str(exc)) from exc
 
 
 def nodes_of_keys(keys: list[str]) -> dict[str, list[int]]:
@@ -313,11 +319,9 @@ def nodes_of_keys(keys: list[str]) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     if not cluster_mode():
         return {"": list(range(len(keys)))} if keys else {}
-    try:
+    with slot_map_reading():
         for i, key in enumerate(keys):
             groups.setdefault(node_of_key(key), []).append(i)
-    except (RedisClusterException, redis.RedisError) as exc:
-        raise StoreUnavailable(str(exc)) from exc
     return groups
 
 
@@ -330,10 +334,8 @@ def node_call(fn: Callable[[redis.Redis], T], *, node: str | None = None, key: s
     """
     if not cluster_mode():
         return redis_call(fn)
-    try:
+    with slot_map_reading():
         node = node or node_of_key(key)
-    except (RedisClusterException, redis.RedisError) as exc:
-        raise StoreUnavailable(str(exc)) from exc
     guards = [breaker, breaker_of_node(node)]
     for guard in guards:
         guard.before_call()

@@ -39,6 +39,7 @@ from ..redis_store import (
     client,
     cluster_mode,
     node_credentials,
+    slot_map_reading,
 )
 
 # At most this many commands, and arguments, per round trip: a burst larger than that is split.
@@ -246,10 +247,8 @@ class LaneStore:
 
     async def _routed(self, key, command):
         for _ in range(3):
-            try:
+            with slot_map_reading():
                 coalescer = self._node_coalescer(key)
-            except (redis.exceptions.RedisClusterException, redis.RedisError) as exc:
-                raise StoreUnavailable(str(exc)) from exc
             try:
                 return await coalescer.call(*command)
             except redis.exceptions.MovedError as exc:
@@ -282,15 +281,14 @@ class LaneStore:
     async def script(self, name: str, keys: list, args: list):
         """EVALSHA of one of ``SCRIPTS``; loads it once if Redis does not know it (a restarted Redis,
         or in a cluster the replica that took over)."""
-        command = ("EVALSHA", _SHA[name], len(keys), *keys, *args)
         try:
-            return await self.command(*command)
+            return await self.script_now(name, keys, args)
         except redis.exceptions.NoScriptError:
             if self.cluster:
                 await self._routed(keys[0], ("SCRIPT", "LOAD", SCRIPTS[name]))
             else:
                 await self.command("SCRIPT", "LOAD", SCRIPTS[name])
-            return await self.command(*command)
+            return await self.script_now(name, keys, args)
 
 
 _stores: dict[int, LaneStore] = {}
