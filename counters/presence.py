@@ -216,21 +216,22 @@ def presence_read_pipeline(
 def presence_read_reply(*, counter: CounterConfig, window: periods.PeriodWindow, reply, now: datetime) -> UpdateResult:
     """The count from a ``presence_read_pipeline`` reply; a cold value or a Redis that lost the
     script is answered by a call of its own (which hydrates or loads it)."""
-    if isinstance(reply, Exception):
+    result = presence_read_counted(counter=counter, window=window, reply=reply, now=now)
+    return result if result is not None else presence_update(counter=counter, op=READ, leases=[]).update
+
+
+def presence_read_counted(
+    *, counter: CounterConfig, window: periods.PeriodWindow, reply, now: datetime
+) -> UpdateResult | None:
+    """The count from a sweeping count's reply (a read pipeline's, or the fast lane's round trip),
+    or None when the read needs a call of its own: a cold value (hydrated first) or a Redis that
+    lost the script (loaded first). Any other error reply is raised."""
+    if isinstance(reply, BaseException):
         if not isinstance(reply, redis.exceptions.NoScriptError):
             raise reply
-    elif not presence_read_cold(reply):
-        return _result(counter, window, reply, now)
-    return presence_update(counter=counter, op=READ, leases=[]).update
-
-
-def presence_read_cold(reply) -> bool:
-    """Whether a sweeping count found no value in Redis (it is hydrated, then counted again)."""
-    return reply[0] == b"HYDRATE"
-
-
-def presence_read_result(*, counter: CounterConfig, window: periods.PeriodWindow, reply, now: datetime) -> UpdateResult:
-    """The count from a sweeping count's reply (not a cold one)."""
+        return None
+    if reply[0] == b"HYDRATE":
+        return None
     return _result(counter, window, reply, now)
 
 

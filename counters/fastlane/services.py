@@ -9,7 +9,6 @@ differ.
 import asyncio
 from collections import defaultdict
 
-import redis
 from django.conf import settings
 
 from .. import clock, keyspace, periods, presence, selectors, services, values, write_through
@@ -226,14 +225,11 @@ async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
     views = []
     for (counter, subject), window, key, raw in zip(items, windows, keys, replies, strict=True):
         if counter.is_presence:
-            # presence.presence_read_reply: a cold value or a Redis that lost the script is
-            # answered by a call of its own (which hydrates or loads it).
-            if isinstance(raw, BaseException) and not isinstance(raw, redis.exceptions.NoScriptError):
-                raise raw
-            if isinstance(raw, Exception) or presence.presence_read_cold(raw):
+            # presence.presence_read_reply, awaiting the call of its own a cold value or a Redis
+            # that lost the script needs (which hydrates or loads it).
+            result = presence.presence_read_counted(counter=counter, window=window, reply=raw, now=now)
+            if result is None:
                 result = (await presence_update(counter=counter, op=presence.READ, leases=[])).update
-            else:
-                result = presence.presence_read_result(counter=counter, window=window, reply=raw, now=now)
             views.append(selectors.presence_view(counter, subject, window, result))
             continue
         if isinstance(raw, BaseException):
