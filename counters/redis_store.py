@@ -14,6 +14,7 @@ call also passes ``breaker``, the store-wide one, which opens on failures that n
 blamed for (and is the only breaker with one Redis).
 """
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -364,6 +365,24 @@ def _topology_refresh() -> None:
     """Ask the cluster again which node serves which slot (after a node failed: a replica may take over)."""
     with contextlib.suppress(RedisClusterException, redis.RedisError, OSError):
         client().nodes_manager.initialize()
+
+
+_topology_refreshing = threading.Lock()
+
+
+def topology_refresh_soon() -> None:
+    """``_topology_refresh`` from the event loop (the fast lane, the stream hub), on a thread since it
+    may wait on sockets; one at a time per process, as every caller refreshes the same client."""
+    if not _topology_refreshing.acquire(blocking=False):
+        return
+
+    def refresh() -> None:
+        try:
+            _topology_refresh()
+        finally:
+            _topology_refreshing.release()
+
+    asyncio.get_running_loop().run_in_executor(None, refresh)
 
 
 class _Scripts:

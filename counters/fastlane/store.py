@@ -33,13 +33,13 @@ from ..redis_store import (
     CircuitBreaker,
     StoreUnavailable,
     _failed_while_connecting,
-    _topology_refresh,
     breaker,
     breaker_of_node,
     client,
     cluster_mode,
     node_credentials,
     slot_map_reading,
+    topology_refresh_soon,
 )
 
 # At most this many commands, and arguments, per round trip: a burst larger than that is split.
@@ -205,7 +205,6 @@ class LaneStore:
     def __init__(self) -> None:
         self.cluster = cluster_mode()
         self._nodes: dict[str, Coalescer] = {}
-        self._refreshing = False
         if self.cluster:
             self.coalescer = None
             return
@@ -242,7 +241,9 @@ class LaneStore:
                 max_connections=None,
                 **node_credentials(),
             )
-            coalescer = self._nodes[node.name] = Coalescer(connection, breaker_of_node(node.name), self._refresh)
+            coalescer = self._nodes[node.name] = Coalescer(
+                connection, breaker_of_node(node.name), topology_refresh_soon
+            )
         return coalescer
 
     async def _routed(self, key, command):
@@ -262,15 +263,6 @@ class LaneStore:
                 # A slot being migrated, or a cluster failing over: nothing ran; refused cleanly.
                 raise StoreUnavailable(f"cluster unavailable for this key: {exc}") from exc
         raise StoreUnavailable("slot keeps moving")
-
-    def _refresh(self) -> None:
-        """After a node failed: ask the cluster for its slot map again, on a thread (it may wait on sockets)."""
-        if self._refreshing:
-            return
-        self._refreshing = True
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, _topology_refresh)
-        future.add_done_callback(lambda _: setattr(self, "_refreshing", False))
 
     def script_now(self, name: str, keys: list, args: list) -> asyncio.Future:
         """EVALSHA of one of ``SCRIPTS``, queued at once like ``command`` (so it shares the round trip

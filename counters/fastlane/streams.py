@@ -45,7 +45,7 @@ from metrics.recorders import (
 from .. import apis, clock, keyspace, periods
 from ..api_errors import error_response
 from ..config import CounterConfig, pinned
-from ..redis_store import StoreUnavailable, _topology_refresh, client, cluster_mode, node_credentials
+from ..redis_store import StoreUnavailable, client, cluster_mode, node_credentials, topology_refresh_soon
 from . import services as lane
 from .handlers import _endpoint
 from .http import AFTER_LENGTH, BEFORE_LENGTH, LaneRequest, log_error_reply, send_json
@@ -134,7 +134,6 @@ class Hub:
         self.link_of: dict[bytes, _Link] = {}  # channel -> the connection it is subscribed on
         self.closing = False
         self.cluster = cluster_mode()
-        self._refreshing = False
         self._lock = asyncio.Lock()
         self.interval = settings.COUNTER_STREAM_MIN_INTERVAL_MS / 1000
 
@@ -310,11 +309,8 @@ class Hub:
 
     def _refresh(self) -> None:
         """In a cluster, after a node failed or redirected: ask for the slot map again, on a thread."""
-        if not self.cluster or self._refreshing:
-            return
-        self._refreshing = True
-        future = asyncio.get_running_loop().run_in_executor(None, _topology_refresh)
-        future.add_done_callback(lambda _: setattr(self, "_refreshing", False))
+        if self.cluster:
+            topology_refresh_soon()
 
     async def _read(self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = hiredis.Reader()
