@@ -138,6 +138,7 @@ class CounterAdmin(admin.ModelAdmin):
         ("Bounds", {"fields": ["min_value", "max_value", "allow_negative", "saturate"]}),
         ("Counting", {"fields": ["unique_members", "log_operations", "expires_at", "created_at", "updated_at"]}),
         ("Presence (docs/presence.md)", {"fields": ["kind", "lease_seconds", "presence_counts"]}),
+        ("Hot-counter splitting (docs/splitting.md)", {"fields": ["shards"]}),
     ]
 
     def get_changelist_instance(self, request):

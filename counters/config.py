@@ -65,6 +65,8 @@ class CounterConfig:
     kind: str
     lease_seconds: int
     presence_counts: str
+    # > 1: a split counter (counters.split)
+    shards: int = 1
 
     @property
     def is_presence(self) -> bool:

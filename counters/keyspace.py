@@ -55,43 +55,63 @@ PREFIX = "cs"
 MAX_SAFE_VALUE = 2**53 - 1
 
 
-def _tag(counter_id: int) -> str:
+# A split counter (``Counter.shards`` > 1, ``docs/splitting.md``) keeps shard k > 0 of each value under
+# its own hash tag ``{c<id>s<k>}``, so its shards land in other Cluster slots; shard 0 is the counter's
+# own tag. Every key function takes such a *unit* (``unit``) where it says ``counter_id``: a shard has
+# the whole key set of a counter (value hashes, member sets, pending hash, batches, records).
+Unit = int | str
+
+
+def unit(counter_id: int, shard: int) -> Unit:
+    """The keys' unit of a counter's shard: the counter id itself for shard 0."""
+    return counter_id if shard == 0 else f"{counter_id}s{shard}"
+
+
+def unit_parts(unit_id: Unit) -> tuple[int, int]:
+    """``(counter id, shard)`` of a unit made by ``unit``."""
+    if isinstance(unit_id, int):
+        return unit_id, 0
+    counter_id, _, shard = unit_id.partition("s")
+    return int(counter_id), int(shard or 0)
+
+
+def _tag(counter_id: Unit) -> str:
     return f"{PREFIX}:{{c{counter_id}}}"
 
 
-def value_key(counter_id: int, period: str, subject: str) -> str:
+def value_key(counter_id: Unit, period: str, subject: str) -> str:
     return f"{_tag(counter_id)}:v:{period}:{subject}"
 
 
-def members_key(counter_id: int, period: str) -> str:
+def members_key(counter_id: Unit, period: str) -> str:
     return f"{_tag(counter_id)}:m:{period}"
 
 
-def threshold_marks_key(counter_id: int, period: str, subject: str) -> str:
+def threshold_marks_key(counter_id: Unit, period: str, subject: str) -> str:
     return f"{_tag(counter_id)}:t:{period}:{subject}"
 
 
-def threshold_cooldown_key(counter_id: int, subject: str) -> str:
+def threshold_cooldown_key(counter_id: Unit, subject: str) -> str:
     return f"{_tag(counter_id)}:tc:{subject}"
 
 
-def pending_key(counter_id: int) -> str:
+def pending_key(counter_id: Unit) -> str:
     return f"{_tag(counter_id)}:pend"
 
 
-def oplog_key(counter_id: int) -> str:
+def oplog_key(counter_id: Unit) -> str:
     return f"{_tag(counter_id)}:log"
 
 
-def batches_key(counter_id: int) -> str:
+def batches_key(counter_id: Unit) -> str:
     return f"{_tag(counter_id)}:batches"
 
 
-def batch_key(counter_id: int, batch_id: str) -> str:
+def batch_key(counter_id: Unit, batch_id: str) -> str:
     return f"{_tag(counter_id)}:b:{batch_id}"
 
 
-def batch_log_key(counter_id: int, batch_id: str) -> str:
+def batch_log_key(counter_id: Unit, batch_id: str) -> str:
     return f"{_tag(counter_id)}:bl:{batch_id}"
 
 
@@ -103,20 +123,33 @@ def counter_keys_pattern(counter_id: int) -> str:
 PERIOD_SCOPED_KEYS_PATTERN = f"{PREFIX}:{{c*}}:[vmt]:*"
 
 
-def _counter_id_of_tag(tag: str) -> int | None:
-    """The id in a hash tag made by ``_tag`` (``{c<id>}``), else None."""
-    if tag.startswith("{c") and tag.endswith("}") and tag[2:-1].isdigit():
-        return int(tag[2:-1])
+def _unit_of_tag(tag: str) -> Unit | None:
+    """The unit in a hash tag made by ``_tag`` (``{c<id>}`` or a shard's ``{c<id>s<k>}``), else None."""
+    if not (tag.startswith("{c") and tag.endswith("}")):
+        return None
+    inner = tag[2:-1]
+    if inner.isdigit():
+        return int(inner)
+    counter_id, s, shard = inner.partition("s")
+    if s and counter_id.isdigit() and shard.isdigit() and shard[0] != "0":
+        return inner
     return None
 
 
-def period_scoped_key_parts(key: str) -> tuple[int, str] | None:
-    """``(counter id, period)`` of a key matched by ``PERIOD_SCOPED_KEYS_PATTERN``, else None."""
+def _counter_id_of_tag(tag: str) -> int | None:
+    """The counter id in a hash tag made by ``_tag`` (of the counter or of one of its shards), else None."""
+    found = _unit_of_tag(tag)
+    return None if found is None else unit_parts(found)[0]
+
+
+def period_scoped_key_parts(key: str) -> tuple[Unit, str] | None:
+    """``(unit, period)`` of a key matched by ``PERIOD_SCOPED_KEYS_PATTERN``, else None (``unit_parts``
+    names its counter)."""
     parts = key.split(":", 3)
     if len(parts) != 4 or parts[0] != PREFIX or parts[2] not in ("v", "m", "t"):
         return None
-    counter_id = _counter_id_of_tag(parts[1])
-    return None if counter_id is None else (counter_id, parts[3].split(":", 1)[0])
+    found = _unit_of_tag(parts[1])
+    return None if found is None else (found, parts[3].split(":", 1)[0])
 
 
 CONFIG_GENERATION_KEY = f"{PREFIX}:cfg:gen"
@@ -132,7 +165,7 @@ def counter_id_of_key(key: bytes | str) -> int | None:
     return _counter_id_of_tag(parts[1]) if len(parts) > 1 and parts[0] == PREFIX else None
 
 
-def idempotency_key(counter_id: int, app_id: int | None, key: str) -> str:
+def idempotency_key(counter_id: Unit, app_id: int | None, key: str) -> str:
     """The record of an Idempotency-Key: in the counter's slot (one script, one Cluster slot),
     per app (the caller's), so apps sharing a global counter never see each other's keys."""
     return f"{_tag(counter_id)}:ik:{app_id or 0}:{key}"
@@ -153,7 +186,7 @@ PENDING_VALUES_FIELD = "n"
 STREAM_CHANNEL_SUFFIX = ":ev"
 
 
-def stream_channel(counter_id: int) -> str:
+def stream_channel(counter_id: Unit) -> str:
     return f"{_tag(counter_id)}{STREAM_CHANNEL_SUFFIX}"
 
 
@@ -177,7 +210,7 @@ def lock_key(name: str) -> str:
     return f"{PREFIX}:lock:{name}"
 
 
-def value_key_of_mark(counter_id: int, mark: bytes | str) -> str:
+def value_key_of_mark(counter_id: Unit, mark: bytes | str) -> str:
     """The value hash a pending hash's change mark ``c|<period>|<subject>`` names (DERIVE_SCRIPT's KEYS)."""
     text = mark.decode() if isinstance(mark, bytes) else mark
     period, subject = text[2:].split("|", 1)
@@ -189,7 +222,7 @@ def value_field(period: str, subject: str) -> str:
     return f"{period}|{subject}"
 
 
-def update_keys(counter_id: int, period: str, subject: str) -> list[str]:
+def update_keys(counter_id: Unit, period: str, subject: str) -> list[str]:
     return [
         value_key(counter_id, period, subject),
         pending_key(counter_id),

@@ -69,6 +69,8 @@ class Counter(models.Model):
     # Lease bounds of presence counters (a heartbeat may ask for its own lease within them).
     MIN_LEASE_SECONDS = 5
     MAX_LEASE_SECONDS = 3600
+    # A split counter's shard count (docs/splitting.md): a read sums this many keys.
+    MAX_SHARDS = 64
 
     app = models.ForeignKey(App, on_delete=models.PROTECT, related_name="counters")
     name = models.CharField(max_length=64, validators=[name_validator])
@@ -113,6 +115,13 @@ class Counter(models.Model):
     presence_counts = models.CharField(
         max_length=8, choices=PresenceCounts.choices, default=PresenceCounts.USERS, help_text="Presence: what counts."
     )
+    shards = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_SHARDS)],
+        help_text="Split a very hot counter over this many Redis keys (in a Redis Cluster: other nodes); reads "
+        "sum them. Can grow, never shrink. Not for presence counters, max_value, the operation log or a "
+        "reset strategy other than 'value' (docs/splitting.md).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -132,6 +141,35 @@ class Counter(models.Model):
             raise ValidationError("max_value must not be below min_value.")
         if self.kind == self.Kind.PRESENCE and (self.scope == self.Scope.USER or self.unique_members):
             raise ValidationError("A presence counter counts an app's players: not per player, not unique-member.")
+        self._clean_shards()
+
+    def _clean_shards(self) -> None:
+        """What a split counter cannot keep exactly is refused (docs/splitting.md)."""
+        before = Counter.objects.filter(pk=self.pk).values_list("shards", "unique_members").first() if self.pk else None
+        if before and self.shards < before[0]:
+            raise ValidationError(
+                {"shards": f"A counter's shards can grow, never shrink: it is split over {before[0]}."}
+            )
+        if before and self.shards != before[0] and (self.unique_members or before[1]):
+            raise ValidationError(
+                {
+                    "shards": "A unique-member counter keeps the shard count it was created with: each member "
+                    "is counted in the shard its name chooses, so another count would count members again."
+                }
+            )
+        if self.shards <= 1:
+            return
+        refused = []
+        if self.kind == self.Kind.PRESENCE:
+            refused.append("a presence counter (its leases live under one key)")
+        if self.max_value is not None:
+            refused.append("max_value (each shard would check only its own share)")
+        if self.log_operations:
+            refused.append("the operation log (an entry's old and new value would be one shard's)")
+        if self.reset_strategy != self.ResetStrategy.VALUE and self.period != self.Period.NONE:
+            refused.append(f"the reset strategy '{self.reset_strategy}' (it needs the closed period's total)")
+        if refused:
+            raise ValidationError({"shards": "A split counter cannot have " + "; ".join(refused) + "."})
 
     @property
     def effective_time_zone(self) -> str:
@@ -162,6 +200,33 @@ class CounterValue(models.Model):
 
     def __str__(self) -> str:
         return f"{self.counter_id}:{self.subject}:{self.period}={self.value}"
+
+
+class CounterValueShard(models.Model):
+    """What one shard k > 0 of a split counter's value has added (``docs/splitting.md``).
+
+    ``CounterValue`` holds the value's total: a flush of shard k adds its delta there and here in one
+    transaction, with this row's version guarding it the way ``CounterValue.version`` guards shard 0.
+    So shard 0's share is always the total minus these rows, and a lost shard hydrates from its row.
+    """
+
+    counter = models.ForeignKey(Counter, on_delete=models.CASCADE, related_name="+", db_index=False)
+    subject = models.CharField(max_length=64, blank=True)
+    period = models.CharField(max_length=10, blank=True)
+    shard = models.PositiveSmallIntegerField()
+    value = models.BigIntegerField(default=0)
+    operations = models.BigIntegerField(default=0)
+    version = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["counter", "subject", "period", "shard"], name="countervalueshard_identity"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.counter_id}:{self.subject}:{self.period}#{self.shard}={self.value}"
 
 
 class UniqueMember(models.Model):
