@@ -160,7 +160,7 @@ def _archive_counter(counter: CounterConfig, now: datetime, stats: ArchiveStats)
 
 
 def _closed_key_groups(counters: dict[int, CounterConfig], now: datetime, cursor: int, node: str) -> tuple[int, dict]:
-    """One SCAN page of one node's period-scoped keys, grouped by (counter id, closed period)."""
+    """One SCAN page of one node's period-scoped keys, grouped by (unit, closed period) (``keyspace.unit``)."""
     next_cursor, raw_keys = node_call(
         lambda r: r.scan(cursor, match=keyspace.PERIOD_SCOPED_KEYS_PATTERN, count=SCAN_COUNT), node=node or None
     )
@@ -171,7 +171,10 @@ def _closed_key_groups(counters: dict[int, CounterConfig], now: datetime, cursor
         parts = keyspace.period_scoped_key_parts(key)
         if parts is None:
             continue
-        counter_id, period = parts
+        # A split counter's shard (docs/splitting.md) is trimmed like a counter, guarded by its own
+        # pending hash and batches.
+        unit, period = parts
+        counter_id = keyspace.unit_parts(unit)[0]
         counter = counters.get(counter_id)
         if counter is None or period == "":
             continue
@@ -180,7 +183,7 @@ def _closed_key_groups(counters: dict[int, CounterConfig], now: datetime, cursor
                 current[counter_id] = periods.window_at(counter.period, counter.time_zone, now).key
             if period >= current[counter_id]:
                 continue
-        groups.setdefault((counter_id, period), []).append(key)
+        groups.setdefault((unit, period), []).append(key)
     return int(next_cursor), groups
 
 
@@ -199,8 +202,8 @@ def period_keys_trim(*, now: datetime | None = None) -> tuple[int, int]:
         cursor = 0
         while True:
             cursor, groups = _closed_key_groups(counters, now, cursor, node)
-            for (counter_id, period), keys in groups.items():
-                guard = [keyspace.pending_key(counter_id), keyspace.batches_key(counter_id)]
+            for (unit, period), keys in groups.items():
+                guard = [keyspace.pending_key(unit), keyspace.batches_key(unit)]
                 for start in range(0, len(keys), TRIM_KEYS_PER_CALL):
                     chunk = keys[start : start + TRIM_KEYS_PER_CALL]
                     result = redis_call(

@@ -240,10 +240,16 @@ class CounterStreamView(LeanDispatch, APIView):
     def get(self, request) -> HttpResponse:
         counters, last_id = stream_targets(request)
         views = selectors.counter_values_get(items=[(c, "") for c in counters])
-        body = [b"retry: %d\n\n" % STREAM_RETRY_MS]
-        for i, view in enumerate(views, start=last_id + 1):
-            body.append(stream_event(i, view.counter.name, view.value, degraded=view.degraded))
-        return HttpResponse(b"".join(body), content_type="text/event-stream", headers=STREAM_HEADERS)
+        body = stream_polled_body(views, last_id)
+        return HttpResponse(body, content_type="text/event-stream", headers=STREAM_HEADERS)
+
+
+def stream_polled_body(views, last_id: int) -> bytes:
+    """A stream answered once: a ``retry`` (the EventSource reconnects, with the last id) and the values."""
+    body = [b"retry: %d\n\n" % STREAM_RETRY_MS]
+    for i, view in enumerate(views, start=last_id + 1):
+        body.append(stream_event(i, view.counter.name, view.value, degraded=view.degraded))
+    return b"".join(body)
 
 
 class CounterBatchUpdateView(LeanDispatch, APIView):

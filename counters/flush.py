@@ -15,7 +15,7 @@ import orjson
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 
-from . import clock, keyspace
+from . import clock, keyspace, split
 from .config import cache as config_cache
 from .models import Counter, CounterValue, FlushedBatch, OperationLog
 from .redis_store import (
@@ -103,6 +103,45 @@ ON CONFLICT (counter_id, subject, period) DO UPDATE SET
     peak = GREATEST(counters_countervalue.peak, EXCLUDED.peak),
     operations = counters_countervalue.operations + EXCLUDED.operations,
     updated_at = GREATEST(counters_countervalue.updated_at, EXCLUDED.updated_at)
+"""
+
+# A split counter's value (docs/splitting.md): each shard's move is added to the value's one row;
+# shard 0's is guarded by the row's version, shard k's by its CounterValueShard row's, written in
+# the same statement. The peak is the highest total a flush wrote; RETURNING gives each new total
+# (for the thresholds, detected here from the totals).
+_SPLIT_ROWS = (
+    "unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) AS x(s, p, d, o, t, v)"
+)
+_SPLIT_TOTAL_SET = """
+    value = counters_countervalue.value + EXCLUDED.value,
+    peak = GREATEST(counters_countervalue.peak, counters_countervalue.value + EXCLUDED.value),
+    operations = counters_countervalue.operations + EXCLUDED.operations,
+    updated_at = GREATEST(counters_countervalue.updated_at, EXCLUDED.updated_at)"""
+_SPLIT_SHARD0_SQL = f"""
+INSERT INTO counters_countervalue (counter_id, subject, period, value, peak, operations, updated_at, version)
+SELECT %s, x.s, x.p, x.d, x.d, x.o, to_timestamp(x.t / 1000.0), x.v FROM {_SPLIT_ROWS}
+ON CONFLICT (counter_id, subject, period) DO UPDATE SET {_SPLIT_TOTAL_SET},
+    version = EXCLUDED.version
+WHERE counters_countervalue.version = EXCLUDED.version - 1
+RETURNING subject, period, value
+"""
+_SPLIT_SHARD_SQL = f"""
+WITH x AS (SELECT * FROM {_SPLIT_ROWS}),
+taken AS (
+    INSERT INTO counters_countervalueshard (counter_id, subject, period, shard, value, operations, version)
+    SELECT %s, x.s, x.p, %s, x.d, x.o, x.v FROM x
+    ON CONFLICT (counter_id, subject, period, shard) DO UPDATE SET
+        value = counters_countervalueshard.value + EXCLUDED.value,
+        operations = counters_countervalueshard.operations + EXCLUDED.operations,
+        version = EXCLUDED.version
+    WHERE counters_countervalueshard.version = EXCLUDED.version - 1
+    RETURNING subject, period
+)
+INSERT INTO counters_countervalue (counter_id, subject, period, value, peak, operations, updated_at, version)
+SELECT %s, x.s, x.p, x.d, x.d, x.o, to_timestamp(x.t / 1000.0), 0
+FROM x JOIN taken ON taken.subject = x.s AND taken.period = x.p
+ON CONFLICT (counter_id, subject, period) DO UPDATE SET {_SPLIT_TOTAL_SET}
+RETURNING subject, period, value
 """
 
 _MEMBERS_INSERT = """
@@ -296,8 +335,12 @@ class _NotAllApplied(Exception):
     pass
 
 
-def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStats) -> _Applied:
-    """Apply one batch in one transaction (nothing if its id is recorded already)."""
+def _apply_batch(unit: keyspace.Unit, batch_id: str, batch: _Batch, stats: FlushStats) -> _Applied:
+    """Apply one batch of a counter, or of a split counter's shard, in one transaction (nothing if
+    its id is recorded already)."""
+    counter_id, shard = keyspace.unit_parts(unit)
+    counter = config_cache.get().counters_by_id.get(counter_id)
+    split_counter = shard > 0 or (counter is not None and counter.shards > 1)
     applied = _Applied([], set())
     with transaction.atomic():
         # Hold the counter's row for this transaction: a deletion (which locks the row first, see
@@ -310,10 +353,15 @@ def _apply_batch(counter_id: int, batch_id: str, batch: _Batch, stats: FlushStat
             stats.skipped += 1
             return applied
         with connection.cursor() as cursor:
-            copy = len(batch.values) + len(batch.members) >= COPY_MIN_ROWS
+            copy = not split_counter and len(batch.values) + len(batch.members) >= COPY_MIN_ROWS
             if copy:
                 _copy_values_and_members(cursor, batch)
-            applied.refused = _upsert_values(cursor, counter_id, batch, copy)
+            if split_counter:
+                applied.refused, totals = _upsert_split_values(cursor, counter_id, shard, batch)
+                if counter is not None and counter.thresholds:
+                    batch.events += _split_crossings(counter, batch, totals)
+            else:
+                applied.refused = _upsert_values(cursor, counter_id, batch, copy)
             if copy and not applied.refused:
                 operations, row_shares = _copied_shares(cursor)
             else:
@@ -379,6 +427,39 @@ def _upsert_values(cursor, counter_id: int, batch: _Batch, copy: bool) -> set[tu
         taken = {(period, subject) for subject, period in cursor.fetchall()}
         return {_value_key(field) for field, _ in batch.values} - taken
     return set()
+
+
+def _upsert_split_values(cursor, counter_id: int, shard: int, batch: _Batch) -> tuple[set, list]:
+    """Add a split counter's shard's rows to the values' totals (``_SPLIT_SHARD0_SQL`` /
+    ``_SPLIT_SHARD_SQL``); returns the rows refused (as ``_upsert_values``) and, of the others,
+    ``(period, subject, new total)``."""
+    if not batch.values:
+        return set(), []
+    keys = [_value_key(field) for field, _ in batch.values]
+    rows = [list(map(int, raw.split()[:5])) for _, raw in batch.values]
+    columns = [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in (0, 1, 3, 4))]
+    if shard:
+        cursor.execute(_SPLIT_SHARD_SQL, [*columns, counter_id, shard, counter_id])
+    else:
+        cursor.execute(_SPLIT_SHARD0_SQL, [counter_id, *columns])
+    totals = [(period, subject, total) for subject, period, total in cursor.fetchall()]
+    return set(keys) - {(period, subject) for period, subject, _ in totals}, totals
+
+
+def _split_crossings(counter, batch: _Batch, totals: list) -> list[tuple[int, str, str, int]]:
+    """The thresholds a split counter's totals crossed in this flush, as ``_Batch.events``: from
+    the total before the shard's delta to the total after it (PostgreSQL's rules then keep each
+    once per period, or its re-arming and cooldown: ``EVENTS_INSERT_SQL``)."""
+    moved = {_value_key(field): raw.split() for field, raw in batch.values}
+    events = []
+    for period, subject, new in totals:
+        row = moved[(period, subject)]
+        old, ms = new - int(row[0]), int(row[3])
+        for t in counter.thresholds:
+            up = t.direction == "up"
+            if (up and old < t.value <= new) or (not up and old > t.value >= new):
+                events.append((t.id, subject, period, ms))
+    return events
 
 
 def _copy_data(lines: list[bytes], tabs: int) -> bytes | None:
@@ -505,7 +586,10 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
         stats.locked_out = True
         return stats
     try:
-        ids = counter_ids if counter_ids is not None else sorted(config_cache.get().counters_by_id)
+        counters = config_cache.get().counters_by_id
+        counter_ids = counter_ids if counter_ids is not None else sorted(counters)
+        # A split counter's shards each move their own batch (docs/splitting.md).
+        ids = [u for cid in counter_ids for u in (split.units(counters[cid]) if cid in counters else [cid])]
         # Batch ids in counter order, whichever node a counter lives on: batches apply in that order.
         batch_ids = {cid: _new_batch_id() for cid in ids}
 
@@ -564,7 +648,7 @@ def counters_flush(*, counter_ids: list[int] | None = None) -> FlushStats:
     return stats
 
 
-def _read_batch(cid: int, batch_id: str) -> _Batch:
+def _read_batch(cid: keyspace.Unit, batch_id: str) -> _Batch:
     """A moved batch: its hash, its changed values' derived rows (``_derive``) and its operation log."""
     fields, log = redis_call(
         lambda r: (
@@ -579,12 +663,13 @@ def _read_batch(cid: int, batch_id: str) -> _Batch:
     return _parse_batch(fields, _derive(cid, batch_id, marks) if marks else [], log)
 
 
-def _flush_batch(cid: int, batch_id: str, batch: _Batch, stats: FlushStats) -> None:
-    """Apply one read batch, then drop it from Redis and hand on what it caused."""
+def _flush_batch(cid: keyspace.Unit, batch_id: str, batch: _Batch, stats: FlushStats) -> None:
+    """Apply one read batch (of a counter or a split counter's shard), then drop it from Redis and
+    hand on what it caused."""
     try:
         applied = _apply_batch(cid, batch_id, batch, stats)
     except IntegrityError:
-        if Counter.objects.filter(id=cid).exists():
+        if Counter.objects.filter(id=keyspace.unit_parts(cid)[0]).exists():
             raise
         # The counter was deleted (with its rows) after these deltas were written: they
         # belong nowhere, and keeping the batch would fail every flush after this one.
@@ -610,7 +695,7 @@ def _flush_batch(cid: int, batch_id: str, batch: _Batch, stats: FlushStats) -> N
 DERIVE_CHUNK = 500
 
 
-def _derive(counter_id: int, batch_id: str, marks: list[bytes]) -> list[bytes]:
+def _derive(counter_id: keyspace.Unit, batch_id: str, marks: list[bytes]) -> list[bytes]:
     """Derive the rows of a batch's changed values (DERIVE_SCRIPT): field, row, field, row, ..."""
     batch = keyspace.batch_key(counter_id, batch_id)
 
@@ -626,19 +711,22 @@ def _derive(counter_id: int, batch_id: str, marks: list[bytes]) -> list[bytes]:
     return replies[0] if len(replies) == 1 else [item for reply in replies for item in reply]
 
 
-def _rebase_refused(counter_id: int, refused: set[tuple[str, str]]) -> int:
+def _rebase_refused(unit: keyspace.Unit, refused: set[tuple[str, str]]) -> int:
     """Rebase on PostgreSQL the Redis copies whose move was refused; returns how many."""
     rebased = 0
+    counter_id, shard = keyspace.unit_parts(unit)
     for period, subject in sorted(refused):
         with transaction.atomic():
             row = (
                 CounterValue.objects.select_for_update()
                 .filter(counter_id=counter_id, subject=subject, period=period)
-                .values_list("value", "version")
+                .values_list("value", "operations", "version")
                 .first()
             )
-            if row is not None and value_rebase(
-                counter_id=counter_id, period=period, subject=subject, value=row[0], version=row[1]
+            # A split counter's shard continues from its share (the whole row if not split).
+            base = split.shard_base(counter_id=counter_id, subject=subject, period=period, shard=shard, row=row)
+            if base is not None and value_rebase(
+                counter_id=unit, period=period, subject=subject, value=base[0], version=base[2]
             ):
                 rebased += 1
             else:

@@ -11,13 +11,20 @@ from django.utils.translation import gettext as _
 from archive.models import PeriodArchive
 from metrics.recorders import degraded_read_record
 
-from . import clock, keyspace, periods, presence
+from . import clock, keyspace, periods, presence, split
 from .config import DEFAULT_APP_SLUG, GLOBAL_APP_SLUG, CounterConfig, KeyConfig
 from .config import cache as config_cache
 from .errors import CounterNotFound, InvalidParameter
 from .models import CounterValue, StatBucket, hash_api_key
 from .redis_store import StoreUnavailable, redis_call
-from .values import counter_check_subject, counter_opening_value, manual_resets_get, value_hydrate
+from .values import (
+    VALUE_FIELDS,
+    counter_check_subject,
+    counter_opening_value,
+    manual_resets_get,
+    shard_values_read,
+    value_hydrate,
+)
 from .write_through import store_reconcile_if_due
 
 
@@ -136,30 +143,44 @@ def counter_values_from_database(
 def _values_from_store(
     items: list[tuple[CounterConfig, str]], windows: list[periods.PeriodWindow], now: datetime
 ) -> list[ValueView]:
-    keys = [keyspace.value_key(c.id, w.key, s) for (c, s), w in zip(items, windows, strict=True)]
+    # One key per value, or each shard's of a split counter (docs/splitting.md).
+    keys = [
+        split.value_keys(c, w.key, s) if c.shards > 1 else [keyspace.value_key(c.id, w.key, s)]
+        for (c, s), w in zip(items, windows, strict=True)
+    ]
 
     def read(r):
         pipe = r.pipeline(transaction=False)
-        for (counter, _subject), window, key in zip(items, windows, keys, strict=True):
+        for (counter, _subject), window, value_keys in zip(items, windows, keys, strict=True):
             if counter.is_presence:
                 # Counted at the moment of the read, lapsed leases dropped first.
                 presence.presence_read_pipeline(pipe=pipe, counter=counter, window=window, now=now)
-            else:
-                pipe.hmget(key, "v", "upd", keyspace.LAST_RESET_FIELD)
+                continue
+            for key in value_keys:
+                pipe.hmget(key, *VALUE_FIELDS)
         return pipe.execute(raise_on_error=False)
 
-    raws = redis_call(read, keys=keys)
+    replies = iter(redis_call(read, keys=[key for value_keys in keys for key in value_keys]))
     views = []
-    for (counter, subject), window, key, raw in zip(items, windows, keys, raws, strict=True):
+    for (counter, subject), window, value_keys in zip(items, windows, keys, strict=True):
         if counter.is_presence:
-            result = presence.presence_read_reply(counter=counter, window=window, reply=raw, now=now)
+            result = presence.presence_read_reply(counter=counter, window=window, reply=next(replies), now=now)
             views.append(presence_view(counter, subject, window, result))
             continue
-        if isinstance(raw, Exception):
-            raise raw
-        if raw[0] is None:
-            value_hydrate(counter=counter, subject=subject, window=window)
-            raw = redis_call(lambda r, k=key: r.hmget(k, "v", "upd", keyspace.LAST_RESET_FIELD), key=key)
+        raws = [next(replies) for _ in value_keys]
+        for raw in raws:
+            if isinstance(raw, Exception):
+                raise raw
+        if len(raws) > 1:
+            raw = split.combine(raws)
+            if raw[0] is None:
+                raw = split.combine(shard_values_read(counter=counter, subject=subject, window=window))
+        else:
+            raw = raws[0]
+            if raw[0] is None:
+                value_hydrate(counter=counter, subject=subject, window=window)
+                key = value_keys[0]
+                raw = redis_call(lambda r, k=key: r.hmget(k, *VALUE_FIELDS), key=key)
         views.append(_to_view(counter, subject, window, raw))
     return views
 

@@ -13,7 +13,7 @@ from django.utils.translation import gettext
 from archive.models import ResetLog
 from metrics.recorders import redis_batch_record
 
-from . import clock, keyspace, periods
+from . import clock, keyspace, periods, split
 from .config import CounterConfig
 from .errors import (
     CounterError,
@@ -34,6 +34,7 @@ from .values import (
     counter_out_of_limits,
     counter_value_bounds,
     operation_log_prefix,
+    shard_values_read,
     value_hydrate,
 )
 from .write_through import counter_update_write_through, store_reconcile_if_due, store_reconcile_mark_due
@@ -48,12 +49,13 @@ def _check_live(counter: CounterConfig, now: datetime) -> None:
 
 
 def _keyed_call(
-    counter: CounterConfig, keys: list[str], args: list, idempotency: Idempotency | None, ms: int
+    unit: keyspace.Unit, keys: list[str], args: list, idempotency: Idempotency | None, ms: int
 ) -> tuple[list[str], list]:
-    """The update script's keys and arguments with the record of an Idempotency-Key appended."""
+    """The update script's keys and arguments with the record of an Idempotency-Key appended (in
+    the slot of ``unit``, the keys' counter or shard)."""
     if idempotency is None:
         return keys, args
-    record = keyspace.idempotency_key(counter.id, idempotency.app_id, idempotency.key)
+    record = keyspace.idempotency_key(unit, idempotency.app_id, idempotency.key)
     return [*keys, record], [*args, idempotency.fingerprint, idempotency.ttl_ms, ms]
 
 
@@ -65,13 +67,15 @@ def _run_update(
     args: list,
     idempotency: Idempotency | None = None,
     ms: int = 0,
+    shard: int = 0,
 ) -> list:
-    keys, args = _keyed_call(counter, keyspace.update_keys(counter.id, window.key, subject), args, idempotency, ms)
+    unit = keyspace.unit(counter.id, shard)
+    keys, args = _keyed_call(unit, keyspace.update_keys(unit, window.key, subject), args, idempotency, ms)
     for _ in range(3):
         result = redis_call(lambda r: scripts.update(keys=keys, args=args, client=r), key=keys[0])
         if result[0] != b"HYDRATE":
             return result
-        value_hydrate(counter=counter, subject=subject, window=window)
+        value_hydrate(counter=counter, subject=subject, window=window, shard=shard)
     raise StoreUnavailable("value could not be hydrated")
 
 
@@ -99,6 +103,12 @@ class _PreparedUpdate:
     member: str
     log: str
     idempotency: Idempotency | None = None
+    # a split counter's shard this update goes to (split.shard_of); its keys are that shard's
+    shard: int = 0
+
+    @property
+    def unit(self) -> keyspace.Unit:
+        return keyspace.unit(self.counter.id, self.shard)
 
 
 def _prepare_update(
@@ -113,8 +123,10 @@ def _prepare_update(
     now: datetime,
     window: periods.PeriodWindow | None = None,
     idempotency: Idempotency | None = None,
+    shards: dict[int, int] | None = None,
 ) -> _PreparedUpdate:
-    """Check an update and build the update script's keys and arguments (no I/O)."""
+    """Check an update and build the update script's keys and arguments (no I/O). ``shards``: a
+    batch's choice of shard per split counter, filled in here (``split.shard_of``)."""
     if amount == 0 or abs(amount) > keyspace.MAX_SAFE_VALUE:
         raise InvalidParameter(
             gettext("The amount must be a non-zero integer of at most %(max)d.") % {"max": keyspace.MAX_SAFE_VALUE}
@@ -140,17 +152,27 @@ def _prepare_update(
     window = window or periods.window_at(counter.period, counter.time_zone, now)
     ms = clock.to_ms(now)
     low, high = counter_value_bounds(counter=counter, allow_negative=allow_negative)
+    split.check_update(counter, amount=amount, low=low)
+    chosen = None
+    if shards is not None and counter.shards > 1:
+        chosen = shards.setdefault(counter.id, split.shard_of(counter))
+    shard = split.shard_of(counter, member=member, idempotency=idempotency, chosen=chosen)
     log = (
         operation_log_prefix(actor=actor, user_id=user_id, subject=subject, period=window.key, ms=ms, metadata=metadata)
         if counter.log_operations
         else ""
     )
     args = ["add", amount, f"{window.key}|{subject}", member, low, high, int(counter.saturate), ms, ms // 60000]
-    args += [int(not counter.is_user_scoped), log]
-    for t in counter.thresholds:
-        args += [t.id, t.value, t.direction, t.cooldown_seconds * 1000, int(t.rearm)]
-    keys = keyspace.update_keys(counter.id, window.key, subject)
-    return _PreparedUpdate(counter, subject, window, keys, args, low, high, member, log, idempotency)
+    if shard or counter.shards > 1:
+        # A shard's buckets keep operations and deltas only (its own last value is no total), and
+        # the flusher detects a split counter's thresholds from the totals (docs/splitting.md).
+        args += [0, log]
+    else:
+        args += [int(not counter.is_user_scoped), log]
+        for t in counter.thresholds:
+            args += [t.id, t.value, t.direction, t.cooldown_seconds * 1000, int(t.rearm)]
+    keys = keyspace.update_keys(keyspace.unit(counter.id, shard), window.key, subject)
+    return _PreparedUpdate(counter, subject, window, keys, args, low, high, member, log, idempotency, shard)
 
 
 def _replayed(result: list, now: datetime) -> tuple[list, datetime, bool]:
@@ -165,12 +187,13 @@ def _replayed(result: list, now: datetime) -> tuple[list, datetime, bool]:
     return result, now, False
 
 
-def _update_result(prepared: _PreparedUpdate, result: list, now: datetime) -> UpdateResult:
-    """Read the update script's reply; a bounds refusal raises ``OutOfLimits``."""
+def _update_result(prepared: _PreparedUpdate, result: list, now: datetime, others: int = 0) -> UpdateResult:
+    """Read the update script's reply; a bounds refusal raises ``OutOfLimits``. ``others``: what a
+    split counter's other shards hold (``split_others``): the script answered its shard's share."""
     counter = prepared.counter
     result, now, replayed = _replayed(result, now)
     status = result[0]
-    old, new = int(result[1]), int(result[2])
+    old, new = int(result[1]) + others, int(result[2]) + others
     if status in (b"MIN", b"MAX"):
         below = status == b"MIN"
         refusal = counter_out_of_limits(
@@ -207,6 +230,7 @@ def counter_reset_check(*, counter: CounterConfig, subject: str = "", value: int
             gettext("Counter '%(name)s' counts live leases: it cannot be reset, players log out or lapse.")
             % {"name": counter.name}
         )
+    split.check_reset(counter)
     target = counter.reset_value if value is None else value
     low, high = counter_value_bounds(counter=counter)
     if not low <= target <= high:
@@ -261,7 +285,9 @@ def counter_update(
             args=prepared.args,
             idempotency=idempotency,
             ms=clock.to_ms(now),
+            shard=prepared.shard,
         )
+        others = split_others(prepared)
     except StoreUnavailable as exc:
         # A key is recorded in Redis only: without it a keyed write could apply twice, so it is
         # refused (503, not applied) rather than written through.
@@ -278,7 +304,24 @@ def counter_update(
             bounds=(prepared.low, prepared.high),
             log=prepared.log,
         )
-    return _update_result(prepared, result, now)
+    return _update_result(prepared, result, now, others)
+
+
+def split_others(prepared: _PreparedUpdate) -> int:
+    """What the other shards of a split counter's value hold, read just after the update (0 for
+    a counter that is not split): its shard's share plus this is the value the update left."""
+    if prepared.counter.shards <= 1:
+        return 0
+    try:
+        raws = shard_values_read(counter=prepared.counter, subject=prepared.subject, window=prepared.window)
+    except StoreUnavailable as exc:
+        raise StoreUnavailable(f"applied, but the other shards could not be read: {exc}", maybe_applied=True) from exc
+    return split_others_of(prepared, raws)
+
+
+def split_others_of(prepared: _PreparedUpdate, raws: list) -> int:
+    """``split_others`` from the shards' ``VALUE_FIELDS`` as read."""
+    return sum(int(raw[0]) for shard, raw in enumerate(raws) if shard != prepared.shard)
 
 
 _OWN_KEYS, _OWN_ARGS = itemgetter(*keyspace.UPDATE_OWN_KEYS), itemgetter(*keyspace.UPDATE_OWN_ARGS)
@@ -287,7 +330,7 @@ _OWN_KEYS, _OWN_ARGS = itemgetter(*keyspace.UPDATE_OWN_KEYS), itemgetter(*keyspa
 def update_call(prepared: _PreparedUpdate) -> tuple[list[str], list]:
     """KEYS and ARGV of the ``UPDATE_SCRIPT`` call of one prepared update (with its Idempotency-Key)."""
     ms = prepared.args[7]
-    return _keyed_call(prepared.counter, prepared.keys, prepared.args, prepared.idempotency, ms)
+    return _keyed_call(prepared.unit, prepared.keys, prepared.args, prepared.idempotency, ms)
 
 
 def update_many_call(group: list[_PreparedUpdate]) -> tuple[list[str], list]:
@@ -305,7 +348,7 @@ def update_many_call(group: list[_PreparedUpdate]) -> tuple[list[str], list]:
         args += _OWN_ARGS(item.args)
         if keyed:
             idem = item.idempotency
-            keys.append(keyspace.idempotency_key(item.counter.id, idem.app_id, idem.key) if idem else item.keys[0])
+            keys.append(keyspace.idempotency_key(item.unit, idem.app_id, idem.key) if idem else item.keys[0])
             args.append(idem.fingerprint if idem else "")
     return keys, args
 
@@ -336,9 +379,9 @@ def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
     for _ in range(3):
         # Updates of one counter and period share everything but UPDATE_OWN_KEYS/ARGS: the same
         # bounds, time and thresholds (one counter_update_many call).
-        by_counter: dict[tuple[int, str], list[int]] = defaultdict(list)
+        by_counter: dict[tuple[keyspace.Unit, str], list[int]] = defaultdict(list)
         for i in todo:
-            by_counter[(prepared[i].counter.id, prepared[i].window.key)].append(i)
+            by_counter[(prepared[i].unit, prepared[i].window.key)].append(i)
         groups = list(by_counter.values())
         retry, cold, noscript = [], {}, False
         firsts = [prepared[g[0]].keys[0] for g in groups]
@@ -360,7 +403,7 @@ def _run_update_pipeline(prepared: list[_PreparedUpdate]) -> list[list]:
         if noscript:
             redis_call(lambda r: r.script_load(keyspace.UPDATE_MANY_SCRIPT))
         for item in cold.values():
-            value_hydrate(counter=item.counter, subject=item.subject, window=item.window)
+            value_hydrate(counter=item.counter, subject=item.subject, window=item.window, shard=item.shard)
         todo = sorted(retry)
     raise StoreUnavailable("values could not be hydrated")
 
@@ -379,6 +422,7 @@ def counter_update_many(
     now = clock.now()
     prepared = []
     windows: dict[int, periods.PeriodWindow] = {}  # one period computation per counter, not per item
+    shards: dict[int, int] = {}
     for index, update in enumerate(updates):
         counter = update.counter
         if counter.id not in windows:
@@ -396,6 +440,7 @@ def counter_update_many(
                     now=now,
                     window=windows[counter.id],
                     idempotency=update.idempotency,
+                    shards=shards,
                 )
             )
         except CounterError as exc:
@@ -403,9 +448,17 @@ def counter_update_many(
     store_reconcile_if_due()
     redis_batch_record(size=len(prepared))
     results: list[UpdateResult | OutOfLimits] = []
-    for item, reply in zip(prepared, _run_update_pipeline(prepared), strict=True):
+    replies = _run_update_pipeline(prepared)
+    split_values = {(item.counter.id, item.subject): item for item in prepared if item.counter.shards > 1}
+    shares = {
+        value: shard_values_read(counter=item.counter, subject=item.subject, window=item.window)
+        for value, item in split_values.items()
+    }
+    for item, reply in zip(prepared, replies, strict=True):
+        raws = shares.get((item.counter.id, item.subject))
+        others = split_others_of(item, raws) if raws else 0
         try:
-            results.append(_update_result(item, reply, now))
+            results.append(_update_result(item, reply, now, others))
         except (OutOfLimits, IdempotencyConflict) as exc:
             results.append(exc)
     return results

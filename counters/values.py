@@ -10,7 +10,7 @@ from django.utils.translation import gettext
 
 from archive.models import ResetLog
 
-from . import clock, keyspace, periods
+from . import clock, keyspace, periods, split
 from .config import CounterConfig
 from .errors import OutOfLimits, RuleViolation
 from .models import CounterValue, UniqueMember
@@ -163,12 +163,16 @@ def counter_opening_value(*, counter: CounterConfig, subject: str, period_key: s
     return _apply_strategy(counter, value)
 
 
-def members_to_store(counter: CounterConfig, window: periods.PeriodWindow) -> None:
-    """Add the period's unique members from PostgreSQL to the Redis set (a union; safe to repeat)."""
-    members_key = keyspace.members_key(counter.id, window.key)
+def members_to_store(counter: CounterConfig, window: periods.PeriodWindow, shard: int = 0) -> None:
+    """Add the period's unique members from PostgreSQL to the Redis set (a union; safe to repeat).
+
+    A split counter's shard gets the members it counts (``split.shard_of``)."""
+    members_key = keyspace.members_key(keyspace.unit(counter.id, shard), window.key)
     members = UniqueMember.objects.filter(counter_id=counter.id, period=window.key).values_list("member", flat=True)
     chunk: list[str] = []
     for member in members.iterator(chunk_size=MEMBER_CHUNK):
+        if counter.shards > 1 and not split.member_in_shard(counter, member, shard):
+            continue
         chunk.append(member)
         if len(chunk) >= MEMBER_CHUNK:
             redis_call(lambda r, c=chunk: r.sadd(members_key, *c), key=members_key)
@@ -177,14 +181,18 @@ def members_to_store(counter: CounterConfig, window: periods.PeriodWindow) -> No
         redis_call(lambda r: r.sadd(members_key, *chunk), key=members_key)
 
 
-def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow) -> None:
-    """Load a value (and the period's unique members) from PostgreSQL into Redis."""
-    row = (
-        CounterValue.objects.filter(counter_id=counter.id, subject=subject, period=window.key)
-        .values("value", "peak", "operations", "updated_at", "version")
-        .first()
-    )
+def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow, shard: int = 0) -> None:
+    """Load a value (and the period's unique members) from PostgreSQL into Redis; of a split
+    counter, one shard's share of it (``split.shard_base``)."""
+    rows = CounterValue.objects.filter(counter_id=counter.id, subject=subject, period=window.key)
+    fields = ["value", "peak", "operations", "updated_at", "version"]
+    if counter.shards > 1:
+        # One statement, one snapshot: a shard's flush changes its row and the total together.
+        rows, fields = split.with_shard_sums(rows), [*fields, *split.SUM_FIELDS]
+    row = rows.values(*fields).first()
     if row is None:
+        # Every shard of a split counter makes the row, so the opening value is always in it (shard
+        # 0's share: split.shard_base) whichever shard is hydrated first.
         opening = counter_opening_value(counter=counter, subject=subject, period_key=window.key)
         if opening != 0:
             obj, _ = CounterValue.objects.get_or_create(
@@ -195,14 +203,23 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
             )
             row = {"value": obj.value, "peak": obj.peak, "operations": obj.operations, "updated_at": obj.updated_at}
             row["version"] = obj.version
+    if row is None:
+        row = {"value": 0, "peak": 0, "operations": 0, "updated_at": None, "version": 0}
+    if counter.shards > 1:
+        if shard:
+            base = split.shard_base(counter_id=counter.id, subject=subject, period=window.key, shard=shard, row=None)
+            row = {"value": base[0], "peak": base[0], "operations": base[1], "updated_at": None, "version": base[2]}
         else:
-            row = {"value": 0, "peak": 0, "operations": 0, "updated_at": None, "version": 0}
+            value = row["value"] - (row.get("shards_value") or 0)
+            row = {**row, "value": value, "peak": value, "operations": row["operations"] - (row.get("shards_ops") or 0)}
     if counter.unique_members:
-        members_to_store(counter, window)
+        members_to_store(counter, window, shard)
     updated_ms = clock.to_ms(row["updated_at"]) if row["updated_at"] else 0
-    reset_at = manual_resets_get(items=[(counter.id, subject, window.key)]).get((counter.id, subject, window.key))
-    reset_ms = clock.to_ms(reset_at) if reset_at else ""
-    value_key = keyspace.value_key(counter.id, window.key, subject)
+    reset_ms = ""
+    if shard == 0:
+        reset_at = manual_resets_get(items=[(counter.id, subject, window.key)]).get((counter.id, subject, window.key))
+        reset_ms = clock.to_ms(reset_at) if reset_at else ""
+    value_key = keyspace.value_key(keyspace.unit(counter.id, shard), window.key, subject)
     redis_call(
         lambda r: scripts.hydrate(
             keys=[value_key],
@@ -218,6 +235,28 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
         ),
         key=value_key,
     )
+
+
+VALUE_FIELDS = ("v", "upd", keyspace.LAST_RESET_FIELD)
+
+
+def shard_values_read(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow) -> list[list]:
+    """``VALUE_FIELDS`` of each shard of a split counter's value (shard 0 first), hydrating a shard
+    that is not in Redis (``split.combine`` sums them)."""
+    keys = split.value_keys(counter, window.key, subject)
+
+    def read(r):
+        pipe = r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, *VALUE_FIELDS)
+        return pipe.execute()
+
+    raws = redis_call(read, keys=keys)
+    for shard, key in enumerate(keys):
+        if raws[shard][0] is None:
+            value_hydrate(counter=counter, subject=subject, window=window, shard=shard)
+            raws[shard] = redis_call(lambda r, k=key: r.hmget(k, *VALUE_FIELDS), key=key)
+    return raws
 
 
 def manual_resets_get(*, items: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], datetime]:
@@ -236,8 +275,9 @@ def manual_resets_get(*, items: list[tuple[int, str, str]]) -> dict[tuple[int, s
     return {(c, s, p): at for c, s, p, at in rows}
 
 
-def value_rebase(*, counter_id: int, period: str, subject: str, value: int, version: int) -> bool:
-    """Make a value's Redis copy continue from PostgreSQL's row (``value`` at ``version``).
+def value_rebase(*, counter_id: keyspace.Unit, period: str, subject: str, value: int, version: int) -> bool:
+    """Make a value's Redis copy continue from PostgreSQL's row (``value`` at ``version``); of a
+    split counter's shard (``counter_id`` its unit), from the shard's base (``split.shard_base``).
 
     Redis keeps what it has not moved to a flush batch yet on top of PostgreSQL's value. The
     caller holds the row's lock (``SELECT ... FOR UPDATE``), so no flush changes the row meanwhile.

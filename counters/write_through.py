@@ -9,7 +9,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 
-from . import clock, periods
+from . import clock, periods, split
 from .config import CounterConfig
 from .config import cache as config_cache
 from .flush import BUCKETS_UPSERT_SQL, EVENTS_INSERT_SQL, operation_log_insert
@@ -171,17 +171,23 @@ def store_reconcile(*, rounds: int = 20, pause_seconds: float = 0.05) -> Reconci
 def _reconcile_one(counter: CounterConfig, mark: WrittenThroughValue) -> bool:
     if counter.unique_members:
         window = periods.PeriodWindow(mark.period, None, None)
-        members_to_store(counter, window)
+        for shard in range(counter.shards):
+            members_to_store(counter, window, shard)
     with transaction.atomic():
         row = (
             CounterValue.objects.select_for_update()
             .filter(counter_id=counter.id, subject=mark.subject, period=mark.period)
-            .values_list("value", "version")
+            .values_list("value", "operations", "version")
             .first()
         )
         if row is None:
             return True
-        value, version = row
+        value, _, version = row
+        if counter.shards > 1:
+            # Written through onto the total: shard 0 takes it (split.shard_base).
+            value, _, version = split.shard_base(
+                counter_id=counter.id, subject=mark.subject, period=mark.period, shard=0, row=row
+            )
         return value_rebase(
             counter_id=counter.id, period=mark.period, subject=mark.subject, value=value, version=version
         )

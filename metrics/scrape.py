@@ -11,7 +11,7 @@ from django.conf import settings
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from counters import clock, keyspace, periods, selectors
+from counters import clock, keyspace, periods, selectors, split
 from counters.config import CounterConfig
 from counters.config import cache as config_cache
 from counters.redis_store import StoreUnavailable, redis_call
@@ -92,7 +92,9 @@ class StoreCollector(Collector):
         snapshot = config_cache.get()
         now_ms = clock.to_ms(clock.now())
         try:
-            pending = pending_state(counter_ids=sorted(snapshot.counters_by_id))
+            # Every shard of a split counter has its own pending hash (docs/splitting.md).
+            units = [u for cid in sorted(snapshot.counters_by_id) for u in split.units(snapshot.counters_by_id[cid])]
+            pending = pending_state(counter_ids=units)
             done = redis_call(lambda r: r.get(keyspace.ARCHIVE_DONE_KEY))
             exported = exported_counters(counters=snapshot.counters, apps=snapshot.apps_by_slug)
             values = selectors.counter_values_get(items=[(c, "") for c in exported]) if exported else []

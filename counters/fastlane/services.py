@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from django.conf import settings
 
-from .. import clock, keyspace, periods, presence, selectors, services, values, write_through
+from .. import clock, keyspace, periods, presence, selectors, services, split, values, write_through
 from ..config import CounterConfig
 from ..errors import CounterError, IdempotencyConflict, OutOfLimits
 from ..redis_store import StoreUnavailable
@@ -32,8 +32,34 @@ async def _run_update(prepared: services._PreparedUpdate) -> list:
         if result[0] != b"HYDRATE":
             return result
         counter, subject, window = prepared.counter, prepared.subject, prepared.window
-        await offload(values.value_hydrate, counter=counter, subject=subject, window=window)
+        await offload(values.value_hydrate, counter=counter, subject=subject, window=window, shard=prepared.shard)
     raise StoreUnavailable("value could not be hydrated")
+
+
+async def _shard_values(counter: CounterConfig, subject: str, window: periods.PeriodWindow) -> list[list]:
+    """``values.shard_values_read``: one HMGET per shard in the shared round trip (per node)."""
+    store = lane_store()
+    keys = split.value_keys(counter, window.key, subject)
+    raws = list(await asyncio.gather(*(store.command("HMGET", key, *values.VALUE_FIELDS) for key in keys)))
+    for shard, key in enumerate(keys):
+        if raws[shard][0] is None:
+            await offload(values.value_hydrate, counter=counter, subject=subject, window=window, shard=shard)
+            raws[shard] = await store.command("HMGET", key, *values.VALUE_FIELDS)
+    return raws
+
+
+async def _run_split_update(prepared: services._PreparedUpdate) -> tuple[list, int]:
+    """A split counter's update and the read of its other shards, side by side in one round trip:
+    the reply and ``services.split_others``."""
+    counter, subject, window = prepared.counter, prepared.subject, prepared.window
+    result, raws = await asyncio.gather(
+        _run_update(prepared), _shard_values(counter, subject, window), return_exceptions=True
+    )
+    if isinstance(result, BaseException):
+        raise result
+    if isinstance(raws, BaseException):
+        raise StoreUnavailable(f"applied, but the other shards could not be read: {raws}", maybe_applied=True)
+    return result, services.split_others_of(prepared, raws)
 
 
 async def counter_update(
@@ -67,7 +93,10 @@ async def counter_update(
     )
     try:
         await _reconcile_if_due()
-        result = await _run_update(prepared)
+        if counter.shards > 1:
+            result, others = await _run_split_update(prepared)
+        else:
+            result, others = await _run_update(prepared), 0
     except StoreUnavailable as exc:
         # A key is recorded in Redis only: a keyed write is refused rather than written through.
         if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied or idempotency:
@@ -84,7 +113,7 @@ async def counter_update(
             bounds=(prepared.low, prepared.high),
             log=prepared.log,
         )
-    return services._update_result(prepared, result, now)
+    return services._update_result(prepared, result, now, others)
 
 
 async def presence_update(
@@ -115,9 +144,9 @@ async def _run_update_many(prepared: list) -> list[list]:
     results: list = [None] * len(prepared)
     todo = list(range(len(prepared)))
     for _ in range(3):
-        groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+        groups: dict[tuple[keyspace.Unit, str], list[int]] = defaultdict(list)
         for i in todo:
-            groups[(prepared[i].counter.id, prepared[i].window.key)].append(i)
+            groups[(prepared[i].unit, prepared[i].window.key)].append(i)
         calls = []
         for group in groups.values():
             keys, args = services.update_many_call([prepared[i] for i in group])
@@ -133,7 +162,8 @@ async def _run_update_many(prepared: list) -> list[list]:
         if not retry:
             return results
         for item in cold.values():
-            await offload(values.value_hydrate, counter=item.counter, subject=item.subject, window=item.window)
+            counter, subject, window, shard = item.counter, item.subject, item.window, item.shard
+            await offload(values.value_hydrate, counter=counter, subject=subject, window=window, shard=shard)
         todo = sorted(retry)
     raise StoreUnavailable("values could not be hydrated")
 
@@ -149,6 +179,7 @@ async def counter_update_many(
     # checks and script arguments depend only on the item and the request's time, so an item
     # equal to an earlier one (without metadata) reuses its preparation.
     seen: dict[tuple, services._PreparedUpdate] = {}
+    shards: dict[int, int] = {}
     for index, update in enumerate(updates):
         counter = update.counter
         plain = update.metadata is None and update.idempotency is None
@@ -171,6 +202,7 @@ async def counter_update_many(
                 now=now,
                 window=windows[counter.id],
                 idempotency=update.idempotency,
+                shards=shards,
             )
         except CounterError as exc:
             raise type(exc)(f"updates[{index}]: {exc.message}") from exc
@@ -178,10 +210,16 @@ async def counter_update_many(
         if same is not None:
             seen[same] = item
     await _reconcile_if_due()
+    replies = await _run_update_many(prepared)
+    split_values = {(item.counter.id, item.subject): item for item in prepared if item.counter.shards > 1}
+    read = [_shard_values(item.counter, item.subject, item.window) for item in split_values.values()]
+    shares = dict(zip(split_values, await asyncio.gather(*read), strict=True))
     results = []
-    for item, reply in zip(prepared, await _run_update_many(prepared), strict=True):
+    for item, reply in zip(prepared, replies, strict=True):
+        raws = shares.get((item.counter.id, item.subject))
+        others = services.split_others_of(item, raws) if raws else 0
         try:
-            results.append(services._update_result(item, reply, now))
+            results.append(services._update_result(item, reply, now, others))
         except (OutOfLimits, IdempotencyConflict) as exc:
             results.append(exc)
     return results
@@ -209,16 +247,19 @@ async def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[
 
 
 async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
-    """``selectors._values_from_store``: one HMGET per value, or for a presence counter one sweeping
-    count of its leases at the moment of the read, all in the shared round trip."""
+    """``selectors._values_from_store``: one HMGET per value (per shard of a split counter), or for
+    a presence counter one sweeping count of its leases at the moment of the read, all in the
+    shared round trip."""
     store = lane_store()
     keys = [keyspace.value_key(c.id, w.key, s) for (c, s), w in zip(items, windows, strict=True)]
-    fields = ("v", "upd", keyspace.LAST_RESET_FIELD)
+    fields = values.VALUE_FIELDS
     calls = []
-    for (counter, _), window, key in zip(items, windows, keys, strict=True):
+    for (counter, subject), window, key in zip(items, windows, keys, strict=True):
         if counter.is_presence:
             keys_args = presence.presence_read_call(counter=counter, window=window, now=now)
             calls.append(store.script_now("presence", *keys_args))
+        elif counter.shards > 1:
+            calls.append(_shard_values(counter, subject, window))
         else:
             calls.append(store.command("HMGET", key, *fields))
     replies = await asyncio.gather(*calls, return_exceptions=True)
@@ -234,7 +275,9 @@ async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
             continue
         if isinstance(raw, BaseException):
             raise raw
-        if raw[0] is None:
+        if counter.shards > 1:
+            raw = split.combine(raw)
+        elif raw[0] is None:
             await offload(values.value_hydrate, counter=counter, subject=subject, window=window)
             raw = await store.command("HMGET", key, *fields)
         views.append(selectors._to_view(counter, subject, window, raw))

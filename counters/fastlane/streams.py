@@ -482,6 +482,13 @@ async def serve_stream(scope, receive, send) -> None:
             counters, last_id = apis.stream_targets(request)
         finally:
             pinned.reset(token)
+        if any(c.shards > 1 for c in counters):
+            # A split counter's shards publish their own shares (docs/splitting.md): such a stream
+            # is answered as CounterStreamView does, the summed values and a retry, and polls.
+            views = await lane.counter_values_get(items=[(c, "") for c in counters])
+            await _send_polled(send, views, last_id)
+            _record(scope, 200, watch)
+            return
         stream = Stream(counters)
         await the_hub.join(stream)
         views = await lane.counter_values_get(items=[(c, "") for c in counters])
@@ -539,6 +546,13 @@ async def serve_stream(scope, receive, send) -> None:
         watcher.cancel()
         the_hub.leave(stream)
         stream_open_record(delta=-1)
+
+
+async def _send_polled(send, views, last_id: int) -> None:
+    """``CounterStreamView``'s answer: the current values and a ``retry``, then the end."""
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": apis.stream_polled_body(views, last_id), "more_body": False})
+    stream_events_record(count=len(views))
 
 
 def _record(scope, status: int, watch: Stopwatch) -> None:
