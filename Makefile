@@ -58,7 +58,7 @@ test: $(BIN)/.installed services browser prometheus lint
 CLUSTER_SUITES ?= tests/test_cluster.py tests/test_rest_v1.py tests/test_functions.py tests/test_core_durability.py \
 	tests/test_flush_copy.py tests/test_periods.py tests/test_thresholds.py tests/test_failure_modes.py \
 	tests/test_reliability.py tests/test_batch_update.py tests/test_idempotency.py tests/test_archive.py \
-	tests/test_presence.py tests/test_presence_api.py tests/test_fast_lane.py tests/test_streams.py
+	tests/test_presence.py tests/test_presence_api.py tests/test_fast_lane.py tests/test_streams.py tests/test_split.py
 test-cluster: $(BIN)/.installed services
 	TEST_REDIS_CLUSTER=1 $(BIN)/pytest $(CLUSTER_SUITES) $(PYTEST_ARGS)
 

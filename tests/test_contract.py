@@ -29,7 +29,7 @@ def test_the_rest_v1_and_cloud_function_suites_pass_through_the_real_server():
         "TEST_REDIS_URL": settings.REDIS_URL,
         "TEST_BROKER_URL": settings.CELERY_BROKER_URL,
     }
-    suites = ["tests/test_rest_v1.py", "tests/test_functions.py", "tests/test_presence_api.py"]
+    suites = ["tests/test_rest_v1.py", "tests/test_functions.py", "tests/test_presence_api.py", "tests/test_split.py"]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider", "--create-db"],
         cwd=ROOT,

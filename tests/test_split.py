@@ -1,0 +1,260 @@
+"""Hot-counter splitting (docs/splitting.md): a counter spread over N shards, each under its own hash
+tag, summed on read and merged by the flusher into the value's one PostgreSQL row, exactly."""
+
+import signal
+
+import pytest
+import requests
+from django.core.exceptions import ValidationError
+from redis.crc import key_slot
+
+from counters import config, keyspace
+from counters.flush import counters_flush
+from counters.models import App, Counter, CounterValue, CounterValueShard, Threshold, ThresholdEvent, UniqueMember
+
+from .http import post
+from .processes import Gunicorn, wait_until
+from .test_core_durability import flush_in_subprocess, hammer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SHARDS = 4
+
+
+@pytest.fixture
+def games(builtins):
+    """``launch_games``: a plain counter of the default app split over four shards."""
+    Counter.objects.create(app=App.objects.get(slug="default"), name="launch_games", shards=SHARDS, public=True)
+    config.cache.invalidate()
+    return Counter.objects.get(name="launch_games")
+
+
+def shard_values(store, counter: Counter, period: str = "") -> list[int | None]:
+    keys = [keyspace.value_key(keyspace.unit(counter.id, k), period, "") for k in range(counter.shards)]
+    return [None if raw is None else int(raw) for raw in (store.hget(key, "v") for key in keys)]
+
+
+def increment(client, writer, name: str, body: dict | None = None, **headers):
+    return post(client, f"/api/v1/counter/{name}/increment", body or {}, {**writer, **headers})
+
+
+def read(client, name: str) -> int:
+    return client.get(f"/api/v1/counter/{name}").json()["value"]
+
+
+def test_updates_spread_over_the_shards_and_every_reply_and_read_is_the_total(client, writer, games, store):
+    replies = [increment(client, writer, "launch_games").json()["current_value"] for _ in range(120)]
+    # One writer at a time: each reply is the total just after its own increment.
+    assert replies == list(range(1, 121))
+    assert read(client, "launch_games") == 120
+    shares = shard_values(store, games)
+    assert sum(shares) == 120
+    assert sum(1 for share in shares if share) >= 3, shares  # random shards: all but never 1 of 4 used
+    # Each shard's keys hash to their own slot (in a Redis Cluster: spread over the primaries).
+    slots = {key_slot(keyspace.value_key(keyspace.unit(games.id, k), "", "").encode()) for k in range(SHARDS)}
+    assert len(slots) == SHARDS
+
+    counters_flush()
+    row = CounterValue.objects.get(counter=games)
+    assert (row.value, row.operations, row.peak) == (120, 120, 120)
+    shard_rows = CounterValueShard.objects.filter(counter=games)
+    assert sum(r.value for r in shard_rows) + shares[0] == 120
+    assert {r.shard: r.value for r in shard_rows} == {k: v for k, v in enumerate(shares) if k and v}
+
+    # A second round moves only the new deltas, under the next versions.
+    for _ in range(30):
+        increment(client, writer, "launch_games", {"value": 2})
+    counters_flush()
+    counters_flush()
+    row.refresh_from_db()
+    assert (row.value, row.operations) == (180, 150)
+    assert read(client, "launch_games") == 180
+
+
+def test_a_batch_and_the_cloud_functions_see_the_total(client, writer, games):
+    increment(client, writer, "launch_games", {"value": 10})
+    updates = [{"name": "launch_games", "value": 1} for _ in range(20)] + [{"name": "matches_running", "value": 1}]
+    reply = post(client, "/api/v1/counters/batch", {"updates": updates}, writer)
+    assert reply.status_code == 200, reply.content
+    values = [r["current_value"] for r in reply.json()["results"]]
+    assert values[:20] == list(range(11, 31)) and values[20] == 1
+    many = client.get("/api/v1/counters?names=launch_games,matches_running").json()
+    assert [c["value"] for c in many["counters"]] == [30, 1]
+    body = {"appId": "default", "counterType": "app", "counterId": "launch_games"}
+    got = post(client, "/api/v1/functions/getCounter", body, writer)
+    assert got.json()["data"]["currentValue"] == 30, got.content
+    increased = post(client, "/api/v1/functions/increaseCounter", {**body, "increment": 4}, writer).json()["data"]
+    assert (increased["oldValue"], increased["newValue"]) == (30, 34)
+    counters_flush()
+    assert CounterValue.objects.get(counter=games).value == 34
+
+
+def test_unique_members_are_counted_once_across_shards(client, writer, builtins, store):
+    Counter.objects.create(
+        app=App.objects.get(slug="default"), name="launch_players", shards=SHARDS, unique_members=True, public=True
+    )
+    config.cache.invalidate()
+    counter = Counter.objects.get(name="launch_players")
+    for _ in range(3):
+        for user in range(40):
+            increment(client, writer, "launch_players", {"user_id": f"p{user}"})
+    assert read(client, "launch_players") == 40
+    assert sum(1 for share in shard_values(store, counter) if share) >= 3
+    counters_flush()
+    assert CounterValue.objects.get(counter=counter).value == 40
+    assert UniqueMember.objects.filter(counter=counter).count() == 40
+
+    # Redis loses every shard: each one hydrates its share and its own members, no one counts twice.
+    store.delete(*store.keys(f"cs:{{c{counter.id}*"))
+    for user in range(45):
+        increment(client, writer, "launch_players", {"user_id": f"p{user}"})
+    assert read(client, "launch_players") == 45
+    counters_flush()
+    assert CounterValue.objects.get(counter=counter).value == 45
+
+
+def test_a_retried_idempotent_increment_applies_once(client, writer, games):
+    first = increment(client, writer, "launch_games", {"value": 5}, HTTP_IDEMPOTENCY_KEY="launch-1")
+    again = increment(client, writer, "launch_games", {"value": 5}, HTTP_IDEMPOTENCY_KEY="launch-1")
+    assert first.status_code == again.status_code == 200
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    other = increment(client, writer, "launch_games", {"value": 7}, HTTP_IDEMPOTENCY_KEY="launch-1")
+    assert other.status_code == 409
+    assert read(client, "launch_games") == 5
+
+
+def test_a_shard_lost_from_redis_comes_back_from_postgresql(client, writer, games, store):
+    for _ in range(60):
+        increment(client, writer, "launch_games")
+    counters_flush()
+    lost = next(k for k, share in enumerate(shard_values(store, games)) if k and share)
+    unit = keyspace.unit(games.id, lost)
+    store.delete(*store.keys(f"cs:{{c{unit}}}:*"))
+    assert read(client, "launch_games") == 60
+    for _ in range(40):
+        increment(client, writer, "launch_games")
+    assert read(client, "launch_games") == 100
+    counters_flush()
+    assert CounterValue.objects.get(counter=games).value == 100
+
+
+def test_thresholds_of_a_split_counter_fire_once_at_the_flush_that_crosses_them(client, writer, games):
+    Threshold.objects.create(counter=games, value=50)
+    config.cache.invalidate()
+    for _ in range(40):
+        increment(client, writer, "launch_games")
+    counters_flush()
+    assert not ThresholdEvent.objects.exists()
+    for _ in range(20):
+        increment(client, writer, "launch_games")
+    assert not ThresholdEvent.objects.exists()  # detected by the flusher, from the totals
+    counters_flush()
+    assert ThresholdEvent.objects.filter(counter=games).count() == 1
+    for _ in range(20):
+        increment(client, writer, "launch_games")
+    counters_flush()
+    assert ThresholdEvent.objects.filter(counter=games).count() == 1
+
+
+def test_what_a_split_counter_cannot_keep_exactly_is_refused(client, writer, games):
+    # Counts up only while it has a lower bound; no reset to a value.
+    reply = post(client, "/api/v1/counter/launch_games/decrement", {}, writer)
+    assert reply.status_code == 409 and "split over 4 shards" in reply.json()["error"]["message"]
+    reply = post(client, "/api/v1/counter/launch_games/reset", {"reason": "test"}, writer)
+    assert reply.status_code == 409 and "split over 4 shards" in reply.json()["error"]["message"]
+    assert read(client, "launch_games") == 0
+    # Without a lower bound it decrements like any counter.
+    games.allow_negative = True
+    games.save()
+    assert post(client, "/api/v1/counter/launch_games/decrement", {"value": 3}, writer).status_code == 200
+    assert read(client, "launch_games") == -3
+
+
+@pytest.mark.in_process
+@pytest.mark.parametrize(
+    ("fields", "refused"),
+    [
+        ({"max_value": 100}, "max_value"),
+        ({"log_operations": True}, "operation log"),
+        ({"kind": "presence"}, "presence"),
+        ({"period": "daily", "reset_strategy": "keep"}, "reset strategy 'keep'"),
+    ],
+)
+def test_split_counter_configuration_that_could_not_be_exact_is_refused(builtins, fields, refused):
+    counter = Counter(app=App.objects.get(slug="default"), name="launch_x", shards=2, **fields)
+    with pytest.raises(ValidationError, match=refused):
+        counter.full_clean()
+    Counter(app=App.objects.get(slug="default"), name="launch_x", **fields).full_clean()  # unsplit: fine
+
+
+@pytest.mark.in_process
+def test_shards_grow_but_never_shrink_and_a_unique_counter_keeps_its_count(games):
+    games.shards = 8
+    games.full_clean()
+    games.save()
+    games.shards = 2
+    with pytest.raises(ValidationError, match="never shrink"):
+        games.full_clean()
+    unique = Counter.objects.create(app=games.app, name="launch_u", shards=2, unique_members=True)
+    unique.shards = 4
+    with pytest.raises(ValidationError, match="unique-member"):
+        unique.full_clean()
+
+
+@pytest.mark.in_process
+def test_the_admin_form_shows_the_refusal(admin_client, games):
+    url = f"/admin/counters/counter/{games.pk}/change/"
+    page = admin_client.get(url)
+    assert page.status_code == 200 and b'name="shards"' in page.content
+    form = page.context["adminform"].form
+    data = {name: form[name].value() for name in form.fields if form[name].value() is not None}
+    data.update({"max_value": "10", "thresholds-TOTAL_FORMS": "0", "thresholds-INITIAL_FORMS": "0"})
+    reply = admin_client.post(url, data)
+    assert reply.status_code == 200
+    assert b"A split counter cannot have max_value" in reply.content
+    assert Counter.objects.get(pk=games.pk).max_value is None
+
+
+def test_a_stream_of_a_split_counter_sends_the_total_and_polls(client, writer, games):
+    for _ in range(25):
+        increment(client, writer, "launch_games")
+    reply = client.get("/api/v1/stream?names=launch_games,matches_running", HTTP_LAST_EVENT_ID="7")
+    assert reply.status_code == 200
+    body = b"".join(reply.streaming_content) if getattr(reply, "streaming", False) else reply.content
+    assert body == (
+        b"retry: 1000\n\n"
+        b'id: 8\ndata: {"name":"launch_games","value":25}\n\n'
+        b'id: 9\ndata: {"name":"matches_running","value":0}\n\n'
+    )
+
+
+@pytest.mark.in_process
+def test_concurrent_increments_through_the_real_server_are_exact(games, make_key, store):
+    """1,000 increments from 50 threads against gunicorn (two workers, the fast lane): the sum, the
+    shards and PostgreSQL after a flush all say 1,000."""
+    key = make_key(("write",))
+    web = Gunicorn()
+    try:
+        codes = hammer(f"{web.url}/api/v1/counter/launch_games/increment", key, total=1000, threads=50)
+        assert codes == [200] * 1000
+        assert requests.get(f"{web.url}/api/v1/counter/launch_games", timeout=10).json()["value"] == 1000
+    finally:
+        web.stop()
+    assert sum(shard_values(store, games)) == 1000
+    counters_flush()
+    assert CounterValue.objects.get(counter=games).value == 1000
+
+
+@pytest.mark.in_process
+@pytest.mark.parametrize("crash_point", ["after_move", "before_commit", "after_commit"])
+def test_a_flusher_killed_mid_flush_applies_each_shard_exactly_once(client, writer, games, store, crash_point):
+    for _ in range(40):
+        increment(client, writer, "launch_games")
+    crashed = flush_in_subprocess(COUNTER_TEST_CRASH_POINT=crash_point, COUNTER_FLUSH_LOCK_SECONDS="1")
+    assert crashed.returncode == -signal.SIGKILL
+    increment(client, writer, "launch_games", {"value": 5})
+    wait_until(lambda: "flushed" in flush_in_subprocess().stdout, timeout=30, what="a flush after the lock expired")
+    counters_flush()
+    assert CounterValue.objects.get(counter=games).value == 45
+    assert read(client, "launch_games") == 45
+    assert all(not store.smembers(keyspace.batches_key(keyspace.unit(games.id, k))) for k in range(SHARDS))
