@@ -9,6 +9,10 @@ lane's coalescers do). Single Redis and cluster alternate for ``rounds`` rounds.
 updates/s, and the Redis CPU per update (the redis-servers' own CPU time from ``/proc``, primaries
 and replicas, divided by the updates) — the figure a capacity plan divides a core by, which does not
 depend on how loaded the machine is as much as the throughput does.
+
+Two more cases drive one hot counter on the cluster: unsplit (every update on one primary), and
+split over ``HOT_SHARDS`` shards (docs/splitting.md). For those the busiest primary's share of the
+primaries' CPU says how far the load spread: 100 % on one node unsplit.
 """
 
 import multiprocessing
@@ -30,6 +34,7 @@ from tests.processes import PrivateCluster, free_port, wait_until  # noqa: E402
 
 COUNTERS = 3000
 PIPELINE = 200
+HOT_SHARDS = 6
 PERIOD = "2026-12-01"
 
 
@@ -76,8 +81,9 @@ def cpu_seconds(pid: int) -> float:
 
 def run(
     ports_by_counter: dict[int, int], pids: list[int], seconds: float, clients: int, primaries: list[int]
-) -> tuple[float, float, float]:
-    """(updates/s, Redis CPU µs per update: all servers, primaries only) of one run."""
+) -> tuple[float, float, float, float]:
+    """(updates/s, Redis CPU µs per update: all servers, primaries only, the busiest primary's share
+    of the primaries' CPU) of one run."""
     queue = multiprocessing.Queue()
     start_at = time.time() + 0.5
     procs = [
@@ -92,7 +98,9 @@ def run(
     for proc in procs:
         proc.join()
     per = 1e6 / max(updates, 1)
-    return updates / seconds, sum(spent.values()) * per, sum(spent[pid] for pid in primaries) * per
+    on_primaries = sum(spent[pid] for pid in primaries)
+    busiest = max(spent[pid] for pid in primaries) / on_primaries if on_primaries else 1.0
+    return updates / seconds, sum(spent.values()) * per, on_primaries * per, busiest
 
 
 def main(seconds: float, clients: int, rounds: int) -> int:
@@ -112,20 +120,38 @@ def main(seconds: float, clients: int, rounds: int) -> int:
         for port in set(on_cluster.values()):
             hydrate(redis.Redis(port=port), [cid for cid, p in on_cluster.items() if p == port])
         primary_pids = [cluster.processes[port].pid for port in cluster.primaries()]
+        # One hot counter (id 1), unsplit and split: its shards' units (keyspace.unit) where their
+        # slots put them.
+        hot = {
+            keyspace.unit(1, k): cluster.port_of_key(keyspace.pending_key(keyspace.unit(1, k)))
+            for k in range(HOT_SHARDS)
+        }
+        for port in set(hot.values()):
+            hydrate(redis.Redis(port=port), [unit for unit, p in hot.items() if p == port and unit != 1])
+        all_pids = [p.pid for p in cluster.processes.values()]
         cases = {
             "single Redis": ({cid: single_port for cid in counter_ids}, [single.pid], [single.pid]),
-            "cluster, 3 primaries": (on_cluster, [p.pid for p in cluster.processes.values()], primary_pids),
+            "cluster, 3 primaries": (on_cluster, all_pids, primary_pids),
+            "cluster, 1 hot counter": ({1: hot[1]}, all_pids, primary_pids),
+            f"  same, {HOT_SHARDS} shards": (hot, all_pids, primary_pids),
         }
-        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cases}
+        results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in cases}
         for _ in range(rounds):
             for name, (ports, pids, primaries) in cases.items():
                 results[name].append(run(ports, pids, seconds, clients, primaries))
         print(f"cluster_bench: {clients} client processes, {seconds:.0f}s a run, {rounds} rounds; load {load()}")
-        print(f"{'store':22} {'updates/s (median)':>19} {'best':>8}   Redis CPU µs/update: all, primaries")
+        print(f"hot counter: {HOT_SHARDS} shards on primaries {sorted(set(hot.values()))} (ports)")
+        print(
+            f"{'store':22} {'updates/s (median)':>19} {'best':>8}   Redis CPU µs/update: all, primaries;"
+            " busiest primary's share"
+        )
         for name, rows in results.items():
-            rates = [rate for rate, _, _ in rows]
-            cpu, primary_cpu = (statistics.median(row[i] for row in rows) for i in (1, 2))
-            print(f"{name:22} {statistics.median(rates):19,.0f} {max(rates):8,.0f} {cpu:25.1f} {primary_cpu:10.1f}")
+            rates = [row[0] for row in rows]
+            cpu, primary_cpu, busiest = (statistics.median(row[i] for row in rows) for i in (1, 2, 3))
+            print(
+                f"{name:22} {statistics.median(rates):19,.0f} {max(rates):8,.0f} {cpu:25.1f} {primary_cpu:10.1f}"
+                f" {busiest:8.0%}"
+            )
     finally:
         single.kill()
         cluster.close()
