@@ -253,16 +253,30 @@ async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
     store = lane_store()
     keys = [keyspace.value_key(c.id, w.key, s) for (c, s), w in zip(items, windows, strict=True)]
     fields = values.VALUE_FIELDS
-    calls = []
-    for (counter, subject), window, key in zip(items, windows, keys, strict=True):
+    # The plain values' HMGETs go together (one future for all of them); the others each their own call.
+    plain = [i for i, (counter, _) in enumerate(items) if not counter.is_presence and counter.shards <= 1]
+    if len(plain) > 1:
+        calls = [store.commands([("HMGET", keys[i], *fields) for i in plain])]
+    elif plain:
+        calls = [_as_list(store.command("HMGET", keys[plain[0]], *fields))]
+    else:
+        calls = []
+    for (counter, subject), window in zip(items, windows, strict=True):
         if counter.is_presence:
             keys_args = presence.presence_read_call(counter=counter, window=window, now=now)
             calls.append(store.script_now("presence", *keys_args))
         elif counter.shards > 1:
             calls.append(_shard_values(counter, subject, window))
-        else:
-            calls.append(store.command("HMGET", key, *fields))
-    replies = await asyncio.gather(*calls, return_exceptions=True)
+    done = iter(await asyncio.gather(*calls, return_exceptions=True))
+    replies: list = [None] * len(items)
+    if plain:
+        together = next(done)
+        if isinstance(together, BaseException):  # the round trip failed: every plain value with it
+            together = [together] * len(plain)
+        for i, reply in zip(plain, together, strict=True):
+            replies[i] = reply
+    for i in sorted(set(range(len(items))) - set(plain)):
+        replies[i] = next(done)
     views = []
     for (counter, subject), window, key, raw in zip(items, windows, keys, replies, strict=True):
         if counter.is_presence:
@@ -282,6 +296,10 @@ async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
             raw = await store.command("HMGET", key, *fields)
         views.append(selectors._to_view(counter, subject, window, raw))
     return views
+
+
+async def _as_list(call) -> list:
+    return [await call]
 
 
 async def counter_value_get(*, counter: CounterConfig, subject: str = "") -> selectors.ValueView:

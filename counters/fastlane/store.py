@@ -63,7 +63,8 @@ class Coalescer:
         self.client = client
         self.breaker = guard
         self._on_failure = on_failure
-        self._queue: list[tuple[tuple, asyncio.Future]] = []
+        # (command, its future, 0) or, for ``call_many``, (commands, one future for all, how many)
+        self._queue: list[tuple[tuple, asyncio.Future, int]] = []
         self._scheduled = False
         self._sending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         # Observability for the tests and benchmarks: how many round trips carried how many commands.
@@ -74,8 +75,20 @@ class Coalescer:
         if self.breaker is not breaker:
             breaker.before_call()  # the store-wide one: open, the whole store is out
         self.breaker.before_call()
+        return self._queued(command, 0)
+
+    def call_many(self, commands: tuple) -> asyncio.Future:
+        """Several commands of one request, in this loop turn's round trip, with one future: their
+        replies in order, an error reply as its exception object (one future instead of one per
+        command: a read of ten values, bench/README.md)."""
+        if self.breaker is not breaker:
+            breaker.before_call()
+        self.breaker.before_call()
+        return self._queued(commands, len(commands))
+
+    def _queued(self, command: tuple, many: int) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((command, future))
+        self._queue.append((command, future, many))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -84,22 +97,25 @@ class Coalescer:
     def _flush(self) -> None:
         self._scheduled = False
         queue, self._queue = self._queue, []
-        batch: list[tuple[tuple, asyncio.Future]] = []
-        size = 0
+        batch: list[tuple[tuple, asyncio.Future, int]] = []
+        size = count = 0
         for item in queue:
-            if batch and (len(batch) >= MAX_PIPELINE or size + len(item[0]) > MAX_PIPELINE_ARGS):
+            command, _, many = item
+            length = sum(map(len, command)) if many else len(command)
+            if batch and (count >= MAX_PIPELINE or size + length > MAX_PIPELINE_ARGS):
                 self._start(batch)
-                batch, size = [], 0
+                batch, size, count = [], 0, 0
             batch.append(item)
-            size += len(item[0])
+            size += length
+            count += many or 1
         self._start(batch)
 
-    def _start(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+    def _start(self, batch: list[tuple[tuple, asyncio.Future, int]]) -> None:
         task = asyncio.ensure_future(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+    async def _send(self, batch: list[tuple[tuple, asyncio.Future, int]]) -> None:
         """Every command written at once (packed by hiredis), then each reply read and handed over in order.
 
         redis-py's own pipeline packs arguments in Python, which cost more than the rest of an
@@ -107,8 +123,9 @@ class Coalescer:
         read before a connection failure still reaches its request: that command did run.
         """
         self.round_trips += 1
-        self.commands += len(batch)
-        redis_batch_record(size=len(batch))
+        commands = sum(many or 1 for _, _, many in batch)
+        self.commands += commands
+        redis_batch_record(size=commands)
         pool = self.client.connection_pool
         answered = 0
         sent = False
@@ -120,11 +137,23 @@ class Coalescer:
                     # it; connect afresh, a refusal is then a clean "not applied" failure.
                     await connection.disconnect(nowait=True)
                     await connection.connect()
-                packed = b"".join(hiredis.pack_command(command) for command, _ in batch)
+                pack = hiredis.pack_command
+                packed = b"".join(b"".join(map(pack, c)) if many else pack(c) for c, _, many in batch)
                 await connection.send_packed_command(packed, check_health=False)
                 sent = True
                 reader = connection._parser._reader
-                for _, future in batch:
+                for _, future, many in batch:
+                    if many:
+                        replies = []
+                        for _ in range(many):
+                            reply = _buffered_reply(reader)
+                            if reply is NOT_ENOUGH_DATA:
+                                reply = await _next_reply(connection, reader)
+                            replies.append(reply)
+                        answered += 1
+                        if not future.done():
+                            future.set_result(replies)
+                        continue
                     reply = _buffered_reply(reader)
                     if reply is NOT_ENOUGH_DATA:
                         try:
@@ -148,7 +177,7 @@ class Coalescer:
             # failing to connect or to write is a clean failure (write-through or a 503).
             error = StoreUnavailable(str(exc), maybe_applied=sent and not _failed_while_connecting(exc))
             redis_round_trip_record(ok=False)
-            for _, future in batch[answered:]:
+            for _, future, _ in batch[answered:]:
                 self.breaker.record_failure()
                 if not future.done():
                     future.set_exception(error)
@@ -156,12 +185,23 @@ class Coalescer:
                 self._on_failure()
             return
         except BaseException as exc:
-            for _, future in batch[answered:]:
+            for _, future, _ in batch[answered:]:
                 if not future.done():
                     future.set_exception(exc)
             raise
         redis_round_trip_record(ok=True)
         self.breaker.record_success()
+
+
+async def _next_reply(connection, reader):
+    """The next reply, an error reply as its exception (``_buffered_reply``, else the connection's read)."""
+    reply = _buffered_reply(reader)
+    if reply is NOT_ENOUGH_DATA:
+        try:
+            reply = await connection.read_response()
+        except redis.exceptions.ResponseError as exc:
+            reply = exc
+    return reply
 
 
 def _buffered_reply(reader):
@@ -223,6 +263,14 @@ class LaneStore:
             return self.coalescer.call(*command)
         # A task, so that it is queued in this loop turn like a command to one Redis.
         return asyncio.ensure_future(self._routed(command[3] if command[0] == "EVALSHA" else command[1], command))
+
+    def commands(self, commands: list[tuple]):
+        """Several commands of one request in this loop turn's round trip, awaited together: their
+        replies in order, an error reply as its exception (``Coalescer.call_many``; in a cluster each
+        is routed to its node)."""
+        if not self.cluster:
+            return self.coalescer.call_many(tuple(commands))
+        return asyncio.gather(*(self.command(*command) for command in commands), return_exceptions=True)
 
     @property
     def round_trips(self) -> int:
