@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 GLOBAL_APP_SLUG = "global"
 _USER_SCOPE, _GLOBAL_SCOPE = Counter.Scope.USER.value, Counter.Scope.GLOBAL.value
+_PRESENCE = Counter.Kind.PRESENCE.value
 DEFAULT_APP_SLUG = "default"
 
 
@@ -68,12 +69,12 @@ class CounterConfig:
     # > 1: a split counter (counters.split)
     shards: int = 1
 
+    # Compared with the plain strings: comparing with the enum member costs 30 times more, and
+    # these run several times per update of a batch and per value of a read.
     @property
     def is_presence(self) -> bool:
-        return self.kind == Counter.Kind.PRESENCE
+        return self.kind == _PRESENCE
 
-    # Compared with the plain strings: comparing with the enum member costs 30 times more, and
-    # these run several times per update of a batch.
     @property
     def is_user_scoped(self) -> bool:
         return self.scope == _USER_SCOPE
