@@ -11,6 +11,7 @@ import psycopg
 import pytest
 import redis
 import requests
+from django.conf import settings
 from django.db import connections
 
 from counterproject.asgi import application
@@ -58,6 +59,33 @@ def test_a_round_trip_is_bounded(store):
 
     # Six commands of a quarter of the argument bound each: two round trips, not one.
     assert asyncio.run(large()) == 2
+
+
+def test_a_group_of_commands_shares_the_round_trip_and_gets_its_replies_in_order(store):
+    """``LaneStore.commands`` (a read of several values): one future for the group, each reply in
+    its place, an error reply as its exception, and bounded round trips all the same."""
+    for key in ("lane:g", "lane:big"):
+        store.delete(key)
+    store.set("lane:string", "x")
+
+    async def main():
+        lane = LaneStore()
+        group = lane.commands([("INCR", "lane:g"), ("HGET", "lane:string", "f"), ("INCR", "lane:g")])
+        alone = lane.command("INCR", "lane:g")
+        big = lane.commands([("INCR", "lane:big")] * (MAX_PIPELINE + 1))
+        return await group, await alone, await big, lane.round_trips
+
+    (first, failed, third), alone, big, round_trips = asyncio.run(main())
+    assert (first, third, alone) == (1, 2, 3)
+    assert isinstance(failed, redis.ResponseError) and "WRONGTYPE" in str(failed)
+    if settings.REDIS_CLUSTER:
+        # Each command routed on its own: more than a round trip's bound go out as two round trips,
+        # which the node may run in either order.
+        assert sorted(big) == list(range(1, MAX_PIPELINE + 2))
+    else:
+        # The group past the bound goes whole in a round trip of its own: in order.
+        assert big == list(range(1, MAX_PIPELINE + 2))
+        assert round_trips == 2
 
 
 @pytest.mark.single_redis  # one coalescer (a cluster has one per node: tests/test_cluster.py)

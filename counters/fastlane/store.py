@@ -102,7 +102,7 @@ class Coalescer:
         for item in queue:
             command, _, many = item
             length = sum(map(len, command)) if many else len(command)
-            if batch and (count >= MAX_PIPELINE or size + length > MAX_PIPELINE_ARGS):
+            if batch and (count + (many or 1) > MAX_PIPELINE or size + length > MAX_PIPELINE_ARGS):
                 self._start(batch)
                 batch, size, count = [], 0, 0
             batch.append(item)
