@@ -2,12 +2,15 @@
 tag, summed on read and merged by the flusher into the value's one PostgreSQL row, exactly."""
 
 import signal
+from datetime import datetime
 
 import pytest
 import requests
 from django.core.exceptions import ValidationError
 from redis.crc import key_slot
 
+from archive.models import PeriodArchive
+from archive.services import period_archive_closed
 from counters import config, keyspace
 from counters.flush import counters_flush
 from counters.models import App, Counter, CounterValue, CounterValueShard, Threshold, ThresholdEvent, UniqueMember
@@ -15,6 +18,8 @@ from counters.models import App, Counter, CounterValue, CounterValueShard, Thres
 from .http import post
 from .processes import Gunicorn, wait_until
 from .test_core_durability import flush_in_subprocess, hammer
+from .test_periods import TAIPEI, bump
+from .test_periods import read as read_value
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -258,3 +263,29 @@ def test_a_flusher_killed_mid_flush_applies_each_shard_exactly_once(client, writ
     assert CounterValue.objects.get(counter=games).value == 45
     assert read(client, "launch_games") == 45
     assert all(not store.smembers(keyspace.batches_key(keyspace.unit(games.id, k))) for k in range(SHARDS))
+
+
+@pytest.mark.in_process
+def test_a_daily_split_counter_opens_each_day_and_its_closed_shards_are_archived_and_trimmed(
+    make_daily_counter, time_machine, builtins, store
+):
+    counter = make_daily_counter("launch_daily", shards=SHARDS, reset_value=5)
+    time_machine.move_to(datetime(2026, 4, 1, 12, tzinfo=TAIPEI), tick=False)
+    for _ in range(30):
+        bump(counter)
+    assert read_value(counter) == 35  # the opening value once, in shard 0's share, whichever shard hydrated first
+    time_machine.move_to(datetime(2026, 4, 2, 12, tzinfo=TAIPEI), tick=False)
+    assert bump(counter) == 6
+    closed_day_shards = [k for k in store.keys(f"cs:{{c{counter.id}s*") if b":v:2026-04-01" in k]
+    assert len(closed_day_shards) >= 2, closed_day_shards
+    time_machine.move_to(datetime(2026, 4, 3, 0, 1, tzinfo=TAIPEI), tick=False)
+    stats = period_archive_closed()
+    assert stats.periods == 2
+    assert sorted(PeriodArchive.objects.values_list("period", "final_value")) == [("2026-04-01", 35), ("2026-04-02", 6)]
+    # Every shard's keys of the closed days are gone; nothing of PostgreSQL's rows is lost.
+    shard_keys = [k for k in store.keys(f"cs:{{c{counter.id}s*") if b":v:2026-04-0" in k]
+    assert shard_keys == []
+    assert dict(CounterValue.objects.filter(counter_id=counter.id).values_list("period", "value")) == {
+        "2026-04-01": 35,
+        "2026-04-02": 6,
+    }
