@@ -148,7 +148,7 @@ class Coalescer:
                         for _ in range(many):
                             reply = _buffered_reply(reader)
                             if reply is NOT_ENOUGH_DATA:
-                                reply = await _next_reply(connection, reader)
+                                reply = await _read_reply(connection)
                             replies.append(reply)
                         answered += 1
                         if not future.done():
@@ -156,10 +156,7 @@ class Coalescer:
                         continue
                     reply = _buffered_reply(reader)
                     if reply is NOT_ENOUGH_DATA:
-                        try:
-                            reply = await connection.read_response()
-                        except redis.exceptions.ResponseError as exc:
-                            reply = exc
+                        reply = await _read_reply(connection)
                     answered += 1
                     if future.done():
                         continue
@@ -193,15 +190,13 @@ class Coalescer:
         self.breaker.record_success()
 
 
-async def _next_reply(connection, reader):
-    """The next reply, an error reply as its exception (``_buffered_reply``, else the connection's read)."""
-    reply = _buffered_reply(reader)
-    if reply is NOT_ENOUGH_DATA:
-        try:
-            reply = await connection.read_response()
-        except redis.exceptions.ResponseError as exc:
-            reply = exc
-    return reply
+async def _read_reply(connection):
+    """The next reply, read (and awaited, with its socket timeout) by the connection: one not
+    buffered yet (``_buffered_reply``). An error reply comes back as its exception."""
+    try:
+        return await connection.read_response()
+    except redis.exceptions.ResponseError as exc:
+        return exc
 
 
 def _buffered_reply(reader):
