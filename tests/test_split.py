@@ -2,9 +2,11 @@
 tag, summed on read and merged by the flusher into the value's one PostgreSQL row, exactly."""
 
 import signal
+import time
 from datetime import datetime
 
 import pytest
+import redis
 import requests
 from django.core.exceptions import ValidationError
 from redis.crc import key_slot
@@ -15,13 +17,17 @@ from counters import config, keyspace
 from counters.flush import counters_flush
 from counters.models import App, Counter, CounterValue, CounterValueShard, Threshold, ThresholdEvent, UniqueMember
 
+from . import test_cluster
 from .http import post
 from .processes import Gunicorn, wait_until
+from .test_cluster import in_cluster_run
 from .test_core_durability import flush_in_subprocess, hammer
 from .test_periods import TAIPEI, bump
 from .test_periods import read as read_value
+from .test_streams import EventStream, shard_channels, shard_subscribers, stream_ends
 
 pytestmark = pytest.mark.django_db(transaction=True)
+cluster = test_cluster.cluster
 
 SHARDS = 4
 
@@ -220,7 +226,8 @@ def test_the_admin_form_shows_the_refusal(admin_client, games):
     assert Counter.objects.get(pk=games.pk).max_value is None
 
 
-def test_a_stream_of_a_split_counter_sends_the_total_and_polls(client, writer, games):
+@pytest.mark.in_process  # Django's view; the web process streams it live (the test below)
+def test_without_the_fast_lane_a_stream_of_a_split_counter_sends_the_total_and_polls(client, writer, games):
     for _ in range(25):
         increment(client, writer, "launch_games")
     reply = client.get("/api/v1/stream?names=launch_games,matches_running", HTTP_LAST_EVENT_ID="7")
@@ -289,3 +296,62 @@ def test_a_daily_split_counter_opens_each_day_and_its_closed_shards_are_archived
         "2026-04-01": 35,
         "2026-04-02": 6,
     }
+
+
+@pytest.mark.in_process
+def test_a_live_stream_of_a_split_counter_follows_its_total_and_leaves_no_channel(games, make_key):
+    """The hub watches every shard's channel; a shard's message makes it read the total, which is
+    what the stream sends (never one shard's share)."""
+    headers = {"Authorization": f"Bearer {make_key(('write',))}"}
+    web = Gunicorn(workers=1)
+    channels = [keyspace.stream_channel(keyspace.unit(games.id, k)) for k in range(SHARDS)]
+    stream = EventStream(f"{web.url}/api/v1/stream?names=launch_games,matches_running", headers)
+    try:
+        assert [stream.next_data()["data"] for _ in range(2)] == [
+            {"name": "launch_games", "value": 0},
+            {"name": "matches_running", "value": 0},
+        ]
+        assert [shard_subscribers(channel) for channel in channels] == [1] * SHARDS
+        url = f"{web.url}/api/v1/counter/launch_games/increment"
+        for expected in range(1, 9):
+            time.sleep(0.3)  # beyond the 250 ms throttle: each change an event of its own
+            assert requests.post(url, json={}, headers=headers, timeout=10).json()["current_value"] == expected
+            assert stream.next_data()["data"] == {"name": "launch_games", "value": expected}
+        # A burst within the throttle: few events, the total last.
+        for _ in range(20):
+            requests.post(url, json={}, headers=headers, timeout=10)
+        seen = stream.next_data()["data"]["value"]
+        while seen != 28:
+            seen = stream.next_data()["data"]["value"]
+    finally:
+        stream.close()
+    try:
+        wait_until(lambda: shard_channels() == [], what="every shard's channel unsubscribed")
+    finally:
+        web.stop()
+
+
+@in_cluster_run
+@pytest.mark.in_process
+def test_in_a_cluster_kill_9_of_a_shards_primary_ends_the_stream_and_leaves_no_channel(cluster, games, make_key):
+    """The split counter's shards live on several primaries; one of them dies: the streams of the
+    counter end (clients reconnect), and its channels on the surviving primaries are unsubscribed."""
+    units = [keyspace.unit(games.id, k) for k in range(SHARDS)]
+    ports = {cluster.port_of_key(keyspace.pending_key(unit)) for unit in units}
+    assert len(ports) >= 2, "the shards' slots should spread over the primaries"
+    doomed = cluster.port_of_key(keyspace.pending_key(units[-1]))
+    headers = {"Authorization": f"Bearer {make_key(('write',))}"}
+    web = Gunicorn(workers=1, env={"COUNTER_STREAM_HEARTBEAT_SECONDS": "0.5"})
+    try:
+        stream = EventStream(f"{web.url}/api/v1/stream?names=launch_games", headers)
+        assert stream.next_data()["data"] == {"name": "launch_games", "value": 0}
+        cluster.kill(doomed)
+        assert stream_ends(stream)
+        stream.close()
+        alive = [port for port in ports if port != doomed]
+        wait_until(
+            lambda: all(not redis.Redis(port=port).execute_command("PUBSUB", "SHARDCHANNELS") for port in alive),
+            what="the counter's channels unsubscribed on the surviving primaries",
+        )
+    finally:
+        web.stop()

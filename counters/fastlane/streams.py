@@ -7,7 +7,9 @@ counters its open streams watch (a channel nobody watches any more is unsubscrib
 in a Redis Cluster one connection per primary owning a watched channel's slot, closed when none of
 its channels is watched -- and it fans the messages out to the local streams, at most one value
 per counter per ``COUNTER_STREAM_MIN_INTERVAL_MS`` (leading and trailing edge: the last value
-always follows).
+always follows). A split counter (docs/splitting.md) has a channel per shard, each publishing its
+shard's share: the hub watches them all, and a message is only the news that the counter changed:
+the total is read (throttled alike) and that is what the streams get.
 
 A stream first sends the current values (the exact read of GET /api/v1/counters, after its
 subscription is confirmed, so no change in between is missed), then each change; every event has
@@ -42,7 +44,7 @@ from metrics.recorders import (
     stream_open_record,
 )
 
-from .. import apis, clock, keyspace, periods
+from .. import apis, clock, keyspace, periods, split
 from ..api_errors import error_response
 from ..config import CounterConfig, pinned
 from ..redis_store import StoreUnavailable, client, cluster_mode, node_credentials, topology_refresh_soon
@@ -83,19 +85,43 @@ class Stream:
         self.wake.set()
 
 
-class _Watch:
-    """The hub's state of one counter: who watches it, its current period, and its throttle."""
+def _channels_of(counter: CounterConfig) -> list[bytes]:
+    """The channels a counter's changes are published on: one, or one per shard of a split counter."""
+    return [keyspace.stream_channel(unit).encode() for unit in split.units(counter)]
 
-    __slots__ = ("config", "handle", "last_emit", "pending", "period_end", "period_key", "streams")
+
+# ``_Watch.pending`` of a split counter: a shard changed, the total is to be read.
+_READ_TOTAL = -1.5
+
+
+class _Watch:
+    """The hub's state of one counter: who watches it, its channels, its current period, and its throttle."""
+
+    __slots__ = (
+        "channels",
+        "config",
+        "emitted",
+        "handle",
+        "last_emit",
+        "pending",
+        "period_end",
+        "period_key",
+        "reads",
+        "streams",
+    )
 
     def __init__(self, config: CounterConfig) -> None:
         self.config = config
+        self.channels = _channels_of(config)
         self.streams: set[Stream] = set()
         self.last_emit = float("-inf")
-        self.pending: int | None = None
+        self.pending: int | float | None = None
         self.handle: asyncio.TimerHandle | None = None
         self.period_key = ""
         self.period_end = None
+        # a split counter's total reads: how many started, and the latest one whose value was sent
+        self.reads = 0
+        self.emitted = 0
 
     def current_period(self) -> str:
         now = clock.now()
@@ -127,7 +153,7 @@ class Hub:
 
     def __init__(self) -> None:
         self.watches: dict[int, _Watch] = {}
-        self.channels: dict[bytes, int] = {}  # channel -> counter id
+        self.channels: dict[bytes, int] = {}  # channel -> counter id (several channels of a split counter)
         self.confirming: dict[bytes, asyncio.Future] = {}
         self.streams: set[Stream] = set()
         self.links: dict[str, _Link] = {}  # "" (one Redis) or a primary's "host:port"
@@ -136,6 +162,7 @@ class Hub:
         self.cluster = cluster_mode()
         self._lock = asyncio.Lock()
         self.interval = settings.COUNTER_STREAM_MIN_INTERVAL_MS / 1000
+        self._reading: set[asyncio.Task] = set()  # strong references to the split counters' total reads
 
     # --- streams join and leave -----------------------------------------------------------
 
@@ -147,13 +174,15 @@ class Hub:
         async with self._lock:
             # Where each new channel goes, and every connection needed open, before anything is
             # registered: a node that cannot be reached refuses the stream and leaves nothing.
-            placed: dict[int, _Link] = {}
+            placed: dict[int, list[tuple[bytes, _Link]]] = {}
             try:
                 for counter in stream.counters:
                     if counter.id not in self.watches:
-                        link = self._link_for(keyspace.stream_channel(counter.id).encode())
-                        await self._connect(link)
-                        placed[counter.id] = link
+                        placed[counter.id] = []
+                        for channel in _channels_of(counter):
+                            link = self._link_for(channel)
+                            await self._connect(link)
+                            placed[counter.id].append((channel, link))
             except StoreUnavailable:
                 for link in list(self.links.values()):
                     if not link.channels:
@@ -164,18 +193,15 @@ class Hub:
                 watch = self.watches.get(counter.id)
                 if watch is None:
                     watch = self.watches[counter.id] = _Watch(counter)
-                    link = placed[counter.id]
-                    channel = keyspace.stream_channel(counter.id).encode()
-                    self.channels[channel] = counter.id
-                    self.link_of[channel] = link
-                    link.channels.add(channel)
-                    self.confirming[channel] = asyncio.get_running_loop().create_future()
-                    new.setdefault(link, []).append(channel)
+                    for channel, link in placed[counter.id]:
+                        self.channels[channel] = counter.id
+                        self.link_of[channel] = link
+                        link.channels.add(channel)
+                        self.confirming[channel] = asyncio.get_running_loop().create_future()
+                        new.setdefault(link, []).append(channel)
                 watch.config = counter
                 watch.streams.add(stream)
-                channel = keyspace.stream_channel(counter.id).encode()
-                if channel in self.confirming:
-                    waits.append(self.confirming[channel])
+                waits += [self.confirming[channel] for channel in watch.channels if channel in self.confirming]
             self.streams.add(stream)
             for link, channels in new.items():
                 if self.links.get(link.name) is link and link.writer is not None:
@@ -183,7 +209,7 @@ class Hub:
                 else:  # lost (or closed by a leave) while another node was being connected
                     self._end_channels(channels, ConnectionError(f"stream hub lost {link.host}:{link.port}"))
             if new:
-                stream_channels_record(count=len(self.watches))
+                stream_channels_record(count=len(self.channels))
         try:
             async with asyncio.timeout(settings.REDIS_SOCKET_TIMEOUT):
                 await asyncio.gather(*(asyncio.shield(w) for w in waits))
@@ -202,13 +228,16 @@ class Hub:
                 continue
             watch.streams.discard(stream)
             if not watch.streams:
-                channel = keyspace.stream_channel(counter.id).encode()
-                link = self._forget(counter.id, channel)
-                if link is not None:
+                for link, channel in self._forget(counter.id):
                     gone.setdefault(link, []).append(channel)
         if not gone:
             return
-        stream_channels_record(count=len(self.watches))
+        stream_channels_record(count=len(self.channels))
+        self._unsubscribe(gone)
+
+    def _unsubscribe(self, gone: dict["_Link", list[bytes]]) -> None:
+        """SUNSUBSCRIBE channels nobody watches any more, on the connections still up; a connection
+        left with no channel is closed."""
         for link, channels in gone.items():
             if self.links.get(link.name) is not link:
                 continue
@@ -220,17 +249,25 @@ class Hub:
                     for channel in channels:
                         link.unsubscribing[channel] = link.unsubscribing.get(channel, 0) + 1
 
-    def _forget(self, counter_id: int, channel: bytes) -> "_Link | None":
-        """Drop a counter's watch and its channel's bookkeeping; answers the connection it was on."""
+    def _forget(self, counter_id: int, error: Exception | None = None) -> list[tuple["_Link", bytes]]:
+        """Drop a counter's watch and its channels' bookkeeping; answers each channel with the
+        connection it was on. ``error`` fails the subscriptions of its channels still unconfirmed."""
         watch = self.watches.pop(counter_id, None)
-        if watch is not None and watch.handle is not None:
+        if watch is None:
+            return []
+        if watch.handle is not None:
             watch.handle.cancel()
-        self.channels.pop(channel, None)
-        self.confirming.pop(channel, None)
-        link = self.link_of.pop(channel, None)
-        if link is not None:
-            link.channels.discard(channel)
-        return link
+        placed = []
+        for channel in watch.channels:
+            self.channels.pop(channel, None)
+            future = self.confirming.pop(channel, None)
+            if error is not None and future is not None and not future.done():
+                future.set_exception(ConnectionError(str(error)))
+            link = self.link_of.pop(channel, None)
+            if link is not None:
+                link.channels.discard(channel)
+                placed.append((link, channel))
+        return placed
 
     def close_all(self) -> None:
         """Shutdown: end every stream (each one's handler finishes its reply) and refuse new ones."""
@@ -353,6 +390,7 @@ class Hub:
         """End every stream that watches one of ``channels`` (their other channels are left when
         their handlers finish); those channels are forgotten without a SUNSUBSCRIBE."""
         ended: set[Stream] = set()
+        others: dict[_Link, list[bytes]] = {}  # a split counter's channels on other connections
         for channel in channels:
             future = self.confirming.get(channel)
             if future is not None and not future.done():
@@ -362,12 +400,15 @@ class Hub:
             if watch is not None:
                 ended.update(watch.streams)
             if counter_id is not None:
-                self._forget(counter_id, channel)
+                for link, other in self._forget(counter_id, exc):
+                    if other not in channels:
+                        others.setdefault(link, []).append(other)
             else:
                 self.confirming.pop(channel, None)
         for stream in ended:
             stream.close()
-        stream_channels_record(count=len(self.watches))
+        stream_channels_record(count=len(self.channels))
+        self._unsubscribe(others)
 
     def _handle(self, link: _Link, reply) -> None:
         if isinstance(reply, hiredis.ReplyError):
@@ -418,6 +459,8 @@ class Hub:
         value, _ms, period, subject = keyspace.stream_message_parse(message)
         if subject or period != watch.current_period():
             return  # a player's value, or a write to another period than the current one
+        if len(watch.channels) > 1:
+            value = _READ_TOTAL  # one shard's share: the total is read when it is sent
         now = asyncio.get_running_loop().time()
         if watch.handle is None and now - watch.last_emit >= self.interval:
             watch.last_emit = now
@@ -438,10 +481,29 @@ class Hub:
             watch.last_emit = asyncio.get_running_loop().time()
             self._emit(watch, value)
 
-    @staticmethod
-    def _emit(watch: _Watch, value: int) -> None:
+    def _emit(self, watch: _Watch, value) -> None:
+        if value == _READ_TOTAL:
+            task = asyncio.ensure_future(self._emit_total(watch))
+            self._reading.add(task)
+            task.add_done_callback(self._reading.discard)
+            return
         for stream in watch.streams:
             stream.offer(watch.config.id, value)
+
+    async def _emit_total(self, watch: _Watch) -> None:
+        """A split counter's total, read as GET reads it, to its streams; a read that finishes after
+        a later one is dropped (its value is older)."""
+        watch.reads += 1
+        read = watch.reads
+        try:
+            views = await lane.counter_values_get(items=[(watch.config, "")])
+        except Exception as exc:  # its streams keep the last total; the next change reads again
+            logger.warning("stream hub: the total of %s could not be read: %r", watch.config.name, exc)
+            return
+        if read > watch.emitted and self.watches.get(watch.config.id) is watch:
+            watch.emitted = read
+            for stream in watch.streams:
+                stream.offer(watch.config.id, views[0].value)
 
 
 _hubs: dict[int, Hub] = {}
@@ -482,13 +544,6 @@ async def serve_stream(scope, receive, send) -> None:
             counters, last_id = apis.stream_targets(request)
         finally:
             pinned.reset(token)
-        if any(c.shards > 1 for c in counters):
-            # A split counter's shards publish their own shares (docs/splitting.md): such a stream
-            # is answered as CounterStreamView does, the summed values and a retry, and polls.
-            views = await lane.counter_values_get(items=[(c, "") for c in counters])
-            await _send_polled(send, views, last_id)
-            _record(scope, 200, watch)
-            return
         stream = Stream(counters)
         await the_hub.join(stream)
         views = await lane.counter_values_get(items=[(c, "") for c in counters])
@@ -546,13 +601,6 @@ async def serve_stream(scope, receive, send) -> None:
         watcher.cancel()
         the_hub.leave(stream)
         stream_open_record(delta=-1)
-
-
-async def _send_polled(send, views, last_id: int) -> None:
-    """``CounterStreamView``'s answer: the current values and a ``retry``, then the end."""
-    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-    await send({"type": "http.response.body", "body": apis.stream_polled_body(views, last_id), "more_body": False})
-    stream_events_record(count=len(views))
 
 
 def _record(scope, status: int, watch: Stopwatch) -> None:
