@@ -14,16 +14,17 @@ from redis.crc import key_slot
 from archive.models import PeriodArchive
 from archive.services import period_archive_closed
 from counters import config, keyspace
-from counters.flush import counters_flush
+from counters.flush import counters_flush, deleted_counters_purge
 from counters.models import App, Counter, CounterValue, CounterValueShard, Threshold, ThresholdEvent, UniqueMember
 
 from . import test_cluster
 from .http import post
-from .processes import Gunicorn, wait_until
+from .processes import Gunicorn, PrivateRedis, wait_until
 from .test_cluster import in_cluster_run
 from .test_core_durability import flush_in_subprocess, hammer
 from .test_periods import TAIPEI, bump
 from .test_periods import read as read_value
+from .test_reliability import PATIENT, get, web_on
 from .test_streams import EventStream, shard_channels, shard_subscribers, stream_ends
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -355,3 +356,47 @@ def test_in_a_cluster_kill_9_of_a_shards_primary_ends_the_stream_and_leaves_no_c
         )
     finally:
         web.stop()
+
+
+@pytest.mark.single_redis
+@pytest.mark.in_process
+def test_writes_through_postgresql_during_an_outage_land_in_the_total_and_the_shards_agree_after(games, make_key):
+    """Written through onto the value's row while Redis is down; Redis comes back with its old
+    shares (AOF): the flusher rebases shard 0 on the total minus the other shards' rows, and every
+    acknowledged increment counts once, in Redis and PostgreSQL alike."""
+    key = make_key(("write",))
+    store = PrivateRedis(appendonly=True)
+    web = web_on(store, COUNTER_REDIS_DOWN_WRITES="write_through")
+    url = f"{web.url}/api/v1/counter/launch_games/increment"
+    try:
+        assert hammer(url, key, total=20, threads=4) == [200] * 20
+        assert flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).returncode == 0
+        assert hammer(url, key, total=10, threads=2) == [200] * 10  # pending in Redis (its AOF)
+        store.kill()
+        assert hammer(url, key, total=50, threads=5) == [200] * 50
+        assert CounterValue.objects.get(counter=games).value == 70
+        store.start()
+        assert "reconciled 1 written-through values" in flush_in_subprocess(TEST_REDIS_URL=store.url, **PATIENT).stdout
+        hot = redis.Redis.from_url(store.url)
+        shares = [hot.hget(keyspace.value_key(keyspace.unit(games.id, k), "", ""), "v") for k in range(SHARDS)]
+        assert sum(int(share or 0) for share in shares) == 80
+        assert CounterValue.objects.get(counter=games).value == 80
+
+        def served_from_redis() -> bool:
+            body = get(web, "counter/launch_games").json()
+            return "degraded" not in body and body["value"] == 80
+
+        wait_until(served_from_redis, timeout=30, what="the web process reading Redis again")
+    finally:
+        web.stop()
+        store.close()
+
+
+def test_a_deleted_split_counter_leaves_no_shard_key_behind(client, writer, games, store, settings):
+    for _ in range(20):
+        increment(client, writer, "launch_games")
+    assert len(store.keys(f"cs:{{c{games.id}s*")) >= 2
+    games.delete()
+    settings.COUNTER_DELETED_KEYS_GRACE_SECONDS = 0
+    assert deleted_counters_purge() > 0
+    assert store.keys(f"cs:{{c{games.id}*") == []
