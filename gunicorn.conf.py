@@ -30,9 +30,12 @@ worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 
-# A safety net against slow leaks; the soak test shows memory is flat without it.
-max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "100000"))
-max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "10000"))
+# A safety net against slow leaks; the soak test shows memory is flat without it. Each recycle stops
+# the worker's requests for about as long as a new worker takes to import Django (about a second
+# here): at 100,000 requests that came every 15 s of a busy fast-lane worker and was its P99 at
+# c16 (850 ms against 4 ms without it, bench/README.md). Millions: every few minutes at full load.
+max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "5000000"))
+max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "500000"))
 
 # gunicorn's runtime control socket sits at one fixed path per user: several servers on one
 # host (tests, benchmarks) would fight over it, and nothing here uses it.
