@@ -315,8 +315,14 @@ def split_others(prepared: _PreparedUpdate) -> int:
     try:
         raws = shard_values_read(counter=prepared.counter, subject=prepared.subject, window=prepared.window)
     except StoreUnavailable as exc:
-        raise StoreUnavailable(f"applied, but the other shards could not be read: {exc}", maybe_applied=True) from exc
+        raise split_read_failed(exc) from exc
     return split_others_of(prepared, raws)
+
+
+def split_read_failed(exc: Exception) -> StoreUnavailable:
+    """The updates ran, the read of their split counters' other shards failed: the outcome the
+    caller sees is unknown (never written through a second time)."""
+    return StoreUnavailable(f"applied, but the other shards could not be read: {exc}", maybe_applied=True)
 
 
 def split_others_of(prepared: _PreparedUpdate, raws: list) -> int:
@@ -450,10 +456,13 @@ def counter_update_many(
     results: list[UpdateResult | OutOfLimits] = []
     replies = _run_update_pipeline(prepared)
     split_values = {(item.counter.id, item.subject): item for item in prepared if item.counter.shards > 1}
-    shares = {
-        value: shard_values_read(counter=item.counter, subject=item.subject, window=item.window)
-        for value, item in split_values.items()
-    }
+    try:
+        shares = {
+            value: shard_values_read(counter=item.counter, subject=item.subject, window=item.window)
+            for value, item in split_values.items()
+        }
+    except StoreUnavailable as exc:
+        raise split_read_failed(exc) from exc
     for item, reply in zip(prepared, replies, strict=True):
         raws = shares.get((item.counter.id, item.subject))
         others = split_others_of(item, raws) if raws else 0

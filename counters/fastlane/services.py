@@ -58,7 +58,7 @@ async def _run_split_update(prepared: services._PreparedUpdate) -> tuple[list, i
     if isinstance(result, BaseException):
         raise result
     if isinstance(raws, BaseException):
-        raise StoreUnavailable(f"applied, but the other shards could not be read: {raws}", maybe_applied=True)
+        raise services.split_read_failed(raws) from raws
     return result, services.split_others_of(prepared, raws)
 
 
@@ -213,7 +213,10 @@ async def counter_update_many(
     replies = await _run_update_many(prepared)
     split_values = {(item.counter.id, item.subject): item for item in prepared if item.counter.shards > 1}
     read = [_shard_values(item.counter, item.subject, item.window) for item in split_values.values()]
-    shares = dict(zip(split_values, await asyncio.gather(*read), strict=True))
+    try:
+        shares = dict(zip(split_values, await asyncio.gather(*read), strict=True))
+    except StoreUnavailable as exc:
+        raise services.split_read_failed(exc) from exc
     results = []
     for item, reply in zip(prepared, replies, strict=True):
         raws = shares.get((item.counter.id, item.subject))
