@@ -90,10 +90,6 @@ def _channels_of(counter: CounterConfig) -> list[bytes]:
     return [keyspace.stream_channel(unit).encode() for unit in split.units(counter)]
 
 
-# ``_Watch.pending`` of a split counter: a shard changed, the total is to be read.
-_READ_TOTAL = -1.5
-
-
 class _Watch:
     """The hub's state of one counter: who watches it, its channels, its current period, and its throttle."""
 
@@ -115,7 +111,7 @@ class _Watch:
         self.channels = _channels_of(config)
         self.streams: set[Stream] = set()
         self.last_emit = float("-inf")
-        self.pending: int | float | None = None
+        self.pending: int | None = None
         self.handle: asyncio.TimerHandle | None = None
         self.period_key = ""
         self.period_end = None
@@ -459,8 +455,6 @@ class Hub:
         value, _ms, period, subject = keyspace.stream_message_parse(message)
         if subject or period != watch.current_period():
             return  # a player's value, or a write to another period than the current one
-        if len(watch.channels) > 1:
-            value = _READ_TOTAL  # one shard's share: the total is read when it is sent
         now = asyncio.get_running_loop().time()
         if watch.handle is None and now - watch.last_emit >= self.interval:
             watch.last_emit = now
@@ -481,8 +475,8 @@ class Hub:
             watch.last_emit = asyncio.get_running_loop().time()
             self._emit(watch, value)
 
-    def _emit(self, watch: _Watch, value) -> None:
-        if value == _READ_TOTAL:
+    def _emit(self, watch: _Watch, value: int) -> None:
+        if len(watch.channels) > 1:  # a split counter: ``value`` is one shard's share, the total is read
             task = asyncio.ensure_future(self._emit_total(watch))
             self._reading.add(task)
             task.add_done_callback(self._reading.discard)
