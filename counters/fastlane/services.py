@@ -258,12 +258,7 @@ async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
     fields = values.VALUE_FIELDS
     # The plain values' HMGETs go together (one future for all of them); the others each their own call.
     plain = [i for i, (counter, _) in enumerate(items) if not counter.is_presence and counter.shards <= 1]
-    if len(plain) > 1:
-        calls = [store.commands([("HMGET", keys[i], *fields) for i in plain])]
-    elif plain:
-        calls = [_as_list(store.command("HMGET", keys[plain[0]], *fields))]
-    else:
-        calls = []
+    calls = [store.commands([("HMGET", keys[i], *fields) for i in plain])] if plain else []
     for (counter, subject), window in zip(items, windows, strict=True):
         if counter.is_presence:
             keys_args = presence.presence_read_call(counter=counter, window=window, now=now)
@@ -299,10 +294,6 @@ async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
             raw = await store.command("HMGET", key, *fields)
         views.append(selectors._to_view(counter, subject, window, raw))
     return views
-
-
-async def _as_list(call) -> list:
-    return [await call]
 
 
 async def counter_value_get(*, counter: CounterConfig, subject: str = "") -> selectors.ValueView:
