@@ -155,7 +155,9 @@ def _prepare_update(
     split.check_update(counter, amount=amount, low=low)
     chosen = None
     if shards is not None and counter.shards > 1:
-        chosen = shards.setdefault(counter.id, split.shard_of(counter))
+        chosen = shards.get(counter.id)
+        if chosen is None:
+            chosen = shards[counter.id] = split.shard_of(counter)
     shard = split.shard_of(counter, member=member, idempotency=idempotency, chosen=chosen)
     log = (
         operation_log_prefix(actor=actor, user_id=user_id, subject=subject, period=window.key, ms=ms, metadata=metadata)
@@ -163,7 +165,7 @@ def _prepare_update(
         else ""
     )
     args = ["add", amount, f"{window.key}|{subject}", member, low, high, int(counter.saturate), ms, ms // 60000]
-    if shard or counter.shards > 1:
+    if counter.shards > 1:
         # A shard's buckets keep operations and deltas only (its own last value is no total), and
         # the flusher detects a split counter's thresholds from the totals (docs/splitting.md).
         args += [0, log]

@@ -32,10 +32,6 @@ from .errors import RuleViolation
 from .models import CounterValueShard
 
 
-def is_split(counter: CounterConfig) -> bool:
-    return counter.shards > 1
-
-
 def shard_of(counter: CounterConfig, *, member: str = "", idempotency=None, chosen: int | None = None) -> int:
     """The shard an update of ``counter`` goes to (0 for a counter that is not split); ``chosen``
     instead of a random one (a batch sends its plain updates of a counter to one shard: one script
@@ -132,4 +128,4 @@ def with_shard_sums(values):
 
 
 def member_in_shard(counter: CounterConfig, member: str, shard: int) -> bool:
-    return zlib.crc32(member.encode()) % counter.shards == shard
+    return shard_of(counter, member=member) == shard

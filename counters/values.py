@@ -186,7 +186,7 @@ def value_hydrate(*, counter: CounterConfig, subject: str, window: periods.Perio
     counter, one shard's share of it (``split.shard_base``)."""
     rows = CounterValue.objects.filter(counter_id=counter.id, subject=subject, period=window.key)
     fields = ["value", "peak", "operations", "updated_at", "version"]
-    if counter.shards > 1:
+    if counter.shards > 1 and shard == 0:
         # One statement, one snapshot: a shard's flush changes its row and the total together.
         rows, fields = split.with_shard_sums(rows), [*fields, *split.SUM_FIELDS]
     row = rows.values(*fields).first()
