@@ -412,10 +412,8 @@ def _upsert_values(cursor, counter_id: int, batch: _Batch, copy: bool) -> set[tu
     if copy:
         sql, params = _VALUES_FROM_COPY_SQL, [counter_id]
     else:
-        keys = [_value_key(field) for field, _ in batch.values]
-        rows = [list(map(int, raw.split()[:5])) for _, raw in batch.values]
-        columns = [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in (0, 2, 1, 3, 4))]
-        sql, params = _VALUES_SQL, [counter_id, *columns]
+        # delta, peak, operations, updated, version
+        sql, params = _VALUES_SQL, [counter_id, *_row_columns(batch, (0, 2, 1, 3, 4))[1]]
     try:
         # Every row applies unless Redis lost its place (a restore): then undo and find which.
         with transaction.atomic():
@@ -429,15 +427,21 @@ def _upsert_values(cursor, counter_id: int, batch: _Batch, copy: bool) -> set[tu
     return set()
 
 
+def _row_columns(batch: _Batch, numbers: tuple[int, ...]) -> tuple[list[tuple[str, str]], list[list]]:
+    """The batch's rows as array parameters: ``(period, subject)`` of each, and the columns subject,
+    period, then the row's numbers at ``numbers`` (positions in DERIVE_SCRIPT's row)."""
+    keys = [_value_key(field) for field, _ in batch.values]
+    rows = [list(map(int, raw.split()[:5])) for _, raw in batch.values]
+    return keys, [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in numbers)]
+
+
 def _upsert_split_values(cursor, counter_id: int, shard: int, batch: _Batch) -> tuple[set, list]:
     """Add a split counter's shard's rows to the values' totals (``_SPLIT_SHARD0_SQL`` /
     ``_SPLIT_SHARD_SQL``); returns the rows refused (as ``_upsert_values``) and, of the others,
     ``(period, subject, new total)``."""
     if not batch.values:
         return set(), []
-    keys = [_value_key(field) for field, _ in batch.values]
-    rows = [list(map(int, raw.split()[:5])) for _, raw in batch.values]
-    columns = [[k[1] for k in keys], [k[0] for k in keys], *([r[i] for r in rows] for i in (0, 1, 3, 4))]
+    keys, columns = _row_columns(batch, (0, 1, 3, 4))  # delta, operations, updated, version
     if shard:
         cursor.execute(_SPLIT_SHARD_SQL, [*columns, counter_id, shard, counter_id])
     else:
