@@ -26,13 +26,14 @@ class LaneRequest:
         self._body = body
         meta = {"REQUEST_METHOD": self.method, "QUERY_STRING": scope["query_string"].decode("latin-1")}
         for raw_name, raw_value in scope["headers"]:
-            name = raw_name.decode("latin-1").upper().replace("-", "_")
-            if name not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                name = f"HTTP_{name}"
+            name = _META_NAMES.get(raw_name) or _meta_name(raw_name)
             value = raw_value.decode("latin-1")
             meta[name] = f"{meta[name]},{value}" if name in meta else value
         self.META = meta
-        self.content_type = parse_header_parameters(meta.get("CONTENT_TYPE", ""))[0]
+
+    @cached_property
+    def content_type(self) -> str:
+        return parse_header_parameters(self.META.get("CONTENT_TYPE", ""))[0]
 
     @cached_property
     def GET(self) -> "LaneQuery | QueryDict":
@@ -46,6 +47,19 @@ class LaneRequest:
 
     def read(self) -> bytes:
         return self._body
+
+
+# Header name (as the server gives it, lower case) -> its META key, as Django's WSGI handler names it.
+_META_NAMES: dict[bytes, str] = {}
+
+
+def _meta_name(raw_name: bytes) -> str:
+    name = raw_name.decode("latin-1").upper().replace("-", "_")
+    if name not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        name = f"HTTP_{name}"
+    if len(_META_NAMES) < 1000:  # the usual few dozen; a client inventing names does not grow it
+        _META_NAMES[raw_name] = name
+    return name
 
 
 class LaneQuery:
@@ -72,7 +86,11 @@ def host_allowed(scope) -> bool:
     """Django's ``get_host`` check against ALLOWED_HOSTS (a refused host goes to Django, which answers 400)."""
     if settings.USE_X_FORWARDED_HOST:
         return False
-    raw = next((v for k, v in scope["headers"] if k == b"host"), None)
+    raw = None
+    for name, value in scope["headers"]:
+        if name == b"host":
+            raw = value
+            break
     if raw is None:
         return False
     allowed = _hosts.get(raw)
