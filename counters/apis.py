@@ -7,7 +7,7 @@ from rest_framework import viewsets
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import presence, selectors, services
+from . import clock, presence, selectors, services
 from .api_errors import error_response
 from .auth import checked_name, request_app_id, request_key
 from .clock import iso_utc
@@ -188,7 +188,8 @@ def read_many_targets(request) -> list:
     key = request_key(request)
     app_id = request_app_id(request, key)
     names = [checked_name(n) for n in selectors.parse_names(request.GET.get("names", ""))]
-    counters = [selectors.counter_get(app_id=app_id, name=n) for n in names]
+    now = clock.now()
+    counters = [selectors.counter_get(app_id=app_id, name=n, now=now) for n in names]
     for counter in counters:
         check_read(key, counter)
         if counter.is_user_scoped:

@@ -53,8 +53,9 @@ def default_app_id() -> int | None:
     return app_id_get(DEFAULT_APP_SLUG)
 
 
-def counter_get(*, app_id: int | None, name: str) -> CounterConfig:
-    """A counter visible to an app: its own counter of that name, else the global one.
+def counter_get(*, app_id: int | None, name: str, now: datetime | None = None) -> CounterConfig:
+    """A counter visible to an app: its own counter of that name, else the global one; live at
+    ``now`` (default: this moment).
 
     An unknown name and another app's counter look the same (4004): an app cannot learn what
     other apps have.
@@ -66,7 +67,7 @@ def counter_get(*, app_id: int | None, name: str) -> CounterConfig:
         counter = snapshot.counters.get((global_id, name))
         if counter is not None and not counter.is_global:
             counter = None
-    if counter is None or not counter.is_live(clock.now()):
+    if counter is None or not counter.is_live(now or clock.now()):
         raise CounterNotFound(f"Counter {name!r} not found.")
     return counter
 

@@ -258,23 +258,11 @@ async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
     fields = values.VALUE_FIELDS
     # The plain values' HMGETs go together (one future for all of them); the others each their own call.
     plain = [i for i, (counter, _) in enumerate(items) if not counter.is_presence and counter.shards <= 1]
-    calls = [store.commands([("HMGET", keys[i], *fields) for i in plain])] if plain else []
-    for (counter, subject), window in zip(items, windows, strict=True):
-        if counter.is_presence:
-            keys_args = presence.presence_read_call(counter=counter, window=window, now=now)
-            calls.append(store.script_now("presence", *keys_args))
-        elif counter.shards > 1:
-            calls.append(_shard_values(counter, subject, window))
-    done = iter(await asyncio.gather(*calls, return_exceptions=True))
-    replies: list = [None] * len(items)
-    if plain:
-        together = next(done)
-        if isinstance(together, BaseException):  # the round trip failed: every plain value with it
-            together = [together] * len(plain)
-        for i, reply in zip(plain, together, strict=True):
-            replies[i] = reply
-    for i in sorted(set(range(len(items))) - set(plain)):
-        replies[i] = next(done)
+    if len(plain) == len(items):
+        # Only plain values (a GET one, most GET 10s): their one call, awaited without a gather.
+        replies = await store.commands([("HMGET", key, *fields) for key in keys])
+    else:
+        replies = await _mixed_replies(store, items, windows, keys, plain, now)
     views = []
     for (counter, subject), window, key, raw in zip(items, windows, keys, replies, strict=True):
         if counter.is_presence:
@@ -294,6 +282,30 @@ async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
             raw = await store.command("HMGET", key, *fields)
         views.append(selectors._to_view(counter, subject, window, raw))
     return views
+
+
+async def _mixed_replies(store, items, windows, keys, plain: list[int], now) -> list:
+    """The replies of a read that mixes plain values (one call for all of them) with presence
+    counters (a sweeping count each) and split counters (a read of each shard), gathered."""
+    fields = values.VALUE_FIELDS
+    calls = [store.commands([("HMGET", keys[i], *fields) for i in plain])] if plain else []
+    for (counter, subject), window in zip(items, windows, strict=True):
+        if counter.is_presence:
+            keys_args = presence.presence_read_call(counter=counter, window=window, now=now)
+            calls.append(store.script_now("presence", *keys_args))
+        elif counter.shards > 1:
+            calls.append(_shard_values(counter, subject, window))
+    done = iter(await asyncio.gather(*calls, return_exceptions=True))
+    replies: list = [None] * len(items)
+    if plain:
+        together = next(done)
+        if isinstance(together, BaseException):  # the round trip failed: every plain value with it
+            together = [together] * len(plain)
+        for i, reply in zip(plain, together, strict=True):
+            replies[i] = reply
+    for i in sorted(set(range(len(items))) - set(plain)):
+        replies[i] = next(done)
+    return replies
 
 
 async def counter_value_get(*, counter: CounterConfig, subject: str = "") -> selectors.ValueView:
