@@ -79,14 +79,12 @@ def _last_reset(window: periods.PeriodWindow, manual: datetime | None) -> dateti
 
 
 def _to_view(counter: CounterConfig, subject: str, window: periods.PeriodWindow, raw: list) -> ValueView:
+    """A value hash's fields (``VALUE_FIELDS``) as a view; run per value of every read."""
     value, updated, reset_ms = raw
+    updated = int(updated) if updated else 0
+    last_reset = _last_reset(window, clock.from_ms(int(reset_ms))) if reset_ms else window.start
     return ValueView(
-        counter=counter,
-        subject=subject,
-        value=int(value),
-        last_updated=clock.from_ms(int(updated)) if updated and int(updated) else None,
-        window=window,
-        last_reset=_last_reset(window, clock.from_ms(int(reset_ms)) if reset_ms else None),
+        counter, subject, int(value), clock.from_ms(updated) if updated else None, window, False, last_reset
     )
 
 

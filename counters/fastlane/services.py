@@ -230,13 +230,12 @@ async def counter_update_many(
 
 async def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[selectors.ValueView]:
     """``selectors.counter_values_get``: one HMGET per value in the shared round trip; PostgreSQL off the loop."""
-    for counter, subject in items:
-        values.counter_check_subject(counter=counter, subject=subject)
     now = clock.now()
     # Counters of one period and time zone share their window (most of a 10-name read).
     by_zone: dict[tuple[str, str], periods.PeriodWindow] = {}
     windows = []
-    for counter, _ in items:
+    for counter, subject in items:
+        values.counter_check_subject(counter=counter, subject=subject)
         zone = (counter.period, counter.time_zone)
         window = by_zone.get(zone)
         if window is None:
