@@ -46,8 +46,14 @@ def request_record(*, surface: str, endpoint: str, method: str, status: int, sec
     children[1].observe(seconds)
 
 
+_round_trip_children: dict[bool, object] = {}
+
+
 def redis_round_trip_record(*, ok: bool) -> None:
-    m.redis_round_trips.labels("ok" if ok else "error").inc()
+    child = _round_trip_children.get(ok)
+    if child is None:
+        child = _round_trip_children[ok] = m.redis_round_trips.labels("ok" if ok else "error")
+    child.inc()
 
 
 def redis_batch_record(*, size: int) -> None:
