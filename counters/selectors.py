@@ -28,7 +28,8 @@ from .values import (
 from .write_through import store_reconcile_if_due
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per value of every read (see values.UpdateResult).
+@dataclass(slots=True)
 class ValueView:
     counter: CounterConfig
     subject: str

@@ -91,7 +91,8 @@ class UpdateRequest:
     idempotency: Idempotency | None = None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per update (see values.UpdateResult).
+@dataclass(slots=True)
 class _PreparedUpdate:
     counter: CounterConfig
     subject: str
