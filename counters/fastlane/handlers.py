@@ -59,8 +59,8 @@ def _read_reply(body: dict, views: list):
 
 async def _rest_update(request: LaneRequest, name: str, sign: int):
     key = auth.request_key(request)
-    checked = auth.checked_name(name)
-    counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=auth.checked_name(checked))
+    checked = auth.checked_name(name)  # before the app, in CounterViewSet._update's order
+    counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=checked)
     check_write(key, counter)
     if counter.is_presence:
         # CounterViewSet._update: a login or logout; a malformed Idempotency-Key is refused, a valid one ignored.
