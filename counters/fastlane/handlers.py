@@ -307,24 +307,39 @@ def _endpoint(handler, path: str) -> str:
 
 
 async def serve(scope, body: bytes, send, handler, shape: str, params: dict) -> None:
+    """A hot request that came through the ASGI application."""
     watch = Stopwatch()
+    status, payload, extra = await answer(scope, body, handler, shape, params)
+    await send_json(send, status, payload, extra)
+    record(scope, handler, status, watch)
+
+
+async def answer(scope, body: bytes, handler, shape: str, params: dict) -> tuple[int, bytes, list]:
+    """The reply to a hot request: status, JSON body and the headers beyond those every JSON reply has.
+
+    ``scope`` needs only the ASGI keys method, path, query_string and headers (the web process's own
+    HTTP protocol, ``counterproject.lane_protocol``, passes just those).
+    """
     request = LaneRequest(scope, body)
     language = translation.get_language_from_request(request) if shape == "function" else None
-    extra_on_error = FUNCTION_HEADERS if shape == "function" else []
     with translation.override(language) if language else contextlib.nullcontext():
         try:
             token = pinned.set(await current_snapshot())
             try:
-                status, payload, extra = await handler(request, **params)
+                return await handler(request, **params)
             finally:
                 pinned.reset(token)
         except Exception as exc:
             response = error_response(exc, shape)
-            status, payload = response.status_code, response.content
             extra = [(k.lower().encode(), v.encode()) for k, v in response.items() if k.lower() != "content-type"]
-            extra += extra_on_error
-            log_error_reply(status, response.reason_phrase, request.path)
-    await send_json(send, status, payload, extra)
+            if shape == "function":
+                extra += FUNCTION_HEADERS
+            log_error_reply(response.status_code, response.reason_phrase, request.path)
+            return response.status_code, response.content, extra
+
+
+def record(scope, handler, status: int, watch: Stopwatch) -> None:
+    """The request in the request metrics, under the labels Django would give it."""
     request_record(
         surface=surface_of(scope["path"]),
         endpoint=_endpoint(handler, scope["path"]),

@@ -84,14 +84,15 @@ _hosts: dict[bytes, bool] = {}
 
 def host_allowed(scope) -> bool:
     """Django's ``get_host`` check against ALLOWED_HOSTS (a refused host goes to Django, which answers 400)."""
-    if settings.USE_X_FORWARDED_HOST:
-        return False
-    raw = None
     for name, value in scope["headers"]:
         if name == b"host":
-            raw = value
-            break
-    if raw is None:
+            return host_value_allowed(value)
+    return False
+
+
+def host_value_allowed(raw: bytes | None) -> bool:
+    """``host_allowed`` for the value of the request's first Host header (None: there was none)."""
+    if raw is None or settings.USE_X_FORWARDED_HOST:
         return False
     allowed = _hosts.get(raw)
     if allowed is None:
