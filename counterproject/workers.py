@@ -56,6 +56,7 @@ class CounterWorker(UvicornWorker):
 
     async def _serve(self) -> None:
         _gc_tune()
+        self._lane_protocol_choose()
         if self.log.access_log_enabled:
             self.wsgi = AccessLog(self.wsgi, self.log)
         # UvicornWorker._serve, with the server that ends the streams on shutdown.
@@ -65,6 +66,26 @@ class CounterWorker(UvicornWorker):
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+    def _lane_protocol_choose(self) -> None:
+        """The service's own application is served by ``counterproject.lane_protocol``, which answers
+        the fast lane's requests without uvicorn's ASGI cycle. Not with an access log (its lines are
+        written around the ASGI application), not for any other application (the benchmarks' reference),
+        and not with ``WEB_LANE_PROTOCOL=0``."""
+        asgi = sys.modules.get("counterproject.asgi")
+        if (
+            asgi is None
+            or self.wsgi is not asgi.application
+            or self.log.access_log_enabled
+            or os.environ.get("WEB_LANE_PROTOCOL", "1") == "0"
+        ):
+            return
+        from .lane_protocol import LaneHttpProtocol
+
+        LaneHttpProtocol.fast_lane = asgi.FAST_LANE
+        self.config.http = LaneHttpProtocol
+        if asgi.FAST_LANE:
+            self.log.info("Fast lane requests are answered in the HTTP protocol (counterproject.lane_protocol)")
 
 
 class _Reply:

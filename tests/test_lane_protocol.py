@@ -1,0 +1,179 @@
+"""The web worker's HTTP protocol (``counterproject.lane_protocol``) through the real server, on raw
+sockets: what HTTP/1.1 lets a client do (pipeline, send a body in pieces, close, hang up early) gets
+the answers it gets from uvicorn's own path, in order, and each request's change is applied once."""
+
+import re
+import socket
+import time
+
+import pytest
+import requests
+
+from .processes import Gunicorn, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+COUNTER = "/api/v1/counter/matches_running"
+
+
+@pytest.fixture
+def web(builtins):
+    server = Gunicorn(workers=1)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bearer(make_key) -> str:
+    return make_key(("write",))
+
+
+def _post(path: str, key: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n%s" % (path.encode(), key.encode(), len(body), extra, body)
+    )
+
+
+def _get(path: str, extra: bytes = b"") -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % (path.encode(), extra)
+
+
+def _connect(web) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", web.port), timeout=10)
+
+
+def _replies(sock: socket.socket, count: int) -> list[tuple[int, dict, bytes]]:
+    """``count`` replies read off the socket: (status, headers, body), framed by Content-Length."""
+    data, replies = b"", []
+    while len(replies) < count:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end >= 0:
+            lines = data[:head_end].decode("latin-1").split("\r\n")
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+            length = int(headers["content-length"])
+            if len(data) >= head_end + 4 + length:
+                body = data[head_end + 4 : head_end + 4 + length]
+                replies.append((int(lines[0].split()[1]), headers, body))
+                data = data[head_end + 4 + length :]
+                continue
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"no more after {replies} and {data!r}") from None
+        assert chunk, f"the connection closed after {len(replies)} of {count} replies"
+        data += chunk
+    assert data == b""
+    return replies
+
+
+def _value(web) -> int:
+    return requests.get(f"{web.url}{COUNTER}", timeout=10).json()["value"]
+
+
+def test_the_worker_answers_the_lane_in_its_http_protocol(web):
+    assert "answered in the HTTP protocol" in web.output()
+
+
+def test_pipelined_requests_lane_and_django_alike_are_answered_in_order(web, bearer):
+    requests_ = [
+        _post(f"{COUNTER}/increment", bearer, b'{"value": 2}'),
+        _get("/healthz"),  # Django's
+        _post(f"{COUNTER}/increment", bearer, b'{"value": 3}'),
+        _get(COUNTER),
+        _post(f"{COUNTER}/increment", bearer, b'{"value": 1.5}'),  # refused
+        _post(f"{COUNTER}/decrement", bearer, b'{"value": 1}'),
+        _get(
+            "/api/v1/counters?names=matches_running,daily_active_users",
+            b"Authorization: Bearer %s\r\n" % bearer.encode(),
+        ),
+    ]
+    with _connect(web) as sock:
+        sock.sendall(b"".join(requests_))
+        replies = _replies(sock, len(requests_))
+    statuses = [status for status, _, _ in replies]
+    assert statuses == [200, 200, 200, 200, 400, 200, 200]
+    assert replies[0][2] == b'{"success":true,"current_value":2}'
+    assert replies[1][1]["content-type"].startswith("application/json")
+    assert replies[2][2] == b'{"success":true,"current_value":5}'
+    assert b'"value":5' in replies[3][2]
+    assert b'"code":4001' in replies[4][2]
+    assert replies[5][2] == b'{"success":true,"current_value":4}'
+    assert b'{"name":"matches_running","value":4}' in replies[6][2]
+    assert _value(web) == 4
+
+
+def test_a_body_sent_in_pieces_is_waited_for(web, bearer):
+    request = _post(f"{COUNTER}/increment", bearer, b'{"value": 7}')
+    head, body = request.split(b"\r\n\r\n")
+    with _connect(web) as sock:
+        sock.sendall(head + b"\r\n\r\n")
+        time.sleep(0.3)
+        sock.sendall(body[:4])
+        time.sleep(0.3)
+        sock.sendall(body[4:])
+        [(status, _, reply)] = _replies(sock, 1)
+    assert (status, reply) == (200, b'{"success":true,"current_value":7}')
+
+
+def test_connection_close_and_http_1_0_and_a_chunked_body_are_answered(web, bearer):
+    with _connect(web) as sock:
+        sock.sendall(_post(f"{COUNTER}/increment", bearer, b'{"value": 1}', b"Connection: close\r\n"))
+        [(status, headers, reply)] = _replies(sock, 1)
+        assert sock.recv(100) == b""  # then closed
+    assert status == 200 and headers["connection"] == "close" and reply.endswith(b":1}")
+
+    http_10 = _post(f"{COUNTER}/increment", bearer, b'{"value": 1}').replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    with _connect(web) as sock:
+        sock.sendall(http_10)
+        [(status, _, reply)] = _replies(sock, 1)
+    assert (status, reply) == (200, b'{"success":true,"current_value":2}')
+
+    chunked = (
+        b"POST %s/increment HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5\r\n{"val\r\n7\r\nue": 3}\r\n0\r\n\r\n' % (COUNTER.encode(), bearer.encode())
+    )
+    with _connect(web) as sock:
+        sock.sendall(chunked)
+        [(status, _, reply)] = _replies(sock, 1)
+    assert (status, reply) == (200, b'{"success":true,"current_value":5}')
+
+
+def test_a_declared_body_over_the_limit_is_refused_without_changing_anything(builtins, bearer):
+    web = Gunicorn(workers=1, env={"COUNTER_MAX_BODY_BYTES": "100"})
+    try:
+        with _connect(web) as sock:
+            sock.sendall(
+                _post(f"{COUNTER}/increment", bearer, b'{"value": 1, "metadata": {"x": "' + b"a" * 200 + b'"}}')
+            )
+            data = sock.recv(65536)
+        value = _value(web)
+    finally:
+        web.stop()
+    assert data.startswith(b"HTTP/1.1 413") and b'"code":4001' in data
+    assert value == 0
+
+
+def test_a_client_that_hangs_up_before_its_reply_leaves_the_worker_serving(web, bearer):
+    for _ in range(50):
+        sock = _connect(web)
+        sock.sendall(_post(f"{COUNTER}/increment", bearer, b'{"value": 1}'))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+        sock.close()
+    # Each increment was read whole before the hang-up: each is applied, once.
+    wait_until(lambda: _value(web) == 50, timeout=10, what="the 50 increments")
+    reply = requests.post(
+        f"{web.url}{COUNTER}/increment", json={"value": 1}, headers={"Authorization": f"Bearer {bearer}"}, timeout=10
+    )
+    assert reply.json()["current_value"] == 51
+    assert not re.search(r"Traceback|Exception in ASGI", web.output())
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(web, bearer):
+    with _connect(web) as sock:
+        for n in range(1, 201):
+            sock.sendall(_post(f"{COUNTER}/increment", bearer, b'{"value": 1}'))
+            [(status, headers, reply)] = _replies(sock, 1)
+            assert status == 200 and reply == b'{"success":true,"current_value":%d}' % n
+    assert "connection" not in headers and headers["server"] == "uvicorn" and "date" in headers
