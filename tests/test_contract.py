@@ -187,9 +187,11 @@ def _reset_values(store) -> None:
 def test_every_hot_endpoint_answers_the_same_bytes_with_and_without_the_fast_lane(builtins, make_key, store):
     key = _game(make_key)
     answers = []
-    for lane in ("1", "0"):
+    # The lane in the worker's HTTP protocol (counterproject.lane_protocol), the lane as an ASGI
+    # application under uvicorn's own protocol, and Django alone.
+    for lane, protocol in (("1", "1"), ("1", "0"), ("0", "1")):
         _reset_values(store)
-        web = Gunicorn(workers=1, env={"COUNTER_FAST_LANE": lane})
+        web = Gunicorn(workers=1, env={"COUNTER_FAST_LANE": lane, "WEB_LANE_PROTOCOL": protocol})
         try:
             token = requests.post(
                 f"{web.url}/api/v1/player-tokens",
@@ -198,12 +200,13 @@ def test_every_hot_endpoint_answers_the_same_bytes_with_and_without_the_fast_lan
                 timeout=10,
             ).json()["token"]
             answers.append(_exchange(web.url, key, token))
+            assert ("answered in the HTTP protocol" in web.output()) == (lane == protocol == "1")
         finally:
             web.stop()
-    lane, django = answers
-    assert len(lane) == len(django) > 60
-    for with_lane, without in zip(lane, django, strict=True):
-        assert with_lane == without
+    lane, lane_asgi, django = answers
+    assert len(lane) == len(lane_asgi) == len(django) > 60
+    for with_lane, through_asgi, without in zip(lane, lane_asgi, django, strict=True):
+        assert with_lane == through_asgi == without
     # The exchange covers successes and every refusal the hot endpoints give.
     assert {status for _, _, status, _, _ in lane} >= {200, 400, 401, 403, 404, 409, 415}
 
