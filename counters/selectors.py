@@ -28,18 +28,36 @@ from .values import (
 from .write_through import store_reconcile_if_due
 
 
-# Not frozen: one is made per value of every read (see values.UpdateResult).
-@dataclass(slots=True)
 class ValueView:
-    counter: CounterConfig
-    subject: str
-    value: int
-    last_updated: datetime | None
-    window: periods.PeriodWindow
-    # True when Redis was unavailable and the value was read from PostgreSQL.
-    degraded: bool = False
-    # The period's start, or a manual reset in the period after it (lastResetTime / last_reset).
-    last_reset: datetime | None = None
+    """A value as read. One is made per value of every read, so it is a plain slotted class: no
+    frozen-dataclass setattr, and ``last_updated`` may be given as the value hash's milliseconds
+    (an int, 0 for never), turned into a datetime only when asked for (a GET of ten names shows
+    none of them)."""
+
+    __slots__ = ("_updated", "counter", "degraded", "last_reset", "subject", "value", "window")
+
+    def __init__(
+        self,
+        counter: CounterConfig,
+        subject: str,
+        value: int,
+        last_updated: "datetime | int | None",
+        window: periods.PeriodWindow,
+        degraded: bool = False,  # True when Redis was unavailable and the value was read from PostgreSQL
+        last_reset: datetime | None = None,  # the period's start, or a manual reset in the period after it
+    ) -> None:
+        self.counter, self.subject, self.value, self._updated = counter, subject, value, last_updated
+        self.window, self.degraded, self.last_reset = window, degraded, last_reset
+
+    @property
+    def last_updated(self) -> datetime | None:
+        updated = self._updated
+        if updated.__class__ is int:
+            updated = self._updated = clock.from_ms(updated) if updated else None
+        return updated
+
+    def __repr__(self) -> str:
+        return f"ValueView({self.counter.name!r}, {self.subject!r}, {self.value}, {self.last_updated})"
 
 
 def api_key_get(raw_key: str) -> KeyConfig | None:
@@ -82,11 +100,8 @@ def _last_reset(window: periods.PeriodWindow, manual: datetime | None) -> dateti
 def _to_view(counter: CounterConfig, subject: str, window: periods.PeriodWindow, raw: list) -> ValueView:
     """A value hash's fields (``VALUE_FIELDS``) as a view; run per value of every read."""
     value, updated, reset_ms = raw
-    updated = int(updated) if updated else 0
     last_reset = _last_reset(window, clock.from_ms(int(reset_ms))) if reset_ms else window.start
-    return ValueView(
-        counter, subject, int(value), clock.from_ms(updated) if updated else None, window, False, last_reset
-    )
+    return ValueView(counter, subject, int(value), int(updated) if updated else 0, window, False, last_reset)
 
 
 def presence_view(counter: CounterConfig, subject: str, window: periods.PeriodWindow, result) -> ValueView:
