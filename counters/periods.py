@@ -54,9 +54,13 @@ def _midnight(day: date, zone: zoneinfo.ZoneInfo) -> datetime:
     return datetime.combine(day, time(0), tzinfo=zone)
 
 
+# Frozen: one for every read and update of a counter without period.
+_NO_PERIOD = PeriodWindow("", None, None)
+
+
 def window_at(period: str, time_zone: str, moment: datetime) -> PeriodWindow:
     if period == NONE:
-        return PeriodWindow("", None, None)
+        return _NO_PERIOD
     zone = _zone(time_zone)
     start = _start_date(period, moment.astimezone(zone).date())
     return PeriodWindow(start.isoformat(), _midnight(start, zone), _midnight(_next_start(period, start), zone))
