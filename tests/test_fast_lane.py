@@ -377,3 +377,43 @@ def test_requests_waiting_on_postgresql_hold_up_neither_hot_nor_other_requests(b
     finally:
         web.stop()
     assert slow == [200, 200, 200, 200]
+
+
+@pytest.mark.single_redis
+@pytest.mark.django_db(transaction=True)
+def test_a_cold_value_hit_by_a_burst_is_loaded_from_postgresql_once_and_counts_exactly(
+    builtins, make_key, store, midday, lane_threads
+):
+    """Fifty new players at once on a daily-users value not in Redis: one load of the value and its
+    12,000 members (three SADDs of 5,000 at most), not one per request, and every player counted."""
+    from counters import clock, periods, selectors
+    from counters.models import CounterValue, UniqueMember
+
+    key = make_key(("write",))
+    counter = Counter.objects.get(app__slug="default", name="daily_active_users")
+    live = selectors.counter_get(app_id=counter.app_id, name=counter.name)
+    period = periods.window_at(live.period, live.time_zone, clock.now()).key
+    CounterValue.objects.create(counter=counter, subject="", period=period, value=12_000)
+    UniqueMember.objects.bulk_create(
+        [UniqueMember(counter=counter, period=period, member=f"old-{i}") for i in range(12_000)]
+    )
+    redis_store.client().config_resetstat()
+
+    async def main():
+        calls = [
+            _request("POST", "/api/v1/counter/daily_active_users/increment", key, orjson.dumps({"user_id": f"new-{i}"}))
+            for i in range(50)
+        ]
+        calls.append(  # an old player again: already counted today
+            _request("POST", "/api/v1/counter/daily_active_users/increment", key, b'{"user_id": "old-7"}')
+        )
+        return await asyncio.gather(*calls)
+
+    replies = asyncio.run(main())
+    assert [status for status, _, _ in replies] == [200] * 51
+    assert sorted(int(body.split(b":")[-1][:-1]) for _, _, body in replies[:50]) == list(range(12_001, 12_051))
+    assert 12_000 <= int(replies[50][2].split(b":")[-1][:-1]) <= 12_050  # counted before, not again
+    # Redis counts the SADDs its scripts make: one per new player (the update script), and the one
+    # load's three chunks. A load per request made 51 x 3 of them.
+    assert redis_store.client().info("commandstats")["cmdstat_sadd"]["calls"] == 50 + 3
+    assert store.scard(keyspace.members_key(counter.id, period)) == 12_050

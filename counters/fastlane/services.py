@@ -24,6 +24,24 @@ async def _reconcile_if_due() -> None:
         await offload(write_through.store_reconcile_if_due)
 
 
+async def _hydrate(*, counter: CounterConfig, subject: str, window: periods.PeriodWindow, shard: int = 0) -> None:
+    """``values.value_hydrate`` off the loop, one at a time per value: the requests that find a value
+    cold while it is being loaded wait for that load instead of each queueing its own. A load also
+    adds the period's unique members from PostgreSQL; a cold daily-users value hit by a burst of
+    requests once queued one load per request (each re-adding every member), which kept a worker's
+    CPU busy for minutes after the burst (bench/README.md)."""
+    loads = lane_store().hydrating
+    key = (counter.id, subject, window.key, shard)
+    load = loads.get(key)
+    if load is None:
+        load = loads[key] = asyncio.ensure_future(
+            offload(values.value_hydrate, counter=counter, subject=subject, window=window, shard=shard)
+        )
+        load.add_done_callback(lambda _: loads.pop(key, None))
+    # Shielded: a waiter that gives up (its client left) does not cancel the others' load.
+    await asyncio.shield(load)
+
+
 async def _run_update(prepared: services._PreparedUpdate) -> list:
     store = lane_store()
     keys, args = services.update_call(prepared)
@@ -32,7 +50,7 @@ async def _run_update(prepared: services._PreparedUpdate) -> list:
         if result[0] != b"HYDRATE":
             return result
         counter, subject, window = prepared.counter, prepared.subject, prepared.window
-        await offload(values.value_hydrate, counter=counter, subject=subject, window=window, shard=prepared.shard)
+        await _hydrate(counter=counter, subject=subject, window=window, shard=prepared.shard)
     raise StoreUnavailable("value could not be hydrated")
 
 
@@ -43,7 +61,7 @@ async def _shard_values(counter: CounterConfig, subject: str, window: periods.Pe
     raws = list(await asyncio.gather(*(store.command("HMGET", key, *values.VALUE_FIELDS) for key in keys)))
     for shard, key in enumerate(keys):
         if raws[shard][0] is None:
-            await offload(values.value_hydrate, counter=counter, subject=subject, window=window, shard=shard)
+            await _hydrate(counter=counter, subject=subject, window=window, shard=shard)
             raws[shard] = await store.command("HMGET", key, *values.VALUE_FIELDS)
     return raws
 
@@ -134,7 +152,7 @@ async def presence_update(
         reply = await store.script("presence", call.keys, call.args)
         if reply[0] != b"HYDRATE":
             return call.result(reply)
-        await offload(values.value_hydrate, counter=counter, subject="", window=call.window)
+        await _hydrate(counter=counter, subject="", window=call.window)
     raise StoreUnavailable("value could not be hydrated")
 
 
@@ -163,7 +181,7 @@ async def _run_update_many(prepared: list) -> list[list]:
             return results
         for item in cold.values():
             counter, subject, window, shard = item.counter, item.subject, item.window, item.shard
-            await offload(values.value_hydrate, counter=counter, subject=subject, window=window, shard=shard)
+            await _hydrate(counter=counter, subject=subject, window=window, shard=shard)
         todo = sorted(retry)
     raise StoreUnavailable("values could not be hydrated")
 
@@ -277,7 +295,7 @@ async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
         if counter.shards > 1:
             raw = split.combine(raw)
         elif raw[0] is None:
-            await offload(values.value_hydrate, counter=counter, subject=subject, window=window)
+            await _hydrate(counter=counter, subject=subject, window=window)
             raw = await store.command("HMGET", key, *fields)
         views.append(selectors._to_view(counter, subject, window, raw))
     return views

@@ -254,6 +254,9 @@ class LaneStore:
     def __init__(self) -> None:
         self.cluster = cluster_mode()
         self._nodes: dict[str, Coalescer] = {}
+        # The values being loaded from PostgreSQL, by (counter id, subject, period, shard): their
+        # loads, shared by the requests that wait for them (fastlane.services._hydrate).
+        self.hydrating: dict[tuple, asyncio.Future] = {}
         if self.cluster:
             self.coalescer = None
             return
