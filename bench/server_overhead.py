@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.run import cpu_seconds, load  # noqa: E402
 from tests.processes import free_port, wait_until  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -61,11 +62,6 @@ uvloop.run(main())
 """
 
 WRK_POST = 'wrk.method = "POST"; wrk.body = \'{"value":1}\'; wrk.headers["Content-Type"] = "application/json"\n'
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(port: int, pid: int, script: str) -> tuple[float, float]:
@@ -121,9 +117,7 @@ def main() -> None:
             for server in servers.values():
                 server.terminate()
                 server.wait(timeout=10)
-    print(
-        f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; one core each, wrk c64, best of {ROUNDS} x {SECONDS}s"
-    )
+    print(f"load {load()}; one core each, wrk c64, best of {ROUNDS} x {SECONDS}s")
     print(f"{'server':<26} {'req/s':>10} {'CPU us/request':>15}")
     for name, (rate, us) in best.items():
         print(f"{name:<26} {rate:10,.0f} {us:15.1f}")
