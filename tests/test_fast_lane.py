@@ -417,3 +417,73 @@ def test_a_cold_value_hit_by_a_burst_is_loaded_from_postgresql_once_and_counts_e
     # load's three chunks. A load per request made 51 x 3 of them.
     assert redis_store.client().info("commandstats")["cmdstat_sadd"]["calls"] == 50 + 3
     assert store.scard(keyspace.members_key(counter.id, period)) == 12_050
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_read_of_names_read_before_follows_every_change_of_values_config_and_time(
+    builtins, make_key, make_counter, settings, store, lane_threads, time_machine
+):
+    """GET /api/v1/counters keeps what its checks found for a names list read again
+    (``fastlane.plans``). Still, each value is read at the moment of the request, and a value no
+    longer in Redis, a new day, a temporary counter's end, a counter made private and a key switched
+    off all apply to the very next read, as they do for a list read for the first time."""
+    from counters.config import bump_generation
+    from counters.models import ApiKey, App
+
+    settings.COUNTER_CONFIG_CHECK_SECONDS = 0  # every request compares the config generation
+    start = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    time_machine.move_to(start, tick=False)
+    key = make_key(("write", "data_view"))
+    make_counter("event_kills", public=True, expires_at=start + timedelta(days=1))
+    names = b"names=total_games_played,matches_running,event_kills"
+
+    def read(as_key: str = key) -> tuple[int, dict]:
+        query = names if as_key else names + b"&app=default"  # no key: the public counters of an app
+        status, _, body = asyncio.run(_request("GET", "/api/v1/counters", as_key, query=query))
+        return status, orjson.loads(body)
+
+    def values(reply: dict) -> list:
+        return [(c["name"], c["value"]) for c in reply["counters"]]
+
+    def add(name: str, amount: int) -> None:
+        status, _, _ = asyncio.run(
+            _request("POST", f"/api/v1/counter/{name}/increment", key, orjson.dumps({"value": amount}))
+        )
+        assert status == 200
+
+    assert values(read()[1]) == [("total_games_played", 0), ("matches_running", 0), ("event_kills", 0)]
+    add("total_games_played", 5)
+    add("event_kills", 2)
+    assert values(read()[1]) == [("total_games_played", 5), ("matches_running", 0), ("event_kills", 2)]
+    assert values(read("")[1]) == [("total_games_played", 5), ("matches_running", 0), ("event_kills", 2)]
+
+    # Flushed, then gone from Redis (evicted, a restore): loaded back from PostgreSQL on the read.
+    counters_flush()
+    total = Counter.objects.get(app__slug="default", name="total_games_played")
+    store.delete(keyspace.value_key(total.id, "2026-05-04", ""))
+    assert values(read()[1])[0] == ("total_games_played", 5)
+
+    # A new day: the daily counter's new period, the others as they were.
+    time_machine.move_to(start + timedelta(hours=13), tick=False)
+    assert values(read()[1]) == [("total_games_played", 0), ("matches_running", 0), ("event_kills", 2)]
+    # The temporary counter's end.
+    time_machine.move_to(start + timedelta(days=1), tick=False)
+    status, reply = read()
+    assert status == 404 and reply["error"]["code"] == 4004 and "event_kills" in reply["error"]["message"]
+    names = b"names=total_games_played,matches_running"
+    assert values(read()[1]) == [("total_games_played", 0), ("matches_running", 0)]
+
+    # Made private: no longer read without a key; the app's key still reads it.
+    add("matches_running", 3)
+    assert values(read("")[1]) == [("total_games_played", 0), ("matches_running", 3)]
+    Counter.objects.filter(name="matches_running").update(public=False)
+    bump_generation()
+    status, reply = read("")
+    assert status == 401 and reply["error"]["code"] == 4003 and "matches_running" in reply["error"]["message"]
+    assert values(read()[1]) == [("total_games_played", 0), ("matches_running", 3)]
+
+    # The key switched off: refused at once.
+    ApiKey.objects.filter(app=App.objects.get(slug="default")).update(active=False)
+    bump_generation()
+    status, reply = read()
+    assert status == 401 and reply["error"] == {"code": 4003, "message": "The API key is not valid."}

@@ -266,6 +266,30 @@ async def counter_values_get(*, items: list[tuple[CounterConfig, str]]) -> list[
         return await offload(selectors.counter_values_from_database, items=items, windows=windows)
 
 
+async def planned_values_read(plan) -> tuple[list[int], bool]:
+    """The values of a read plan's plain counters (``fastlane.plans``), and whether they came from
+    PostgreSQL (Redis unavailable): ``counter_values_get`` with the plan's commands, packed already."""
+    windows = plan.windows(clock.now())
+    try:
+        await _reconcile_if_due()
+        store = lane_store()
+        commands, packed = plan.commands(windows)
+        replies = await store.commands(commands, packed)
+        numbers = []
+        for counter, window, command, raw in zip(plan.counters, windows, commands, replies, strict=True):
+            if isinstance(raw, BaseException):
+                raise raw
+            if raw[0] is None:
+                await _hydrate(counter=counter, subject="", window=window)
+                raw = await store.command(*command)
+            numbers.append(int(raw[0]))
+        return numbers, False
+    except StoreUnavailable:
+        items = [(c, "") for c in plan.counters]
+        views = await offload(selectors.counter_values_from_database, items=items, windows=windows)
+        return [view.value for view in views], True
+
+
 async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
     """``selectors._values_from_store``: one HMGET per value (per shard of a split counter), or for
     a presence counter one sweeping count of its leases at the moment of the read, all in the

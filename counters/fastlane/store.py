@@ -63,8 +63,9 @@ class Coalescer:
         self.client = client
         self.breaker = guard
         self._on_failure = on_failure
-        # (command, its future, 0) or, for ``call_many``, (commands, one future for all, how many)
-        self._queue: list[tuple[tuple, asyncio.Future, int]] = []
+        # (command, its future, 0, None) or, for ``call_many``, (commands, one future for all, how
+        # many, the commands packed already or None)
+        self._queue: list[tuple[tuple, asyncio.Future, int, bytes | None]] = []
         self._scheduled = False
         self._sending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         self._idle: list = []  # connections between round trips (``_connection``)
@@ -78,18 +79,19 @@ class Coalescer:
         self.breaker.before_call()
         return self._queued(command, 0)
 
-    def call_many(self, commands: tuple) -> asyncio.Future:
+    def call_many(self, commands: tuple, packed: bytes | None = None) -> asyncio.Future:
         """Several commands of one request, in this loop turn's round trip, with one future: their
         replies in order, an error reply as its exception object (one future instead of one per
-        command: a read of ten values, bench/README.md)."""
+        command: a read of ten values, bench/README.md). ``packed``: the same commands already
+        packed by hiredis (a caller that sends the same commands often keeps them packed)."""
         if self.breaker is not breaker:
             breaker.before_call()
         self.breaker.before_call()
-        return self._queued(commands, len(commands))
+        return self._queued(commands, len(commands), packed)
 
-    def _queued(self, command: tuple, many: int) -> asyncio.Future:
+    def _queued(self, command: tuple, many: int, packed: bytes | None = None) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((command, future, many))
+        self._queue.append((command, future, many, packed))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -98,10 +100,10 @@ class Coalescer:
     def _flush(self) -> None:
         self._scheduled = False
         queue, self._queue = self._queue, []
-        batch: list[tuple[tuple, asyncio.Future, int]] = []
+        batch: list[tuple[tuple, asyncio.Future, int, bytes | None]] = []
         size = count = 0
         for item in queue:
-            command, _, many = item
+            command, _, many, _ = item
             length = sum(map(len, command)) if many else len(command)
             if batch and (count + (many or 1) > MAX_PIPELINE or size + length > MAX_PIPELINE_ARGS):
                 self._start(batch)
@@ -111,7 +113,7 @@ class Coalescer:
             count += many or 1
         self._start(batch)
 
-    def _start(self, batch: list[tuple[tuple, asyncio.Future, int]]) -> None:
+    def _start(self, batch: list[tuple[tuple, asyncio.Future, int, bytes | None]]) -> None:
         task = asyncio.ensure_future(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -135,7 +137,7 @@ class Coalescer:
                 raise
         return connection
 
-    async def _send(self, batch: list[tuple[tuple, asyncio.Future, int]]) -> None:
+    async def _send(self, batch: list[tuple[tuple, asyncio.Future, int, bytes | None]]) -> None:
         """Every command written at once (packed by hiredis), then each reply read and handed over in order.
 
         redis-py's own pipeline packs arguments in Python, which cost more than the rest of an
@@ -143,7 +145,7 @@ class Coalescer:
         read before a connection failure still reaches its request: that command did run.
         """
         self.round_trips += 1
-        commands = sum(many or 1 for _, _, many in batch)
+        commands = sum(many or 1 for _, _, many, _ in batch)
         self.commands += commands
         redis_batch_record(size=commands)
         answered = 0
@@ -152,11 +154,11 @@ class Coalescer:
             connection = await self._connection()
             try:
                 pack = hiredis.pack_command
-                packed = b"".join(b"".join(map(pack, c)) if many else pack(c) for c, _, many in batch)
+                packed = b"".join((p or b"".join(map(pack, c))) if many else pack(c) for c, _, many, p in batch)
                 await connection.send_packed_command(packed, check_health=False)
                 sent = True
                 reader = connection._parser._reader
-                for _, future, many in batch:
+                for _, future, many, _ in batch:
                     if many:
                         replies = []
                         for _ in range(many):
@@ -188,7 +190,7 @@ class Coalescer:
             # failing to connect or to write is a clean failure (write-through or a 503).
             error = StoreUnavailable(str(exc), maybe_applied=sent and not _failed_while_connecting(exc))
             redis_round_trip_record(ok=False)
-            for _, future, _ in batch[answered:]:
+            for _, future, _, _ in batch[answered:]:
                 self.breaker.record_failure()
                 if not future.done():
                     future.set_exception(error)
@@ -196,7 +198,7 @@ class Coalescer:
                 self._on_failure()
             return
         except BaseException as exc:
-            for _, future, _ in batch[answered:]:
+            for _, future, _, _ in batch[answered:]:
                 if not future.done():
                     future.set_exception(exc)
             raise
@@ -276,12 +278,12 @@ class LaneStore:
         # A task, so that it is queued in this loop turn like a command to one Redis.
         return asyncio.ensure_future(self._routed(command[3] if command[0] == "EVALSHA" else command[1], command))
 
-    def commands(self, commands: list[tuple]):
+    def commands(self, commands: list[tuple] | tuple, packed: bytes | None = None):
         """Several commands of one request in this loop turn's round trip, awaited together: their
         replies in order, an error reply as its exception (``Coalescer.call_many``; in a cluster each
-        is routed to its node)."""
+        is routed to its node). ``packed``: the same commands as ``hiredis.pack_command`` packs them."""
         if not self.cluster:
-            return self.coalescer.call_many(tuple(commands))
+            return self.coalescer.call_many(tuple(commands), packed)
         return asyncio.gather(*(self.command(*command) for command in commands), return_exceptions=True)
 
     @property
