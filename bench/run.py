@@ -1,13 +1,14 @@
 """make bench: the service's hot endpoints next to a minimal DRF baseline, measured in the same run.
 
-Starts a private redis-server and two servers on loopback, pinned to the same core: the service under
+Starts a private redis-server and servers on loopback, pinned to the same core: the service under
 the production ``gunicorn.conf.py`` (``counterproject.asgi``, one worker) and the **baseline**, a
 fixed configuration that does not follow the production one: gunicorn gthread, 1 worker x 8
-threads, serving the bench-only URL conf (``bench/urls.py``: a DRF view with one INCRBY). The load
-generator runs on the other core; wrk (``bench/scenario.lua``) drives each endpoint and one table
-is printed, with the Redis CPU per script call from Redis's own ``INFO commandstats``. Then checks exactness:
-every value the API shows equals what the load generators were told was applied, and equals
-PostgreSQL after a flush.
+threads, serving the bench-only URL conf (``bench/urls.py``: a DRF view with one INCRBY). A third,
+``make bench-seed``'s reference (``bench/reference.py``) under the production configuration, is
+measured last: the increment against it, per core. The load generator runs on the other core; wrk
+(``bench/scenario.lua``) drives each endpoint and one table is printed, with the Redis CPU per script
+call from Redis's own ``INFO commandstats``. Then checks exactness: every value the API shows equals
+what the load generators were told was applied, and equals PostgreSQL after a flush.
 
 Environment: ``BENCH_DATABASE_URL`` (a database of its own; created and migrated if missing),
 ``BENCH_SECONDS`` (per run, default 10), ``BENCH_SERVER_CPUS`` / ``BENCH_CLIENT_CPUS`` (default 0 / 1),
@@ -77,6 +78,9 @@ SCENARIOS = [
     Scenario("get", "(c) GET one counter", "GET", f"/api/v1/counter/{PLAIN}", "none"),
     Scenario("get10", "(d) GET 10 counters", "GET", "/api/v1/counters?names=" + ",".join(GET_BATCH_NAMES), "none"),
     Scenario("batch", f"(e) batch update of {BATCH_SIZE}", "POST", "/api/v1/counters/batch", "batch"),
+    # make bench-seed's reference (bench/reference.py: one coalesced INCRBY, no validation, auth or
+    # Lua) under the production server on the same core: the increment against it, per core.
+    Scenario("reference", "(r) bench-seed's reference", "POST", "/", "increment", server="reference"),
 ]
 SCENARIOS[1].counter, SCENARIOS[1].per_request = PLAIN, 1
 SCENARIOS[2].counter, SCENARIOS[2].per_request = PLAIN, 1
@@ -157,12 +161,15 @@ class Processes:
         return env
 
     def start_web(self, name: str) -> None:
-        """``service``: the production config; ``baseline``: gthread 1 x 8 whatever the production config says."""
+        """``service``: the production config; ``baseline``: gthread 1 x 8 whatever the production config
+        says; ``reference``: bench/reference.py under the production config."""
         port = free_port()
         app, extra = "counterproject.asgi", {}
         if name == "baseline":
             app = "counterproject.wsgi"
             extra = {"GUNICORN_WORKER_CLASS": "gthread", "GUNICORN_THREADS": "8", "WEB_CONCURRENCY": "1"}
+        elif name == "reference":
+            app, extra = "bench.reference:application", {"PYTHONPATH": str(ROOT)}
         args = ["taskset", "-c", SERVER_CPUS, str(BIN / "gunicorn"), app]
         args += ["-c", str(ROOT / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{port}"]
         web = subprocess.Popen(args, cwd=ROOT, env=self.env(**extra), stdout=self.log, stderr=self.log)
@@ -295,8 +302,8 @@ def main() -> int:
         processes.start_redis()
         REDIS_URL[0] = processes.redis_url
         key = django_setup(processes.redis_url)
-        processes.start_web("service")
-        processes.start_web("baseline")
+        for server in dict.fromkeys(s.server for s in SCENARIOS):
+            processes.start_web(server)
         url = WEB_URL["service"]
         print(f"bench: server cores {SERVER_CPUS}, load generator and redis cores {CLIENT_CPUS}, {SECONDS}s a run")
         print(f"bench: load average before {load()}")
@@ -386,6 +393,15 @@ def print_table() -> None:
         per_request = peak["script_calls"] / max(1, peak["requests"])
         line += f" | {peak['script_us']:>9.1f} {per_request:>9.2f}" if peak["script_calls"] else f" | {'-':>9} {'-':>9}"
         print(line)
+    if "reference" in by_name and "increment" in by_name:
+        reference, increment = (
+            max((r for c, r in by_name[n].runs.items() if c != "fixed"), key=lambda r: r["rps"])
+            for n in ("reference", "increment")
+        )
+        print(
+            f"\nincrement against bench-seed's reference on one core: {increment['rps'] / reference['rps']:.2f} of its "
+            f"peak req/s, {reference['cpu_ms'] / increment['cpu_ms']:.2f} of its requests per CPU-second"
+        )
     if "batch" in by_name:
         best = max(r["rps"] for c, r in by_name["batch"].runs.items() if c != "fixed")
         print(f"\nbatch updates: {best * BATCH_SIZE:.0f} counter updates/s at {best:.0f} requests/s of {BATCH_SIZE}")
