@@ -151,7 +151,6 @@ def _prepare_update(
             % {"name": counter.name}
         )
     window = window or periods.window_at(counter.period, counter.time_zone, now)
-    ms = clock.to_ms(now)
     low, high = counter_value_bounds(counter=counter, allow_negative=allow_negative)
     split.check_update(counter, amount=amount, low=low)
     chosen = None
@@ -160,11 +159,49 @@ def _prepare_update(
         if chosen is None:
             chosen = shards[counter.id] = split.shard_of(counter)
     shard = split.shard_of(counter, member=member, idempotency=idempotency, chosen=chosen)
+    keys = keyspace.update_keys(keyspace.unit(counter.id, shard), window.key, subject)
+    return _update_at(
+        counter=counter,
+        amount=amount,
+        subject=subject,
+        user_id=user_id,
+        actor=actor,
+        metadata=metadata,
+        window=window,
+        keys=keys,
+        bounds=(low, high),
+        member=member,
+        now=now,
+        idempotency=idempotency,
+        shard=shard,
+    )
+
+
+def _update_at(
+    *,
+    counter: CounterConfig,
+    amount: int,
+    subject: str,
+    user_id: str,
+    actor: str,
+    metadata: dict | None,
+    window: periods.PeriodWindow,
+    keys: list[str],
+    bounds: tuple[int, int],
+    member: str,
+    now: datetime,
+    idempotency: Idempotency | None = None,
+    shard: int = 0,
+) -> _PreparedUpdate:
+    """The update script's arguments of an update checked by ``_prepare_update``, at ``now`` (also
+    the fast lane's for an update it checked before: ``fastlane.plans.UpdatePlan``)."""
+    ms = clock.to_ms(now)
     log = (
         operation_log_prefix(actor=actor, user_id=user_id, subject=subject, period=window.key, ms=ms, metadata=metadata)
         if counter.log_operations
         else ""
     )
+    low, high = bounds
     args = ["add", amount, f"{window.key}|{subject}", member, low, high, int(counter.saturate), ms, ms // 60000]
     if counter.shards > 1:
         # A shard's buckets keep operations and deltas only (its own last value is no total), and
@@ -174,7 +211,6 @@ def _prepare_update(
         args += [int(not counter.is_user_scoped), log]
         for t in counter.thresholds:
             args += [t.id, t.value, t.direction, t.cooldown_seconds * 1000, int(t.rearm)]
-    keys = keyspace.update_keys(keyspace.unit(counter.id, shard), window.key, subject)
     return _PreparedUpdate(counter, subject, window, keys, args, low, high, member, log, idempotency, shard)
 
 

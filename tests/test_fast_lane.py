@@ -124,7 +124,7 @@ def lane_threads():
         future.result(timeout=30)
 
 
-async def _request(method: str, path: str, key: str, body: bytes = b"", query: bytes = b""):
+async def _request(method: str, path: str, key: str, body: bytes = b"", query: bytes = b"", headers: tuple = ()):
     scope = {
         "type": "http",
         "method": method,
@@ -136,6 +136,7 @@ async def _request(method: str, path: str, key: str, body: bytes = b"", query: b
             (b"authorization", f"Bearer {key}".encode()),
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
+            *headers,
         ],
         "http_version": "1.1",
         "scheme": "http",
@@ -487,3 +488,85 @@ def test_a_read_of_names_read_before_follows_every_change_of_values_config_and_t
     bump_generation()
     status, reply = read()
     assert status == 401 and reply["error"] == {"code": 4003, "message": "The API key is not valid."}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_update_sent_again_follows_every_change_of_config_and_time(
+    builtins, make_key, make_counter, settings, store, lane_threads, time_machine
+):
+    """An increment or decrement sent again with the same key and body keeps what its checks found
+    (``fastlane.plans.UpdatePlan``). Still, each is applied at its own moment: a new day, a temporary
+    counter's end, a lower maximum, a key that may no longer write or is switched off, all apply to
+    the very next update, as they do to one sent for the first time; an Idempotency-Key still replays."""
+    from counters.config import bump_generation
+    from counters.fastlane import plans
+    from counters.models import ApiKey, App
+
+    settings.COUNTER_CONFIG_CHECK_SECONDS = 0  # every request compares the config generation
+    start = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    time_machine.move_to(start, tick=False)
+    key = make_key(("write", "data_view"))
+    make_counter("event_kills", expires_at=start + timedelta(days=1), max_value=100)
+    make_counter("player_games", scope="user")
+
+    def update(name: str, body: bytes, op: str = "increment", headers: tuple = ()) -> tuple[int, dict, dict]:
+        status, reply_headers, reply = asyncio.run(
+            _request("POST", f"/api/v1/counter/{name}/{op}", key, body, headers=headers)
+        )
+        return status, reply_headers, orjson.loads(reply)
+
+    def value(name: str, body: bytes, op: str = "increment") -> int:
+        status, _, reply = update(name, body, op)
+        assert status == 200, reply
+        return reply["current_value"]
+
+    one, three = b'{"value":1}', b'{"value":3}'
+    assert [value("total_games_played", one) for _ in range(4)] == [1, 2, 3, 4]
+    assert [value("total_games_played", three) for _ in range(3)] == [7, 10, 13]
+    assert [value("total_games_played", one, "decrement") for _ in range(3)] == [12, 11, 10]
+    assert [value("event_kills", three) for _ in range(3)] == [3, 6, 9]
+    # A per-player counter: each player's body is its own plan, and its own value.
+    for player in ("p1", "p2"):
+        body = orjson.dumps({"value": 2, "user_id": player})
+        assert [value("player_games", body) for _ in range(3)] == [2, 4, 6]
+    # The checks were kept (else this test would not try the kept ones at all).
+    assert sum(plan is not None for plan in plans._update_plans.values()) == 6
+
+    # An Idempotency-Key: checked and recorded every time, and replayed.
+    keyed = ((b"idempotency-key", b"order-0001"),)
+    status, _, reply = update("total_games_played", one, headers=keyed)
+    assert (status, reply["current_value"]) == (200, 11)
+    status, headers, reply = update("total_games_played", one, headers=keyed)
+    assert (status, reply["current_value"], headers.get(b"idempotent-replayed")) == (200, 11, b"true")
+
+    # A new day: the daily counter starts its new period, the temporary one goes on.
+    time_machine.move_to(start + timedelta(hours=13), tick=False)
+    assert value("total_games_played", one) == 1
+    assert value("event_kills", three) == 12
+
+    # A lower maximum: refused before it is reached, nothing changed.
+    Counter.objects.filter(name="event_kills").update(max_value=14)
+    bump_generation()
+    status, _, reply = update("event_kills", three)
+    assert (status, reply["error"]["code"]) == (409, 4005)
+    assert [value("event_kills", one) for _ in range(2)] == [13, 14]
+
+    # The temporary counter's end.
+    time_machine.move_to(start + timedelta(days=1), tick=False)
+    status, _, reply = update("event_kills", one)
+    assert (status, reply["error"]["code"]) == (404, 4004) and "event_kills" in reply["error"]["message"]
+
+    # The key may no longer write, then is switched off.
+    ApiKey.objects.filter(app=App.objects.get(slug="default")).update(roles=["data_view"])
+    bump_generation()
+    status, _, reply = update("total_games_played", one)
+    assert (status, reply["error"]["code"]) == (403, 4003)
+    ApiKey.objects.filter(app=App.objects.get(slug="default")).update(active=False)
+    bump_generation()
+    status, _, reply = update("total_games_played", one)
+    assert status == 401 and reply["error"] == {"code": 4003, "message": "The API key is not valid."}
+    assert store.hget(keyspace.value_key(_counter_id("total_games_played"), "2026-05-05", ""), "v") == b"1"
+
+
+def _counter_id(name: str) -> int:
+    return Counter.objects.get(app__slug="default", name=name).id

@@ -59,6 +59,12 @@ def _read_reply(body: dict, views: list):
 
 
 async def _rest_update(request: LaneRequest, name: str, sign: int):
+    slot = plans.update_slot(request, name, sign)
+    plan = plans.update_plan(slot)  # the checks below, kept while the config stays the same
+    if plan is not None:
+        result = await lane.planned_update(plan)
+        if result is not None:
+            return 200, b'{"success":true,"current_value":%d}' % result.new_value, []
     key = auth.request_key(request)
     checked = auth.checked_name(name)  # before the app, in CounterViewSet._update's order
     counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=checked)
@@ -74,15 +80,14 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
     idempotency = request_idempotency(
         request, app_id=key.app_id, parts=apis.update_fingerprint_parts(counter, sign * value, user_id, metadata)
     )
-    result = await lane.counter_update(
-        counter=counter,
-        amount=sign * value,
-        subject=user_id if counter.is_user_scoped else "",
-        user_id=user_id,
-        actor=key.prefix,
-        metadata=metadata,
-        idempotency=idempotency,
-    )
+    update = {
+        "amount": sign * value,
+        "subject": user_id if counter.is_user_scoped else "",
+        "user_id": user_id,
+        "metadata": metadata,
+    }
+    result = await lane.counter_update(counter=counter, actor=key.prefix, idempotency=idempotency, **update)
+    plans.update_plan_keep(slot, key=key, counter=counter, **update)
     return 200, b'{"success":true,"current_value":%d}' % result.new_value, REPLAYED if result.replayed else []
 
 

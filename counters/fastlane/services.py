@@ -109,6 +109,20 @@ async def counter_update(
         now=now,
         idempotency=idempotency,
     )
+    return await _prepared_run(prepared, amount, now)
+
+
+async def planned_update(plan) -> values.UpdateResult | None:
+    """The update of a plan (``fastlane.plans.UpdatePlan``: checked by ``counter_update`` before), as
+    ``counter_update`` runs it; None when its counter is no longer live (the general path's error)."""
+    now = clock.now()
+    if not plan.counter.is_live(now):
+        return None
+    return await _prepared_run(plan.prepared(now), plan.amount, now)
+
+
+async def _prepared_run(prepared: services._PreparedUpdate, amount: int, now) -> values.UpdateResult:
+    counter, subject = prepared.counter, prepared.subject
     try:
         await _reconcile_if_due()
         if counter.shards > 1:
@@ -117,7 +131,7 @@ async def counter_update(
             result, others = await _run_update(prepared), 0
     except StoreUnavailable as exc:
         # A key is recorded in Redis only: a keyed write is refused rather than written through.
-        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied or idempotency:
+        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied or prepared.idempotency:
             raise
         write_through.store_reconcile_mark_due()
         return await offload(
