@@ -568,5 +568,79 @@ def test_an_update_sent_again_follows_every_change_of_config_and_time(
     assert store.hget(keyspace.value_key(_counter_id("total_games_played"), "2026-05-05", ""), "v") == b"1"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_read_of_one_counter_read_again_follows_every_change_of_values_config_and_time(
+    builtins, make_key, make_counter, settings, store, lane_threads, time_machine
+):
+    """GET /api/v1/counter/<name> read again with the same key and query keeps what its checks found
+    (``fastlane.plans.ValuePlan``). Still, the value is read at the moment of the request, and a value
+    no longer in Redis, a new day, a temporary counter's end, a counter made private and a key
+    switched off apply to the very next read, as they do to one read for the first time."""
+    from counters.config import bump_generation
+    from counters.fastlane import plans
+    from counters.models import ApiKey, App
+
+    settings.COUNTER_CONFIG_CHECK_SECONDS = 0  # every request compares the config generation
+    start = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    time_machine.move_to(start, tick=False)
+    key = make_key(("write", "data_view"))
+    make_counter("event_kills", public=True, expires_at=start + timedelta(days=1))
+    make_counter("player_games", scope="user")
+
+    def read(name: str, query: bytes = b"", as_key: str = key) -> tuple[int, dict]:
+        status, _, body = asyncio.run(_request("GET", f"/api/v1/counter/{name}", as_key, query=query))
+        return status, orjson.loads(body)
+
+    def value(name: str, query: bytes = b"", as_key: str = key) -> int:
+        status, reply = read(name, query, as_key)
+        assert status == 200, reply
+        return reply["value"]
+
+    def add(name: str, amount: int, user_id: str = "") -> None:
+        body = orjson.dumps({"value": amount, **({"user_id": user_id} if user_id else {})})
+        status, _, _ = asyncio.run(_request("POST", f"/api/v1/counter/{name}/increment", key, body))
+        assert status == 200
+
+    public = b"app=default"
+    for amount in (1, 2, 3):  # read before and after each change: the value of the moment
+        assert (value("total_games_played"), value("event_kills", public, "")) == (amount - 1, 2 * (amount - 1))
+        add("total_games_played", 1)
+        add("event_kills", 2)
+    for player, amount in (("p1", 5), ("p2", 7)):
+        add("player_games", amount, player)
+        assert [value("player_games", b"user_id=" + player.encode()) for _ in range(3)] == [amount] * 3
+    reply = read("total_games_played")[1]
+    assert reply["last_updated"] == "2026-05-04T12:00:00Z" and reply["next_reset"].startswith("2026-05-0")
+    # The checks were kept (else this test would not try the kept ones at all).
+    assert sum(plan is not None for plan in plans._value_plans.values()) == 4
+
+    # Flushed, then gone from Redis (evicted, a restore): loaded back from PostgreSQL on the read.
+    counters_flush()
+    store.delete(keyspace.value_key(_counter_id("total_games_played"), "2026-05-04", ""))
+    assert value("total_games_played") == 3
+
+    # A new day: the daily counter's new period, the others as they were.
+    time_machine.move_to(start + timedelta(hours=13), tick=False)
+    assert (value("total_games_played"), value("event_kills", public, "")) == (0, 6)
+    # The temporary counter's end.
+    time_machine.move_to(start + timedelta(days=1), tick=False)
+    status, reply = read("event_kills", public, "")
+    assert status == 404 and reply["error"]["code"] == 4004 and "event_kills" in reply["error"]["message"]
+
+    # Made private: no longer read without a key; the app's key still reads it.
+    assert value("matches_running", public, "") == value("matches_running", public, "") == 0
+    Counter.objects.filter(name="matches_running").update(public=False)
+    bump_generation()
+    status, reply = read("matches_running", public, "")
+    assert status == 401 and reply["error"]["code"] == 4003 and "matches_running" in reply["error"]["message"]
+    assert value("matches_running") == value("matches_running") == 0
+
+    # The key switched off: refused at once.
+    ApiKey.objects.filter(app=App.objects.get(slug="default")).update(active=False)
+    bump_generation()
+    status, reply = read("matches_running")
+    assert status == 401 and reply["error"] == {"code": 4003, "message": "The API key is not valid."}
+
+
 def _counter_id(name: str) -> int:
     return Counter.objects.get(app__slug="default", name=name).id

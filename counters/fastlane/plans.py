@@ -16,6 +16,11 @@ its error.
 A GET of ten names spent about 4 µs per name in those steps, most of what it costs over a GET of one
 (bench/README.md).
 
+A GET of one counter (GET /api/v1/counter/<name>) is the same with the name and the query string
+(its ``user_id``, a public read's ``app``) in place of the names list: a value plan keeps the
+counter and the subject its checks found, and the HMGET of the last window read, packed; the value
+is read at the moment of every request. Presence and split counters take the general read.
+
 An increment or decrement (POST /api/v1/counter/<name>/increment|decrement) is the same: a game
 server sends the same body with the same key again and again, and what the view checks before its
 script call (the key, the app, the name, the counter, the permission, the body, the update's own
@@ -24,6 +29,9 @@ the key's header, the body and its content type. An update plan keeps what those
 after an update that passed them; each request still checks the counter's liveness, takes the window
 and the time of its own moment, and calls the script. A request with an Idempotency-Key, a larger
 body, a presence or split counter takes the general path every time.
+
+A value or update plan is made the second time its request passed (the first only marks it seen), so
+requests that never repeat (a new user_id each time) cost a dict entry, not a plan each.
 """
 
 import hiredis
@@ -38,7 +46,8 @@ from ..idempotency import META_HEADER
 # At most this many plans of each kind per worker (names lists, or counters and bodies, times
 # callers); past it they are made afresh.
 MAX_PLANS = 1000
-# A body longer than this is checked every time (the plans' keys hold the body).
+# A body, query string or key header longer than this is checked every time: the plans' keys hold
+# them as sent (in this process's memory only, as the request did).
 MAX_PLANNED_BODY = 256
 
 
@@ -124,17 +133,78 @@ class UpdatePlan:
         )
 
 
+class ValuePlan:
+    """A checked GET of one plain counter by one caller with one query string."""
+
+    __slots__ = ("_call", "counter", "subject")
+
+    def __init__(self, counter: CounterConfig, subject: str) -> None:
+        self.counter = counter
+        self.subject = subject
+        self._call: tuple | None = None  # (window, HMGET, packed) of the last window read
+
+    def read_call(self, now) -> tuple[periods.PeriodWindow, tuple, bytes]:
+        """The value's window at ``now`` and its HMGET, also packed for the wire."""
+        call = self._call
+        if call is None or (call[0].end is not None and not call[0].start <= now < call[0].end):
+            counter = self.counter
+            window = periods.window_at(counter.period, counter.time_zone, now)
+            command = ("HMGET", keyspace.value_key(counter.id, window.key, self.subject), *values.VALUE_FIELDS)
+            call = self._call = (window, command, hiredis.pack_command(command))
+        return call
+
+
 _plans: dict[tuple, ReadPlan] = {}
+_value_plans: dict[tuple, ValuePlan | None] = {}  # None: seen once
 _update_plans: dict[tuple, UpdatePlan | None] = {}  # None: seen once
 _snapshot = None  # the snapshot the plans were made under
 
 
 def _current() -> None:
     """Drops every plan made under an earlier config snapshot."""
-    global _plans, _update_plans, _snapshot
+    global _plans, _value_plans, _update_plans, _snapshot
     snapshot = config_cache.get()
     if snapshot is not _snapshot:
-        _plans, _update_plans, _snapshot = {}, {}, snapshot
+        _plans, _value_plans, _update_plans, _snapshot = {}, {}, {}, snapshot
+
+
+def _caller(meta: dict) -> tuple | None:
+    """The headers that name the caller's key, as sent; None if they are longer than a plan keeps."""
+    header, api_key = meta.get("HTTP_AUTHORIZATION"), meta.get("HTTP_X_API_KEY")
+    if len(header or "") + len(api_key or "") > MAX_PLANNED_BODY:
+        return None
+    return header, api_key
+
+
+def value_slot(request, name: str) -> tuple | None:
+    """What the checks of a GET of one counter depend on besides the snapshot (the plans' key);
+    None for a request that is checked every time."""
+    meta = request.META
+    caller, query = _caller(meta), meta["QUERY_STRING"]
+    if caller is None or len(query) > MAX_PLANNED_BODY:
+        return None
+    return (name, *caller, query)
+
+
+def value_plan(slot: tuple | None) -> ValuePlan | None:
+    """The plan of a GET of one counter checked before (``value_slot``), if there is one."""
+    if slot is None:
+        return None
+    _current()
+    return _value_plans.get(slot)
+
+
+def value_plan_keep(slot: tuple | None, counter: CounterConfig, subject: str) -> None:
+    """After a GET of one counter that passed every check: a plan, the second time its slot is seen."""
+    if slot is None or counter.is_presence or counter.shards > 1:
+        return
+    _current()
+    if slot in _value_plans:
+        _value_plans[slot] = ValuePlan(counter, subject)
+        return
+    if len(_value_plans) >= MAX_PLANS:
+        _value_plans.clear()
+    _value_plans[slot] = None
 
 
 def update_slot(request, name: str, sign: int) -> tuple | None:
@@ -143,10 +213,10 @@ def update_slot(request, name: str, sign: int) -> tuple | None:
     meta = request.META
     if META_HEADER in meta:
         return None
-    body = request.read()
-    if len(body) > MAX_PLANNED_BODY:
+    body, caller = request.read(), _caller(meta)
+    if caller is None or len(body) > MAX_PLANNED_BODY:
         return None
-    return (name, sign, meta.get("HTTP_AUTHORIZATION"), meta.get("HTTP_X_API_KEY"), meta.get("CONTENT_TYPE"), body)
+    return (name, sign, *caller, meta.get("CONTENT_TYPE"), body)
 
 
 def update_plan(slot: tuple | None) -> UpdatePlan | None:

@@ -304,6 +304,29 @@ async def planned_values_read(plan) -> tuple[list[int], bool]:
         return [view.value for view in views], True
 
 
+async def planned_value_get(plan) -> selectors.ValueView | None:
+    """The value of a GET plan (``fastlane.plans.ValuePlan``: checked by the general read before),
+    as ``counter_value_get`` reads it; None when its counter is no longer live (the general path's error)."""
+    now = clock.now()
+    counter, subject = plan.counter, plan.subject
+    if not counter.is_live(now):
+        return None
+    window, command, packed = plan.read_call(now)
+    try:
+        await _reconcile_if_due()
+        store = lane_store()
+        raw = (await store.commands((command,), packed))[0]
+        if isinstance(raw, BaseException):
+            raise raw
+        if raw[0] is None:
+            await _hydrate(counter=counter, subject=subject, window=window)
+            raw = await store.command(*command)
+        return selectors._to_view(counter, subject, window, raw)
+    except StoreUnavailable:
+        items, windows = [(counter, subject)], [window]
+        return (await offload(selectors.counter_values_from_database, items=items, windows=windows))[0]
+
+
 async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
     """``selectors._values_from_store``: one HMGET per value (per shard of a split counter), or for
     a presence counter one sweeping count of its leases at the moment of the read, all in the
