@@ -33,6 +33,7 @@ DEGRADED = [(b"x-counter-source", b"database")]
 # DRF adds the view's allowed methods to every reply of a function view (APIView.default_response_headers).
 FUNCTION_HEADERS = [(b"allow", b"POST, OPTIONS")]
 REPLAYED = [(k.lower().encode(), v.encode()) for k, v in REPLAYED_HEADERS.items()]
+UPDATED = b'{"success":true,"current_value":%d}'  # CounterViewSet._update's reply, as orjson writes it
 
 
 def _body(data) -> bytes:
@@ -71,7 +72,7 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
     if plan is not None:
         result = await lane.planned_update(plan)
         if result is not None:
-            return 200, b'{"success":true,"current_value":%d}' % result.new_value, []
+            return 200, UPDATED % result.new_value, []
     key = auth.request_key(request)
     checked = auth.checked_name(name)  # before the app, in CounterViewSet._update's order
     counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=checked)
@@ -82,7 +83,7 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
         lease, metadata = presence_update_input_parse(request_json(request))
         op = presence.LOGIN if sign > 0 else presence.LOGOUT
         result = await lane.presence_update(counter=counter, op=op, leases=[lease], actor=key.prefix, metadata=metadata)
-        return 200, b'{"success":true,"current_value":%d}' % result.update.new_value, []
+        return 200, UPDATED % result.update.new_value, []
     value, user_id, metadata = update_input_parse(request_json(request))
     idempotency = request_idempotency(
         request, app_id=key.app_id, parts=apis.update_fingerprint_parts(counter, sign * value, user_id, metadata)
@@ -95,7 +96,7 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
     }
     result = await lane.counter_update(counter=counter, actor=key.prefix, idempotency=idempotency, **update)
     plans.update_plan_keep(slot, key=key, counter=counter, **update)
-    return 200, b'{"success":true,"current_value":%d}' % result.new_value, REPLAYED if result.replayed else []
+    return 200, UPDATED % result.new_value, REPLAYED if result.replayed else []
 
 
 async def rest_increment(request: LaneRequest, name: str):

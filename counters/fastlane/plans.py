@@ -162,10 +162,32 @@ _snapshot = None  # the snapshot the plans were made under
 
 def _current() -> None:
     """Drops every plan made under an earlier config snapshot."""
-    global _plans, _value_plans, _update_plans, _snapshot
+    global _snapshot
     snapshot = config_cache.get()
     if snapshot is not _snapshot:
-        _plans, _value_plans, _update_plans, _snapshot = {}, {}, {}, snapshot
+        _snapshot = snapshot
+        for plans in (_plans, _value_plans, _update_plans):
+            plans.clear()
+
+
+def _kept(plans: dict, slot: tuple | None):
+    """The plan kept in ``plans`` for ``slot`` under the current snapshot, if there is one."""
+    if slot is None:
+        return None
+    _current()
+    return plans.get(slot)
+
+
+def _passed_before(plans: dict, slot: tuple) -> bool:
+    """Whether ``slot`` passed its checks before under the current snapshot; if not, it is marked seen
+    (a plan is made on a slot's second pass: requests that never repeat make none)."""
+    _current()
+    if slot in plans:
+        return True
+    if len(plans) >= MAX_PLANS:
+        plans.clear()
+    plans[slot] = None
+    return False
 
 
 def _caller(meta: dict) -> tuple | None:
@@ -188,23 +210,15 @@ def value_slot(request, name: str) -> tuple | None:
 
 def value_plan(slot: tuple | None) -> ValuePlan | None:
     """The plan of a GET of one counter checked before (``value_slot``), if there is one."""
-    if slot is None:
-        return None
-    _current()
-    return _value_plans.get(slot)
+    return _kept(_value_plans, slot)
 
 
 def value_plan_keep(slot: tuple | None, counter: CounterConfig, subject: str) -> None:
     """After a GET of one counter that passed every check: a plan, the second time its slot is seen."""
     if slot is None or counter.is_presence or counter.shards > 1:
         return
-    _current()
-    if slot in _value_plans:
+    if _passed_before(_value_plans, slot):
         _value_plans[slot] = ValuePlan(counter, subject)
-        return
-    if len(_value_plans) >= MAX_PLANS:
-        _value_plans.clear()
-    _value_plans[slot] = None
 
 
 def update_slot(request, name: str, sign: int) -> tuple | None:
@@ -221,23 +235,14 @@ def update_slot(request, name: str, sign: int) -> tuple | None:
 
 def update_plan(slot: tuple | None) -> UpdatePlan | None:
     """The plan of an increment or decrement checked before (``update_slot``), if there is one."""
-    if slot is None:
-        return None
-    _current()
-    return _update_plans.get(slot)
+    return _kept(_update_plans, slot)
 
 
 def update_plan_keep(slot: tuple | None, *, key: KeyConfig, counter: CounterConfig, **update) -> None:
     """After an update that passed every check and was applied (``update``: the amount, subject,
     user_id and metadata it was made with, as given to ``services._prepare_update``): a plan, the
     second time its slot is seen (a body sent once, a new user_id each time, makes none)."""
-    if slot is None or counter.is_presence or counter.shards > 1:
-        return
-    _current()
-    if slot not in _update_plans:
-        if len(_update_plans) >= MAX_PLANS:
-            _update_plans.clear()
-        _update_plans[slot] = None
+    if slot is None or counter.is_presence or counter.shards > 1 or not _passed_before(_update_plans, slot):
         return
     try:
         prepared = services._prepare_update(

@@ -284,22 +284,11 @@ async def planned_values_read(plan) -> tuple[list[int], bool]:
     """The values of a read plan's plain counters (``fastlane.plans``), and whether they came from
     PostgreSQL (Redis unavailable): ``counter_values_get`` with the plan's commands, packed already."""
     windows = plan.windows(clock.now())
+    items = [(c, "") for c in plan.counters]
     try:
-        await _reconcile_if_due()
-        store = lane_store()
-        commands, packed = plan.commands(windows)
-        replies = await store.commands(commands, packed)
-        numbers = []
-        for counter, window, command, raw in zip(plan.counters, windows, commands, replies, strict=True):
-            if isinstance(raw, BaseException):
-                raise raw
-            if raw[0] is None:
-                await _hydrate(counter=counter, subject="", window=window)
-                raw = await store.command(*command)
-            numbers.append(int(raw[0]))
-        return numbers, False
+        raws = await _planned_raws(items, windows, *plan.commands(windows))
+        return [int(raw[0]) for raw in raws], False
     except StoreUnavailable:
-        items = [(c, "") for c in plan.counters]
         views = await offload(selectors.counter_values_from_database, items=items, windows=windows)
         return [view.value for view in views], True
 
@@ -308,23 +297,30 @@ async def planned_value_get(plan) -> selectors.ValueView | None:
     """The value of a GET plan (``fastlane.plans.ValuePlan``: checked by the general read before),
     as ``counter_value_get`` reads it; None when its counter is no longer live (the general path's error)."""
     now = clock.now()
-    counter, subject = plan.counter, plan.subject
-    if not counter.is_live(now):
+    if not plan.counter.is_live(now):
         return None
     window, command, packed = plan.read_call(now)
+    items, windows = [(plan.counter, plan.subject)], [window]
     try:
-        await _reconcile_if_due()
-        store = lane_store()
-        raw = (await store.commands((command,), packed))[0]
+        [raw] = await _planned_raws(items, windows, (command,), packed)
+        return selectors._to_view(plan.counter, plan.subject, window, raw)
+    except StoreUnavailable:
+        return (await offload(selectors.counter_values_from_database, items=items, windows=windows))[0]
+
+
+async def _planned_raws(items, windows, commands: tuple, packed: bytes) -> list:
+    """The replies of plain values' HMGETs (``commands``, also ``packed``) in the shared round trip, a
+    cold value hydrated and read again, as ``_values_from_store`` reads them."""
+    await _reconcile_if_due()
+    store = lane_store()
+    raws = list(await store.commands(commands, packed))
+    for i, ((counter, subject), window, command, raw) in enumerate(zip(items, windows, commands, raws, strict=True)):
         if isinstance(raw, BaseException):
             raise raw
         if raw[0] is None:
             await _hydrate(counter=counter, subject=subject, window=window)
-            raw = await store.command(*command)
-        return selectors._to_view(counter, subject, window, raw)
-    except StoreUnavailable:
-        items, windows = [(counter, subject)], [window]
-        return (await offload(selectors.counter_values_from_database, items=items, windows=windows))[0]
+            raws[i] = await store.command(*command)
+    return raws
 
 
 async def _values_from_store(items, windows, now) -> list[selectors.ValueView]:
