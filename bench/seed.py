@@ -47,10 +47,48 @@ PLAIN_INCREMENT = f"/api/v1/counter/{PLAIN}/increment"
 LOGINS = 2000
 
 
-def wrk(url: str, key: str, body: str) -> dict:
+def cpu_by_role(roles: dict[str, object]) -> dict[str, float]:
+    """CPU seconds so far of each role's live processes: ``roles`` maps a role to a predicate of
+    ``(pid, its ancestors' pids, command line)``; a process counts in the first role that takes it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    processes = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = rest.rsplit(") ", 1)[1].split()
+        # utime, stime, and those of its children that exited (a PostgreSQL backend that closed)
+        processes[int(pid)] = (int(fields[1]), cmdline, sum(int(f) for f in fields[11:15]) / tick)
+    totals = dict.fromkeys(roles, 0.0)
+    for pid, (parent, cmdline, seconds) in processes.items():
+        ancestors = set()
+        while parent in processes and parent not in ancestors:
+            ancestors.add(parent)
+            parent = processes[parent][0]
+        for role, takes in roles.items():
+            if takes(pid, ancestors, cmdline):
+                totals[role] += seconds
+                break
+    return totals
+
+
+def wrk(url: str, key: str, body: str, roles: dict | None = None) -> dict:
+    """The seed's wrk against ``url``; with ``roles``, the CPU µs per answered request of each role
+    (bench/README.md: where the machine's time goes, the load generator's included)."""
     args = ["wrk", *WRK_ARGS, "-s", str(ROOT / "bench" / "seed.lua"), url]
     env = dict(os.environ, SEED_KEY=key, SEED_BODY=body, SEED_RUN=f"r{time.time_ns()}")
-    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
+    before = cpu_by_role(roles or {})
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, args, out)
+    after = cpu_by_role(roles or {})
+    cpu = {role: after[role] - before[role] for role in before}
+    cpu["wrk"] = usage.ru_utime + usage.ru_stime
     latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.MULTILINE))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
@@ -61,6 +99,7 @@ def wrk(url: str, key: str, body: str) -> dict:
         "p99": latency.get("99", "?"),
         "non2xx": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": errors.group(1) if errors else "none",
+        "cpu_us": {role: seconds * 1e6 / max(counts["ok"], 1) for role, seconds in cpu.items()},
         **counts,
     }
 
@@ -145,6 +184,19 @@ class Reference:
         self.process.wait(timeout=60)
 
 
+def roles(root: int, redis_pid: int) -> dict:
+    """The roles of ``cpu_by_role`` for a server started as ``root`` (``make run``'s honcho, or the reference)."""
+    return {
+        "web": lambda pid, up, cmd: (pid == root or root in up) and "gunicorn" in cmd,
+        "celery": lambda pid, up, cmd: root in up and "celery" in cmd,
+        "redis": lambda pid, up, cmd: pid == redis_pid,
+        "postgres": lambda pid, up, cmd: cmd.startswith("postgres"),
+    }
+
+
+ROLES = ("web", "redis", "celery", "postgres", "wrk")
+
+
 def main() -> int:
     for tool in ("wrk", "hey", "redis-server"):
         if not shutil.which(tool):
@@ -169,11 +221,12 @@ def main() -> int:
                 hey_increments(service.url, key, 200)
             presence_calls(service.url, key, "increment", [f"warm-{i}" for i in range(200)])
             before = value(service.url)
-            seed = wrk(service.url + INCREMENT, key, "login")
+            service_roles = roles(service.process.pid, stores.redis.pid)
+            seed = wrk(service.url + INCREMENT, key, "login", service_roles)
             check_window("wrk logins", seed, before, value(service.url), problems)
             print(f"bench-seed: service (logins) done, load {load()}", flush=True)
             before = value(service.url, PLAIN)
-            plain = wrk(service.url + PLAIN_INCREMENT, key, "increment")
+            plain = wrk(service.url + PLAIN_INCREMENT, key, "increment", service_roles)
             check_window("wrk plain increments", plain, before, value(service.url, PLAIN), problems)
             print(f"bench-seed: service (plain increment) done, load {load()}", flush=True)
 
@@ -204,7 +257,9 @@ def main() -> int:
         reference_server = Reference(stores.redis_url)
         try:
             requests.post(reference_server.url, timeout=5)
-            reference = wrk(reference_server.url, key, "increment")
+            reference = wrk(
+                reference_server.url, key, "increment", roles(reference_server.process.pid, stores.redis.pid)
+            )
         finally:
             reference_server.stop()
         print(f"bench-seed: load average after {load()}")
@@ -222,6 +277,11 @@ def main() -> int:
         print(
             f"{label:28} {run['rps']:>9.0f} {run['p50']:>9} {run['p99']:>9} {run['non2xx']:>8}  {run['socket_errors']}"
         )
+    print()
+    print(f"{'CPU µs per 2xx':28} " + " ".join(f"{role:>9}" for role in (*ROLES, "total")))
+    for label, run in runs:
+        cpu = run["cpu_us"]
+        print(f"{label:28} " + " ".join(f"{cpu.get(role, 0):>9.1f}" for role in ROLES) + f" {sum(cpu.values()):>9.1f}")
     ratios = f"logins {seed['rps'] / reference['rps']:.2f}, plain {plain['rps'] / reference['rps']:.2f}"
     print(f"service / reference: {ratios}")
     print(
