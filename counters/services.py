@@ -177,6 +177,12 @@ def _prepare_update(
     )
 
 
+# Where the update script's arguments hold the moment of the update: ARGV[8] its time (ms) and
+# ARGV[9] its minute; the rest depends on the update and its window only (and on the moment only
+# through the log entry of a counter that logs its operations).
+UPDATE_MOMENT_ARG = 7
+
+
 def _update_at(
     *,
     counter: CounterConfig,
@@ -374,7 +380,7 @@ _OWN_KEYS, _OWN_ARGS = itemgetter(*keyspace.UPDATE_OWN_KEYS), itemgetter(*keyspa
 
 def update_call(prepared: _PreparedUpdate) -> tuple[list[str], list]:
     """KEYS and ARGV of the ``UPDATE_SCRIPT`` call of one prepared update (with its Idempotency-Key)."""
-    ms = prepared.args[7]
+    ms = prepared.args[UPDATE_MOMENT_ARG]
     return _keyed_call(prepared.unit, prepared.keys, prepared.args, prepared.idempotency, ms)
 
 
@@ -387,7 +393,7 @@ def update_many_call(group: list[_PreparedUpdate]) -> tuple[list[str], list]:
     first = group[0]
     keyed = any(item.idempotency for item in group)
     header = [len(first.keys), len(first.args), int(keyed), settings.COUNTER_IDEMPOTENCY_KEY_SECONDS * 1000]
-    keys, args = list(first.keys), [*header, first.args[7], *first.args]
+    keys, args = list(first.keys), [*header, first.args[UPDATE_MOMENT_ARG], *first.args]
     for item in group:
         keys += _OWN_KEYS(item.keys)
         args += _OWN_ARGS(item.args)

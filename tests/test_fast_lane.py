@@ -20,7 +20,7 @@ from counters.fastlane import offload
 from counters.fastlane.handlers import rest_heartbeat, route
 from counters.fastlane.store import MAX_PIPELINE, MAX_PIPELINE_ARGS, LaneStore, lane_store
 from counters.flush import counters_flush
-from counters.models import Counter
+from counters.models import Counter, Threshold, ThresholdEvent
 from counters.redis_store import breaker
 
 from . import processes
@@ -508,6 +508,7 @@ def test_an_update_sent_again_follows_every_change_of_config_and_time(
     key = make_key(("write", "data_view"))
     make_counter("event_kills", expires_at=start + timedelta(days=1), max_value=100)
     make_counter("player_games", scope="user")
+    make_counter("wave_kills")
 
     def update(name: str, body: bytes, op: str = "increment", headers: tuple = ()) -> tuple[int, dict, dict]:
         status, reply_headers, reply = asyncio.run(
@@ -531,6 +532,20 @@ def test_an_update_sent_again_follows_every_change_of_config_and_time(
         assert [value("player_games", body) for _ in range(3)] == [2, 4, 6]
     # The checks were kept (else this test would not try the kept ones at all).
     assert sum(plan is not None for plan in plans._update_plans.values()) == 6
+
+    # A kept update whose script Redis lost (a restart), or whose value is no longer in Redis after a
+    # flush (evicted, a restore), is applied as the first one was: loaded again, nothing lost.
+    store.script_flush()
+    assert value("total_games_played", one) == 11
+    counters_flush()
+    store.delete(keyspace.value_key(_counter_id("total_games_played"), "2026-05-04", ""))
+    assert value("total_games_played", one, "decrement") == 10
+    # A threshold crossed by a kept update fires once, as on the general path.
+    threshold = Threshold.objects.create(counter_id=_counter_id("wave_kills"), value=5)
+    bump_generation()
+    assert [value("wave_kills", one) for _ in range(7)] == [1, 2, 3, 4, 5, 6, 7]
+    counters_flush()
+    assert [event.triggered_at for event in ThresholdEvent.objects.filter(threshold=threshold)] == [start]
 
     # An Idempotency-Key: checked and recorded every time, and replayed.
     keyed = ((b"idempotency-key", b"order-0001"),)
@@ -566,6 +581,65 @@ def test_an_update_sent_again_follows_every_change_of_config_and_time(
     status, _, reply = update("total_games_played", one)
     assert status == 401 and reply["error"] == {"code": 4003, "message": "The API key is not valid."}
     assert store.hget(keyspace.value_key(_counter_id("total_games_played"), "2026-05-05", ""), "v") == b"1"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_kept_update_sends_the_script_call_of_the_general_path_byte_for_byte(builtins, make_counter, time_machine):
+    """An update plan packs its script call once per period window and puts only the moment in it per
+    request (``UpdatePlan.call``). The bytes are those the general path sends at the same moment (the
+    call of ``services._prepare_update``, packed by hiredis) for a plain counter, one with bounds and
+    thresholds, one that counts unique users and a per-player one, within a minute, across minutes
+    and into a new day; a counter that logs its operations (the moment is in its log entry) is not
+    packed ahead."""
+    import hiredis
+
+    from counters import config, services
+    from counters.fastlane import plans, store
+
+    start = datetime(2026, 5, 4, 15, 59, 58, 999000, tzinfo=UTC)  # Taipei's midnight is at 16:00 UTC
+    time_machine.move_to(start, tick=False)
+    bounded = make_counter("event_kills", period="daily", time_zone="Asia/Taipei", max_value=100, min_value=-5)
+    Threshold.objects.create(counter_id=bounded.id, value=50, cooldown_seconds=30, rearm=True)
+    Threshold.objects.create(counter_id=bounded.id, value=-2, direction="down")
+    cache = config.cache
+    cache.invalidate()
+    counters = cache.get().counters
+    app = bounded.app_id
+    updates = [
+        (counters[(app, "total_games_played")], 1, "", ""),
+        (counters[(app, "event_kills")], -3, "", ""),
+        (counters[(app, "daily_active_users")], 1, "", "player-7"),
+        (make_counter("player_games", scope="user"), 2, "p1", "p1"),
+    ]
+    key = type("Key", (), {"prefix": "ck_test"})()
+    moments = [start, start + timedelta(milliseconds=1), start + timedelta(seconds=61), start + timedelta(hours=9)]
+    for counter, amount, subject, user_id in updates:
+        update = {"counter": counter, "amount": amount, "subject": subject, "user_id": user_id, "metadata": None}
+        plan = plans.UpdatePlan(
+            services._prepare_update(**update, actor=key.prefix, allow_negative=False, now=start),
+            key=key,
+            user_id=user_id,
+            metadata=None,
+        )
+        windows = set()
+        for now in moments:
+            general = services._prepare_update(**update, actor=key.prefix, allow_negative=False, now=now)
+            keys, args = services.update_call(general)
+            command = ("EVALSHA", store._SHA["update"], len(keys), *keys, *args)
+            assert plan.call(now) == (hiredis.pack_command(command), len(command)), (counter.name, now)
+            windows.add(general.window.key)
+        assert len(windows) == (2 if counter.period == "daily" else 1), counter.name
+    assert len(counters[(app, "event_kills")].thresholds) == 2
+    logged = make_counter("audited_kills", log_operations=True)
+    plan = plans.UpdatePlan(
+        services._prepare_update(
+            counter=logged, amount=1, subject="", user_id="", actor="ck", metadata=None, allow_negative=False, now=start
+        ),
+        key=key,
+        user_id="",
+        metadata=None,
+    )
+    assert plan.call(start) is None
 
 
 @pytest.mark.django_db(transaction=True)

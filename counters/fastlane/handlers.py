@@ -70,9 +70,9 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
     slot = plans.update_slot(request, name, sign)
     plan = plans.update_plan(slot)  # the checks below, kept while the config stays the same
     if plan is not None:
-        result = await lane.planned_update(plan)
-        if result is not None:
-            return 200, UPDATED % result.new_value, []
+        value = await lane.planned_update(plan)
+        if value is not None:
+            return 200, UPDATED % value, []
     key = auth.request_key(request)
     checked = auth.checked_name(name)  # before the app, in CounterViewSet._update's order
     counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=checked)

@@ -9,6 +9,7 @@ differ.
 import asyncio
 from collections import defaultdict
 
+import redis
 from django.conf import settings
 
 from .. import clock, keyspace, periods, presence, selectors, services, split, values, write_through
@@ -112,40 +113,59 @@ async def counter_update(
     return await _prepared_run(prepared, amount, now)
 
 
-async def planned_update(plan) -> values.UpdateResult | None:
-    """The update of a plan (``fastlane.plans.UpdatePlan``: checked by ``counter_update`` before), as
-    ``counter_update`` runs it; None when its counter is no longer live (the general path's error)."""
+async def planned_update(plan) -> int | None:
+    """The value after the update of a plan (``fastlane.plans.UpdatePlan``: checked by
+    ``counter_update`` before), as ``counter_update`` makes it; None when its counter is no longer live
+    (the general path's error). The plan packs its own script call; a reply other than a plain OK
+    (bounds, thresholds, a value to hydrate, a script Redis lost) is read as ``counter_update`` reads it."""
     now = clock.now()
     if not plan.counter.is_live(now):
         return None
-    return await _prepared_run(plan.prepared(now), plan.amount, now)
+    store = lane_store()
+    call = None if store.cluster or write_through._reconcile_due.is_set() else plan.call(now)
+    if call is not None:
+        try:
+            reply = await store.packed(*call)
+        except redis.exceptions.NoScriptError:
+            reply = None  # the general path loads it
+        except StoreUnavailable as exc:
+            return (await _unavailable(plan.prepared(now), plan.amount, now, exc)).new_value
+        if reply is not None and reply[0] != b"HYDRATE":
+            if len(reply) == 3 and reply[0] == b"OK":
+                return reply[2]
+            return services._update_result(plan.prepared(now), reply, now).new_value
+    return (await _prepared_run(plan.prepared(now), plan.amount, now)).new_value
 
 
 async def _prepared_run(prepared: services._PreparedUpdate, amount: int, now) -> values.UpdateResult:
-    counter, subject = prepared.counter, prepared.subject
     try:
         await _reconcile_if_due()
-        if counter.shards > 1:
+        if prepared.counter.shards > 1:
             result, others = await _run_split_update(prepared)
         else:
             result, others = await _run_update(prepared), 0
     except StoreUnavailable as exc:
-        # A key is recorded in Redis only: a keyed write is refused rather than written through.
-        if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied or prepared.idempotency:
-            raise
-        write_through.store_reconcile_mark_due()
-        return await offload(
-            write_through.counter_update_write_through,
-            counter=counter,
-            amount=amount,
-            subject=subject,
-            member=prepared.member,
-            window=prepared.window,
-            now=now,
-            bounds=(prepared.low, prepared.high),
-            log=prepared.log,
-        )
+        return await _unavailable(prepared, amount, now, exc)
     return services._update_result(prepared, result, now, others)
+
+
+async def _unavailable(prepared: services._PreparedUpdate, amount: int, now, exc: StoreUnavailable):
+    """An update Redis did not take: written through to PostgreSQL where that is safe, else ``exc``."""
+    # A key is recorded in Redis only: a keyed write is refused rather than written through.
+    if settings.COUNTER_REDIS_DOWN_WRITES != "write_through" or exc.maybe_applied or prepared.idempotency:
+        raise exc
+    write_through.store_reconcile_mark_due()
+    return await offload(
+        write_through.counter_update_write_through,
+        counter=prepared.counter,
+        amount=amount,
+        subject=prepared.subject,
+        member=prepared.member,
+        window=prepared.window,
+        now=now,
+        bounds=(prepared.low, prepared.high),
+        log=prepared.log,
+    )
 
 
 async def presence_update(

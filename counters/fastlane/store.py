@@ -63,9 +63,10 @@ class Coalescer:
         self.client = client
         self.breaker = guard
         self._on_failure = on_failure
-        # (command, its future, 0, None) or, for ``call_many``, (commands, one future for all, how
-        # many, the commands packed already or None)
-        self._queue: list[tuple[tuple, asyncio.Future, int, bytes | None]] = []
+        # (command, its future, 0, None, its arguments), for ``call_many`` (commands, one future for
+        # all, how many, the commands packed already or None, their arguments), for ``call_packed``
+        # (None, its future, 0, the command packed, its arguments)
+        self._queue: list[tuple[tuple | None, asyncio.Future, int, bytes | None, int]] = []
         self._scheduled = False
         self._sending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         self._idle: list = []  # connections between round trips (``_connection``)
@@ -89,9 +90,19 @@ class Coalescer:
         self.breaker.before_call()
         return self._queued(commands, len(commands), packed)
 
-    def _queued(self, command: tuple, many: int, packed: bytes | None = None) -> asyncio.Future:
+    def call_packed(self, packed: bytes, length: int) -> asyncio.Future:
+        """One command packed already (``length`` arguments), for a caller that packs its own
+        (``fastlane.plans.UpdatePlan.call``: only the moment changes from one call to the next)."""
+        if self.breaker is not breaker:
+            breaker.before_call()
+        self.breaker.before_call()
+        return self._queued(None, 0, packed, length)
+
+    def _queued(self, command: tuple | None, many: int, packed: bytes | None = None, length: int = 0) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((command, future, many, packed))
+        if command is not None:
+            length = sum(map(len, command)) if many else len(command)
+        self._queue.append((command, future, many, packed, length))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -100,11 +111,10 @@ class Coalescer:
     def _flush(self) -> None:
         self._scheduled = False
         queue, self._queue = self._queue, []
-        batch: list[tuple[tuple, asyncio.Future, int, bytes | None]] = []
+        batch: list[tuple[tuple | None, asyncio.Future, int, bytes | None, int]] = []
         size = count = 0
         for item in queue:
-            command, _, many, _ = item
-            length = sum(map(len, command)) if many else len(command)
+            _, _, many, _, length = item
             if batch and (count + (many or 1) > MAX_PIPELINE or size + length > MAX_PIPELINE_ARGS):
                 self._start(batch)
                 batch, size, count = [], 0, 0
@@ -113,7 +123,7 @@ class Coalescer:
             count += many or 1
         self._start(batch)
 
-    def _start(self, batch: list[tuple[tuple, asyncio.Future, int, bytes | None]]) -> None:
+    def _start(self, batch: list[tuple[tuple | None, asyncio.Future, int, bytes | None, int]]) -> None:
         task = asyncio.ensure_future(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -137,7 +147,7 @@ class Coalescer:
                 raise
         return connection
 
-    async def _send(self, batch: list[tuple[tuple, asyncio.Future, int, bytes | None]]) -> None:
+    async def _send(self, batch: list[tuple[tuple | None, asyncio.Future, int, bytes | None, int]]) -> None:
         """Every command written at once (packed by hiredis), then each reply read and handed over in order.
 
         redis-py's own pipeline packs arguments in Python, which cost more than the rest of an
@@ -145,7 +155,7 @@ class Coalescer:
         read before a connection failure still reaches its request: that command did run.
         """
         self.round_trips += 1
-        commands = sum(many or 1 for _, _, many, _ in batch)
+        commands = sum(many or 1 for _, _, many, _, _ in batch)
         self.commands += commands
         redis_batch_record(size=commands)
         answered = 0
@@ -154,11 +164,13 @@ class Coalescer:
             connection = await self._connection()
             try:
                 pack = hiredis.pack_command
-                packed = b"".join((p or b"".join(map(pack, c))) if many else pack(c) for c, _, many, p in batch)
+                packed = b"".join(
+                    p if p is not None else b"".join(map(pack, c)) if many else pack(c) for c, _, many, p, _ in batch
+                )
                 await connection.send_packed_command(packed, check_health=False)
                 sent = True
                 reader = connection._parser._reader
-                for _, future, many, _ in batch:
+                for _, future, many, _, _ in batch:
                     if many:
                         replies = []
                         for _ in range(many):
@@ -190,7 +202,7 @@ class Coalescer:
             # failing to connect or to write is a clean failure (write-through or a 503).
             error = StoreUnavailable(str(exc), maybe_applied=sent and not _failed_while_connecting(exc))
             redis_round_trip_record(ok=False)
-            for _, future, _, _ in batch[answered:]:
+            for _, future, _, _, _ in batch[answered:]:
                 self.breaker.record_failure()
                 if not future.done():
                     future.set_exception(error)
@@ -198,7 +210,7 @@ class Coalescer:
                 self._on_failure()
             return
         except BaseException as exc:
-            for _, future, _, _ in batch[answered:]:
+            for _, future, _, _, _ in batch[answered:]:
                 if not future.done():
                     future.set_exception(exc)
             raise
@@ -326,6 +338,11 @@ class LaneStore:
                 raise StoreUnavailable(f"cluster unavailable for this key: {exc}") from exc
         raise StoreUnavailable("slot keeps moving")
 
+    def packed(self, packed: bytes, length: int) -> asyncio.Future:
+        """A command packed already (``Coalescer.call_packed``), for this loop turn's round trip; one
+        Redis only (a cluster routes each command by its key: ``command``)."""
+        return self.coalescer.call_packed(packed, length)
+
     def script_now(self, name: str, keys: list, args: list) -> asyncio.Future:
         """EVALSHA of one of ``SCRIPTS``, queued at once like ``command`` (so it shares the round trip
         of commands queued after it in the same step); a Redis without the script answers
@@ -343,6 +360,26 @@ class LaneStore:
             else:
                 await self.command("SCRIPT", "LOAD", SCRIPTS[name])
             return await self.script_now(name, keys, args)
+
+
+def script_packed_around(name: str, keys: list, args: list, at: int, count: int) -> tuple[bytes, bytes, int]:
+    """The EVALSHA of ``script_now(name, keys, args)`` packed as hiredis packs it, without its
+    arguments ``args[at:at + count]``: ``(head, tail, length)``. ``head + packed_numbers(*numbers) +
+    tail`` is the same call with ``count`` integers in their place, ``length`` arguments long."""
+    command = ("EVALSHA", _SHA[name], len(keys), *keys, *args)
+    cut = 3 + len(keys) + at
+    head = b"*%d\r\n" % len(command) + _packed_arguments(command[:cut])
+    return head, _packed_arguments(command[cut + count :]), len(command)
+
+
+def _packed_arguments(arguments) -> bytes:
+    """Arguments as they follow a packed command's count line (``*1\r\n``: 4 bytes)."""
+    return b"".join(hiredis.pack_command((argument,))[4:] for argument in arguments)
+
+
+def packed_numbers(*numbers: int) -> bytes:
+    """Integers as ``hiredis.pack_command`` packs arguments."""
+    return b"".join(b"$%d\r\n%s\r\n" % (len(text), text) for text in [b"%d" % n for n in numbers])
 
 
 _stores: dict[int, LaneStore] = {}
