@@ -27,10 +27,10 @@ reads of it), its task is in ``server_state.tasks``, and its end calls ``on_resp
 import urllib.parse
 
 import httptools
-from django.conf import settings
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from counters.fastlane import handlers
+from counters.fastlane import http as lane_http
 from counters.fastlane.http import AFTER_LENGTH, BEFORE_LENGTH, JSON, host_value_allowed
 from metrics.recorders import Stopwatch
 
@@ -116,7 +116,7 @@ class LaneHttpProtocol(HttpToolsProtocol):
                 return None
         if not host_value_allowed(host):
             return None
-        if length is not None and not (length.isdigit() and int(length) <= settings.COUNTER_MAX_BODY_BYTES):
+        if length is not None and not (length.isdigit() and int(length) <= lane_http.body_limit):
             return None
         scope = {"method": method, "path": path, "query_string": url.query or b"", "headers": self.headers}
         return (*hot, scope, [])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 from . import keyspace
 from .models import ApiKey, App, Counter, Threshold
@@ -140,6 +141,21 @@ def _load() -> Snapshot:
 pinned: ContextVar["Snapshot | None"] = ContextVar("pinned_config_snapshot", default=None)
 
 
+# COUNTER_CONFIG_CACHE_SECONDS and COUNTER_CONFIG_CHECK_SECONDS, read once (and again when a test
+# changes a setting): every request of the fast lane asks ``due``, and a settings attribute costs
+# a lookup through Django's lazy object each time.
+_ages = (0.0, 0.0)
+
+
+def _ages_read(**_) -> None:
+    global _ages
+    _ages = (settings.COUNTER_CONFIG_CACHE_SECONDS, settings.COUNTER_CONFIG_CHECK_SECONDS)
+
+
+_ages_read()
+setting_changed.connect(_ages_read, dispatch_uid="counters.config.ages")
+
+
 class ConfigCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -161,9 +177,10 @@ class ConfigCache:
         """The current snapshot and what it needs: "fresh", "check" (compare the generation in Redis)
         or "reload" (none yet, or older than the TTL). Does no I/O."""
         snapshot, monotonic = self._snapshot, time.monotonic()
-        if snapshot is None or monotonic - self._loaded_at >= settings.COUNTER_CONFIG_CACHE_SECONDS:
+        max_age, check_every = _ages
+        if snapshot is None or monotonic - self._loaded_at >= max_age:
             return snapshot, "reload"
-        if monotonic - self._checked_at < settings.COUNTER_CONFIG_CHECK_SECONDS:
+        if monotonic - self._checked_at < check_every:
             return snapshot, "fresh"
         return snapshot, "check"
 
@@ -190,8 +207,9 @@ class ConfigCache:
             return pinned_snapshot
         monotonic = time.monotonic()
         snapshot = self._snapshot
-        if snapshot is not None and monotonic - self._loaded_at < settings.COUNTER_CONFIG_CACHE_SECONDS:
-            if monotonic - self._checked_at < settings.COUNTER_CONFIG_CHECK_SECONDS:
+        max_age, check_every = _ages
+        if snapshot is not None and monotonic - self._loaded_at < max_age:
+            if monotonic - self._checked_at < check_every:
                 return snapshot
             self._checked_at = monotonic
             if self._remote_generation() == self._generation:

@@ -5,6 +5,7 @@ import logging
 from functools import cached_property
 
 from django.conf import settings
+from django.core.signals import setting_changed
 from django.http import HttpRequest, HttpResponse, QueryDict
 from django.http.cookie import parse_cookie
 from django.http.request import split_domain_port, validate_host
@@ -79,7 +80,19 @@ class LaneQuery:
         return self._values.get(key, default)
 
 
+# Host header -> allowed, and the request body limit: read once (and again when a test changes a
+# setting), as every lane request asks them.
 _hosts: dict[bytes, bool] = {}
+body_limit = settings.COUNTER_MAX_BODY_BYTES
+
+
+def _settings_changed(**_) -> None:
+    global body_limit
+    _hosts.clear()
+    body_limit = settings.COUNTER_MAX_BODY_BYTES
+
+
+setting_changed.connect(_settings_changed, dispatch_uid="counters.fastlane.http")
 
 
 def host_allowed(scope) -> bool:
@@ -92,10 +105,12 @@ def host_allowed(scope) -> bool:
 
 def host_value_allowed(raw: bytes | None) -> bool:
     """``host_allowed`` for the value of the request's first Host header (None: there was none)."""
-    if raw is None or settings.USE_X_FORWARDED_HOST:
+    if raw is None:
         return False
     allowed = _hosts.get(raw)
     if allowed is None:
+        if settings.USE_X_FORWARDED_HOST:
+            return False
         domain, _port = split_domain_port(raw.decode("latin-1"))
         hosts = settings.ALLOWED_HOSTS
         if settings.DEBUG and not hosts:

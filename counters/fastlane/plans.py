@@ -163,10 +163,9 @@ class UpdatePlan:
         call = self._call
         if call is None:
             keys, args = services.update_call(self.prepared(now))
-            call = self._call = store.script_packed_around("update", keys, args, services.UPDATE_MOMENT_ARG, 2)
-        ms = clock.to_ms(now)
+            call = self._call = store.script_packed_around("update", keys, args, services.UPDATE_MOMENT_ARG)
         head, tail, length = call
-        return head + store.packed_numbers(ms, ms // 60000) + tail, length
+        return head + store.packed_moment(clock.to_ms(now)) + tail, length
 
 
 class ValuePlan:

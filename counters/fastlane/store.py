@@ -362,14 +362,14 @@ class LaneStore:
             return await self.script_now(name, keys, args)
 
 
-def script_packed_around(name: str, keys: list, args: list, at: int, count: int) -> tuple[bytes, bytes, int]:
-    """The EVALSHA of ``script_now(name, keys, args)`` packed as hiredis packs it, without its
-    arguments ``args[at:at + count]``: ``(head, tail, length)``. ``head + packed_numbers(*numbers) +
-    tail`` is the same call with ``count`` integers in their place, ``length`` arguments long."""
+def script_packed_around(name: str, keys: list, args: list, at: int) -> tuple[bytes, bytes, int]:
+    """The EVALSHA of ``script_now(name, keys, args)`` packed as hiredis packs it, without its two
+    arguments ``args[at:at + 2]``: ``(head, tail, length)``. ``head + packed_moment(ms) + tail`` is
+    the same call with ``ms`` and its minute in their place, ``length`` arguments long."""
     command = ("EVALSHA", _SHA[name], len(keys), *keys, *args)
     cut = 3 + len(keys) + at
     head = b"*%d\r\n" % len(command) + _packed_arguments(command[:cut])
-    return head, _packed_arguments(command[cut + count :]), len(command)
+    return head, _packed_arguments(command[cut + 2 :]), len(command)
 
 
 def _packed_arguments(arguments) -> bytes:
@@ -377,9 +377,10 @@ def _packed_arguments(arguments) -> bytes:
     return b"".join(hiredis.pack_command((argument,))[4:] for argument in arguments)
 
 
-def packed_numbers(*numbers: int) -> bytes:
-    """Integers as ``hiredis.pack_command`` packs arguments."""
-    return b"".join(b"$%d\r\n%s\r\n" % (len(text), text) for text in [b"%d" % n for n in numbers])
+def packed_moment(ms: int) -> bytes:
+    """A moment (ms) and its minute, as ``hiredis.pack_command`` packs two arguments."""
+    text, minute = b"%d" % ms, b"%d" % (ms // 60000)
+    return b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(text), text, len(minute), minute)
 
 
 _stores: dict[int, LaneStore] = {}
