@@ -15,6 +15,11 @@ stops with requests in flight); hey sends exactly 5,000 plain increments, and 50
 2,000 logins of new users then their 2,000 logouts: each value moves by exactly the 200s seen;
 PostgreSQL (written by the worker's flush) must equal the API for both counters.
 
+Beside each run's req/s, P50, P99 and non-2xx: the CPU time per answered request of each role (the
+web workers, the private redis-server, the Celery worker and beat, PostgreSQL, wrk itself), read from
+``/proc`` around the run. On a machine whose cores are all busy they add up to what the ratio to the
+reference is made of (bench/README.md, "Where the box's time goes").
+
 Environment: ``BENCH_DATABASE_URL`` (default as bench/run.py), ``SEED_DURATION`` (default 30s),
 ``SEED_ARGS`` to change wrk's arguments.
 """
