@@ -28,10 +28,10 @@ rules: ``_rest_update`` and ``services._prepare_update``) depends only on the sn
 the key's header, the body and its content type. An update plan keeps what those checks found, made
 after an update that passed them; each request still checks the counter's liveness, takes the window
 and the time of its own moment, and calls the script. The call is packed once per window, with only
-the moment put in per request: packing the script's twenty-odd arguments, building the call and reading
-its reply into an ``UpdateResult`` cost more of the worker's CPU than the rest of a kept update
-(bench/README.md). A request with an Idempotency-Key, a larger
-body, a presence or split counter takes the general path every time.
+the moment put in per request: building and packing the script's twenty-odd arguments and reading
+the reply into an ``UpdateResult`` were about a third of a kept update's own work (bench/README.md).
+A request with an Idempotency-Key, a larger body, a presence or split counter takes the general path
+every time.
 
 A value or update plan is made the second time its request passed (the first only marks it seen), so
 requests that never repeat (a new user_id each time) cost a dict entry, not a plan each.

@@ -116,8 +116,9 @@ async def counter_update(
 async def planned_update(plan) -> int | None:
     """The value after the update of a plan (``fastlane.plans.UpdatePlan``: checked by
     ``counter_update`` before), as ``counter_update`` makes it; None when its counter is no longer live
-    (the general path's error). The plan packs its own script call; a reply other than a plain OK
-    (bounds, thresholds, a value to hydrate, a script Redis lost) is read as ``counter_update`` reads it."""
+    (the general path's error). The plan packs its own script call; any other outcome than a plain OK
+    (bounds, thresholds, a value to hydrate, a script Redis lost, Redis down) is handled by
+    ``counter_update``'s own code."""
     now = clock.now()
     if not plan.counter.is_live(now):
         return None

@@ -56,6 +56,12 @@ SCRIPTS = {
 _SHA = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
 
 
+# A queued call: (command, its future, 0, None, its arguments); for ``call_many`` (commands, one
+# future for all, how many, the commands packed already or None, their arguments); for
+# ``call_packed`` (None, its future, 0, the command packed, its arguments).
+_Queued = tuple[tuple | None, asyncio.Future, int, bytes | None, int]
+
+
 class Coalescer:
     """Commands queued by any number of requests, sent once per loop turn, each reply to its caller."""
 
@@ -63,10 +69,7 @@ class Coalescer:
         self.client = client
         self.breaker = guard
         self._on_failure = on_failure
-        # (command, its future, 0, None, its arguments), for ``call_many`` (commands, one future for
-        # all, how many, the commands packed already or None, their arguments), for ``call_packed``
-        # (None, its future, 0, the command packed, its arguments)
-        self._queue: list[tuple[tuple | None, asyncio.Future, int, bytes | None, int]] = []
+        self._queue: list[_Queued] = []
         self._scheduled = False
         self._sending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         self._idle: list = []  # connections between round trips (``_connection``)
@@ -111,7 +114,7 @@ class Coalescer:
     def _flush(self) -> None:
         self._scheduled = False
         queue, self._queue = self._queue, []
-        batch: list[tuple[tuple | None, asyncio.Future, int, bytes | None, int]] = []
+        batch: list[_Queued] = []
         size = count = 0
         for item in queue:
             _, _, many, _, length = item
@@ -123,7 +126,7 @@ class Coalescer:
             count += many or 1
         self._start(batch)
 
-    def _start(self, batch: list[tuple[tuple | None, asyncio.Future, int, bytes | None, int]]) -> None:
+    def _start(self, batch: list[_Queued]) -> None:
         task = asyncio.ensure_future(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -147,7 +150,7 @@ class Coalescer:
                 raise
         return connection
 
-    async def _send(self, batch: list[tuple[tuple | None, asyncio.Future, int, bytes | None, int]]) -> None:
+    async def _send(self, batch: list[_Queued]) -> None:
         """Every command written at once (packed by hiredis), then each reply read and handed over in order.
 
         redis-py's own pipeline packs arguments in Python, which cost more than the rest of an
