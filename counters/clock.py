@@ -17,15 +17,21 @@ def from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+# ``isoformat`` rather than ``strftime``, which took 2-3 times as long: a GET of one counter writes
+# two of them (tests/test_periods.py compares both with strftime's).
 def iso_utc(moment: datetime | None) -> str | None:
     """REST v1's time format: UTC to the second, ``2023-10-01T10:30:00Z``."""
     if moment is None:
         return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="seconds")[:-6] + "Z"  # without "+00:00"
 
 
 def iso_ms(moment: datetime | None) -> str | None:
     """The cloud functions' time format: UTC with milliseconds, ``2023-10-01T10:30:00.000Z``."""
     if moment is None:
         return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"

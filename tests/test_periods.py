@@ -204,3 +204,26 @@ def test_a_counter_that_starts_resetting_opens_its_first_period_cleanly(make_dai
     counter = fresh(counter)
     assert read(counter) == 0
     assert bump(counter, 2) == 2
+
+
+def test_times_are_written_as_strftime_writes_them():
+    """REST v1's seconds and the cloud functions' milliseconds, in UTC whatever the moment's zone
+    (``clock.iso_utc``, ``clock.iso_ms``: written with ``isoformat``, which is faster)."""
+    from datetime import timedelta
+
+    from counters import clock
+
+    taipei = ZoneInfo("Asia/Taipei")
+    moments = [
+        datetime(2023, 10, 1, 10, 30, 0, tzinfo=UTC),
+        datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 1, 1, 7, 5, 9, 1000, tzinfo=taipei),  # the day before, in UTC
+        datetime(2026, 3, 8, 2, 30, 0, 500, tzinfo=ZoneInfo("America/New_York")),
+        datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=1),
+    ]
+    for moment in moments:
+        utc = moment.astimezone(UTC)
+        assert clock.iso_utc(moment) == utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert clock.iso_ms(moment) == utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    assert clock.iso_ms(moments[2]) == "2025-12-31T23:05:09.001Z"
+    assert clock.iso_utc(None) is None and clock.iso_ms(None) is None
