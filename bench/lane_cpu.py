@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/lane_cpu.py                 # every case, beside the reference
     .venv/bin/python bench/lane_cpu.py increment --profile   # cProfile of one case, top 30 by own time
+    (cases: increment, get, get10, login: a new user_id per request, as make bench-seed logs in)
 
 Each case sends its requests with ``BENCH_IN_FLIGHT`` (default 50) in flight on uvloop, as a worker
 under load has them, against a private redis-server, and prints the process CPU time per request
@@ -19,6 +20,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import asyncio  # noqa: E402
 import cProfile  # noqa: E402
+import itertools  # noqa: E402
 import os  # noqa: E402
 import pstats  # noqa: E402
 import time  # noqa: E402
@@ -62,15 +64,22 @@ def cases(key: str) -> dict:
         "increment": ("lane", scope("POST", f"/api/v1/counter/{run.PLAIN}/increment", key, body=b'{"value":1}')),
         "get": ("lane", scope("GET", f"/api/v1/counter/{run.PLAIN}", key)),
         "get10": ("lane", scope("GET", "/api/v1/counters", key, query=f"names={names}".encode())),
+        # The seed's command as bench/seed.py sends it: a login of a user never seen before.
+        "login": ("lane", scope("POST", "/api/v1/counter/online_players/increment", key, body=LOGIN)),
     }
+
+
+LOGIN = b'{"user_id":"lane-cpu-%d"}'  # a new user_id per request (drive fills in a number)
 
 
 async def drive(app, request: dict, count: int) -> list[int]:
     statuses = []
     body = request["_body"]
+    numbered = body is LOGIN
+    sent = itertools.count(time.time_ns())
 
     async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.request", "body": body % next(sent) if numbered else body, "more_body": False}
 
     async def send(message):
         if message["type"] == "http.response.start":
