@@ -64,12 +64,18 @@ def cases(key: str) -> dict:
         "increment": ("lane", scope("POST", f"/api/v1/counter/{run.PLAIN}/increment", key, body=b'{"value":1}')),
         "get": ("lane", scope("GET", f"/api/v1/counter/{run.PLAIN}", key)),
         "get10": ("lane", scope("GET", "/api/v1/counters", key, query=f"names={names}".encode())),
+        "increase": (
+            "lane",
+            scope("POST", "/api/v1/functions/increaseCounter", key, body=FUNCTION % b',"increment":1'),
+        ),
+        "getcounter": ("lane", scope("POST", "/api/v1/functions/getCounter", key, body=FUNCTION % b"")),
         # The seed's command as bench/seed.py sends it: a login of a user never seen before.
         "login": ("lane", scope("POST", "/api/v1/counter/online_players/increment", key, body=LOGIN)),
     }
 
 
 LOGIN = b'{"user_id":"lane-cpu-%d"}'  # a new user_id per request (drive fills in a number)
+FUNCTION = b'{"appId":"default","counterType":"app","counterId":"%s"%%s}' % run.PLAIN.encode()
 
 
 async def drive(app, request: dict, count: int) -> list[int]:

@@ -584,6 +584,54 @@ def test_an_update_sent_again_follows_every_change_of_config_and_time(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_cloud_function_body_sent_again_is_answered_as_the_first_time(builtins, make_key, lane_threads):
+    """A cloud function's input found valid for a body is kept for that body sent again
+    (``plans.function_input``: a DRF serializer per request was most of a function's CPU). The same
+    bytes as another content type, a body that is not valid, a requestId that replays and metadata
+    are still all checked as the first time."""
+    from counters.fastlane import plans
+
+    key = make_key(("write", "data_view"))
+    increase = b'{"appId":"default","counterType":"daily","counterId":"total_games_played","increment":2}'
+    get = b'{"appId":"default","counterType":"daily","counterId":"total_games_played"}'
+
+    def call(name: str, body: bytes, headers: tuple = ()) -> tuple[int, dict, dict]:
+        status, reply_headers, reply = asyncio.run(
+            _request("POST", f"/api/v1/functions/{name}", key, body, headers=headers)
+        )
+        return status, reply_headers, orjson.loads(reply)
+
+    for expected in (2, 4, 6):
+        status, _, reply = call("increaseCounter", increase)
+        assert (status, reply["data"]["oldValue"], reply["data"]["newValue"]) == (200, expected - 2, expected)
+        status, _, reply = call("getCounter", get)
+        assert (status, reply["data"]["currentValue"], reply["data"]["counterId"]) == (
+            200,
+            expected,
+            "total_games_played",
+        )
+        assert reply["data"]["updateTime"].endswith("Z") and len(reply["data"]["updateTime"]) == 24
+    assert len(plans._function_inputs) == 2  # both bodies were kept
+
+    # The same bytes as another content type: refused, as the first time.
+    status, _, reply = call("increaseCounter", increase, headers=((b"content-type", b"text/plain"),))
+    assert (status, reply["code"]) == (415, 4001), reply
+    # A body that is not valid is refused each time, and not kept.
+    for _ in range(2):
+        status, _, reply = call("increaseCounter", increase.replace(b'"increment":2', b'"increment":0'))
+        assert (status, reply["code"]) == (400, 4001), reply
+    # A requestId replays its first reply, however often the same body comes.
+    keyed = increase.replace(b"}", b',"requestId":"order-0042"}')
+    replies = [call("increaseCounter", keyed) for _ in range(3)]
+    assert [r[2]["data"]["newValue"] for r in replies] == [8, 8, 8]
+    assert [r[1].get(b"idempotent-replayed") for r in replies] == [None, b"true", b"true"]
+    # Metadata is checked every time (its limit is a setting): not kept.
+    with_metadata = increase.replace(b"}", b',"metadata":{"match":"m-1"}}')
+    assert [call("increaseCounter", with_metadata)[2]["data"]["newValue"] for _ in range(2)] == [10, 12]
+    assert len(plans._function_inputs) == 3  # the keyed body too; not the refused ones, nor metadata
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_kept_update_sends_the_script_call_of_the_general_path_byte_for_byte(builtins, make_counter, time_machine):
     """An update plan packs its script call once per period window and puts only the moment in it per
     request (``UpdatePlan.call``). The bytes are those the general path sends at the same moment (the

@@ -7,6 +7,7 @@ path. Requests the lane does not own (other methods, other hosts, other paths) n
 
 import contextlib
 import re
+from datetime import datetime
 
 import orjson
 from django.urls import Resolver404, resolve
@@ -163,21 +164,31 @@ async def rest_batch_update(request: LaneRequest):
 
 async def _function(request: LaneRequest, view: type[functions.FunctionView], call):
     """``FunctionView.post``: parse with the view's serializer, resolve the caller and app, call."""
-    data = view.input_serializer(data=request_json(request))
-    data.is_valid(raise_exception=True)
+    values = plans.function_input(request, view)  # the view's serializer, kept for a body seen before
     caller = auth.request_caller(request)
-    values = data.validated_data
     app_id = functions.caller_app_id(caller, values["appId"])
     if not view.keyed:
         result = await call(caller, app_id, values)
         body = {"code": 0, "msg": str(view.success_msg), "timestamp": clock.to_ms(clock.now()), "data": result}
-        return 200, _body(functions._times(body)), FUNCTION_HEADERS
+        return 200, _function_body(body), FUNCTION_HEADERS
     request_id = values.pop("requestId", None)
     parts = (view.__name__, dict(values))
     idempotency = request_idempotency(request, app_id=app_id, parts=parts, body_key=request_id)
     data, at, replayed = await call(caller, app_id, values, idempotency)
     body = {"code": 0, "msg": str(view.success_msg), "timestamp": clock.to_ms(at), "data": data}
-    return 200, _body(functions._times(body)), FUNCTION_HEADERS + (REPLAYED if replayed else [])
+    return 200, _function_body(body), FUNCTION_HEADERS + (REPLAYED if replayed else [])
+
+
+def _function_body(body: dict) -> bytes:
+    """``orjson.dumps(functions._times(body))``: orjson hands each datetime to ``clock.iso_ms`` as it
+    writes the reply, instead of Python copying the whole reply first to convert them."""
+    return orjson.dumps(body, default=_iso_ms, option=orjson.OPT_PASSTHROUGH_DATETIME)
+
+
+def _iso_ms(value) -> str:
+    if isinstance(value, datetime):
+        return clock.iso_ms(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _target(app_id: int, values: dict):
