@@ -22,6 +22,11 @@ class PeriodWindow:
     start: datetime | None
     end: datetime | None
 
+    def holds(self, now: datetime) -> bool:
+        """Whether ``now`` lies in this window (one without an end, of a counter without periods,
+        holds every moment)."""
+        return self.end is None or self.start <= now < self.end
+
 
 @lru_cache(maxsize=512)
 def _zone(name: str) -> zoneinfo.ZoneInfo:

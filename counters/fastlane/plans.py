@@ -135,7 +135,7 @@ class UpdatePlan:
 
     def _window_at(self, now) -> periods.PeriodWindow:
         window = self._window
-        if window.end is not None and not window.start <= now < window.end:
+        if not window.holds(now):
             counter = self.counter
             window = self._window = periods.window_at(counter.period, counter.time_zone, now)
             self._keys = keyspace.update_keys(keyspace.unit(counter.id, 0), window.key, self.subject)
@@ -186,7 +186,7 @@ class ValuePlan:
     def read_call(self, now) -> tuple[periods.PeriodWindow, tuple, bytes]:
         """The value's window at ``now`` and its HMGET, also packed for the wire."""
         call = self._call
-        if call is None or (call[0].end is not None and not call[0].start <= now < call[0].end):
+        if call is None or not call[0].holds(now):
             counter = self.counter
             window = periods.window_at(counter.period, counter.time_zone, now)
             command = ("HMGET", keyspace.value_key(counter.id, window.key, self.subject), *values.VALUE_FIELDS)
@@ -220,17 +220,14 @@ def function_input(request, view) -> dict:
     dict of its own) or longer than a plan keeps are validated every time."""
     body = request.read()
     slot = (view, request.META.get("CONTENT_TYPE"), body) if len(body) <= MAX_PLANNED_BODY else None
-    _current()
-    found = _function_inputs.get(slot) if slot is not None else None
+    found = _kept(_function_inputs, slot)
     if found is not None:
         return dict(found)
     data = view.input_serializer(data=request_json(request))
     data.is_valid(raise_exception=True)
     values = data.validated_data
     if slot is not None and "metadata" not in values:
-        if len(_function_inputs) >= MAX_PLANS:
-            _function_inputs.clear()
-        _function_inputs[slot] = dict(values)
+        _keep(_function_inputs, slot, dict(values))
     return values
 
 
@@ -242,15 +239,20 @@ def _kept(plans: dict, slot: tuple | None):
     return plans.get(slot)
 
 
+def _keep(plans: dict, slot: tuple, plan) -> None:
+    """``plan`` kept for ``slot``; a full ``plans`` (``MAX_PLANS``) is emptied first."""
+    if len(plans) >= MAX_PLANS:
+        plans.clear()
+    plans[slot] = plan
+
+
 def _passed_before(plans: dict, slot: tuple) -> bool:
     """Whether ``slot`` passed its checks before under the current snapshot; if not, it is marked seen
     (a plan is made on a slot's second pass: requests that never repeat make none)."""
     _current()
     if slot in plans:
         return True
-    if len(plans) >= MAX_PLANS:
-        plans.clear()
-    plans[slot] = None
+    _keep(plans, slot, None)
     return False
 
 
@@ -331,7 +333,5 @@ def read_plan(request) -> ReadPlan:
         if all(c.is_live(now) for c in plan.expiring):
             return plan
     plan = ReadPlan(key, apis.read_many_targets(request))
-    if len(_plans) >= MAX_PLANS:
-        _plans.clear()
-    _plans[slot] = plan
+    _keep(_plans, slot, plan)
     return plan
