@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/lane_cpu.py                 # every case, beside the reference
     .venv/bin/python bench/lane_cpu.py increment --profile   # cProfile of one case, top 30 by own time
-    (cases: increment, get, get10, login: a new user_id per request, as make bench-seed logs in)
+    (cases: increment, get, get10, increase and getcounter (cloud functions), login: a new user_id
+    per request, as make bench-seed logs in)
 
 Each case sends its requests with ``BENCH_IN_FLIGHT`` (default 50) in flight on uvloop, as a worker
 under load has them, against a private redis-server, and prints the process CPU time per request

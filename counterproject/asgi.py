@@ -18,6 +18,7 @@ from django.conf import settings  # noqa: E402 (after Django is set up)
 
 from counters.api_errors import error_response  # noqa: E402
 from counters.errors import RequestTooLarge  # noqa: E402
+from counters.fastlane import http as lane_http  # noqa: E402
 from counters.fastlane import streams  # noqa: E402
 from counters.fastlane.handlers import route, serve  # noqa: E402
 from counters.fastlane.http import host_allowed, send_json  # noqa: E402
@@ -61,7 +62,7 @@ async def application(scope, receive, send) -> None:
     if hot is None or not host_allowed(scope):
         return await django_app(scope, receive, send)
     try:
-        body = await read_body(scope, receive, settings.COUNTER_MAX_BODY_BYTES)
+        body = await read_body(scope, receive, lane_http.body_limit)
     except BodyTooLarge:
         return await too_large(scope, send)
     handler, shape, params = hot

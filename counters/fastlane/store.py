@@ -78,9 +78,6 @@ class Coalescer:
         self.commands = 0
 
     def call(self, *command) -> asyncio.Future:
-        if self.breaker is not breaker:
-            breaker.before_call()  # the store-wide one: open, the whole store is out
-        self.breaker.before_call()
         return self._queued(command, 0)
 
     def call_many(self, commands: tuple, packed: bytes | None = None) -> asyncio.Future:
@@ -88,27 +85,26 @@ class Coalescer:
         replies in order, an error reply as its exception object (one future instead of one per
         command: a read of ten values, bench/README.md). ``packed``: the same commands already
         packed by hiredis (a caller that sends the same commands often keeps them packed)."""
-        if self.breaker is not breaker:
-            breaker.before_call()
-        self.breaker.before_call()
         return self._queued(commands, len(commands), packed)
 
     def call_packed(self, packed: bytes, length: int) -> asyncio.Future:
         """One command packed already (``length`` arguments), for a caller that packs its own
         (``fastlane.plans.UpdatePlan.call``: only the moment changes from one call to the next)."""
-        if self.breaker is not breaker:
-            breaker.before_call()
-        self.breaker.before_call()
         return self._queued(None, 0, packed, length)
 
     def _queued(self, command: tuple | None, many: int, packed: bytes | None = None, length: int = 0) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
+        """Queued for this loop turn's round trip, unless a breaker is open (``StoreUnavailable``)."""
+        if self.breaker is not breaker:
+            breaker.before_call()  # the store-wide one: open, the whole store is out
+        self.breaker.before_call()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         if command is not None:
             length = sum(map(len, command)) if many else len(command)
         self._queue.append((command, future, many, packed, length))
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         return future
 
     def _flush(self) -> None:
@@ -350,7 +346,7 @@ class LaneStore:
         """EVALSHA of one of ``SCRIPTS``, queued at once like ``command`` (so it shares the round trip
         of commands queued after it in the same step); a Redis without the script answers
         ``NoScriptError``, which ``script`` then handles."""
-        return self.command("EVALSHA", _SHA[name], len(keys), *keys, *args)
+        return self.command(*_script_command(name, keys, args))
 
     async def script(self, name: str, keys: list, args: list):
         """EVALSHA of one of ``SCRIPTS``; loads it once if Redis does not know it (a restarted Redis,
@@ -369,10 +365,14 @@ def script_packed_around(name: str, keys: list, args: list, at: int) -> tuple[by
     """The EVALSHA of ``script_now(name, keys, args)`` packed as hiredis packs it, without its two
     arguments ``args[at:at + 2]``: ``(head, tail, length)``. ``head + packed_moment(ms) + tail`` is
     the same call with ``ms`` and its minute in their place, ``length`` arguments long."""
-    command = ("EVALSHA", _SHA[name], len(keys), *keys, *args)
+    command = _script_command(name, keys, args)
     cut = 3 + len(keys) + at
     head = b"*%d\r\n" % len(command) + _packed_arguments(command[:cut])
     return head, _packed_arguments(command[cut + 2 :]), len(command)
+
+
+def _script_command(name: str, keys: list, args: list) -> tuple:
+    return ("EVALSHA", _SHA[name], len(keys), *keys, *args)
 
 
 def _packed_arguments(arguments) -> bytes:
