@@ -607,9 +607,11 @@ def presence_keys(counter_id: int, period: str) -> list[str]:
 # 'read' only sweeps. The count (users or sessions) is then written to the value hash through
 # the update body ('set', so the flusher, peak, stats buckets and thresholds see it like any
 # other change); a heartbeat or read that changed nothing writes nothing.
-# KEYS: presence_keys. ARGV: op, now ms, lease ms, 'users'/'sessions', pending field, minute,
+# KEYS: presence_keys. ARGV: op, now ms, its minute, lease ms, 'users'/'sessions', pending field,
 # log entry, number of thresholds, 5 arguments per threshold (as UPDATE_SCRIPT), then the items
-# as user, session, node triples. Returns UPDATE_SCRIPT's reply, or {'HYDRATE'} before any change.
+# as user, session, node triples (the moment side by side, and the items last: the fast lane packs
+# a login's call once per window: presence.MOMENT_ARG). Returns UPDATE_SCRIPT's reply, or
+# {'HYDRATE'} before any change (a value hash always holds its 'v' once hydrated).
 PRESENCE_SCRIPT = (
     "local function update(KEYS, ARGV)\n"
     + _UPDATE_BODY
@@ -617,10 +619,13 @@ PRESENCE_SCRIPT = (
 
 local vkey = KEYS[1]
 local skey, ukey, xkey, nkey, nmkey, snkey = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local op, ms, lease, counts = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local op, ms, minute, lease, counts = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local now = tonumber(ms)
 local first_item = 9 + 5 * tonumber(ARGV[8])
-if redis.call('EXISTS', vkey) == 0 then return {'HYDRATE'} end
+-- The leases never touch the value hash: its count before them is read here, once.
+local old = redis.call('HGET', vkey, 'v')
+if not old then return {'HYDRATE'} end
+old = tonumber(old)
 
 local function drop(lease_id)
   if redis.call('ZREM', skey, lease_id) == 0 then return end
@@ -677,11 +682,10 @@ while i + 2 <= #ARGV do
   i = i + 3
 end
 
-local old = tonumber(redis.call('HGET', vkey, 'v'))
 local new
 if counts == 'sessions' then new = redis.call('ZCARD', skey) else new = redis.call('HLEN', ukey) end
 if op ~= 'in' and op ~= 'out' and new == old then return {'OK', old, new, {}, {}} end
-local A = {'set', string.format('%d', new), ARGV[5], '', '', '', '0', ms, ARGV[6], '1', ARGV[7]}
+local A = {'set', string.format('%d', new), ARGV[6], '', '', '', '0', ms, minute, '1', ARGV[7]}
 for j = 9, first_item - 1 do A[#A + 1] = ARGV[j] end
 return update({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, A)
 """

@@ -23,6 +23,10 @@ from .values import UpdateResult, operation_log_prefix, value_hydrate
 
 LOGIN, LOGOUT, HEARTBEAT, READ = "in", "out", "hb", "read"
 
+# Where the presence script's arguments hold the moment of the call: ARGV[2] its time (ms) and
+# ARGV[3] its minute. The items (user, session, node) come last.
+MOMENT_ARG = 1
+
 # What one heartbeat request may carry: a game server renews all its players in one round trip.
 MAX_BATCH_LEASES = 1000
 
@@ -93,7 +97,7 @@ def _script_call(
     log: str,
 ) -> tuple[list[str], list]:
     ms = clock.to_ms(now)
-    args = [op, ms, lease_seconds * 1000, counter.presence_counts, f"{window.key}|", ms // 60000, log]
+    args = [op, ms, ms // 60000, lease_seconds * 1000, counter.presence_counts, f"{window.key}|", log]
     args.append(len(counter.thresholds))
     for t in counter.thresholds:
         args += [t.id, t.value, t.direction, t.cooldown_seconds * 1000, int(t.rearm)]
