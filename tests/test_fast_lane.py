@@ -20,7 +20,7 @@ from counters.fastlane import offload
 from counters.fastlane.handlers import rest_heartbeat, route
 from counters.fastlane.store import MAX_PIPELINE, MAX_PIPELINE_ARGS, LaneStore, lane_store
 from counters.flush import counters_flush
-from counters.models import Counter, Threshold, ThresholdEvent
+from counters.models import Counter, OperationLog, Threshold, ThresholdEvent
 from counters.redis_store import breaker
 
 from . import processes
@@ -688,6 +688,131 @@ def test_a_kept_update_sends_the_script_call_of_the_general_path_byte_for_byte(b
         metadata=None,
     )
     assert plan.call(start) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_login_sent_again_follows_every_change_of_config_and_time(
+    builtins, make_key, make_counter, settings, store, lane_threads, time_machine
+):
+    """Logins and logouts sent with the same key keep what their checks before the body found
+    (``fastlane.plans.LoginPlan``: each login names a user of its own). Still, every body is checked
+    as the first one was and one refused changes nothing, each lease opens at its own moment and
+    lapses with the clock, a script Redis lost or a value no longer in Redis is loaded again, and a
+    temporary counter's end and a key that may no longer write apply to the very next login."""
+    from counters.config import bump_generation
+    from counters.fastlane import plans
+    from counters.models import ApiKey, App
+
+    settings.COUNTER_CONFIG_CHECK_SECONDS = 0  # every request compares the config generation
+    start = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    time_machine.move_to(start, tick=False)
+    key, other = make_key(("write", "data_view")), make_key(("write",))
+    make_counter("lobby", kind="presence", presence_counts="sessions", expires_at=start + timedelta(minutes=5))
+    make_counter("audited_lobby", kind="presence", log_operations=True)
+
+    def update(name: str, body: bytes, op: str = "increment", as_key: str = key, headers: tuple = ()):
+        return asyncio.run(_request("POST", f"/api/v1/counter/{name}/{op}", as_key, body, headers=headers))
+
+    def count(name: str, body: bytes, op: str = "increment") -> int:
+        status, _, reply = update(name, body, op)
+        assert status == 200, reply
+        return orjson.loads(reply)["current_value"]
+
+    def login(user: str, **more) -> bytes:
+        return orjson.dumps({"user_id": user, **more})
+
+    assert [count("online_players", login(f"u{i}")) for i in range(5)] == [1, 2, 3, 4, 5]
+    # Counting users: another session of a user counted already, or the same login again, adds none.
+    assert count("online_players", login("u0", session_id="s2")) == count("online_players", login("u0")) == 5
+    assert count("online_players", login("u9", session_id="s1", node_id="eu-7")) == 6
+    assert [count("lobby", login("u1", session_id=f"s{i}")) for i in range(3)] == [1, 2, 3]  # sessions
+    # A counter that logs its operations: each entry with its user and metadata, as given.
+    for user in ("u1", "u2", "u3"):
+        assert count("audited_lobby", login(user, metadata={"map": f"dust-{user}"})) == int(user[1])
+    # The checks were kept (else this test would not try the kept ones at all): one plan a counter.
+    kept = sorted(p.counter.name for p in plans._login_plans.values() if p is not None)
+    assert kept == ["audited_lobby", "lobby", "online_players"]
+    counters_flush()
+    entries = OperationLog.objects.filter(counter_id=_counter_id("audited_lobby")).order_by("new_value")
+    assert [(e.user_id, e.metadata, e.new_value) for e in entries] == [
+        (f"u{i}", {"map": f"dust-u{i}"}, i) for i in (1, 2, 3)
+    ]
+
+    # A body refused on a kept plan: the reply the first request of another key gets, nothing changed.
+    for body in (b"{}", login("u7", value=2), login("u7", node_id=""), login("u" * 200), b"[1]", b"{"):
+        kept, first = update("online_players", body), update("online_players", body, as_key=other)
+        assert kept[0] >= 400 and (kept[0], kept[2]) == (first[0], first[2]), body
+    assert count("online_players", login("u0")) == 6
+
+    # A logout, a login with metadata (checked every time), by the kept checks too.
+    assert count("online_players", login("u1"), "decrement") == 5
+    assert count("online_players", login("u20", metadata={"map": "dust"})) == 6
+    # A script Redis lost (a restart), a value no longer in Redis after a flush (evicted, a
+    # restore): the login is applied as the first one was, the leases counted as they stand.
+    store.script_flush()
+    assert count("online_players", login("u21")) == 7
+    counters_flush()
+    store.delete(keyspace.value_key(_counter_id("online_players"), "", ""))
+    assert count("online_players", login("u22")) == 8
+    # Each lease opens at its login's own moment: those of a minute ago lapse first.
+    time_machine.move_to(start + timedelta(seconds=60), tick=False)
+    assert count("online_players", login("u23")) == 9
+    time_machine.move_to(start + timedelta(seconds=91), tick=False)
+    assert count("online_players", login("u24")) == 2  # u23 and u24: u9 lapsed with its node
+    # An Idempotency-Key is not taken by a presence counter, but a malformed one is still refused.
+    status, _, reply = update("online_players", login("u25"), headers=((b"idempotency-key", b"\x01"),))
+    assert (status, orjson.loads(reply)["error"]["code"]) == (400, 4001)
+
+    # The temporary counter's end.
+    time_machine.move_to(start + timedelta(minutes=5), tick=False)
+    status, _, reply = update("lobby", login("u1", session_id="s9"))
+    assert (status, orjson.loads(reply)["error"]["code"]) == (404, 4004)
+    # The key may no longer write.
+    ApiKey.objects.filter(app=App.objects.get(slug="default")).update(roles=["data_view"])
+    bump_generation()
+    status, _, reply = update("online_players", login("u26"))
+    assert (status, orjson.loads(reply)["error"]["code"]) == (403, 4003)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_kept_login_sends_the_script_call_of_the_general_path_byte_for_byte(builtins, make_counter, time_machine):
+    """A login plan packs its script call once per period window and puts only the moment and the
+    lease in it per request (``LoginPlan.call``). The bytes are those the general path sends at the
+    same moment (``presence.presence_prepare``'s call, packed by hiredis), for logins and logouts of
+    a counter of users and of a daily one of sessions with thresholds, with and without a session
+    and a node, across minutes and into a new day; a counter that logs its operations is not
+    packed ahead."""
+    import hiredis
+
+    from counters import config, presence
+    from counters.fastlane import plans, store
+
+    start = datetime(2026, 5, 4, 15, 59, 58, 999000, tzinfo=UTC)  # Taipei's midnight is at 16:00 UTC
+    time_machine.move_to(start, tick=False)
+    sessions = make_counter(
+        "lobby", kind="presence", presence_counts="sessions", period="daily", time_zone="Asia/Taipei", lease_seconds=300
+    )
+    Threshold.objects.create(counter_id=sessions.id, value=50, cooldown_seconds=30, rearm=True)
+    config.cache.invalidate()
+    counters = config.cache.get().counters
+    key = type("Key", (), {"prefix": "ck_test"})()
+    leases = [presence.Lease("u1"), presence.Lease("玩家-2", "s1"), presence.Lease("u3", "s2", "eu-7")]
+    moments = [start, start + timedelta(milliseconds=1), start + timedelta(seconds=61), start + timedelta(hours=9)]
+    for name in ("online_players", "lobby"):
+        counter = counters[(sessions.app_id, name)]
+        for op in (presence.LOGIN, presence.LOGOUT):
+            plan, windows = plans.LoginPlan(key, counter, op), set()
+            for now in moments:
+                time_machine.move_to(now, tick=False)
+                for lease in leases:
+                    general = presence.presence_prepare(counter=counter, op=op, leases=[lease], actor=key.prefix)
+                    command = ("EVALSHA", store._SHA["presence"], len(general.keys), *general.keys, *general.args)
+                    assert plan.call(now, lease) == (hiredis.pack_command(command), len(command)), (name, now)
+                windows.add(general.window.key)
+            assert len(windows) == (2 if name == "lobby" else 1)
+    assert len(counters[(sessions.app_id, "lobby")].thresholds) == 1
+    logged = make_counter("audited_lobby", kind="presence", log_operations=True)
+    assert plans.LoginPlan(key, logged, presence.LOGIN).call(start, leases[0]) is None
 
 
 @pytest.mark.django_db(transaction=True)

@@ -68,12 +68,19 @@ def _read_reply(body: dict, views: list):
 
 
 async def _rest_update(request: LaneRequest, name: str, sign: int):
-    slot = plans.update_slot(request, name, sign)
+    login_slot = plans.login_slot(request, name, sign)
+    slot = plans.update_slot(request, login_slot)
     plan = plans.update_plan(slot)  # the checks below, kept while the config stays the same
     if plan is not None:
         value = await lane.planned_update(plan)
         if value is not None:
             return 200, UPDATED % value, []
+    login = plans.login_plan(login_slot)  # the checks before the body below, kept likewise
+    if login is not None:
+        now = clock.now()
+        if login.counter.is_live(now):
+            lease, metadata = presence_update_input_parse(request_json(request))
+            return 200, UPDATED % await lane.planned_login(login, lease, metadata, now), []
     key = auth.request_key(request)
     checked = auth.checked_name(name)  # before the app, in CounterViewSet._update's order
     counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=checked)
@@ -84,6 +91,7 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
         lease, metadata = presence_update_input_parse(request_json(request))
         op = presence.LOGIN if sign > 0 else presence.LOGOUT
         result = await lane.presence_update(counter=counter, op=op, leases=[lease], actor=key.prefix, metadata=metadata)
+        plans.login_plan_keep(login_slot, key=key, counter=counter, op=op)
         return 200, UPDATED % result.update.new_value, []
     value, user_id, metadata = update_input_parse(request_json(request))
     idempotency = request_idempotency(

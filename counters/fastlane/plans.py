@@ -33,6 +33,14 @@ the reply into an ``UpdateResult`` were about a third of a kept update's own wor
 A request with an Idempotency-Key, a larger body, a presence or split counter takes the general path
 every time.
 
+A login or logout (an increment or decrement of a presence counter) carries a new user_id each
+time, so its body cannot be kept: a login plan keeps what the view checks before the body (the
+key, the app, the name, the counter, the permission), for the caller's headers and content type.
+Each request still has its body parsed and checked, the counter's liveness checked, and its own
+script call, packed once per window around the moment and the lease (``LoginPlan.call``). A request
+with an Idempotency-Key header takes the general path, and so does the call of a counter that logs
+its operations (its log entry holds the moment, the user and the metadata).
+
 A cloud function (getCounter, increaseCounter, decreaseCounter) keeps less: only its input, what the
 view's DRF serializer found in a body seen before (``function_input``); the caller (a player token
 expires), the app, the counter and the permission are checked on every request.
@@ -44,7 +52,7 @@ requests that never repeat (a new user_id each time) cost a dict entry, not a pl
 import hiredis
 import orjson
 
-from .. import apis, auth, clock, keyspace, periods, services, values
+from .. import apis, auth, clock, keyspace, periods, presence, services, values
 from ..config import CounterConfig, KeyConfig
 from ..config import cache as config_cache
 from ..errors import CounterError
@@ -173,6 +181,46 @@ class UpdatePlan:
         return head + store.packed_moment(clock.to_ms(now)) + tail, length
 
 
+class LoginPlan:
+    """A checked login or logout (an increment or decrement of a presence counter) by one caller."""
+
+    __slots__ = ("_call", "_window", "counter", "key", "op")
+
+    def __init__(self, key: KeyConfig, counter: CounterConfig, op: str) -> None:
+        self.key = key
+        self.counter = counter
+        self.op = op
+        self._window: periods.PeriodWindow | None = None
+        self._call: tuple | None = None  # the packed script call of this window, around its moment and lease
+
+    def call(self, now, lease: presence.Lease) -> tuple[bytes, int] | None:
+        """The script call ``presence.presence_prepare`` makes for ``lease`` at ``now``, packed for
+        the wire, and its length in arguments: only the moment and the lease change within a
+        window. None for a counter that logs its operations (its log entry holds both)."""
+        counter = self.counter
+        if counter.log_operations:
+            return None
+        window = self._window
+        if window is None or not window.holds(now):
+            window = self._window = periods.window_at(counter.period, counter.time_zone, now)
+            self._call = None
+        call = self._call
+        if call is None:
+            keys, args = presence._script_call(
+                counter,
+                op=self.op,
+                leases=[lease],
+                lease_seconds=counter.lease_seconds,
+                now=now,
+                window=window,
+                log="",
+            )
+            call = self._call = store.script_packed_around("presence", keys, args, presence.MOMENT_ARG, last=3)
+        head, tail, length = call
+        items = store.packed_arguments((lease.user_id, lease.session_id, lease.node_id))
+        return head + store.packed_moment(clock.to_ms(now)) + tail + items, length
+
+
 class ValuePlan:
     """A checked GET of one plain counter by one caller with one query string."""
 
@@ -197,6 +245,7 @@ class ValuePlan:
 _plans: dict[tuple, ReadPlan] = {}
 _value_plans: dict[tuple, ValuePlan | None] = {}  # None: seen once
 _update_plans: dict[tuple, UpdatePlan | None] = {}  # None: seen once
+_login_plans: dict[tuple, LoginPlan | None] = {}  # None: seen once
 _function_inputs: dict[tuple, dict] = {}
 _snapshot = None  # the snapshot the plans were made under
 
@@ -207,7 +256,7 @@ def _current() -> None:
     snapshot = config_cache.get()
     if snapshot is not _snapshot:
         _snapshot = snapshot
-        for plans in (_plans, _value_plans, _update_plans, _function_inputs):
+        for plans in (_plans, _value_plans, _update_plans, _login_plans, _function_inputs):
             plans.clear()
 
 
@@ -287,16 +336,23 @@ def value_plan_keep(slot: tuple | None, counter: CounterConfig, subject: str) ->
         _value_plans[slot] = ValuePlan(counter, subject)
 
 
-def update_slot(request, name: str, sign: int) -> tuple | None:
-    """What an update's checks depend on besides the snapshot (the plans' key); None for a request
-    that is checked every time."""
+def login_slot(request, name: str, sign: int) -> tuple | None:
+    """What the checks of an increment or decrement before its body depend on besides the snapshot
+    (the login plans' key); None for a request that is checked every time."""
     meta = request.META
-    if META_HEADER in meta:
+    caller = _caller(meta)
+    if caller is None or META_HEADER in meta:
         return None
-    body, caller = request.read(), _caller(meta)
-    if caller is None or len(body) > MAX_PLANNED_BODY:
+    return (name, sign, *caller, meta.get("CONTENT_TYPE"))
+
+
+def update_slot(request, login: tuple | None) -> tuple | None:
+    """What an update's checks depend on besides the snapshot (the plans' key): its ``login_slot``
+    and its body; None for a request that is checked every time."""
+    body = request.read()
+    if login is None or len(body) > MAX_PLANNED_BODY:
         return None
-    return (name, sign, *caller, meta.get("CONTENT_TYPE"), body)
+    return (*login, body)
 
 
 def update_plan(slot: tuple | None) -> UpdatePlan | None:
@@ -317,6 +373,18 @@ def update_plan_keep(slot: tuple | None, *, key: KeyConfig, counter: CounterConf
     except CounterError:  # it expired since: the next request finds out
         return
     _update_plans[slot] = UpdatePlan(prepared, key=key, user_id=update["user_id"], metadata=update["metadata"])
+
+
+def login_plan(slot: tuple | None) -> LoginPlan | None:
+    """The plan of a login or logout checked before (``login_slot``), if there is one."""
+    return _kept(_login_plans, slot)
+
+
+def login_plan_keep(slot: tuple | None, *, key: KeyConfig, counter: CounterConfig, op: str) -> None:
+    """After a login or logout that passed every check and was applied: a plan, the second time its
+    slot is seen."""
+    if slot is not None and _passed_before(_login_plans, slot):
+        _login_plans[slot] = LoginPlan(key, counter, op)
 
 
 def read_plan(request) -> ReadPlan:

@@ -191,6 +191,27 @@ async def presence_update(
     raise StoreUnavailable("value could not be hydrated")
 
 
+async def planned_login(plan, lease: presence.Lease, metadata: dict | None, now) -> int:
+    """The count after a login or logout of a plan (``fastlane.plans.LoginPlan``: its counter live
+    at ``now``), as ``presence_update`` makes it. The plan packs its own script call (``metadata``
+    goes only into the log entry of a counter that logs its operations, which the plan does not
+    pack); a value to hydrate or a script Redis lost goes to ``presence_update``'s own code, and so
+    does a counter that logs its operations or a Redis Cluster."""
+    store = lane_store()
+    call = None if store.cluster else plan.call(now, lease)
+    if call is not None:
+        try:
+            reply = await store.packed(*call)
+        except redis.exceptions.NoScriptError:
+            reply = None  # the general path loads it
+        # A presence reply is OK (with the crossed thresholds of a counter that has some) or HYDRATE.
+        if reply is not None and reply[0] == b"OK":
+            return reply[2]
+    counter, actor = plan.counter, plan.key.prefix
+    result = await presence_update(counter=counter, op=plan.op, leases=[lease], actor=actor, metadata=metadata)
+    return result.update.new_value
+
+
 async def _run_update_many(prepared: list) -> list[list]:
     """``services._run_update_pipeline``: one ``update_many`` call per counter (one hash slot)."""
     store = lane_store()

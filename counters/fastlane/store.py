@@ -361,23 +361,25 @@ class LaneStore:
             return await self.script_now(name, keys, args)
 
 
-def script_packed_around(name: str, keys: list, args: list, at: int) -> tuple[bytes, bytes, int]:
+def script_packed_around(name: str, keys: list, args: list, at: int, last: int = 0) -> tuple[bytes, bytes, int]:
     """The EVALSHA of ``script_now(name, keys, args)`` packed as hiredis packs it, without its two
-    arguments ``args[at:at + 2]``: ``(head, tail, length)``. ``head + packed_moment(ms) + tail`` is
-    the same call with ``ms`` and its minute in their place, ``length`` arguments long."""
+    arguments ``args[at:at + 2]`` nor its ``last`` ones: ``(head, tail, length)``. ``head +
+    packed_moment(ms) + tail + packed_arguments(args[-last:])`` is the same call with ``ms`` and its
+    minute in their place, ``length`` arguments long."""
     command = _script_command(name, keys, args)
     cut = 3 + len(keys) + at
-    head = b"*%d\r\n" % len(command) + _packed_arguments(command[:cut])
-    return head, _packed_arguments(command[cut + 2 :]), len(command)
+    head = b"*%d\r\n" % len(command) + packed_arguments(command[:cut])
+    return head, packed_arguments(command[cut + 2 : len(command) - last]), len(command)
 
 
 def _script_command(name: str, keys: list, args: list) -> tuple:
     return ("EVALSHA", _SHA[name], len(keys), *keys, *args)
 
 
-def _packed_arguments(arguments) -> bytes:
-    """Arguments as they follow a packed command's count line (``*1\r\n``: 4 bytes)."""
-    return b"".join(hiredis.pack_command((argument,))[4:] for argument in arguments)
+def packed_arguments(arguments) -> bytes:
+    """Arguments as they follow a packed command's count line (``*3\r\n``), as hiredis packs them."""
+    packed = hiredis.pack_command(tuple(arguments))
+    return packed[packed.index(b"\r\n") + 2 :]
 
 
 def packed_moment(ms: int) -> bytes:
