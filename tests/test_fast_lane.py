@@ -632,6 +632,38 @@ def test_a_cloud_function_body_sent_again_is_answered_as_the_first_time(builtins
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_cloud_function_answers_each_call_in_the_language_it_asks_for(builtins, make_key, lane_threads, settings):
+    """The language a function's request asks for (Accept-Language, or the language cookie) and each
+    view's message in it are kept (``handlers._function_language``, ``_success``); each call, the
+    same body again and again, still gets its own language, errors included, and a change of the
+    settings applies to the next call."""
+    key = make_key(("write", "data_view"))
+    get = b'{"appId":"default","counterType":"app","counterId":"total_games_played"}'
+    missing = get.replace(b"total_games_played", b"nope")
+    increase = get.replace(b"}", b',"increment":1}')
+
+    def msg(name: str, body: bytes, *headers: tuple[bytes, bytes]) -> str:
+        _, _, reply = asyncio.run(_request("POST", f"/api/v1/functions/{name}", key, body, headers=headers))
+        return orjson.loads(reply)["msg"]
+
+    zh_cn, zh_tw = (b"accept-language", b"zh-CN,zh;q=0.9"), (b"accept-language", b"zh-TW")
+    cookie = (b"cookie", f"{settings.LANGUAGE_COOKIE_NAME}=zh-hant".encode())
+    for _ in range(3):
+        assert msg("getCounter", get, zh_cn) == "查询成功"
+        assert msg("getCounter", get) == "Query succeeded"
+        assert msg("getCounter", get, zh_tw) == "查詢成功"
+        assert msg("getCounter", get, cookie) == "查詢成功"
+        assert msg("increaseCounter", increase, zh_cn) == "增加成功"
+        assert msg("increaseCounter", increase) == "Increased"
+        assert "不存在" in msg("getCounter", missing, zh_cn)
+        assert "not found" in msg("getCounter", missing)
+    # The default language changed: a call that asks for none gets the new one.
+    settings.LANGUAGE_CODE = "zh-hans"
+    assert msg("getCounter", get) == "查询成功"
+    assert msg("getCounter", get, (b"accept-language", b"en-US,en;q=0.8")) == "Query succeeded"
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_kept_update_sends_the_script_call_of_the_general_path_byte_for_byte(builtins, make_counter, time_machine):
     """An update plan packs its script call once per period window and puts only the moment in it per
     request (``UpdatePlan.call``). The bytes are those the general path sends at the same moment (the

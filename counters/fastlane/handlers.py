@@ -10,6 +10,7 @@ import re
 from datetime import datetime
 
 import orjson
+from django.core.signals import setting_changed
 from django.urls import Resolver404, resolve
 from django.utils import translation
 
@@ -177,14 +178,53 @@ async def _function(request: LaneRequest, view: type[functions.FunctionView], ca
     app_id = functions.caller_app_id(caller, values["appId"])
     if not view.keyed:
         result = await call(caller, app_id, values)
-        body = {"code": 0, "msg": str(view.success_msg), "timestamp": clock.to_ms(clock.now()), "data": result}
+        body = {"code": 0, "msg": _success(view), "timestamp": clock.to_ms(clock.now()), "data": result}
         return 200, _function_body(body), FUNCTION_HEADERS
     request_id = values.pop("requestId", None)
     parts = (view.__name__, dict(values))
     idempotency = request_idempotency(request, app_id=app_id, parts=parts, body_key=request_id)
     data, at, replayed = await call(caller, app_id, values, idempotency)
-    body = {"code": 0, "msg": str(view.success_msg), "timestamp": clock.to_ms(at), "data": data}
+    body = {"code": 0, "msg": _success(view), "timestamp": clock.to_ms(at), "data": data}
     return 200, _function_body(body), FUNCTION_HEADERS + (REPLAYED if replayed else [])
+
+
+# What translation costs a cloud function, kept: the language its request asks for, by the two
+# headers ``get_language_from_request`` reads (the language cookie, Accept-Language), and each view's
+# success message in each language. Both follow the settings (cleared on ``setting_changed``).
+# Parsing the headers, switching the active language and translating the message on every call
+# cost more than a REST update's own work (bench/README.md).
+_languages: dict[tuple, str] = {}
+_messages: dict[tuple, str] = {}
+
+
+def _function_language(request: LaneRequest) -> str:
+    meta = request.META
+    slot = (meta.get("HTTP_COOKIE"), meta.get("HTTP_ACCEPT_LANGUAGE"))
+    language = _languages.get(slot)
+    if language is None:
+        language = translation.get_language_from_request(request)
+        if len(slot[0] or "") + len(slot[1] or "") <= plans.MAX_PLANNED_BODY:
+            if len(_languages) >= plans.MAX_PLANS:
+                _languages.clear()
+            _languages[slot] = language
+    return language
+
+
+def _success(view: type[functions.FunctionView]) -> str:
+    """``str(view.success_msg)`` in the active language."""
+    slot = (view, translation.get_language())
+    message = _messages.get(slot)
+    if message is None:
+        message = _messages[slot] = str(view.success_msg)
+    return message
+
+
+def _translation_forget(**_) -> None:
+    _languages.clear()
+    _messages.clear()
+
+
+setting_changed.connect(_translation_forget, dispatch_uid="counters.fastlane.handlers.translation")
 
 
 def _function_body(body: dict) -> bytes:
@@ -357,8 +397,10 @@ async def answer(scope, body: bytes, handler, shape: str, params: dict) -> tuple
     HTTP protocol, ``counterproject.lane_protocol``, passes just those).
     """
     request = LaneRequest(scope, body)
-    language = translation.get_language_from_request(request) if shape == "function" else None
-    with translation.override(language) if language else contextlib.nullcontext():
+    language = _function_language(request) if shape == "function" else None
+    # The language asked for is most often the one active already: no switch and back then.
+    switch = language is not None and language != translation.get_language()
+    with translation.override(language) if switch else contextlib.nullcontext():
         try:
             token = pinned.set(await current_snapshot())
             try:
