@@ -141,7 +141,7 @@ class LaneHttpProtocol(HttpToolsProtocol):
     async def _lane_serve(self, cycle: _LaneCycle, handler, shape, params, scope, body: bytes) -> None:
         watch = Stopwatch()
         try:
-            status, payload, extra = await handlers.answer(scope, body, handler, shape, params)
+            status, payload, extra = await handlers.answer(scope, body, handler, shape, params, own_task=True)
         except BaseException as exc:  # as uvicorn's RequestResponseCycle.run_asgi: logged, a bare 500
             self.logger.error("Exception in ASGI application\n", exc_info=exc)
             cycle.keep_alive = False

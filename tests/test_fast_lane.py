@@ -133,7 +133,7 @@ async def _request(method: str, path: str, key: str, body: bytes = b"", query: b
         "query_string": query,
         "headers": [
             (b"host", b"127.0.0.1"),
-            (b"authorization", f"Bearer {key}".encode()),
+            (b"authorization", (key if key.startswith("Player ") else f"Bearer {key}").encode()),
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             *headers,
@@ -629,6 +629,157 @@ def test_a_cloud_function_body_sent_again_is_answered_as_the_first_time(builtins
     with_metadata = increase.replace(b"}", b',"metadata":{"match":"m-1"}}')
     assert [call("increaseCounter", with_metadata)[2]["data"]["newValue"] for _ in range(2)] == [10, 12]
     assert len(plans._function_inputs) == 3  # the keyed body too; not the refused ones, nor metadata
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cloud_function_update_sent_again_follows_every_change_of_config_and_time(
+    builtins, make_key, make_counter, settings, lane_threads, time_machine
+):
+    """increaseCounter and decreaseCounter sent again by a key with the same body keep what their
+    checks found (``plans.function_plan``: an update plan, as the REST endpoints keep). Still, each is
+    applied and answered at its own moment: its old and new value and time, a threshold crossed once,
+    the minimum, a key's right to go below it, a temporary counter's end and a key that may no longer
+    write apply to the very next call, and a requestId replays."""
+    from counters import clock
+    from counters.config import bump_generation
+    from counters.fastlane import plans
+    from counters.models import ApiKey, App
+
+    settings.COUNTER_CONFIG_CHECK_SECONDS = 0  # every request compares the config generation
+    start = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    time_machine.move_to(start, tick=False)
+    key, manager = make_key(("write", "data_view")), make_key(("write", "counter_manage"))
+    kills = make_counter("event_kills", expires_at=start + timedelta(minutes=5))
+    Threshold.objects.create(counter_id=kills.id, value=3)
+    bump_generation()
+
+    def call(name: str, body: dict, as_key: str = key) -> tuple[int, dict, dict]:
+        status, headers, reply = asyncio.run(_request("POST", f"/api/v1/functions/{name}", as_key, orjson.dumps(body)))
+        return status, headers, orjson.loads(reply)
+
+    target = {"appId": "default", "counterType": "app", "counterId": "event_kills"}
+    crossed_at = clock.iso_ms(start + timedelta(seconds=3))
+    for n in range(1, 6):
+        at = start + timedelta(seconds=n)
+        time_machine.move_to(at, tick=False)
+        status, _, reply = call("increaseCounter", {**target, "increment": 1})
+        assert (status, reply["code"], reply["timestamp"]) == (200, 0, clock.to_ms(at)), reply
+        assert reply["data"] == {
+            "counterId": "event_kills",
+            "oldValue": n - 1,
+            "newValue": n,
+            "increment": 1,
+            "updateTime": clock.iso_ms(at),
+            "hitThreshold": n == 3,
+            "thresholds": [{"value": 3, "triggered": n >= 3, "triggerTime": crossed_at if n >= 3 else None}],
+        }
+    # The checks were kept (else this test would not try the kept ones at all).
+    assert sum(plan is not None for plan in plans._function_plans.values()) == 1
+
+    # Below the minimum: refused, nothing changed, even asking for it without the right to; a key
+    # that may manage may go below it.
+    down = {**target, "decrement": 2, "allowNegative": True}
+    for n in (3, 1, None, None):
+        status, _, reply = call("decreaseCounter", down)
+        if n is None:
+            assert (status, reply["code"]) == (409, 4005), reply
+        else:
+            assert (status, reply["data"]["newValue"], reply["data"]["reachedMinimum"]) == (200, n, False)
+    below = [call("decreaseCounter", {**down, "allowNegative": True}, manager)[2]["data"] for _ in range(3)]
+    assert [(d["newValue"], d["reachedMinimum"]) for d in below] == [(-1, True), (-3, True), (-5, True)]
+
+    # A requestId replays its first answer, however often it comes.
+    keyed = {**target, "increment": 10, "requestId": "order-0007"}
+    replies = [call("increaseCounter", keyed) for _ in range(3)]
+    assert [r[2]["data"]["newValue"] for r in replies] == [5, 5, 5]
+    assert [r[1].get(b"idempotent-replayed") for r in replies] == [None, b"true", b"true"]
+
+    # The temporary counter's end, then a key that may no longer write (on a counter its calls
+    # were kept for).
+    plain = {"appId": "default", "counterType": "daily", "counterId": "total_games_played", "increment": 1}
+    for n in (1, 2, 3):  # no thresholds: the plain OK the plan reads itself
+        time_machine.move_to(start + timedelta(minutes=1, seconds=n), tick=False)
+        status, _, reply = call("increaseCounter", plain)
+        assert (status, reply["timestamp"]) == (200, clock.to_ms(start + timedelta(minutes=1, seconds=n)))
+        assert reply["data"] == {
+            "counterId": "total_games_played",
+            "oldValue": n - 1,
+            "newValue": n,
+            "increment": 1,
+            "updateTime": clock.iso_ms(start + timedelta(minutes=1, seconds=n)),
+            "hitThreshold": False,
+            "thresholds": [],
+        }
+    time_machine.move_to(start + timedelta(minutes=5), tick=False)
+    status, _, reply = call("decreaseCounter", down, manager)  # as kept above
+    assert (status, reply["code"]) == (404, 4004), reply
+    ApiKey.objects.filter(app=App.objects.get(slug="default")).update(roles=["data_view"])
+    bump_generation()
+    status, _, reply = call("increaseCounter", plain)
+    assert (status, reply["code"]) == (403, 4003), reply
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_get_counter_sent_again_reads_the_value_of_its_moment_and_follows_the_config(
+    builtins, make_key, make_counter, settings, lane_threads, time_machine
+):
+    """getCounter sent again by a key with the same body keeps what its checks found (a value plan,
+    ``plans.function_plan``): the value and its times are still read at the moment of each call,
+    and a new day, a temporary counter's end and a key switched off apply to the very next call. A
+    player token's calls are checked every time: it expires between two of them."""
+    from counters import clock
+    from counters.config import bump_generation
+    from counters.fastlane import plans
+    from counters.models import ApiKey, App
+
+    settings.COUNTER_CONFIG_CHECK_SECONDS = 0  # every request compares the config generation
+    start = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    time_machine.move_to(start, tick=False)
+    key = make_key(("write", "data_view"))
+    make_counter("event_kills", expires_at=start + timedelta(days=2))
+    make_counter("energy", scope="user")
+
+    def call(name: str, body: dict, as_key: str = key) -> tuple[int, dict]:
+        _, _, reply = asyncio.run(_request("POST", f"/api/v1/functions/{name}", as_key, orjson.dumps(body)))
+        reply = orjson.loads(reply)
+        return reply["code"], reply["data"]
+
+    daily = {"appId": "default", "counterType": "daily", "counterId": "total_games_played"}
+    for n in range(4):  # read before and after each change: the value of the moment
+        code, data = call("getCounter", daily)
+        assert (code, data["currentValue"]) == (0, n)
+        assert data["updateTime"] == (clock.iso_ms(start + timedelta(seconds=n)) if n else None)
+        assert data["lastResetTime"] == "2026-05-04T00:00:00.000Z"
+        assert data["nextResetTime"] == "2026-05-05T00:00:00.000Z"
+        time_machine.move_to(start + timedelta(seconds=n + 1), tick=False)
+        assert call("increaseCounter", {**daily, "increment": 1})[0] == 0
+    mine = {"appId": "default", "counterType": "user", "counterId": "energy", "playerId": "p1"}
+    assert call("increaseCounter", {**mine, "increment": 5})[0] == 0
+    assert [call("getCounter", mine)[1]["currentValue"] for _ in range(3)] == [5, 5, 5]
+    kills = {"appId": "default", "counterType": "app", "counterId": "event_kills"}
+    assert [call("getCounter", kills)[1]["currentValue"] for _ in range(3)] == [0, 0, 0]
+    # The checks were kept (else this test would not try the kept ones at all).
+    kept = [plan for plan in plans._function_plans.values() if isinstance(plan, plans.ValuePlan)]
+    assert sorted(plan.counter.name for plan in kept) == ["energy", "event_kills", "total_games_played"]
+
+    # A player token reads its own value; it expires between two calls of the same body.
+    _, _, issued = asyncio.run(_request("POST", "/api/v1/player-tokens", key, b'{"player_id": "p1"}'))
+    player = "Player " + orjson.loads(issued)["token"]
+    own = {"appId": "default", "counterType": "user", "counterId": "energy"}
+    assert [call("getCounter", own, player)[1]["currentValue"] for _ in range(3)] == [5, 5, 5]
+    time_machine.move_to(start + timedelta(seconds=settings.COUNTER_PLAYER_TOKEN_SECONDS + 10), tick=False)
+    assert call("getCounter", own, player) == (4003, None)
+
+    # A new day (the daily counter's new period), then the temporary counter's end.
+    time_machine.move_to(start + timedelta(days=1), tick=False)
+    code, data = call("getCounter", daily)
+    assert (code, data["currentValue"], data["lastResetTime"]) == (0, 0, "2026-05-05T00:00:00.000Z")
+    time_machine.move_to(start + timedelta(days=2), tick=False)
+    assert call("getCounter", kills) == (4004, None)
+    # The key switched off.
+    ApiKey.objects.filter(app=App.objects.get(slug="default")).update(active=False)
+    bump_generation()
+    assert call("getCounter", daily) == (4003, None)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -6,6 +6,7 @@ import re
 import socket
 import time
 
+import orjson
 import pytest
 import requests
 
@@ -178,3 +179,26 @@ def test_keep_alive_serves_many_requests_on_one_connection(web, bearer):
             [(status, headers, reply)] = _replies(sock, 1)
             assert status == 200 and reply == b'{"success":true,"current_value":%d}' % n
     assert "connection" not in headers and headers["server"] == "uvicorn" and "date" in headers
+
+
+def test_each_request_on_one_connection_answers_in_its_own_language(web, bearer):
+    """A cloud function answers in the language its request asks for; on the lane's protocol the
+    language is switched for that request's task only (``handlers.answer(own_task=True)``), so the
+    next request on the same connection, pipelined or not, starts from the default again."""
+    function = "/api/v1/functions/increaseCounter"
+    body = b'{"appId":"default","counterType":"app","counterId":"matches_running","increment":1}'
+    chinese, traditional = b"Accept-Language: zh-CN\r\n", b"Accept-Language: zh-TW\r\n"
+    missing = body.replace(b"matches_running", b"nope")
+    with _connect(web) as sock:
+        for _ in range(3):
+            sock.sendall(
+                _post(function, bearer, body, chinese)
+                + _post(function, bearer, body)
+                + _post(function, bearer, missing, traditional)
+                + _post(function, bearer, missing)
+            )
+            replies = _replies(sock, 4)
+            assert [status for status, _, _ in replies] == [200, 200, 404, 404]
+            messages = [orjson.loads(reply)["msg"] for _, _, reply in replies]
+            assert messages[:2] == ["增加成功", "Increased"]
+            assert "不存在" in messages[2] and "not found" in messages[3], messages

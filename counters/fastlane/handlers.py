@@ -171,20 +171,40 @@ async def rest_batch_update(request: LaneRequest):
 # --- cloud functions --------------------------------------------------------------------------
 
 
-async def _function(request: LaneRequest, view: type[functions.FunctionView], call):
-    """``FunctionView.post``: parse with the view's serializer, resolve the caller and app, call."""
+async def _function(request: LaneRequest, view: type[functions.FunctionView], call, reply=None):
+    """``FunctionView.post``: parse with the view's serializer, resolve the caller and app, call.
+    A call sent again by a key with the same body keeps what its checks found
+    (``plans.function_plan``): an update's plan (``reply``: what it answers from its result), or
+    getCounter's."""
     values = plans.function_input(request, view)  # the view's serializer, kept for a body seen before
+    slot = plans.function_slot(request, view)
+    plan = plans.function_plan(slot)
+    if plan is not None:
+        if view.keyed:
+            result = await lane.planned_update(plan, whole=True)
+            if result is not None:
+                data, at, replayed = await reply(plan.counter, values, result)
+                body = {"code": 0, "msg": _success(view, request.language), "timestamp": clock.to_ms(at), "data": data}
+                return 200, _function_body(body), FUNCTION_HEADERS + (REPLAYED if replayed else [])
+        else:
+            found = await lane.planned_value_get(plan)
+            if found is not None:
+                data = _counter_data(plan.counter, found)
+                now = clock.to_ms(clock.now())
+                body = {"code": 0, "msg": _success(view, request.language), "timestamp": now, "data": data}
+                return 200, _function_body(body), FUNCTION_HEADERS
     caller = auth.request_caller(request)
     app_id = functions.caller_app_id(caller, values["appId"])
     if not view.keyed:
-        result = await call(caller, app_id, values)
-        body = {"code": 0, "msg": _success(view), "timestamp": clock.to_ms(clock.now()), "data": result}
+        result = await call(caller, app_id, values, slot)
+        now = clock.to_ms(clock.now())
+        body = {"code": 0, "msg": _success(view, request.language), "timestamp": now, "data": result}
         return 200, _function_body(body), FUNCTION_HEADERS
     request_id = values.pop("requestId", None)
     parts = (view.__name__, dict(values))
     idempotency = request_idempotency(request, app_id=app_id, parts=parts, body_key=request_id)
-    data, at, replayed = await call(caller, app_id, values, idempotency)
-    body = {"code": 0, "msg": _success(view), "timestamp": clock.to_ms(at), "data": data}
+    data, at, replayed = await call(caller, app_id, values, idempotency, None if idempotency else slot)
+    body = {"code": 0, "msg": _success(view, request.language), "timestamp": clock.to_ms(at), "data": data}
     return 200, _function_body(body), FUNCTION_HEADERS + (REPLAYED if replayed else [])
 
 
@@ -210,9 +230,9 @@ def _function_language(request: LaneRequest) -> str:
     return language
 
 
-def _success(view: type[functions.FunctionView]) -> str:
-    """``str(view.success_msg)`` in the active language."""
-    slot = (view, translation.get_language())
+def _success(view: type[functions.FunctionView], language: str) -> str:
+    """``str(view.success_msg)`` in ``language``, the active one."""
+    slot = (view, language)
     message = _messages.get(slot)
     if message is None:
         message = _messages[slot] = str(view.success_msg)
@@ -243,7 +263,7 @@ def _target(app_id: int, values: dict):
     return selectors.counter_get_typed(app_id=app_id, counter_type=values["counterType"], name=values["counterId"])
 
 
-async def _get_counter(caller, app_id: int, values: dict) -> dict:
+async def _get_counter(caller, app_id: int, values: dict, slot: tuple | None) -> dict:
     counter = _target(app_id, values)
     player_id = values.get("playerId", "")
     if caller.player is not None:
@@ -254,7 +274,15 @@ async def _get_counter(caller, app_id: int, values: dict) -> dict:
             raise Forbidden(message)
     else:
         check_read(caller.key, counter)
-    view = await lane.counter_value_get(counter=counter, subject=functions._subject(counter, player_id))
+    subject = functions._subject(counter, player_id)
+    view = await lane.counter_value_get(counter=counter, subject=subject)
+    if caller.player is None:  # a player token expires: checked every time
+        plans.function_value_plan_keep(slot, counter, subject)
+    return _counter_data(counter, view)
+
+
+def _counter_data(counter, view) -> dict:
+    """getCounter's data."""
     return {
         "counterId": counter.name,
         "counterType": selectors.counter_type_of(counter),
@@ -269,19 +297,23 @@ async def _get_counter(caller, app_id: int, values: dict) -> dict:
     }
 
 
-async def _increase_counter(caller, app_id: int, values: dict, idempotency):
+async def _increase_counter(caller, app_id: int, values: dict, idempotency, slot: tuple | None):
     counter = _target(app_id, values)
     key = check_write(caller.require_key(), counter)
     player_id = values.get("playerId", "")
-    result = await lane.counter_update(
-        counter=counter,
-        amount=values["increment"],
-        subject=functions._subject(counter, player_id),
-        user_id=player_id,
-        actor=key.prefix,
-        metadata=values.get("metadata"),
-        idempotency=idempotency,
-    )
+    update = {
+        "amount": values["increment"],
+        "subject": functions._subject(counter, player_id),
+        "user_id": player_id,
+        "metadata": values.get("metadata"),
+    }
+    result = await lane.counter_update(counter=counter, actor=key.prefix, idempotency=idempotency, **update)
+    plans.function_plan_keep(slot, key=key, counter=counter, allow_negative=False, **update)
+    return await _increased(counter, values, result)
+
+
+async def _increased(counter, values: dict, result):
+    """increaseCounter's data, its time, and whether it was replayed."""
     marks = result.threshold_marks
     if result.duplicate and counter.thresholds and not result.replayed:
         marks = await lane.threshold_marks_get(counter=counter, subject=result.subject, window=result.window)
@@ -299,20 +331,26 @@ async def _increase_counter(caller, app_id: int, values: dict, idempotency):
     return data, result.updated_at, result.replayed
 
 
-async def _decrease_counter(caller, app_id: int, values: dict, idempotency):
+async def _decrease_counter(caller, app_id: int, values: dict, idempotency, slot: tuple | None):
     counter = _target(app_id, values)
     key = check_write(caller.require_key(), counter)
     player_id = values.get("playerId", "")
+    update = {
+        "amount": -values["decrement"],
+        "subject": functions._subject(counter, player_id),
+        "user_id": player_id,
+        "metadata": values.get("metadata"),
+    }
+    allow_negative = values["allowNegative"] and Role.COUNTER_MANAGE in key.roles
     result = await lane.counter_update(
-        counter=counter,
-        amount=-values["decrement"],
-        subject=functions._subject(counter, player_id),
-        user_id=player_id,
-        actor=key.prefix,
-        metadata=values.get("metadata"),
-        allow_negative=values["allowNegative"] and Role.COUNTER_MANAGE in key.roles,
-        idempotency=idempotency,
+        counter=counter, actor=key.prefix, allow_negative=allow_negative, idempotency=idempotency, **update
     )
+    plans.function_plan_keep(slot, key=key, counter=counter, allow_negative=allow_negative, **update)
+    return await _decreased(counter, values, result)
+
+
+async def _decreased(counter, values: dict, result):
+    """decreaseCounter's data, its time, and whether it was replayed."""
     data = {
         "counterId": counter.name,
         "oldValue": result.old_value,
@@ -329,11 +367,11 @@ async def get_counter(request: LaneRequest):
 
 
 async def increase_counter(request: LaneRequest):
-    return await _function(request, functions.IncreaseCounterView, _increase_counter)
+    return await _function(request, functions.IncreaseCounterView, _increase_counter, _increased)
 
 
 async def decrease_counter(request: LaneRequest):
-    return await _function(request, functions.DecreaseCounterView, _decrease_counter)
+    return await _function(request, functions.DecreaseCounterView, _decrease_counter, _decreased)
 
 
 # --- routing and the one error path -----------------------------------------------------------
@@ -390,16 +428,25 @@ async def serve(scope, body: bytes, send, handler, shape: str, params: dict) -> 
     record(scope, handler, status, watch)
 
 
-async def answer(scope, body: bytes, handler, shape: str, params: dict) -> tuple[int, bytes, list]:
+async def answer(
+    scope, body: bytes, handler, shape: str, params: dict, own_task: bool = False
+) -> tuple[int, bytes, list]:
     """The reply to a hot request: status, JSON body and the headers beyond those every JSON reply has.
 
     ``scope`` needs only the ASGI keys method, path, query_string and headers (the web process's own
-    HTTP protocol, ``counterproject.lane_protocol``, passes just those).
+    HTTP protocol, ``counterproject.lane_protocol``, passes just those). ``own_task``: the caller
+    runs this request in a task of its own, whose context (the active language) ends with it.
     """
     request = LaneRequest(scope, body)
-    language = _function_language(request) if shape == "function" else None
-    # The language asked for is most often the one active already: no switch and back then.
-    switch = language is not None and language != translation.get_language()
+    switch = False
+    if shape == "function":
+        # A cloud function answers in the language its request asks for (``FunctionView.dispatch``).
+        language = request.language = _function_language(request)
+        if language != translation.get_language():
+            if own_task:
+                translation.activate(language)  # no switch back: the context goes with the task
+            else:
+                switch = True
     with translation.override(language) if switch else contextlib.nullcontext():
         try:
             token = pinned.set(await current_snapshot())

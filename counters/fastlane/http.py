@@ -31,6 +31,7 @@ class LaneRequest:
             value = raw_value.decode("latin-1")
             meta[name] = f"{meta[name]},{value}" if name in meta else value
         self.META = meta
+        self.language: str | None = None  # a cloud function's, once ``handlers.answer`` found it
 
     @cached_property
     def content_type(self) -> str:

@@ -41,9 +41,12 @@ script call, packed once per window around the moment and the lease (``LoginPlan
 with an Idempotency-Key header takes the general path, and so does the call of a counter that logs
 its operations (its log entry holds the moment, the user and the metadata).
 
-A cloud function (getCounter, increaseCounter, decreaseCounter) keeps less: only its input, what the
-view's DRF serializer found in a body seen before (``function_input``); the caller (a player token
-expires), the app, the counter and the permission are checked on every request.
+A cloud function (getCounter, increaseCounter, decreaseCounter) keeps its input, what the view's
+DRF serializer found in a body seen before (``function_input``). A call by an API key sent again
+with the same headers and body keeps a plan as the REST endpoints do (``function_plan``): an
+update plan for increaseCounter and decreaseCounter, a value plan for getCounter. An update with a
+requestId or an Idempotency-Key is checked every time, and so is every call of a player token (it
+expires): for those the caller, the app, the counter and the permission are checked each time.
 
 A value or update plan is made the second time its request passed (the first only marks it seen), so
 requests that never repeat (a new user_id each time) cost a dict entry, not a plan each.
@@ -140,6 +143,11 @@ class UpdatePlan:
         self._window = prepared.window
         self._keys = prepared.keys
         self._call: tuple | None = None  # the packed script call of this window, around its moment
+
+    @property
+    def window(self) -> periods.PeriodWindow:
+        """The window of the last ``call`` or ``prepared``."""
+        return self._window
 
     def _window_at(self, now) -> periods.PeriodWindow:
         window = self._window
@@ -247,6 +255,7 @@ _value_plans: dict[tuple, ValuePlan | None] = {}  # None: seen once
 _update_plans: dict[tuple, UpdatePlan | None] = {}  # None: seen once
 _login_plans: dict[tuple, LoginPlan | None] = {}  # None: seen once
 _function_inputs: dict[tuple, dict] = {}
+_function_plans: dict[tuple, "UpdatePlan | ValuePlan | None"] = {}  # None: seen once
 _snapshot = None  # the snapshot the plans were made under
 
 
@@ -256,7 +265,7 @@ def _current() -> None:
     snapshot = config_cache.get()
     if snapshot is not _snapshot:
         _snapshot = snapshot
-        for plans in (_plans, _value_plans, _update_plans, _login_plans, _function_inputs):
+        for plans in (_plans, _value_plans, _update_plans, _login_plans, _function_inputs, _function_plans):
             plans.clear()
 
 
@@ -364,15 +373,55 @@ def update_plan_keep(slot: tuple | None, *, key: KeyConfig, counter: CounterConf
     """After an update that passed every check and was applied (``update``: the amount, subject,
     user_id and metadata it was made with, as given to ``services._prepare_update``): a plan, the
     second time its slot is seen (a body sent once, a new user_id each time, makes none)."""
-    if slot is None or counter.is_presence or counter.shards > 1 or not _passed_before(_update_plans, slot):
+    _update_plan_keep(_update_plans, slot, key, counter, False, update)
+
+
+def _update_plan_keep(plans: dict, slot, key: KeyConfig, counter: CounterConfig, allow_negative: bool, update) -> None:
+    if slot is None or counter.is_presence or counter.shards > 1 or not _passed_before(plans, slot):
         return
     try:
         prepared = services._prepare_update(
-            counter=counter, actor=key.prefix, allow_negative=False, now=clock.now(), **update
+            counter=counter, actor=key.prefix, allow_negative=allow_negative, now=clock.now(), **update
         )
     except CounterError:  # it expired since: the next request finds out
         return
-    _update_plans[slot] = UpdatePlan(prepared, key=key, user_id=update["user_id"], metadata=update["metadata"])
+    plans[slot] = UpdatePlan(prepared, key=key, user_id=update["user_id"], metadata=update["metadata"])
+
+
+def function_slot(request, view) -> tuple | None:
+    """What the checks of a cloud function's update depend on besides the snapshot (the function
+    plans' key): the view, the caller's headers, the content type and the body; None for a request
+    that is checked every time (an Idempotency-Key header, a larger body)."""
+    meta = request.META
+    if META_HEADER in meta:
+        return None
+    body, caller = request.read(), _caller(meta)
+    if caller is None or len(body) > MAX_PLANNED_BODY:
+        return None
+    return (view, *caller, meta.get("CONTENT_TYPE"), body)
+
+
+def function_plan(slot: tuple | None) -> "UpdatePlan | ValuePlan | None":
+    """The plan of a cloud function checked before (``function_slot``), if there is one: an update
+    plan for increaseCounter and decreaseCounter, a value plan for getCounter."""
+    return _kept(_function_plans, slot)
+
+
+def function_value_plan_keep(slot: tuple | None, counter: CounterConfig, subject: str) -> None:
+    """After a getCounter by a key that passed every check: a plan, the second time its slot is
+    seen (``value_plan_keep``)."""
+    if slot is None or counter.is_presence or counter.shards > 1:
+        return
+    if _passed_before(_function_plans, slot):
+        _function_plans[slot] = ValuePlan(counter, subject)
+
+
+def function_plan_keep(
+    slot: tuple | None, *, key: KeyConfig, counter: CounterConfig, allow_negative: bool, **update
+) -> None:
+    """After a cloud function's update by a key, without a requestId, that passed every check and
+    was applied: a plan, the second time its slot is seen (``update_plan_keep``)."""
+    _update_plan_keep(_function_plans, slot, key, counter, allow_negative, update)
 
 
 def login_plan(slot: tuple | None) -> LoginPlan | None:

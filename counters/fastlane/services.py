@@ -113,29 +113,46 @@ async def counter_update(
     return await _prepared_run(prepared, amount, now)
 
 
-async def planned_update(plan) -> int | None:
+async def planned_update(plan, *, whole: bool = False):
     """The value after the update of a plan (``fastlane.plans.UpdatePlan``: checked by
-    ``counter_update`` before), as ``counter_update`` makes it; None when its counter is no longer live
-    (the general path's error). The plan packs its own script call; any other outcome than a plain OK
-    (bounds, thresholds, a value to hydrate, a script Redis lost, Redis down) is handled by
-    ``counter_update``'s own code."""
+    ``counter_update`` before), or with ``whole`` its ``UpdateResult``, as ``counter_update`` makes
+    it; None when its counter is no longer live (the general path's error). The plan packs its own
+    script call; any other outcome than a plain OK (bounds, thresholds, a value to hydrate, a script
+    Redis lost, Redis down) is handled by ``counter_update``'s own code."""
     now = clock.now()
     if not plan.counter.is_live(now):
         return None
     store = lane_store()
     call = None if store.cluster or write_through._reconcile_due.is_set() else plan.call(now)
+    result = None
     if call is not None:
         try:
             reply = await store.packed(*call)
         except redis.exceptions.NoScriptError:
             reply = None  # the general path loads it
         except StoreUnavailable as exc:
-            return (await _unavailable(plan.prepared(now), plan.amount, now, exc)).new_value
-        if reply is not None and reply[0] != b"HYDRATE":
-            if len(reply) == 3 and reply[0] == b"OK":
-                return reply[2]
-            return services._update_result(plan.prepared(now), reply, now).new_value
-    return (await _prepared_run(plan.prepared(now), plan.amount, now)).new_value
+            result = await _unavailable(plan.prepared(now), plan.amount, now, exc)
+        else:
+            if reply is not None and reply[0] != b"HYDRATE":
+                if len(reply) == 3 and reply[0] == b"OK":
+                    # services._update_result of a plain OK, without building the call again.
+                    if not whole:
+                        return reply[2]
+                    return values.UpdateResult(
+                        counter=plan.counter,
+                        subject=plan.subject,
+                        window=plan.window,
+                        old_value=reply[1],
+                        new_value=reply[2],
+                        duplicate=False,
+                        crossed=(),
+                        threshold_marks={},
+                        updated_at=now,
+                    )
+                result = services._update_result(plan.prepared(now), reply, now)
+    if result is None:
+        result = await _prepared_run(plan.prepared(now), plan.amount, now)
+    return result if whole else result.new_value
 
 
 async def _prepared_run(prepared: services._PreparedUpdate, amount: int, now) -> values.UpdateResult:
