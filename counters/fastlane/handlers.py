@@ -183,29 +183,26 @@ async def _function(request: LaneRequest, view: type[functions.FunctionView], ca
         if view.keyed:
             result = await lane.planned_update(plan, whole=True)
             if result is not None:
-                data, at, replayed = await reply(plan.counter, values, result)
-                body = {"code": 0, "msg": _success(view, request.language), "timestamp": clock.to_ms(at), "data": data}
-                return 200, _function_body(body), FUNCTION_HEADERS + (REPLAYED if replayed else [])
+                return _answered(request, view, *await reply(plan.counter, values, result))
         else:
             found = await lane.planned_value_get(plan)
             if found is not None:
-                data = _counter_data(plan.counter, found)
-                now = clock.to_ms(clock.now())
-                body = {"code": 0, "msg": _success(view, request.language), "timestamp": now, "data": data}
-                return 200, _function_body(body), FUNCTION_HEADERS
+                return _answered(request, view, _counter_data(plan.counter, found), clock.now())
     caller = auth.request_caller(request)
     app_id = functions.caller_app_id(caller, values["appId"])
     if not view.keyed:
-        result = await call(caller, app_id, values, slot)
-        now = clock.to_ms(clock.now())
-        body = {"code": 0, "msg": _success(view, request.language), "timestamp": now, "data": result}
-        return 200, _function_body(body), FUNCTION_HEADERS
+        data = await call(caller, app_id, values, slot)
+        return _answered(request, view, data, clock.now())
     request_id = values.pop("requestId", None)
     parts = (view.__name__, dict(values))
     idempotency = request_idempotency(request, app_id=app_id, parts=parts, body_key=request_id)
-    data, at, replayed = await call(caller, app_id, values, idempotency, None if idempotency else slot)
+    return _answered(request, view, *await call(caller, app_id, values, idempotency, None if idempotency else slot))
+
+
+def _answered(request: LaneRequest, view, data: dict, at: datetime, replayed: bool = False):
+    """The function's envelope around ``data``, with the time of its answer (``at``)."""
     body = {"code": 0, "msg": _success(view, request.language), "timestamp": clock.to_ms(at), "data": data}
-    return 200, _function_body(body), FUNCTION_HEADERS + (REPLAYED if replayed else [])
+    return 200, _function_body(body), FUNCTION_HEADERS + REPLAYED if replayed else FUNCTION_HEADERS
 
 
 # What translation costs a cloud function, kept: the language its request asks for, by the two
