@@ -5,6 +5,7 @@ The multiprocess aggregation across gunicorn workers, Celery's metrics and a rea
 are in ``test_metrics_live.py``.
 """
 
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -152,6 +153,42 @@ def test_bad_metrics_settings_stop_the_start_with_a_clear_message(variable, valu
     )
     assert run.returncode != 0
     assert f"ImproperlyConfigured: {message}" in run.stderr, run.stderr[-500:]
+
+
+FORKED_COUNTS = """
+import os
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+from metrics import definitions as m
+
+requests = m.http_requests.labels("rest", "counter-increment", "POST", "200")
+requests.inc()
+child = os.fork()
+if child == 0:
+    for _ in range(5):
+        requests.inc()
+    os._exit(0)
+os.waitpid(child, 0)
+requests.inc(2)
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+total = registry.get_sample_value(
+    "counterservice_http_requests_total",
+    {"surface": "rest", "endpoint": "counter-increment", "method": "POST", "status": "200"},
+)
+files = sorted(name for name in os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]) if name.startswith("counter_"))
+print(total, files == sorted([f"counter_{os.getpid()}.db", f"counter_{child}.db"]))
+"""
+
+
+def test_a_forked_process_counts_in_files_of_its_own(tmp_path):
+    """In multiprocess mode a process keeps its id instead of asking for it at every value written
+    (``metrics.definitions``); a child forked after it wrote (a Celery pool process) still writes
+    its own file, so neither loses the other's counts."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", FORKED_COUNTS], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-1000:]
+    assert run.stdout.split() == ["8.0", "True"]
 
 
 def test_flush_lag_and_pending_deltas_come_from_redis(client, writer):
