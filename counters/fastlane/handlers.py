@@ -202,7 +202,7 @@ async def _function(request: LaneRequest, view: type[functions.FunctionView], ca
 def _answered(request: LaneRequest, view, data: dict, at: datetime, replayed: bool = False):
     """The function's envelope around ``data``, with the time of its answer (``at``)."""
     body = {"code": 0, "msg": _success(view, request.language), "timestamp": clock.to_ms(at), "data": data}
-    return 200, _function_body(body), FUNCTION_HEADERS + REPLAYED if replayed else FUNCTION_HEADERS
+    return 200, _function_body(body), (FUNCTION_HEADERS + REPLAYED) if replayed else FUNCTION_HEADERS
 
 
 # What translation costs a cloud function, kept: the language its request asks for, by the two
@@ -221,9 +221,7 @@ def _function_language(request: LaneRequest) -> str:
     if language is None:
         language = translation.get_language_from_request(request)
         if len(slot[0] or "") + len(slot[1] or "") <= plans.MAX_PLANNED_BODY:
-            if len(_languages) >= plans.MAX_PLANS:
-                _languages.clear()
-            _languages[slot] = language
+            plans.keep(_languages, slot, language)
     return language
 
 

@@ -285,7 +285,7 @@ def function_input(request, view) -> dict:
     data.is_valid(raise_exception=True)
     values = data.validated_data
     if slot is not None and "metadata" not in values:
-        _keep(_function_inputs, slot, dict(values))
+        keep(_function_inputs, slot, dict(values))
     return values
 
 
@@ -297,7 +297,7 @@ def _kept(plans: dict, slot: tuple | None):
     return plans.get(slot)
 
 
-def _keep(plans: dict, slot: tuple, plan) -> None:
+def keep(plans: dict, slot: tuple, plan) -> None:
     """``plan`` kept for ``slot``; a full ``plans`` (``MAX_PLANS``) is emptied first."""
     if len(plans) >= MAX_PLANS:
         plans.clear()
@@ -310,7 +310,7 @@ def _passed_before(plans: dict, slot: tuple) -> bool:
     _current()
     if slot in plans:
         return True
-    _keep(plans, slot, None)
+    keep(plans, slot, None)
     return False
 
 
@@ -339,20 +339,30 @@ def value_plan(slot: tuple | None) -> ValuePlan | None:
 
 def value_plan_keep(slot: tuple | None, counter: CounterConfig, subject: str) -> None:
     """After a GET of one counter that passed every check: a plan, the second time its slot is seen."""
+    _value_plan_keep(_value_plans, slot, counter, subject)
+
+
+def _value_plan_keep(plans: dict, slot: tuple | None, counter: CounterConfig, subject: str) -> None:
     if slot is None or counter.is_presence or counter.shards > 1:
         return
-    if _passed_before(_value_plans, slot):
-        _value_plans[slot] = ValuePlan(counter, subject)
+    if _passed_before(plans, slot):
+        plans[slot] = ValuePlan(counter, subject)
 
 
 def login_slot(request, name: str, sign: int) -> tuple | None:
     """What the checks of an increment or decrement before its body depend on besides the snapshot
     (the login plans' key); None for a request that is checked every time."""
+    return _caller_slot(request, name, sign)
+
+
+def _caller_slot(request, *what) -> tuple | None:
+    """``what`` with the caller's headers and the content type; None for a request that is checked
+    every time (an Idempotency-Key header, longer headers than a plan keeps)."""
     meta = request.META
     caller = _caller(meta)
     if caller is None or META_HEADER in meta:
         return None
-    return (name, sign, *caller, meta.get("CONTENT_TYPE"))
+    return (*what, *caller, meta.get("CONTENT_TYPE"))
 
 
 def update_slot(request, login: tuple | None) -> tuple | None:
@@ -392,13 +402,7 @@ def function_slot(request, view) -> tuple | None:
     """What the checks of a cloud function's update depend on besides the snapshot (the function
     plans' key): the view, the caller's headers, the content type and the body; None for a request
     that is checked every time (an Idempotency-Key header, a larger body)."""
-    meta = request.META
-    if META_HEADER in meta:
-        return None
-    body, caller = request.read(), _caller(meta)
-    if caller is None or len(body) > MAX_PLANNED_BODY:
-        return None
-    return (view, *caller, meta.get("CONTENT_TYPE"), body)
+    return update_slot(request, _caller_slot(request, view))
 
 
 def function_plan(slot: tuple | None) -> "UpdatePlan | ValuePlan | None":
@@ -410,10 +414,7 @@ def function_plan(slot: tuple | None) -> "UpdatePlan | ValuePlan | None":
 def function_value_plan_keep(slot: tuple | None, counter: CounterConfig, subject: str) -> None:
     """After a getCounter by a key that passed every check: a plan, the second time its slot is
     seen (``value_plan_keep``)."""
-    if slot is None or counter.is_presence or counter.shards > 1:
-        return
-    if _passed_before(_function_plans, slot):
-        _function_plans[slot] = ValuePlan(counter, subject)
+    _value_plan_keep(_function_plans, slot, counter, subject)
 
 
 def function_plan_keep(
@@ -450,5 +451,5 @@ def read_plan(request) -> ReadPlan:
         if all(c.is_live(now) for c in plan.expiring):
             return plan
     plan = ReadPlan(key, apis.read_many_targets(request))
-    _keep(_plans, slot, plan)
+    keep(_plans, slot, plan)
     return plan
