@@ -276,7 +276,8 @@ if member ~= '' and redis.call('SISMEMBER', mkey, member) == 1 then
   if not v then return {'HYDRATE'} end
   return {'DUP', tonumber(v), tonumber(v)}
 end
-local h = redis.call('HMGET', vkey, 'v', 'ops', 'm', 'mx')
+-- pre: the caller read these fields already (the presence script), else nil.
+local h = pre or redis.call('HMGET', vkey, 'v', 'ops', 'm', 'mx')
 if not h[1] then return {'HYDRATE'} end
 local old = tonumber(h[1])
 
@@ -396,7 +397,7 @@ end
 # One round trip per update. A keyed write passes its record as a 7th key and its fingerprint,
 # the record's lifetime (ms) and the reply time (ms) as the last three arguments.
 UPDATE_SCRIPT = (
-    "local function update(KEYS, ARGV)\n"
+    "local function update(KEYS, ARGV, pre)\n"
     + _UPDATE_BODY
     + "end\n"
     + IDEMPOTENT_PROLOGUE
@@ -424,7 +425,7 @@ _OWN_KEYS_LUA, _OWN_ARGS_LUA = (", ".join(str(i + 1) for i in own) for own in (U
 # arguments with its fingerprint ('' for an update without a key: its record key is a
 # placeholder in the slot, never touched).
 UPDATE_MANY_SCRIPT = (
-    "local function update(KEYS, ARGV)\n"
+    "local function update(KEYS, ARGV, pre)\n"
     + _UPDATE_BODY
     + "end\n"
     + IDEMPOTENT_PROLOGUE
@@ -592,7 +593,11 @@ def idempotency_record_parse(record: bytes) -> tuple[int, list]:
 
 
 def presence_keys(counter_id: int, period: str) -> list[str]:
-    """PRESENCE_SCRIPT's keys: UPDATE_SCRIPT's (subject empty), then the lease keys."""
+    """PRESENCE_SCRIPT's keys: UPDATE_SCRIPT's (subject empty), then the lease keys.
+
+    The lease keys belong to the counter, not to a period: leases, users, a user's sessions, nodes,
+    the leases on each node and each lease's node.
+    """
     tag = _tag(counter_id)
     leases = [f"{tag}:ps", f"{tag}:pu", f"{tag}:px", f"{tag}:pn", f"{tag}:pnm", f"{tag}:psn"]
     return update_keys(counter_id, period, "") + leases
@@ -607,13 +612,16 @@ def presence_keys(counter_id: int, period: str) -> list[str]:
 # 'read' only sweeps. The count (users or sessions) is then written to the value hash through
 # the update body ('set', so the flusher, peak, stats buckets and thresholds see it like any
 # other change); a heartbeat or read that changed nothing writes nothing.
+# A user's sessions are indexed (``px``) only when they have an id: a logout of every session
+# drops the lease without a session by its name (entries of such leases that ``px`` still holds
+# from before go with their lease).
 # KEYS: presence_keys. ARGV: op, now ms, its minute, lease ms, 'users'/'sessions', pending field,
 # log entry, number of thresholds, 5 arguments per threshold (as UPDATE_SCRIPT), then the items
 # as user, session, node triples (the moment side by side, and the items last: the fast lane packs
 # a login's call once per window: presence.MOMENT_ARG). Returns UPDATE_SCRIPT's reply, or
 # {'HYDRATE'} before any change (a value hash always holds its 'v' once hydrated).
 PRESENCE_SCRIPT = (
-    "local function update(KEYS, ARGV)\n"
+    "local function update(KEYS, ARGV, pre)\n"
     + _UPDATE_BODY
     + """end
 
@@ -622,10 +630,10 @@ local skey, ukey, xkey, nkey, nmkey, snkey = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local op, ms, minute, lease, counts = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local now = tonumber(ms)
 local first_item = 9 + 5 * tonumber(ARGV[8])
--- The leases never touch the value hash: its count before them is read here, once.
-local old = redis.call('HGET', vkey, 'v')
-if not old then return {'HYDRATE'} end
-old = tonumber(old)
+-- The leases never touch the value hash: it is read here once, for the update body too.
+local h = redis.call('HMGET', vkey, 'v', 'ops', 'm', 'mx')
+if not h[1] then return {'HYDRATE'} end
+local old = tonumber(h[1])
 
 local function drop(lease_id)
   if redis.call('ZREM', skey, lease_id) == 0 then return end
@@ -659,17 +667,24 @@ while i + 2 <= #ARGV do
       drop(user .. '|' .. session)
     else
       for _, lease_id in ipairs(starting(xkey, user)) do drop(lease_id) end
+      drop(user .. '|')
     end
   elseif op ~= 'read' then
     if node ~= '' then redis.call('ZADD', nkey, expiry, node) end
     if user ~= '' then
       local lease_id = user .. '|' .. session
-      local old_node = redis.call('HGET', snkey, lease_id)
-      -- A lease carried by a node lives as long as the node: no expiry of its own.
-      local until_ms = expiry
-      if node ~= '' or old_node then until_ms = '+inf' end
-      if redis.call('ZADD', skey, until_ms, lease_id) == 1 then
-        redis.call('ZADD', xkey, 0, lease_id)
+      -- A login mostly opens a lease: that is tried first, in one call.
+      local added = op == 'in' and node == '' and redis.call('ZADD', skey, 'NX', expiry, lease_id) == 1
+      local old_node
+      if not added then
+        old_node = redis.call('HGET', snkey, lease_id)
+        -- A lease carried by a node lives as long as the node: no expiry of its own.
+        local until_ms = expiry
+        if node ~= '' or old_node then until_ms = '+inf' end
+        added = redis.call('ZADD', skey, until_ms, lease_id) == 1
+      end
+      if added then
+        if session ~= '' then redis.call('ZADD', xkey, 0, lease_id) end
         redis.call('HINCRBY', ukey, user, 1)
       end
       if node ~= '' and old_node ~= node then
@@ -687,6 +702,6 @@ if counts == 'sessions' then new = redis.call('ZCARD', skey) else new = redis.ca
 if op ~= 'in' and op ~= 'out' and new == old then return {'OK', old, new, {}, {}} end
 local A = {'set', string.format('%d', new), ARGV[6], '', '', '', '0', ms, minute, '1', ARGV[7]}
 for j = 9, first_item - 1 do A[#A + 1] = ARGV[j] end
-return update({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, A)
+return update({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, A, h)
 """
 )

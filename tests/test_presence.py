@@ -88,6 +88,45 @@ class TestLeases:
         assert act(LOGOUT, "u1") == 1
         assert count() == 1
 
+    def test_logout_without_a_session_ends_the_login_without_one_too(self, builtins, clock_at):
+        online(presence_counts="sessions")
+        act(LOGIN, "u1")
+        act(LOGIN, "u1", session="phone")
+        act(LOGIN, "u10")
+        assert act(LOGOUT, "u1") == 1
+        assert act(LOGIN, "u1") == 2  # a new lease: nothing of the old one was left behind
+
+    def test_a_logout_ends_a_login_whose_session_index_predates_this_version(self, builtins, clock_at, store):
+        """Earlier versions indexed a login without a session among the user's sessions too: Redis
+        keeps those leases across an upgrade, and a logout still ends them, index entry included."""
+        act(LOGIN, "u1")
+        act(LOGIN, "u1", session="phone")
+        sessions = keyspace.presence_keys(online().id, "")[8]
+        store.zadd(sessions, {"u1|": 0})  # as an earlier version wrote it
+        assert act(LOGOUT, "u1") == 0
+        assert store.zrange(sessions, 0, -1) == []
+        assert act(LOGIN, "u1") == 1
+
+    def test_a_login_again_renews_the_lease(self, builtins, clock_at):
+        act(LOGIN, "u1", "u2")
+        clock_at(60)
+        assert act(LOGIN, "u1") == 2
+        clock_at(90)
+        assert count() == 1
+        clock_at(149.999)
+        assert count() == 1
+        clock_at(150)
+        assert count() == 0
+
+    def test_a_login_again_without_the_node_stays_with_the_node(self, builtins, clock_at):
+        act(LOGIN, "u1", node="server-a")
+        clock_at(60)
+        act(LOGIN, "u1")  # its own 90 s would run to 150 s: the node's lease still decides
+        clock_at(89.999)
+        assert count() == 1
+        clock_at(90)
+        assert count() == 0
+
     def test_a_counter_of_sessions_counts_each_session(self, builtins, clock_at):
         online(presence_counts="sessions")
         act(LOGIN, "u1", session="phone")
