@@ -1,7 +1,5 @@
 """orjson-based DRF renderer and parser: the hot path spends less time in JSON."""
 
-import io
-
 import orjson
 from django.http import HttpResponse
 from rest_framework.exceptions import ParseError, UnsupportedMediaType
@@ -24,10 +22,15 @@ class OrjsonParser(BaseParser):
     media_type = "application/json"
 
     def parse(self, stream, media_type=None, parser_context=None):
-        try:
-            return orjson.loads(stream.read())
-        except orjson.JSONDecodeError as exc:
-            raise ParseError(f"The body is not valid JSON: {exc}") from exc
+        return json_parse(stream.read())
+
+
+def json_parse(body: bytes):
+    """What ``OrjsonParser`` parses ``body`` into, and its error."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ParseError(f"The body is not valid JSON: {exc}") from exc
 
 
 def json_response(body: dict, *, status: int = 200, headers: dict | None = None) -> HttpResponse:
@@ -46,4 +49,4 @@ def request_json(request):
         return {}
     if request.content_type != OrjsonParser.media_type:
         raise UnsupportedMediaType(request.META.get("CONTENT_TYPE", ""))
-    return OrjsonParser().parse(io.BytesIO(body))
+    return json_parse(body)

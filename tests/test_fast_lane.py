@@ -922,7 +922,7 @@ def test_a_login_sent_again_follows_every_change_of_config_and_time(
     ]
 
     # A body refused on a kept plan: the reply the first request of another key gets, nothing changed.
-    for body in (b"{}", login("u7", value=2), login("u7", node_id=""), login("u" * 200), b"[1]", b"{"):
+    for body in (b"", b"{}", login("u7", value=2), login("u7", node_id=""), login("u" * 200), b"[1]", b"{"):
         kept, first = update("online_players", body), update("online_players", body, as_key=other)
         assert kept[0] >= 400 and (kept[0], kept[2]) == (first[0], first[2]), body
     assert count("online_players", login("u0")) == 6

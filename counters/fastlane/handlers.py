@@ -23,7 +23,7 @@ from ..config import pinned
 from ..errors import AuthenticationRequired, CounterError, Forbidden, InvalidParameter
 from ..idempotency import META_HEADER, REPLAYED_HEADERS, idempotency_parse, request_idempotency
 from ..permissions import Role, check_read, check_write
-from ..rendering import request_json
+from ..rendering import json_parse, request_json
 from ..serializers import batch_updates_parse, heartbeat_input_parse, presence_update_input_parse, update_input_parse
 from ..services import UpdateRequest
 from . import plans
@@ -80,7 +80,9 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
     if login is not None:
         now = clock.now()
         if login.counter.is_live(now):
-            lease, metadata = presence_update_input_parse(request_json(request))
+            # The plan's slot holds the content type that passed request_json's check before.
+            body = request.read()
+            lease, metadata = presence_update_input_parse(json_parse(body) if body else {})
             return 200, UPDATED % await lane.planned_login(login, lease, metadata, now), []
     key = auth.request_key(request)
     checked = auth.checked_name(name)  # before the app, in CounterViewSet._update's order
