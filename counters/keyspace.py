@@ -630,8 +630,10 @@ local skey, ukey, xkey, nkey, nmkey, snkey = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local op, ms, minute, lease, counts = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local now = tonumber(ms)
 local first_item = 9 + 5 * tonumber(ARGV[8])
--- The leases never touch the value hash: it is read here once, for the update body too.
-local h = redis.call('HMGET', vkey, 'v', 'ops', 'm', 'mx')
+-- The leases never touch the value hash: it is read here, once. A login or logout always writes the
+-- count, so it reads what the update body reads too; a heartbeat or read seldom changes it.
+local writes = op == 'in' or op == 'out'
+local h = writes and redis.call('HMGET', vkey, 'v', 'ops', 'm', 'mx') or {redis.call('HGET', vkey, 'v')}
 if not h[1] then return {'HYDRATE'} end
 local old = tonumber(h[1])
 
@@ -702,6 +704,6 @@ if counts == 'sessions' then new = redis.call('ZCARD', skey) else new = redis.ca
 if op ~= 'in' and op ~= 'out' and new == old then return {'OK', old, new, {}, {}} end
 local A = {'set', string.format('%d', new), ARGV[6], '', '', '', '0', ms, minute, '1', ARGV[7]}
 for j = 9, first_item - 1 do A[#A + 1] = ARGV[j] end
-return update({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, A, h)
+return update({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, A, writes and h or nil)
 """
 )
