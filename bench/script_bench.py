@@ -14,6 +14,7 @@ arguments are the ones ``_prepare_update`` builds for the counter of each case; 
 the baseline) ends each round, as the flusher would.
 """
 
+import contextlib
 import itertools
 import os
 import statistics
@@ -110,7 +111,9 @@ def run_round(r: redis.Redis, sha: str, case: str, counter_id: int, calls: int, 
     return usec
 
 
-def main(calls: int, rounds: int) -> int:
+@contextlib.contextmanager
+def private_redis():
+    """A redis-server of its own on the client's cores (nothing kept on disk): ``(client, pid)``."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="script-bench-")
     args = ["taskset", "-c", CLIENT_CPUS, "redis-server", "--port", str(port), "--bind", "127.0.0.1"]
@@ -122,35 +125,58 @@ def main(calls: int, rounds: int) -> int:
     try:
         r = redis.Redis(port=port)
         wait_until(r.ping, timeout=30, what="redis-server")
+        yield r, server.pid
+    finally:
+        server.kill()
+        server.wait()
+
+
+def header(calls: int, rounds: int) -> None:
+    print(f"{calls} calls per round, {rounds} rounds each; µs per EVALSHA (INFO commandstats)")
+    print(f"{'':34} {'best round':^22} | {'median round':^15} | {'redis-server CPU':^15}")
+    pair = f"{'before':>7} {'now':>7}"
+    print(f"{'case':34} {pair} {'ratio':>6} | {pair} | {pair}")
+
+
+def compare(case: str, pid: int, rounds: int, calls: int, run) -> None:
+    """``run(current)`` (the baseline's round, then the current script's, ``rounds`` times), which
+    returns the round's ``usec_per_call``: one row of the table."""
+    results: dict[bool, list[float]] = {False: [], True: []}
+    cpu = {False: 0.0, True: 0.0}
+    for _ in range(rounds):
+        for current in (False, True):
+            started = cpu_seconds(pid)
+            results[current].append(run(current))
+            cpu[current] += cpu_seconds(pid) - started
+    best = {c: min(results[c]) for c in results}
+    median = {c: statistics.median(results[c]) for c in results}
+    per_call = {c: cpu[c] * 1e6 / (calls * rounds) for c in cpu}
+    print(
+        f"{case:34} {best[False]:7.2f} {best[True]:7.2f} {best[False] / best[True]:5.1f}x |"
+        f" {median[False]:7.2f} {median[True]:7.2f} | {per_call[False]:7.1f} {per_call[True]:7.1f}"
+    )
+
+
+def main(calls: int, rounds: int) -> int:
+    with private_redis() as (r, pid):
         shas = {False: r.script_load(BEFORE), True: r.script_load(keyspace.UPDATE_SCRIPT)}
-        print(f"{calls} calls per round, {rounds} rounds each; µs per EVALSHA (INFO commandstats)")
-        print(f"{'':34} {'best round':^22} | {'median round':^15} | {'redis-server CPU':^15}")
-        pair = f"{'before':>7} {'now':>7}"
-        print(f"{'case':34} {pair} {'ratio':>6} | {pair} | {pair}")
+        header(calls, rounds)
         for n, case in enumerate(CASES):
-            results: dict[bool, list[float]] = {False: [], True: []}
-            cpu = {False: 0.0, True: 0.0}
             ids = {False: 1000 + n, True: 2000 + n}
             for current in (False, True):
                 for i in range(1000):
                     hydrate(r, ids[current], case_args(case, i, 0)[0], current=current)
                 run_round(r, shas[current], case, ids[current], 200, current=current)  # warm
-            for _ in range(rounds):
-                for current in (False, True):
-                    started = cpu_seconds(server.pid)
-                    results[current].append(run_round(r, shas[current], case, ids[current], calls, current=current))
-                    cpu[current] += cpu_seconds(server.pid) - started
-            best = {c: min(results[c]) for c in results}
-            median = {c: statistics.median(results[c]) for c in results}
-            per_call = {c: cpu[c] * 1e6 / (calls * rounds) for c in cpu}
-            print(
-                f"{case:34} {best[False]:7.2f} {best[True]:7.2f} {best[False] / best[True]:5.1f}x |"
-                f" {median[False]:7.2f} {median[True]:7.2f} | {per_call[False]:7.1f} {per_call[True]:7.1f}"
+            compare(
+                case,
+                pid,
+                rounds,
+                calls,
+                lambda current, case=case, ids=ids: run_round(
+                    r, shas[current], case, ids[current], calls, current=current
+                ),
             )
         return 0
-    finally:
-        server.kill()
-        server.wait()
 
 
 if __name__ == "__main__":
