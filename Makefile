@@ -80,6 +80,7 @@ bench: $(BIN)/.installed services
 	$(BIN)/python bench/flush_bench.py
 	$(BIN)/python bench/outage.py
 	$(BIN)/python bench/script_bench.py
+	$(BIN)/python bench/presence_script_bench.py
 	$(BIN)/python bench/presence_bench.py
 
 # The update script on one Redis against a Redis Cluster of 3 primaries + 3 replicas, same run (bench/README.md).
