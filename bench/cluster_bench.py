@@ -29,6 +29,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.run import process_cpu_seconds  # noqa: E402
 from counters import keyspace  # noqa: E402
 from tests.processes import PrivateCluster, free_port, wait_until  # noqa: E402
 
@@ -74,11 +75,6 @@ def client(ports_by_counter: dict[int, int], seconds: float, start_at: float, ou
     out.put(done)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run(
     ports_by_counter: dict[int, int], pids: list[int], seconds: float, clients: int, primaries: list[int]
 ) -> tuple[float, float, float, float]:
@@ -92,9 +88,9 @@ def run(
     ]
     for proc in procs:
         proc.start()
-    before = {pid: cpu_seconds(pid) for pid in pids}
+    before = {pid: process_cpu_seconds(pid) for pid in pids}
     updates = sum(queue.get() for _ in procs)
-    spent = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
+    spent = {pid: process_cpu_seconds(pid) - before[pid] for pid in pids}
     for proc in procs:
         proc.join()
     per = 1e6 / max(updates, 1)

@@ -24,12 +24,6 @@ from bench import run
 CHUNK = 1000
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process so far (``/proc/<pid>/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main(subjects: int, members: int) -> int:
     with run.in_process_store() as processes:
         from django.db import connection
@@ -60,7 +54,7 @@ def main(subjects: int, members: int) -> int:
             cursor.execute("SELECT pg_backend_pid()")
             backend = cursor.fetchone()[0]
         pids = {"python": os.getpid(), "postgres": backend, "redis": processes.redis.pid}
-        cpu_before = {name: proc_cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_before = {name: run.process_cpu_seconds(pid) for name, pid in pids.items()}
         profile_path = os.environ.get("FLUSH_BENCH_PROFILE")
         if profile_path:
             # bench/profile.py would shadow the standard library's profile module (which cProfile imports).
@@ -76,7 +70,7 @@ def main(subjects: int, members: int) -> int:
         if profile_path:
             profiler.disable()
             profiler.dump_stats(profile_path)
-        cpu = {name: proc_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+        cpu = {name: run.process_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         deltas = stats.values + stats.members
         print(f"flushed {stats.values} values + {stats.members} members = {deltas} deltas in {seconds:.2f}s")
         print(f"flush: {deltas / seconds:,.0f} deltas/s ({stats.operations} operations, {stats.batches} batches)")

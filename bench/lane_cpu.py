@@ -101,17 +101,11 @@ async def drive(app, request: dict, count: int) -> list[int]:
     return statuses
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time so far of process ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(loop, app, request: dict, count: int, redis_pid: int) -> tuple[float, float]:
     """This process's and Redis's CPU µs per request."""
-    start, redis_start = time.process_time(), cpu_seconds(redis_pid)
+    start, redis_start = time.process_time(), run.process_cpu_seconds(redis_pid)
     statuses = loop.run_until_complete(drive(app, request, count))
-    spent, redis_spent = time.process_time() - start, cpu_seconds(redis_pid) - redis_start
+    spent, redis_spent = time.process_time() - start, run.process_cpu_seconds(redis_pid) - redis_start
     bad = [s for s in statuses if s != 200]
     if bad:
         raise SystemExit(f"{len(bad)} answers were not 200 (first: {bad[0]})")

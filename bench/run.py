@@ -100,6 +100,12 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds so far of one process (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(master_pid: int) -> float:
     """CPU time of gunicorn: the master, its live workers and the workers it has reaped.
 

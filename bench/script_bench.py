@@ -16,7 +16,6 @@ the baseline) ends each round, as the flusher would.
 
 import contextlib
 import itertools
-import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import CLIENT_CPUS, free_port, wait_until
+from bench.run import CLIENT_CPUS, free_port, process_cpu_seconds, wait_until
 from counters import keyspace
 
 BEFORE = (Path(__file__).resolve().parent / "update_script_before.lua").read_text()
@@ -91,11 +90,6 @@ def flush(r: redis.Redis, counter_id: int, *, current: bool, serial: int) -> Non
     r.delete(*keys[2:])
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_round(r: redis.Redis, sha: str, case: str, counter_id: int, calls: int, *, current: bool) -> float:
     r.config_resetstat()
     pipe = r.pipeline(transaction=False)
@@ -145,9 +139,9 @@ def compare(case: str, pid: int, rounds: int, calls: int, run) -> None:
     cpu = {False: 0.0, True: 0.0}
     for _ in range(rounds):
         for current in (False, True):
-            started = cpu_seconds(pid)
+            started = process_cpu_seconds(pid)
             results[current].append(run(current))
-            cpu[current] += cpu_seconds(pid) - started
+            cpu[current] += process_cpu_seconds(pid) - started
     best = {c: min(results[c]) for c in results}
     median = {c: statistics.median(results[c]) for c in results}
     per_call = {c: cpu[c] * 1e6 / (calls * rounds) for c in cpu}
