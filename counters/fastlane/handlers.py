@@ -23,7 +23,7 @@ from ..config import pinned
 from ..errors import AuthenticationRequired, CounterError, Forbidden, InvalidParameter
 from ..idempotency import META_HEADER, REPLAYED_HEADERS, idempotency_parse, request_idempotency
 from ..permissions import Role, check_read, check_write
-from ..rendering import json_parse, request_json
+from ..rendering import body_json, request_json
 from ..serializers import batch_updates_parse, heartbeat_input_parse, presence_update_input_parse, update_input_parse
 from ..services import UpdateRequest
 from . import plans
@@ -81,8 +81,7 @@ async def _rest_update(request: LaneRequest, name: str, sign: int):
         now = clock.now()
         if login.counter.is_live(now):
             # The plan's slot holds the content type that passed request_json's check before.
-            body = request.read()
-            lease, metadata = presence_update_input_parse(json_parse(body) if body else {})
+            lease, metadata = presence_update_input_parse(body_json(request.read()))
             return 200, UPDATED % await lane.planned_login(login, lease, metadata, now), []
     key = auth.request_key(request)
     checked = auth.checked_name(name)  # before the app, in CounterViewSet._update's order
