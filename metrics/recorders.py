@@ -4,12 +4,14 @@ Each function is cheap (a label lookup and an add in this process's memory or mm
 raises into its caller's work.
 """
 
+import bisect
 import time
 from urllib.parse import urlsplit
 
 from django.conf import settings
 
 from . import definitions as m
+from .process_values import ProcessValue, add_together
 
 REST_PREFIX = "/api/v1/"
 FUNCTIONS_PREFIX = "/api/v1/functions/"
@@ -28,22 +30,48 @@ def surface_of(path: str) -> str:
     return "other"
 
 
-# The labelled children of the request metrics, by their labels: ``labels()`` takes a lock and checks
-# its arguments on every call, a few percent of a fast-lane request (bench/README.md).
-_request_children: dict[tuple, tuple] = {}
+class RequestMeter:
+    """The request metrics of one label set: a request's count, its duration's sum and its bucket,
+    written together (in multiprocess mode under one lock: ``process_values.add_together``)."""
+
+    __slots__ = ("_bounds", "_buckets", "_count", "_sum", "_together")
+
+    def __init__(self, surface: str, endpoint: str, method: str, status: int) -> None:
+        count = m.http_requests.labels(surface, endpoint, method, str(status))
+        duration = m.http_request_duration.labels(surface, endpoint)
+        # The values ``Counter.inc`` and ``Histogram.observe`` would add to.
+        self._count, self._sum, self._buckets = count._value, duration._sum, duration._buckets
+        self._bounds = duration._upper_bounds
+        self._together = isinstance(self._count, ProcessValue)
+
+    def record(self, seconds: float) -> None:
+        # Histogram.observe's bucket: the first whose upper bound is at least ``seconds``.
+        bucket = self._buckets[bisect.bisect_left(self._bounds, seconds)]
+        if self._together:
+            add_together(((self._count, 1.0), (self._sum, seconds), (bucket, 1.0)))
+        else:
+            self._count.inc(1.0)
+            self._sum.inc(seconds)
+            bucket.inc(1.0)
+
+
+# The meters by their labels: ``labels()`` takes a lock and checks its arguments on every call, a
+# few percent of a fast-lane request (bench/README.md).
+_request_meters: dict[tuple, RequestMeter] = {}
+
+
+def request_meter(*, surface: str, endpoint: str, method: str, status: int) -> RequestMeter:
+    """The meter of one label set; a caller that answers the same route often may keep it."""
+    key = (surface, endpoint, method, status)
+    meter = _request_meters.get(key)
+    if meter is None:
+        meter = _request_meters[key] = RequestMeter(surface, endpoint, method, status)
+    return meter
 
 
 def request_record(*, surface: str, endpoint: str, method: str, status: int, seconds: float) -> None:
     """One answered request. Also the hook for a server that answers outside Django (a fast lane)."""
-    key = (surface, endpoint, method, status)
-    children = _request_children.get(key)
-    if children is None:
-        children = _request_children[key] = (
-            m.http_requests.labels(surface, endpoint, method, str(status)),
-            m.http_request_duration.labels(surface, endpoint),
-        )
-    children[0].inc()
-    children[1].observe(seconds)
+    request_meter(surface=surface, endpoint=endpoint, method=method, status=status).record(seconds)
 
 
 _round_trip_children: dict[bool, object] = {}

@@ -191,6 +191,72 @@ def test_a_forked_process_counts_in_files_of_its_own(tmp_path):
     assert run.stdout.split() == ["8.0", "True"]
 
 
+METERED_TOGETHER = """
+import os
+import threading
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+from metrics import definitions as m
+from metrics.recorders import request_meter
+
+labels = {"surface": "rest", "endpoint": "counter-increment"}
+meter = request_meter(**labels, method="POST", status=200)  # the fast lane's way
+requests = m.http_requests.labels(*labels.values(), "POST", "200")  # Django's way, same values
+duration = m.http_request_duration.labels(*labels.values())
+
+
+def lane():
+    for _ in range(20000):
+        meter.record(0.001)  # an upper bound: its own bucket, as Histogram.observe puts it
+
+
+def django():
+    for _ in range(20000):
+        requests.inc()
+        duration.observe(0.0011)
+
+
+threads = [threading.Thread(target=lane), threading.Thread(target=django)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+child = os.fork()
+if child == 0:
+    for _ in range(3):
+        meter.record(7.0)  # past the last bound: +Inf only
+    os._exit(0)
+os.waitpid(child, 0)
+meter.record(0.0001)  # the parent writes after the child: each in a file of its own
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+value = registry.get_sample_value
+print(
+    value("counterservice_http_requests_total", {**labels, "method": "POST", "status": "200"}),
+    value("counterservice_http_request_duration_seconds_bucket", {**labels, "le": "0.0005"}),
+    value("counterservice_http_request_duration_seconds_bucket", {**labels, "le": "0.001"}),
+    value("counterservice_http_request_duration_seconds_bucket", {**labels, "le": "0.0025"}),
+    value("counterservice_http_request_duration_seconds_bucket", {**labels, "le": "5.0"}),
+    value("counterservice_http_request_duration_seconds_count", labels),
+    round(value("counterservice_http_request_duration_seconds_sum", labels), 6),
+)
+"""
+
+
+def test_a_request_meter_counts_as_counter_and_histogram_do_beside_them(tmp_path):
+    """The fast lane writes a request's count, sum and bucket together (``RequestMeter``): in
+    multiprocess mode, from a thread beside Django's ``inc`` and ``observe`` on the same values,
+    and in a forked child, every request is counted once, in the bucket ``observe`` would choose."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", METERED_TOGETHER], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-1000:]
+    total, below, at_bound, above, last, count, seconds = (float(x) for x in run.stdout.split())
+    assert total == 40004.0
+    assert (below, at_bound, above, last) == (1.0, 20001.0, 40001.0, 40001.0)
+    assert count == 40004.0
+    assert seconds == round(0.0001 + 20000 * 0.001 + 20000 * 0.0011 + 3 * 7.0, 6)
+
+
 def test_flush_lag_and_pending_deltas_come_from_redis(client, writer):
     start = datetime(2026, 3, 2, 12, 0, 0, tzinfo=UTC)
     with time_machine.travel(start, tick=False):

@@ -15,7 +15,7 @@ from django.urls import Resolver404, resolve
 from django.utils import translation
 
 from metrics.middleware import UNMATCHED
-from metrics.recorders import Stopwatch, request_record, surface_of
+from metrics.recorders import RequestMeter, Stopwatch, request_meter, surface_of
 
 from .. import apis, auth, clock, functions, presence, selectors
 from ..api_errors import error_response
@@ -459,12 +459,16 @@ async def answer(
             return response.status_code, response.content, extra
 
 
+# The request meter of each handler and status: a handler's surface, route name and method are its own.
+_meters: dict[tuple, RequestMeter] = {}
+
+
 def record(scope, handler, status: int, watch: Stopwatch) -> None:
     """The request in the request metrics, under the labels Django would give it."""
-    request_record(
-        surface=surface_of(scope["path"]),
-        endpoint=_endpoint(handler, scope["path"]),
-        method=scope["method"],
-        status=status,
-        seconds=watch.seconds,
-    )
+    meter = _meters.get((handler, status))
+    if meter is None:
+        path = scope["path"]
+        meter = _meters[handler, status] = request_meter(
+            surface=surface_of(path), endpoint=_endpoint(handler, path), method=scope["method"], status=status
+        )
+    meter.record(watch.seconds)
