@@ -3,6 +3,7 @@ sockets: what HTTP/1.1 lets a client do (pipeline, send a body in pieces, close,
 the answers it gets from uvicorn's own path, in order, and each request's change is applied once."""
 
 import re
+import signal
 import socket
 import time
 
@@ -202,3 +203,96 @@ def test_each_request_on_one_connection_answers_in_its_own_language(web, bearer)
             messages = [orjson.loads(reply)["msg"] for _, _, reply in replies]
             assert messages[:2] == ["增加成功", "Increased"]
             assert "不存在" in messages[2] and "not found" in messages[3], messages
+
+
+# The config generation checked at most once a second, as in production (the tests' settings check
+# it on every request, which sends every request through ``answer``'s task).
+PRODUCTION_CHECKS = {"COUNTER_CONFIG_CHECK_SECONDS": "1"}
+
+
+@pytest.fixture
+def checked_each_second(builtins):
+    server = Gunicorn(workers=1, env=PRODUCTION_CHECKS)
+    yield server
+    server.stop()
+
+
+def _same_but_date(first: dict, second: dict) -> bool:
+    """The same headers but the Date and the Content-Length (``_replies`` framed each by it)."""
+    other = ("date", "content-length")
+    return {k: v for k, v in first.items() if k not in other} == {k: v for k, v in second.items() if k not in other}
+
+
+def test_an_update_sent_again_is_answered_as_the_first_was(checked_each_second, bearer):
+    """An increment sent again by the same key with the same body keeps its checks (a plan, from
+    its second pass) and is answered from its script call's callback, without a task: the reply
+    keeps every header of the first, each update is applied once, pipelined ones in order."""
+    web = checked_each_second
+    increment = _post(f"{COUNTER}/increment", bearer, b'{"value": 2}')
+    with _connect(web) as sock:
+        replies = []
+        for _ in range(4):
+            sock.sendall(increment)
+            replies += _replies(sock, 1)
+        sock.sendall(increment * 5 + _post(f"{COUNTER}/decrement", bearer, b'{"value": 2}') * 3)
+        replies += _replies(sock, 8)
+    assert [status for status, _, _ in replies] == [200] * 12
+    bodies = [reply for _, _, reply in replies]
+    assert bodies == [b'{"success":true,"current_value":%d}' % n for n in (2, 4, 6, 8, 10, 12, 14, 16, 18, 16, 14, 12)]
+    assert all(_same_but_date(replies[0][1], headers) for _, headers, _ in replies)
+    assert _value(web) == 12
+
+
+def test_an_update_sent_again_past_the_counters_limit_is_refused_as_the_first_time(builtins, bearer, make_counter):
+    """A kept update whose script call is not a plain OK (here the limit) is finished by the
+    general code and refused with the error the first refusal had; nothing changes."""
+    make_counter("capped", max_value=5, public=True)
+    web = Gunicorn(workers=1, env=PRODUCTION_CHECKS)
+    try:
+        _refused_past_the_limit(web, bearer)
+    finally:
+        web.stop()
+
+
+def _refused_past_the_limit(web, bearer) -> None:
+    path = "/api/v1/counter/capped"
+    increment = _post(f"{path}/increment", bearer, b'{"value": 2}')
+    with _connect(web) as sock:
+        replies = []
+        for _ in range(5):
+            sock.sendall(increment)
+            replies += _replies(sock, 1)
+    assert [status for status, _, _ in replies] == [200, 200, 409, 409, 409]
+    assert replies[1][2] == b'{"success":true,"current_value":4}'
+    assert b'"code":4005' in replies[2][2] and replies[2][2] == replies[3][2] == replies[4][2]
+    assert _same_but_date(replies[2][1], replies[4][1])
+    assert requests.get(f"{web.url}{path}", timeout=10).json()["value"] == 4
+
+
+def test_sigterm_lets_an_update_sent_again_finish_while_redis_is_slow(builtins, bearer, private_redis):
+    """An update answered from its script call's callback has no task: a graceful shutdown still
+    waits for its reply (its connection is still answering), then the worker exits."""
+    env = {"TEST_REDIS_URL": private_redis.url, "REDIS_SOCKET_TIMEOUT": "30", **PRODUCTION_CHECKS}
+    web = Gunicorn(workers=1, env=env)
+    try:
+        increment = _post(f"{COUNTER}/increment", bearer, b'{"value": 1}')
+        with _connect(web) as sock:
+            for n in (1, 2):  # the second pass keeps a plan
+                sock.sendall(increment)
+                assert _replies(sock, 1)[0][2].endswith(b":%d}" % n)
+            private_redis.freeze()
+            try:
+                sock.sendall(increment)
+                time.sleep(0.5)  # read by the worker, its call waiting on Redis
+                web.process.send_signal(signal.SIGTERM)
+                time.sleep(1)
+                assert web.process.poll() is None  # waiting for the reply
+            finally:
+                private_redis.thaw()
+            [(status, headers, reply)] = _replies(sock, 1)
+            assert sock.recv(100) == b""  # then closed, as a shutdown closes a connection
+        assert web.process.wait(timeout=30) == 0
+    finally:
+        web.stop()
+    assert (status, reply) == (200, b'{"success":true,"current_value":3}')
+    assert headers["connection"] == "close"

@@ -19,6 +19,7 @@ from metrics.recorders import RequestMeter, Stopwatch, request_meter, surface_of
 
 from .. import apis, auth, clock, functions, presence, selectors
 from ..api_errors import error_response
+from ..config import cache as config_cache
 from ..config import pinned
 from ..errors import AuthenticationRequired, CounterError, Forbidden, InvalidParameter
 from ..idempotency import META_HEADER, REPLAYED_HEADERS, idempotency_parse, request_idempotency
@@ -116,6 +117,50 @@ async def rest_increment(request: LaneRequest, name: str):
 
 async def rest_decrement(request: LaneRequest, name: str):
     return await _rest_update(request, name, -1)
+
+
+_SIGNS = {rest_increment: 1, rest_decrement: -1}
+
+
+def kept_update_send(scope, body: bytes, handler, params: dict) -> tuple | None:
+    """An increment or decrement with a kept plan, its script call queued now, outside a task (the
+    web process's protocol, ``counterproject.lane_protocol``): ``(plan, sent)`` (``sent``:
+    ``services.planned_send``'s), or None, having sent nothing, for any request that takes
+    ``answer``'s way (no plan, a config check due, a counter no longer live, a call by the general
+    path). The plan is found as ``_rest_update`` finds it, under the snapshot ``answer`` would pin."""
+    sign = _SIGNS.get(handler)
+    if sign is None:
+        return None
+    snapshot, due = config_cache.due()
+    if due != "fresh":
+        return None
+    token = pinned.set(snapshot)
+    try:
+        request = LaneRequest(scope, body)
+        plan = plans.update_plan(plans.update_slot(request, plans.login_slot(request, params["name"], sign)))
+        if plan is None:
+            return None
+        sent = lane.planned_send(plan)
+        if sent is None or sent[1] is None:
+            return None
+        return plan, sent
+    finally:
+        pinned.reset(token)
+
+
+def kept_update_reply(sent: tuple) -> bytes | None:
+    """The reply body of a kept update whose script call answered a plain OK, else None."""
+    pending = sent[1]
+    if pending.cancelled() or pending.exception() is not None:
+        return None
+    reply = pending.result()
+    return UPDATED % reply[2] if lane.plain_ok(reply) else None
+
+
+async def kept_update_finish(request: LaneRequest, plan, sent: tuple):
+    """The rest of a kept update whose reply was not a plain OK (a handler for ``answer``, which
+    renders an error as for any other request)."""
+    return 200, UPDATED % await lane.planned_update(plan, sent=sent), []
 
 
 async def rest_heartbeat(request: LaneRequest, name: str):

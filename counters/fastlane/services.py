@@ -113,28 +113,56 @@ async def counter_update(
     return await _prepared_run(prepared, amount, now)
 
 
-async def planned_update(plan, *, whole: bool = False):
-    """The value after the update of a plan (``fastlane.plans.UpdatePlan``: checked by
-    ``counter_update`` before), or with ``whole`` its ``UpdateResult``, as ``counter_update`` makes
-    it; None when its counter is no longer live (the general path's error). The plan packs its own
-    script call; any other outcome than a plain OK (bounds, thresholds, a value to hydrate, a script
-    Redis lost, Redis down) is handled by ``counter_update``'s own code."""
+def planned_send(plan) -> tuple | None:
+    """The first half of ``planned_update``: its script call queued for this loop turn's round
+    trip. None when the plan's counter is no longer live (nothing sent), else ``(now, reply)``:
+    the future of the call's reply (a breaker open: its exception), or None when the plan's call
+    goes by the general path (a Redis Cluster, a reconcile due, a counter that logs its operations).
+    """
     now = clock.now()
     if not plan.counter.is_live(now):
         return None
     store = lane_store()
     call = None if store.cluster or write_through._reconcile_due.is_set() else plan.call(now)
+    if call is None:
+        return now, None
+    try:
+        return now, store.packed(*call)
+    except StoreUnavailable as exc:
+        failed = asyncio.get_running_loop().create_future()
+        failed.set_exception(exc)
+        return now, failed
+
+
+def plain_ok(reply) -> bool:
+    """Whether a script reply is a plain OK (no threshold crossed): ``[OK, old, new]``."""
+    return reply is not None and len(reply) == 3 and reply[0] == b"OK"
+
+
+async def planned_update(plan, *, whole: bool = False, sent: tuple | None = None):
+    """The value after the update of a plan (``fastlane.plans.UpdatePlan``: checked by
+    ``counter_update`` before), or with ``whole`` its ``UpdateResult``, as ``counter_update`` makes
+    it; None when its counter is no longer live (the general path's error). The plan packs its own
+    script call; any other outcome than a plain OK (bounds, thresholds, a value to hydrate, a script
+    Redis lost, Redis down) is handled by ``counter_update``'s own code. ``sent``: what
+    ``planned_send`` gave for this request, when its call went out before (the web process's
+    protocol sends a kept update without a task: ``counterproject.lane_protocol``)."""
+    if sent is None:
+        sent = planned_send(plan)
+        if sent is None:
+            return None
+    now, pending = sent
     result = None
-    if call is not None:
+    if pending is not None:
         try:
-            reply = await store.packed(*call)
+            reply = await pending
         except redis.exceptions.NoScriptError:
             reply = None  # the general path loads it
         except StoreUnavailable as exc:
             result = await _unavailable(plan.prepared(now), plan.amount, now, exc)
         else:
             if reply is not None and reply[0] != b"HYDRATE":
-                if len(reply) == 3 and reply[0] == b"OK":
+                if plain_ok(reply):
                     # services._update_result of a plain OK, without building the call again.
                     if not whole:
                         return reply[2]
