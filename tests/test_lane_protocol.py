@@ -296,3 +296,30 @@ def test_sigterm_lets_an_update_sent_again_finish_while_redis_is_slow(builtins, 
         web.stop()
     assert (status, reply) == (200, b'{"success":true,"current_value":3}')
     assert headers["connection"] == "close"
+
+
+def test_logins_sent_again_are_answered_as_the_first_was(checked_each_second, bearer):
+    """A login or logout sent again by the same key (a login plan: a new user each time) is sent as
+    its request completes and answered from its script call's callback; a body the plan cannot
+    take is refused as on its first pass, and changes nothing."""
+    web = checked_each_second
+    path = "/api/v1/counter/online_players"
+    logins = [_post(f"{path}/increment", bearer, b'{"user_id": "p%d"}' % n) for n in range(6)]
+    refused = [
+        _post(f"{path}/increment", bearer, b'{"user_id": ""}'),
+        _post(f"{path}/increment", bearer, b"{"),
+        _post(f"{path}/increment", bearer, b'{"user_id": "p9", "value": 2}'),
+    ]
+    logouts = [_post(f"{path}/decrement", bearer, b'{"user_id": "p%d"}' % n) for n in (0, 1, 0)]
+    with _connect(web) as sock:
+        replies = []
+        for request in logins[:3] + refused + logins[3:] + refused + logouts:
+            sock.sendall(request)
+            replies += _replies(sock, 1)
+    statuses = [status for status, _, _ in replies]
+    assert statuses == [200] * 3 + [400, 400, 409] + [200] * 3 + [400, 400, 409] + [200] * 3
+    counts = [reply for status, _, reply in replies if status == 200]
+    assert counts == [b'{"success":true,"current_value":%d}' % n for n in (1, 2, 3, 4, 5, 6, 5, 4, 4)]
+    assert [reply for _, _, reply in replies[3:6]] == [reply for _, _, reply in replies[9:12]]
+    assert all(_same_but_date(replies[0][1], headers) for _, headers, _ in replies[:3] + replies[6:9])
+    assert requests.get(f"{web.url}{path}", timeout=10).json()["value"] == 4

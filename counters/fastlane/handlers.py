@@ -6,6 +6,7 @@ path. Requests the lane does not own (other methods, other hosts, other paths) n
 """
 
 import contextlib
+import functools
 import re
 from datetime import datetime
 
@@ -123,11 +124,13 @@ _SIGNS = {rest_increment: 1, rest_decrement: -1}
 
 
 def kept_update_send(scope, body: bytes, handler, params: dict) -> tuple | None:
-    """An increment or decrement with a kept plan, its script call queued now, outside a task (the
-    web process's protocol, ``counterproject.lane_protocol``): ``(plan, sent)`` (``sent``:
-    ``services.planned_send``'s), or None, having sent nothing, for any request that takes
-    ``answer``'s way (no plan, a config check due, a counter no longer live, a call by the general
-    path). The plan is found as ``_rest_update`` finds it, under the snapshot ``answer`` would pin."""
+    """An increment or decrement with a kept plan (an update or login plan), its script call queued
+    now, outside a task (the web process's protocol, ``counterproject.lane_protocol``):
+    ``(reply future, plain, finish)``: ``plain(reply)`` is the reply body of a plain outcome, else
+    None, and ``finish`` the handler that ``answer`` runs for any other outcome. None, having sent
+    nothing, for any request that takes ``answer``'s way from the start (no plan, a config check
+    due, a counter no longer live, a body refused, Redis down, a call by the general path). The
+    plans are found as ``_rest_update`` finds them, under the snapshot ``answer`` would pin."""
     sign = _SIGNS.get(handler)
     if sign is None:
         return None
@@ -137,30 +140,55 @@ def kept_update_send(scope, body: bytes, handler, params: dict) -> tuple | None:
     token = pinned.set(snapshot)
     try:
         request = LaneRequest(scope, body)
-        plan = plans.update_plan(plans.update_slot(request, plans.login_slot(request, params["name"], sign)))
-        if plan is None:
+        login_slot = plans.login_slot(request, params["name"], sign)
+        plan = plans.update_plan(plans.update_slot(request, login_slot))
+        if plan is not None:
+            sent = lane.planned_send(plan)
+            if sent is None or sent[1] is None:
+                return None
+            return sent[1], _updated, functools.partial(_kept_update_finish, plan=plan, sent=sent)
+        login = plans.login_plan(login_slot)
+        if login is None:
             return None
-        sent = lane.planned_send(plan)
-        if sent is None or sent[1] is None:
+        now = clock.now()
+        if not login.counter.is_live(now):
             return None
-        return plan, sent
+        lease, metadata = presence_update_input_parse(body_json(request.read()))
+        pending = lane.planned_login_send(login, lease, now)
+        if pending is None:
+            return None
+        finish = functools.partial(
+            _kept_login_finish, plan=login, lease=lease, metadata=metadata, now=now, sent=pending
+        )
+        return pending, _logged_in, finish
+    except Exception:  # a body refused, a breaker open: nothing was sent, and answer's way answers it
+        return None
     finally:
         pinned.reset(token)
 
 
-def kept_update_reply(sent: tuple) -> bytes | None:
-    """The reply body of a kept update whose script call answered a plain OK, else None."""
-    pending = sent[1]
-    if pending.cancelled() or pending.exception() is not None:
-        return None
-    reply = pending.result()
+def _updated(reply) -> bytes | None:
     return UPDATED % reply[2] if lane.plain_ok(reply) else None
 
 
-async def kept_update_finish(request: LaneRequest, plan, sent: tuple):
-    """The rest of a kept update whose reply was not a plain OK (a handler for ``answer``, which
-    renders an error as for any other request)."""
+def _logged_in(reply) -> bytes | None:
+    count = lane.login_ok(reply)
+    return None if count is None else UPDATED % count
+
+
+def kept_reply(pending, plain) -> bytes | None:
+    """The reply body of a kept update whose script call answered a plain outcome, else None."""
+    if pending.cancelled() or pending.exception() is not None:
+        return None
+    return plain(pending.result())
+
+
+async def _kept_update_finish(request: LaneRequest, plan, sent: tuple):
     return 200, UPDATED % await lane.planned_update(plan, sent=sent), []
+
+
+async def _kept_login_finish(request: LaneRequest, plan, lease, metadata, now, sent):
+    return 200, UPDATED % await lane.planned_login(plan, lease, metadata, now, sent=sent), []
 
 
 async def rest_heartbeat(request: LaneRequest, name: str):

@@ -236,22 +236,37 @@ async def presence_update(
     raise StoreUnavailable("value could not be hydrated")
 
 
-async def planned_login(plan, lease: presence.Lease, metadata: dict | None, now) -> int:
+def planned_login_send(plan, lease: presence.Lease, now) -> asyncio.Future | None:
+    """The first half of ``planned_login``: its script call queued for this loop turn's round trip
+    (the future of its reply), or None when it goes by ``presence_update``'s code (a counter that
+    logs its operations, a Redis Cluster)."""
+    store = lane_store()
+    call = None if store.cluster else plan.call(now, lease)
+    return None if call is None else store.packed(*call)
+
+
+def login_ok(reply) -> int | None:
+    """The count a presence script reply answers, unless it asks for the general path (HYDRATE).
+    A presence reply is OK (with the crossed thresholds of a counter that has some) or HYDRATE."""
+    return reply[2] if reply is not None and reply[0] == b"OK" else None
+
+
+async def planned_login(plan, lease: presence.Lease, metadata: dict | None, now, sent=None) -> int:
     """The count after a login or logout of a plan (``fastlane.plans.LoginPlan``: its counter live
     at ``now``), as ``presence_update`` makes it. The plan packs its own script call (``metadata``
     goes only into the log entry of a counter that logs its operations, which the plan does not
     pack); a value to hydrate or a script Redis lost goes to ``presence_update``'s own code, and so
-    does a counter that logs its operations or a Redis Cluster."""
-    store = lane_store()
-    call = None if store.cluster else plan.call(now, lease)
-    if call is not None:
+    does a counter that logs its operations or a Redis Cluster. ``sent``: the reply's future of a
+    call ``planned_login_send`` sent before (the web process's protocol)."""
+    pending = sent if sent is not None else planned_login_send(plan, lease, now)
+    if pending is not None:
         try:
-            reply = await store.packed(*call)
+            reply = await pending
         except redis.exceptions.NoScriptError:
             reply = None  # the general path loads it
-        # A presence reply is OK (with the crossed thresholds of a counter that has some) or HYDRATE.
-        if reply is not None and reply[0] == b"OK":
-            return reply[2]
+        count = login_ok(reply)
+        if count is not None:
+            return count
     counter, actor = plan.counter, plan.key.prefix
     result = await presence_update(counter=counter, op=plan.op, leases=[lease], actor=actor, metadata=metadata)
     return result.update.new_value
