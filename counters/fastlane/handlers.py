@@ -460,15 +460,26 @@ ROUTES = [
 ]
 
 
+# The routes of the hot paths seen (a game sends the same few over and over; emptied when full).
+_routed: dict[tuple[str, str], tuple] = {}
+
+
 def route(method: str, path: str):
-    """``(handler, shape, path parameters)`` of a hot request, else None."""
+    """``(handler, shape, path parameters)`` of a hot request, else None (the parameters are shared
+    by the requests of one path: read them, never change them)."""
+    found = _routed.get((method, path))
+    if found is not None:
+        return found
     if not path.startswith("/api/v1/"):
         return None
     for route_method, pattern, handler, shape in ROUTES:
         if method == route_method:
             match = pattern.fullmatch(path)
             if match is not None:
-                return handler, shape, match.groupdict()
+                if len(_routed) >= 1000:
+                    _routed.clear()
+                found = _routed[method, path] = (handler, shape, match.groupdict())
+                return found
     return None
 
 
