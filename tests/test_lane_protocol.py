@@ -217,6 +217,15 @@ def checked_each_second(builtins):
     server.stop()
 
 
+def _each_answered(sock: socket.socket, requests_: list[bytes]) -> list[tuple[int, dict, bytes]]:
+    """Each request sent once the one before it was answered: their replies."""
+    replies = []
+    for request in requests_:
+        sock.sendall(request)
+        replies += _replies(sock, 1)
+    return replies
+
+
 def _same_but_date(first: dict, second: dict) -> bool:
     """The same headers but the Date and the Content-Length (``_replies`` framed each by it)."""
     other = ("date", "content-length")
@@ -230,10 +239,7 @@ def test_an_update_sent_again_is_answered_as_the_first_was(checked_each_second, 
     web = checked_each_second
     increment = _post(f"{COUNTER}/increment", bearer, b'{"value": 2}')
     with _connect(web) as sock:
-        replies = []
-        for _ in range(4):
-            sock.sendall(increment)
-            replies += _replies(sock, 1)
+        replies = _each_answered(sock, [increment] * 4)
         sock.sendall(increment * 5 + _post(f"{COUNTER}/decrement", bearer, b'{"value": 2}') * 3)
         replies += _replies(sock, 8)
     assert [status for status, _, _ in replies] == [200] * 12
@@ -247,26 +253,19 @@ def test_an_update_sent_again_past_the_counters_limit_is_refused_as_the_first_ti
     """A kept update whose script call is not a plain OK (here the limit) is finished by the
     general code and refused with the error the first refusal had; nothing changes."""
     make_counter("capped", max_value=5, public=True)
+    path = "/api/v1/counter/capped"
     web = Gunicorn(workers=1, env=PRODUCTION_CHECKS)
     try:
-        _refused_past_the_limit(web, bearer)
+        with _connect(web) as sock:
+            replies = _each_answered(sock, [_post(f"{path}/increment", bearer, b'{"value": 2}')] * 5)
+        value = requests.get(f"{web.url}{path}", timeout=10).json()["value"]
     finally:
         web.stop()
-
-
-def _refused_past_the_limit(web, bearer) -> None:
-    path = "/api/v1/counter/capped"
-    increment = _post(f"{path}/increment", bearer, b'{"value": 2}')
-    with _connect(web) as sock:
-        replies = []
-        for _ in range(5):
-            sock.sendall(increment)
-            replies += _replies(sock, 1)
     assert [status for status, _, _ in replies] == [200, 200, 409, 409, 409]
     assert replies[1][2] == b'{"success":true,"current_value":4}'
     assert b'"code":4005' in replies[2][2] and replies[2][2] == replies[3][2] == replies[4][2]
     assert _same_but_date(replies[2][1], replies[4][1])
-    assert requests.get(f"{web.url}{path}", timeout=10).json()["value"] == 4
+    assert value == 4
 
 
 def test_sigterm_lets_an_update_sent_again_finish_while_redis_is_slow(builtins, bearer, private_redis):
@@ -312,10 +311,7 @@ def test_logins_sent_again_are_answered_as_the_first_was(checked_each_second, be
     ]
     logouts = [_post(f"{path}/decrement", bearer, b'{"user_id": "p%d"}' % n) for n in (0, 1, 0)]
     with _connect(web) as sock:
-        replies = []
-        for request in logins[:3] + refused + logins[3:] + refused + logouts:
-            sock.sendall(request)
-            replies += _replies(sock, 1)
+        replies = _each_answered(sock, logins[:3] + refused + logins[3:] + refused + logouts)
     statuses = [status for status, _, _ in replies]
     assert statuses == [200] * 3 + [400, 400, 409] + [200] * 3 + [400, 400, 409] + [200] * 3
     counts = [reply for status, _, reply in replies if status == 200]
