@@ -73,18 +73,9 @@ def _read_reply(body: dict, views: list):
 async def _rest_update(request: LaneRequest, name: str, sign: int):
     login_slot = plans.login_slot(request, name, sign)
     slot = plans.update_slot(request, login_slot)
-    plan = plans.update_plan(slot)  # the checks below, kept while the config stays the same
-    if plan is not None:
-        value = await lane.planned_update(plan)
-        if value is not None:
-            return 200, UPDATED % value, []
-    login = plans.login_plan(login_slot)  # the checks before the body below, kept likewise
-    if login is not None:
-        now = clock.now()
-        if login.counter.is_live(now):
-            # The plan's slot holds the content type that passed request_json's check before.
-            lease, metadata = presence_update_input_parse(body_json(request.read()))
-            return 200, UPDATED % await lane.planned_login(login, lease, metadata, now), []
+    kept = _kept_send(request, login_slot, slot)  # the checks below, kept while the config stays the same
+    if kept is not None:
+        return await kept[2](request)
     key = auth.request_key(request)
     checked = auth.checked_name(name)  # before the app, in CounterViewSet._update's order
     counter = selectors.counter_get(app_id=auth.request_app_id(request, key), name=checked)
@@ -123,14 +114,37 @@ async def rest_decrement(request: LaneRequest, name: str):
 _SIGNS = {rest_increment: 1, rest_decrement: -1}
 
 
+def _kept_send(request: LaneRequest, login_slot: tuple | None, slot: tuple | None) -> tuple | None:
+    """An increment or decrement with a kept plan (an update plan, or a login plan: the checks
+    before the body), its script call queued for this loop turn's round trip: ``(reply future,
+    plain, finish)``. ``plain(reply)`` is the reply body of a plain outcome, else None; ``finish``,
+    a handler for ``answer``, reads any outcome (the future None: the call goes by the general path,
+    a Redis Cluster or a counter that logs its operations). None, having sent nothing, when no plan
+    fits (none kept, a counter no longer live). A body refused or a breaker open raises, as on the
+    general path."""
+    plan = plans.update_plan(slot)
+    if plan is not None:
+        sent = lane.planned_send(plan)
+        if sent is not None:
+            return sent[1], _updated, functools.partial(_kept_update_finish, plan=plan, sent=sent)
+    login = plans.login_plan(login_slot)
+    if login is None:
+        return None
+    now = clock.now()
+    if not login.counter.is_live(now):
+        return None
+    # The plan's slot holds the content type that passed request_json's check before.
+    lease, metadata = presence_update_input_parse(body_json(request.read()))
+    pending = lane.planned_login_send(login, lease, now)
+    finish = functools.partial(_kept_login_finish, plan=login, lease=lease, metadata=metadata, now=now, sent=pending)
+    return pending, _logged_in, finish
+
+
 def kept_update_send(scope, body: bytes, handler, params: dict) -> tuple | None:
-    """An increment or decrement with a kept plan (an update or login plan), its script call queued
-    now, outside a task (the web process's protocol, ``counterproject.lane_protocol``):
-    ``(reply future, plain, finish)``: ``plain(reply)`` is the reply body of a plain outcome, else
-    None, and ``finish`` the handler that ``answer`` runs for any other outcome. None, having sent
-    nothing, for any request that takes ``answer``'s way from the start (no plan, a config check
-    due, a counter no longer live, a body refused, Redis down, a call by the general path). The
-    plans are found as ``_rest_update`` finds them, under the snapshot ``answer`` would pin."""
+    """``_kept_send`` outside a task (the web process's protocol, ``counterproject.lane_protocol``),
+    under the snapshot ``answer`` would pin; None, having sent nothing, for any request that takes
+    ``answer``'s way from the start (besides ``_kept_send``'s: a config check due, a body refused,
+    Redis down, a call by the general path)."""
     sign = _SIGNS.get(handler)
     if sign is None:
         return None
@@ -141,30 +155,12 @@ def kept_update_send(scope, body: bytes, handler, params: dict) -> tuple | None:
     try:
         request = LaneRequest(scope, body)
         login_slot = plans.login_slot(request, params["name"], sign)
-        plan = plans.update_plan(plans.update_slot(request, login_slot))
-        if plan is not None:
-            sent = lane.planned_send(plan)
-            if sent is None or sent[1] is None:
-                return None
-            return sent[1], _updated, functools.partial(_kept_update_finish, plan=plan, sent=sent)
-        login = plans.login_plan(login_slot)
-        if login is None:
-            return None
-        now = clock.now()
-        if not login.counter.is_live(now):
-            return None
-        lease, metadata = presence_update_input_parse(body_json(request.read()))
-        pending = lane.planned_login_send(login, lease, now)
-        if pending is None:
-            return None
-        finish = functools.partial(
-            _kept_login_finish, plan=login, lease=lease, metadata=metadata, now=now, sent=pending
-        )
-        return pending, _logged_in, finish
+        kept = _kept_send(request, login_slot, plans.update_slot(request, login_slot))
     except Exception:  # a body refused, a breaker open: nothing was sent, and answer's way answers it
         return None
     finally:
         pinned.reset(token)
+    return None if kept is None or kept[0] is None else kept
 
 
 def _updated(reply) -> bytes | None:
